@@ -1,0 +1,60 @@
+"""What a feature store holds: one zarr v3 group per (dataset, split, backbone, resolution, views).
+
+The first axis of every array is the sample; every array is chunked along it with the same
+`chunk_size`, so chunk `c` of every array covers samples `[c*chunk_size, (c+1)*chunk_size)` and
+one worker writing chunk `c` of all arrays is that chunk's only writer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
+# Attributes that say what a store *is*; a store whose identity differs is a different store.
+IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Per-sample shapes of a store's arrays."""
+
+    n_samples: int
+    resolution: int  # image side in pixels
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    n_views: int  # photometric views (0 for evaluation splits)
+    with_lhp: bool
+    labelled: bool
+
+    @property
+    def grid(self) -> int:
+        return self.resolution // self.patch_size
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (per-sample shape, dtype); see DESIGN.md, "The cache"."""
+        g, c = self.grid, self.embed_dim
+        arrays = {
+            "feat": ((g, g, c), "float16"),
+            "cls_attn": ((self.num_heads, g, g), "float16"),
+            "image": ((self.resolution, self.resolution, 3), "uint8"),
+        }
+        if self.n_views:
+            arrays["feat_aug"] = ((self.n_views, g, g, c), "float16")
+        if self.with_lhp:
+            arrays["lhp"] = ((g, g, 9), "float16")
+        if self.labelled:
+            arrays["label"] = ((self.resolution, self.resolution), "uint8")
+        return arrays
+
+    def raw_fp16_bytes_per_sample(self) -> int:
+        """Bytes of one sample's backbone outputs held as plain fp16 (the benchmark's yardstick)."""
+        total = 0
+        for name, (shape, dtype) in self.arrays().items():
+            if dtype == "float16":
+                n = 1
+                for s in shape:
+                    n *= s
+                total += 2 * n
+        return total

@@ -1,0 +1,182 @@
+"""The `hp-pipe` command line: one sub-command per stage, plus status, config and bench.
+
+Every option maps onto a config key (see `hp-pipe config --dataset X`); `--set section.key=value`
+reaches any key that has no option of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import Config, load_config, parse_sets, preset_names
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    help="hp-pipe: unsupervised semantic segmentation (Hidden Positives) from a frozen DINO feature cache.\n\n"
+    "Stages: prepare -> features -> train -> evaluate. Each skips itself when up to date and resumes when "
+    "interrupted.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks (figures as one JSON object on the last line with --json).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+Dataset = Annotated[str, typer.Option("--dataset", "-d", help=f"Preset: {', '.join(preset_names())}.")]
+Workdir = Annotated[Path, typer.Option(help="Where stage outputs and manifests go.", envvar="HP_PIPE_WORKDIR")]
+DataRoot = Annotated[str | None, typer.Option(help="Dataset folder (default: <workdir>/data/<dataset>).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value.")]
+Force = Annotated[bool, typer.Option(help="Recompute even when up to date.")]
+Backbone = Annotated[str | None, typer.Option(help="timm DINO ViT, e.g. vit_small_patch16_224.dino.")]
+Weights = Annotated[
+    str | None,
+    typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a DINO checkpoint file."),
+]
+RandomInit = Annotated[bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")]
+
+
+def build_config(
+    dataset: str,
+    data_root: str | None = None,
+    sets: list[str] | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    random_init: bool = False,
+    **features: object,
+) -> Config:
+    """The preset, then --set pairs, then dedicated options (which win)."""
+    overrides: dict[str, object] = dict(parse_sets(sets))
+    if data_root:
+        overrides["dataset.root"] = data_root
+    if backbone:
+        overrides["features.backbone"] = backbone
+    if weights and random_init:
+        raise UserError("pass either --weights or --random-init, not both")
+    if weights:
+        overrides["features.weights"] = weights
+    if random_init:
+        overrides["features.weights"] = "random"
+    overrides.update({f"features.{k}": v for k, v in features.items() if v is not None})
+    return load_config(dataset, overrides)
+
+
+@app.command()
+def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
+            set_: Sets = None, force: Force = False) -> None:
+    """Five-crop the training images and resize the validation images (specs/HP.md §7)."""
+    from stages import prepare as stage
+
+    stage.run(build_config(dataset, data_root, set_), workdir, force)
+
+
+@app.command()
+def features(
+    dataset: Dataset = "synthetic",
+    split: Annotated[str, typer.Option(help="train, val, or all.")] = "all",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+    store: Annotated[str | None, typer.Option(help="Store URL: a path or any fsspec URL (one split).")] = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    n_views: Annotated[int | None, typer.Option(help="Photometric views per training crop.")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Samples per chunk (= backbone batch).")] = None,
+    scheduler: Annotated[str, typer.Option(help="local | local-cluster | distributed.")] = "local",
+    address: Annotated[str | None, typer.Option(help="dask scheduler address for --scheduler distributed.")] = None,
+    workers: Annotated[int, typer.Option(help="Workers for --scheduler local-cluster.")] = 2,
+    set_: Sets = None,
+    force: Force = False,
+) -> None:
+    """Run the frozen backbone once per crop into a resumable zarr store."""
+    from stages import features as stage
+
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init,
+                          n_views=n_views, chunk_size=chunk_size)
+    splits = ["train", "val"] if split == "all" else [split]
+    if store and len(splits) > 1:
+        raise UserError("--store names one store: pass --split train or --split val with it")
+    if scheduler == "distributed" and not address:
+        raise UserError("--scheduler distributed needs --address tcp://HOST:PORT of a dask scheduler")
+    for s in splits:
+        stage.run(config, workdir, s, store, force, scheduler, address, workers)
+
+
+@app.command()
+def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
+           backbone: Backbone = None, set_: Sets = None) -> None:
+    """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
+    from pipeline.graph import default_store_url, stage_dir, stage_plan
+    from pipeline.runner import read_manifest, stage_state
+
+    config = build_config(dataset, data_root, set_, backbone)
+    sdir = stage_dir(config, workdir)
+    extras = {f"features-{s}": {"store": _recorded_store(sdir, s) or default_store_url(config, workdir, s)}
+              for s in ("train", "val")}
+    print(f"{'stage':16} {'state':12} {'finished':26} {'seconds':>8}  outputs")
+    for name, (stage_config, inputs) in stage_plan(config, extras).items():
+        manifest = read_manifest(sdir, name) or {}
+        state = stage_state(sdir, name, stage_config, inputs)
+        outputs = manifest.get("outputs", {})
+        where = outputs.get("store") or outputs.get("dir") or (outputs.get("train", {}) or {}).get("dir", "")
+        seconds = manifest.get("timings", {}).get("seconds", "")
+        flag = " [random-init]" if outputs.get("random_init") else ""
+        print(f"{name:16} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")
+
+
+def _recorded_store(sdir: Path, split: str) -> str | None:
+    from pipeline.runner import read_manifest
+
+    manifest = read_manifest(sdir, f"features-{split}") or {}
+    return manifest.get("config", {}).get("store")
+
+
+@app.command("config")
+def show_config(dataset: Dataset = "synthetic", set_: Sets = None) -> None:
+    """Print the resolved config (preset + overrides) as TOML-like text."""
+    config = build_config(dataset, None, set_)
+    for section, values in config.items():
+        print(f"[{section}]")
+        for key, value in values.items():
+            print(f"{key} = {value!r}")
+        print()
+
+
+@bench_app.command("features")
+def bench_features(
+    images: Annotated[int, typer.Option(help="Crops to process.")] = 32,
+    resolution: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
+    backbone: Backbone = "vit_small_patch16_224.dino",
+    weights: Weights = "auto",
+    n_views: Annotated[int, typer.Option(help="Photometric views per crop.")] = 2,
+    chunk_size: Annotated[int, typer.Option(help="Samples per chunk.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
+    workdir: Workdir = Path("work"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Whole features stage (decode -> backbone -> store) vs the bare backbone forward, in one run."""
+    from stages import bench
+
+    bench.features(images, resolution, backbone, weights, n_views, chunk_size, repeats, workdir, json_)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; Ctrl-C keeps finished work."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Config as plain data: a preset (TOML) per dataset, overridden from the command line.
+
+A config is a dict of sections (`dataset`, `prepare`, `features`, `train`, ...) holding plain
+values. Each stage fingerprints only the sections it reads, so a change to `train` leaves the
+feature cache valid while a change to `features` invalidates features and everything after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UserError
+
+Config = dict[str, dict[str, Any]]
+
+
+def preset_names() -> list[str]:
+    files = resources.files("pipeline.presets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".toml") and not f.name.startswith("_"))
+
+
+def _read_preset(name: str) -> Config:
+    text = resources.files("pipeline.presets").joinpath(f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config:
+    """The preset for `dataset` on top of the common defaults, then `overrides` ("section.key": value)."""
+    if dataset not in preset_names():
+        raise UserError(f"unknown dataset preset '{dataset}'; choose one of: {', '.join(preset_names())}")
+    config = _read_preset("_common")
+    for section, values in _read_preset(dataset).items():
+        base = config.setdefault(section, {})
+        extra = set(values) - set(base)
+        assert not extra or section == "dataset", f"preset {dataset} adds unknown keys {extra}"
+        base.update(values)
+    for key, value in (overrides or {}).items():
+        set_value(config, key, value)
+    return config
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    """Set "section.key" after checking that it exists and that the value has the preset's type."""
+    section, _, name = key.partition(".")
+    if section not in config or not name:
+        raise UserError(
+            f"unknown config key '{key}': keys are 'section.name' with section one of "
+            f"{', '.join(sorted(config))}"
+        )
+    if name not in config[section]:
+        close = difflib.get_close_matches(name, config[section], n=1)
+        hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+        raise UserError(
+            f"unknown config key '{key}'{hint} (keys in [{section}]: {', '.join(sorted(config[section]))})"
+        )
+    config[section][name] = coerce(value, config[section][name], key)
+
+
+def coerce(value: Any, like: Any, key: str) -> Any:
+    """Convert a command-line string to the type of the preset's value."""
+    if not isinstance(value, str) or isinstance(like, str):
+        return value
+    try:
+        if isinstance(like, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+    except ValueError:
+        raise UserError(f"config key '{key}' needs a {type(like).__name__}, got '{value}'") from None
+    return value
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    """`--set a.b=c` pairs into a dict."""
+    out = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise UserError(f"--set needs KEY=VALUE (e.g. --set train.tau=0.7), got '{pair}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of plain data (dicts are key-sorted)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def sections(config: Config, *names: str) -> Config:
+    return {name: copy.deepcopy(config[name]) for name in names}
+
+
+def dataset_root(config: Config, workdir: Path) -> Path:
+    root = config["dataset"]["root"]
+    return Path(root) if root else workdir / "data" / config["dataset"]["name"]

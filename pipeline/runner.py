@@ -1,0 +1,159 @@
+"""The stage runner: `make` semantics for the pipeline's stages.
+
+A stage is identified by name (e.g. `features-train`) inside a dataset's work folder. Its
+fingerprint hashes the config sections it reads plus the fingerprints of the stages it reads
+from, so a changed config invalidates the stage and, through the chain, every later stage.
+The manifest (`<workdir>/<dataset>/stages/<name>.json`) records status, fingerprint, config,
+inputs, outputs, timings and versions; it is always written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import fingerprint
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import timm
+    import torch
+    import zarr
+
+    import pipeline
+
+    return {
+        "hp-pipe": pipeline.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def manifest_path(stage_dir: Path, name: str) -> Path:
+    return stage_dir / "stages" / f"{name}.json"
+
+
+def read_manifest(stage_dir: Path, name: str) -> dict[str, Any] | None:
+    path = manifest_path(stage_dir, name)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return None  # a torn manifest (should not happen: writes are atomic) counts as missing
+
+
+@dataclass
+class StageContext:
+    """What a stage body gets: whether to start over, and where to report progress."""
+
+    name: str
+    fingerprint: str
+    fresh: bool  # True: discard any partial output (forced, or the config changed)
+    manifest: dict[str, Any]
+
+    def log(self, message: str) -> None:
+        print(f"[{self.name}] {message}", flush=True)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def run_stage(
+    stage_dir: Path,
+    name: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    body: Callable[[StageContext], dict[str, Any]],
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run `body` unless a complete manifest with the same fingerprint exists; return the manifest.
+
+    `body` returns the stage's outputs (plain data) plus an optional "summary" line; it must be
+    resumable: when `fresh` is False it continues whatever a previous attempt left behind.
+    """
+    fp = fingerprint(config, inputs)
+    old = read_manifest(stage_dir, name)
+    if old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force:
+        print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes", flush=True)
+        return old
+    fresh = force
+    if old and old.get("fingerprint") != fp:
+        keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
+                            {"config": config, "inputs": inputs})
+        print(f"[{name}] changed since the last run ({', '.join(keys) or 'fingerprint'}): recomputing", flush=True)
+        fresh = True
+    elif old and old.get("status") != "complete" and not force:
+        print(f"[{name}] resuming an interrupted run", flush=True)
+    manifest = {
+        "stage": name,
+        "status": "running",
+        "fingerprint": fp,
+        "config": config,
+        "inputs": inputs,
+        "outputs": {},
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "argv": sys.argv,
+    }
+    path = manifest_path(stage_dir, name)
+    atomic_write_text(path, json.dumps(manifest, indent=2))
+    t0 = time.perf_counter()
+    try:
+        outputs = body(StageContext(name, fp, fresh, manifest))
+    except BaseException as exc:
+        manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        manifest["error"] = f"{type(exc).__name__}: {exc}"
+        manifest["timings"] = {"seconds": round(time.perf_counter() - t0, 3)}
+        atomic_write_text(path, json.dumps(manifest, indent=2))
+        raise
+    summary = outputs.pop("summary", None)
+    manifest.update(
+        status="complete",
+        outputs=outputs,
+        finished=datetime.now(UTC).isoformat(timespec="seconds"),
+        timings={"seconds": round(time.perf_counter() - t0, 3), **outputs.pop("timings", {})},
+    )
+    atomic_write_text(path, json.dumps(manifest, indent=2))
+    if summary:
+        print(f"[{name}] {summary}", flush=True)
+    return manifest
+
+
+def stage_state(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
+    """One word for `hp-pipe status`: missing | complete | stale | running | interrupted | failed."""
+    manifest = read_manifest(stage_dir, name)
+    if manifest is None:
+        return "missing"
+    if manifest.get("fingerprint") != fingerprint(config, inputs):
+        return "stale"
+    return manifest.get("status", "missing")

@@ -1,0 +1,231 @@
+"""`features`: run the frozen DINO backbone once per crop and store what training needs.
+
+Work is split by store chunk: each chunk is one backbone batch, computed and written as a unit
+and then flagged done. Locally, a reader thread decodes the next chunk and a writer thread
+compresses the previous one while the backbone runs; with dask, workers each load the backbone
+once and write disjoint chunks straight into the store.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import writer
+from cache.schema import Layout
+from pipeline.backbone import Backbone, load_backbone
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.extract import ExtractSettings, extract_chunk
+from pipeline.graph import default_store_url, stage_dir, stage_plan
+from pipeline.runner import StageContext, run_stage
+from stages import prepare
+
+RANDOM_INIT_WARNING = (
+    "WARNING: random-initialized backbone (no DINO weights): these features are NOT DINO features; "
+    "use them to test the pipeline, not to judge the method"
+)
+
+
+def resolve_backbone(config: Config, device: str = "cpu") -> Backbone:
+    """Load the configured backbone; `weights = "auto"` falls back to random init, loudly."""
+    f = config["features"]
+    if f["weights"] != "auto":
+        backbone = load_backbone(f["backbone"], f["weights"], device)
+    else:
+        try:
+            backbone = load_backbone(f["backbone"], "pretrained", device)
+        except UserError as exc:
+            print(f"[features] {exc}\n[features] weights=auto: falling back to a random-initialized backbone")
+            backbone = load_backbone(f["backbone"], "random", device)
+    if backbone.random_init:
+        print(RANDOM_INIT_WARNING, flush=True)
+    return backbone
+
+
+def settings_for(config: Config, split: str) -> ExtractSettings:
+    f = config["features"]
+    train = split == "train"
+    return ExtractSettings(
+        n_views=f["n_views"] if train else 0,
+        with_lhp=train,
+        photometric_on_normalized=f["photometric_on_normalized"],
+        lhp_sigma=f["lhp_sigma"],
+        seed=f["seed"],
+    )
+
+
+def chunk_arrays(
+    backbone: Backbone, images: np.ndarray, labels: np.ndarray | None, start: int, settings: ExtractSettings
+) -> dict[str, np.ndarray]:
+    """Everything one store chunk holds, for the crops starting at sample `start`."""
+    data = extract_chunk(backbone, images, np.arange(start, start + len(images)), settings)
+    data["image"] = images
+    if labels is not None:
+        data["label"] = labels
+    return data
+
+
+# ---------------------------------------------------------------- local: read | compute | write overlap
+def run_local(backbone, group, pending, directory, names, labelled, settings, progress) -> None:
+    """Decode chunk i+1 and write chunk i-1 while the backbone computes chunk i."""
+    loads: queue.Queue = queue.Queue(maxsize=2)
+    writes: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            for chunk in pending:
+                start, stop = writer.chunk_range(group, chunk)
+                loads.put((chunk, prepare.load_prepared(directory, names[start:stop], labelled)))
+        except BaseException as exc:
+            errors.append(exc)
+        loads.put(None)
+
+    def write() -> None:
+        while (item := writes.get()) is not None:
+            try:
+                writer.write_chunk(group, *item)
+                progress.update(len(item[1]["feat"]))
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=load, daemon=True), threading.Thread(target=write, daemon=True)]
+    for t in threads:
+        t.start()
+    while (item := loads.get()) is not None and not errors:
+        chunk, (images, labels) = item
+        writes.put((chunk, chunk_arrays(backbone, images, labels, writer.chunk_range(group, chunk)[0], settings)))
+    writes.put(None)
+    threads[1].join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------- dask: chunk ranges over workers
+_WORKER_BACKBONES: dict[tuple, Backbone] = {}
+
+
+def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: str, names: list[str]) -> int:
+    """Runs on a dask worker: load the backbone once per process, compute and write one chunk."""
+    f = config["features"]
+    key = (f["backbone"], f["weights"])
+    if key not in _WORKER_BACKBONES:
+        torch.set_num_threads(1)
+        _WORKER_BACKBONES[key] = resolve_backbone(config)
+    group = writer.open_group(url, mode="r+")
+    start, stop = writer.chunk_range(group, chunk)
+    images, labels = prepare.load_prepared(directory, names[start:stop], "label" in group)
+    data = chunk_arrays(_WORKER_BACKBONES[key], images, labels, start, settings_for(config, split))
+    writer.write_chunk(group, chunk, data)
+    return len(data["feat"])
+
+
+def run_dask(url, config, split, pending, directory, names, progress, address: str | None, workers: int) -> None:
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if address:
+        client = Client(address)
+        cluster = None
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = [client.submit(worker_chunk, url, config, split, c, directory, names, pure=False) for c in pending]
+        for future in as_completed(futures):
+            progress.update(future.result())
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---------------------------------------------------------------- the stage
+def run(
+    config: Config,
+    workdir: Path,
+    split: str,
+    store: str | None = None,
+    force: bool = False,
+    scheduler: str = "local",
+    address: str | None = None,
+    workers: int = 2,
+) -> dict[str, Any]:
+    if split not in prepare.SPLITS:
+        raise UserError(f"--split must be one of {', '.join(prepare.SPLITS)}, got '{split}'")
+    prepare.run(config, workdir)
+    url = store or default_store_url(config, workdir, split)
+    name = f"features-{split}"
+    stage_config, inputs = stage_plan(config, {name: {"store": url}})[name]
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        directory = str(prepare.prepared_dir(config, workdir, split))
+        names, labelled = prepare.read_prepared(directory)
+        backbone = resolve_backbone(config)
+        settings = settings_for(config, split)
+        f = config["features"]
+        res = config["prepare"]["resolution" if split == "train" else "val_resolution"]
+        if res % backbone.patch_size:
+            raise UserError(f"resolution {res} is not a multiple of the patch size {backbone.patch_size} "
+                            f"of {backbone.name}; set prepare.resolution / prepare.val_resolution accordingly")
+        layout = Layout(len(names), res, backbone.patch_size, backbone.embed_dim, backbone.num_heads,
+                        settings.n_views, settings.with_lhp, labelled)
+        attrs = {
+            "dataset": config["dataset"]["name"], "split": split, "backbone": backbone.name,
+            "patch_size": backbone.patch_size, "resolution": res, "weights": backbone.weights,
+            "weights_hash": backbone.weights_hash, "random_init": backbone.random_init,
+            "n_views": settings.n_views, "fingerprint": ctx.fingerprint, "n_classes": config["dataset"]["n_classes"],
+            "preprocessing": {"prepare": config["prepare"], "normalize": "imagenet",
+                              "photometric_on_normalized": settings.photometric_on_normalized},
+            "samples": names,
+        }
+        group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
+        done = writer.finished_chunks(group)
+        pending = [int(c) for c in np.flatnonzero(~done)]
+        finished = sum(stop - start for start, stop in (writer.chunk_range(group, int(c)) for c in np.flatnonzero(done)))
+        if finished:
+            ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already in {url}")
+        t0 = time.perf_counter()
+        with tqdm(total=len(names), initial=finished, desc=name, unit="img", smoothing=0.1) as progress:
+            if scheduler == "local":
+                run_local(backbone, group, pending, directory, names, labelled, settings, progress)
+            elif scheduler in ("local-cluster", "distributed"):
+                run_dask(url, config, split, pending, directory, names, progress,
+                         address if scheduler == "distributed" else None, workers)
+            else:
+                raise UserError(f"--scheduler must be local, local-cluster or distributed, got '{scheduler}'")
+        if not writer.finished_chunks(group).all():
+            raise RuntimeError(f"some chunks of {url} were not written; rerun to finish them")
+        writer.mark_complete(group)
+        seconds = time.perf_counter() - t0
+        array_bytes = stored_bytes(group)
+        stored = sum(array_bytes.values())
+        raw = layout.raw_fp16_bytes_per_sample() * len(names)
+        note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
+        rate = (len(names) - finished) / seconds if seconds > 0 else 0.0
+        return {
+            "store": url, "samples": len(names), "computed": len(names) - finished, "store_bytes": stored,
+            "array_bytes": array_bytes,
+            "raw_fp16_feature_bytes": raw, "random_init": backbone.random_init, "weights": backbone.weights,
+            "timings": {"extract_seconds": round(seconds, 3)},
+            "summary": f"{len(names)} samples ({len(names) - finished} computed, {rate:.1f} img/s, "
+                       f"{1 + settings.n_views} backbone passes each), {stored / 2**20:.1f} MiB -> {url}{note}",
+        }
+
+    manifest = run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+    if manifest["outputs"].get("random_init"):
+        print(RANDOM_INIT_WARNING, flush=True)
+    return manifest
+
+
+def stored_bytes(group) -> dict[str, int]:
+    """Compressed bytes per array, as the store reports them."""
+    return {name: int(group[name].nbytes_stored()) for name in group.array_keys()}

@@ -1,0 +1,121 @@
+"""`prepare`: the fixed geometry of specs/HP.md §7, done once, offline.
+
+Training images are five-cropped (ratio 0.5) and each crop resized (shorter side, nearest)
+and centre-cropped to `resolution`; validation images are resized and centre-cropped to
+`val_resolution`. Labels get the same geometry. Every file is written atomically and a sample
+whose files exist is skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.config import Config, dataset_root
+from pipeline.datasets import open_dataset
+from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
+from pipeline.errors import UserError
+from pipeline.graph import stage_dir, stage_plan
+from pipeline.runner import StageContext, atomic_write_text, run_stage
+
+SPLITS = ("train", "val")
+
+
+def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
+    return stage_dir(config, workdir) / "prepared" / split
+
+
+def dataset_options(config: Config) -> dict[str, Any]:
+    return {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
+    """[(suffix, image crop, label crop)] with the geometry of specs/HP.md §7."""
+    if split != "train":
+        size = p["val_resolution"]
+        return [("", resize_shorter_center_crop(image, size), None if label is None else
+                 resize_shorter_center_crop(label, size))]
+    size = p["resolution"]
+    images = five_crop(image, p["crop_ratio"]) if p["five_crop"] else [image]
+    labels = five_crop(label, p["crop_ratio"]) if p["five_crop"] and label is not None else [label] * len(images)
+    return [
+        (f"_{k}" if len(images) > 1 else "", resize_shorter_center_crop(im, size),
+         None if lb is None else resize_shorter_center_crop(lb, size))
+        for k, (im, lb) in enumerate(zip(images, labels, strict=True))
+    ]
+
+
+def prepare_split(config: Config, workdir: Path, split: str, fresh: bool) -> dict[str, Any]:
+    dataset = open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
+    out = prepared_dir(config, workdir, split)
+    if fresh and out.exists():
+        for f in out.glob("*/*.png"):
+            f.unlink()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    n_crops = 5 if split == "train" and config["prepare"]["five_crop"] else 1
+    suffixes = [f"_{k}" for k in range(n_crops)] if n_crops > 1 else [""]
+    labelled = len(dataset) > 0 and dataset[0].label is not None
+    names = []
+    for i in tqdm(range(len(dataset)), desc=f"prepare {split}", unit="img", leave=False):
+        base = _sample_name(dataset, i)
+        if all((out / "images" / f"{base}{s}.png").exists() for s in suffixes):
+            names += [base + s for s in suffixes]  # finished by an earlier run
+            continue
+        sample = dataset[i]
+        for suffix, image, label in crops_of(sample.image, sample.label, split, config["prepare"]):
+            if label is not None:
+                _save_png(label, out / "labels" / f"{sample.name}{suffix}.png")
+            _save_png(image, out / "images" / f"{sample.name}{suffix}.png")  # image last: the commit point
+            names.append(sample.name + suffix)
+    if not names:
+        raise UserError(f"dataset {config['dataset']['name']} has no {split} images under {dataset_root(config, workdir)}")
+    atomic_write_text(out / "samples.txt", "\n".join(names) + "\n")
+    atomic_write_text(out / "labelled.txt", "1\n" if labelled else "0\n")
+    return {"dir": str(out), "samples": len(names), "source_images": len(dataset), "labelled": bool(labelled)}
+
+
+def _sample_name(dataset, i: int) -> str:
+    """The sample's name without decoding it, when the reader can tell (else decode)."""
+    name_of = getattr(dataset, "sample_name", None)
+    return name_of(i) if name_of else dataset[i].name
+
+
+def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
+    stage_config, inputs = stage_plan(config)["prepare"]
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        outputs = {split: prepare_split(config, workdir, split, ctx.fresh) for split in SPLITS}
+        counts = ", ".join(f"{s}: {o['samples']} crops from {o['source_images']} images" for s, o in outputs.items())
+        return {**outputs, "summary": f"{counts} -> {stage_dir(config, workdir) / 'prepared'}"}
+
+    return run_stage(stage_dir(config, workdir), "prepare", stage_config, inputs, body, force)
+
+
+def read_prepared(directory: str | Path) -> tuple[list[str], bool]:
+    """The sample names (in store order) and whether labels exist, as `prepare` wrote them."""
+    directory = Path(directory)
+    names = (directory / "samples.txt").read_text().split()
+    labelled = (directory / "labelled.txt").read_text().strip() == "1"
+    return names, labelled
+
+
+def load_prepared(directory: str | Path, names: list[str], labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stack the prepared images (and labels) of `names`."""
+    directory = Path(directory)
+    images = np.stack([np.asarray(Image.open(directory / "images" / f"{n}.png").convert("RGB")) for n in names])
+    labels = None
+    if labelled:
+        labels = np.stack([np.asarray(Image.open(directory / "labels" / f"{n}.png")) for n in names])
+    return images, labels

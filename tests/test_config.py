@@ -1,0 +1,55 @@
+import pytest
+
+from pipeline.config import fingerprint, load_config, parse_sets, preset_names
+from pipeline.errors import UserError
+
+# specs/HP.md §6, transcribed independently of the preset files.
+SPEC = {
+    "cocostuff27": dict(head_dim=512, epochs=3, tau=0.8, alpha=0.05, rho=0.02, pool_size=2048, renew_interval=100,
+                        ema_m=0.99, warmup=1000, backbone="vit_small_patch8_224.dino"),
+    "cityscapes": dict(head_dim=512, epochs=30, tau=0.6, alpha=0.05, rho=0.02, pool_size=2048, renew_interval=20,
+                       ema_m=0.999, warmup=50, backbone="vit_small_patch8_224.dino"),
+    "potsdam": dict(head_dim=256, epochs=10, tau=0.4, alpha=0.0, rho=1.0, pool_size=1024, renew_interval=20,
+                    ema_m=0.999, warmup=100, backbone="vit_base_patch8_224.dino"),
+}
+
+
+def test_every_dataset_has_a_preset():
+    assert {"cocostuff27", "cityscapes", "potsdam", "voc", "synthetic", "folder"} <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", sorted(SPEC))
+def test_presets_hold_the_spec_values(name):
+    config = load_config(name)
+    for key, value in SPEC[name].items():
+        section = "features" if key == "backbone" else "train"
+        assert config[section][key] == value, (name, key)
+    # common values of §6/§7
+    assert config["train"]["batch_size"] == 64
+    assert config["prepare"]["resolution"] == 224 and config["prepare"]["val_resolution"] == 320
+    assert config["prepare"]["crop_ratio"] == 0.5
+
+
+def test_overrides_are_typed_and_win():
+    config = load_config("cityscapes", parse_sets(["train.tau=0.7", "features.n_views=3", "prepare.five_crop=false"]))
+    assert config["train"]["tau"] == 0.7 and isinstance(config["train"]["tau"], float)
+    assert config["features"]["n_views"] == 3
+    assert config["prepare"]["five_crop"] is False
+
+
+def test_unknown_key_names_the_key_and_a_suggestion():
+    with pytest.raises(UserError, match=r"train\.tua.*did you mean 'train\.tau'"):
+        load_config("cityscapes", {"train.tua": "1"})
+    with pytest.raises(UserError, match="unknown config key 'nosection.x'"):
+        load_config("cityscapes", {"nosection.x": "1"})
+    with pytest.raises(UserError, match="needs a int"):
+        load_config("cityscapes", {"train.epochs": "many"})
+    with pytest.raises(UserError, match="unknown dataset preset 'cityscape'"):
+        load_config("cityscape")
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_sets(["train.tau"])
+
+
+def test_fingerprint_is_order_independent_and_value_sensitive():
+    assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 1.5})

@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.graph import stage_plan
+from pipeline.runner import read_manifest, run_stage, stage_state
+
+
+def _body(calls, outputs=None):
+    def body(ctx):
+        calls.append(ctx.fresh)
+        return dict(outputs or {"value": len(calls)}, summary="done")
+
+    return body
+
+
+def test_complete_stage_is_skipped_and_force_recomputes(tmp_path, capsys):
+    calls = []
+    run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls))
+    manifest = run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls))
+    assert calls == [False]
+    assert "up to date" in capsys.readouterr().out
+    assert manifest["status"] == "complete" and manifest["outputs"] == {"value": 1}
+    run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls), force=True)
+    assert calls == [False, True]
+    for key in ("status", "fingerprint", "config", "inputs", "outputs", "timings", "versions"):
+        assert key in read_manifest(tmp_path, "s")
+
+
+def test_changed_config_recomputes_fresh_and_names_the_key(tmp_path, capsys):
+    calls = []
+    run_stage(tmp_path, "s", {"a": 1, "b": 2}, {}, _body(calls))
+    run_stage(tmp_path, "s", {"a": 1, "b": 3}, {}, _body(calls))
+    assert calls == [False, True]
+    assert "config.b" in capsys.readouterr().out
+
+
+def test_failure_is_recorded_and_next_run_resumes(tmp_path):
+    def boom(ctx):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "s", {"a": 1}, {}, boom)
+    assert read_manifest(tmp_path, "s")["status"] == "interrupted"
+    calls = []
+    run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls))
+    assert calls == [False]  # same fingerprint: resume, not start over
+    json.loads((tmp_path / "stages" / "s.json").read_text())  # whole, valid JSON
+
+
+def test_changed_config_invalidates_the_stage_and_later_stages(tmp_path):
+    config = load_config("synthetic")
+    for name, (stage_config, inputs) in stage_plan(config).items():
+        run_stage(tmp_path, name, stage_config, inputs, _body([]))
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(config).items()}
+    assert set(states.values()) == {"complete"}
+    changed = load_config("synthetic", {"prepare.crop_ratio": "0.4"})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(changed).items()}
+    assert states == {"prepare": "stale", "features-train": "stale", "features-val": "stale"}
+    only_features = load_config("synthetic", {"features.n_views": "1"})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features).items()}
+    assert states["prepare"] == "complete" and states["features-train"] == "stale"
