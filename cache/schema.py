@@ -51,7 +51,7 @@ class Layout:
     def raw_fp16_bytes_per_sample(self) -> int:
         """Bytes of one sample's backbone outputs held as plain fp16 (the benchmark's yardstick)."""
         total = 0
-        for name, (shape, dtype) in self.arrays().items():
+        for shape, dtype in self.arrays().values():
             if dtype == "float16":
                 n = 1
                 for s in shape:

@@ -38,7 +38,9 @@ Weights = Annotated[
     str | None,
     typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a DINO checkpoint file."),
 ]
-RandomInit = Annotated[bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")]
+RandomInit = Annotated[
+    bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")
+]
 
 
 def build_config(
@@ -111,15 +113,14 @@ def features(
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
-    from pipeline.graph import default_store_url, stage_dir, stage_plan
+    from pipeline.graph import stage_dir, stage_plan
     from pipeline.runner import read_manifest, stage_state
 
     config = build_config(dataset, data_root, set_, backbone)
     sdir = stage_dir(config, workdir)
-    extras = {f"features-{s}": {"store": _recorded_store(sdir, s) or default_store_url(config, workdir, s)}
-              for s in ("train", "val")}
+    stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     print(f"{'stage':16} {'state':12} {'finished':26} {'seconds':>8}  outputs")
-    for name, (stage_config, inputs) in stage_plan(config, extras).items():
+    for name, (stage_config, inputs) in stage_plan(config, workdir, stores).items():
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)
         outputs = manifest.get("outputs", {})

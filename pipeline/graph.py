@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, fingerprint, sections
+from pipeline.config import Config, dataset_root, fingerprint, sections
+from pipeline.errors import UserError
 
 # stage -> (config sections it reads, stages it reads from)
 STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -31,14 +32,34 @@ def default_store_url(config: Config, workdir: Path, split: str) -> str:
     return str(stage_dir(config, workdir) / "features" / f"{split}-{backbone}-{res}.zarr")
 
 
-def stage_plan(config: Config, extras: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[dict, dict]]:
+def sources_fingerprint(config: Config, workdir: Path) -> str:
+    """Which source files each split lists: adding or removing an image makes `prepare` stale."""
+    from pipeline.datasets import open_dataset
+
+    options = {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
+    try:
+        listing = {}
+        for split in ("train", "val"):
+            dataset = open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **options)
+            listing[split] = [dataset.source(i) for i in range(len(dataset))]
+        return fingerprint(listing)
+    except UserError:
+        return "unreadable"  # `prepare` itself will say what is wrong
+
+
+def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = None) -> dict[str, tuple[dict, dict]]:
     """stage -> (its config, its inputs {upstream: fingerprint}), in dependency order.
 
-    `extras` adds per-stage values that are not config sections (e.g. the store URL).
+    Besides config sections, `prepare` depends on the list of source files and each
+    `features-<split>` stage on the URL of the store it writes.
     """
+    extras: dict[str, dict[str, Any]] = {"prepare": {"sources": sources_fingerprint(config, workdir)}}
+    for split in ("train", "val"):
+        url = (stores or {}).get(split) or default_store_url(config, workdir, split)
+        extras[f"features-{split}"] = {"store": url}
     plan: dict[str, tuple[dict, dict]] = {}
     for name, (names, upstream) in STAGES.items():
-        stage_config = {**sections(config, *names), **(extras or {}).get(name, {})}
+        stage_config = {**sections(config, *names), **extras.get(name, {})}
         inputs = {up: fingerprint(*plan[up]) for up in upstream}
         plan[name] = (stage_config, inputs)
     return plan

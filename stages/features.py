@@ -164,7 +164,7 @@ def run(
     prepare.run(config, workdir)
     url = store or default_store_url(config, workdir, split)
     name = f"features-{split}"
-    stage_config, inputs = stage_plan(config, {name: {"store": url}})[name]
+    stage_config, inputs = stage_plan(config, workdir, {split: url})[name]
 
     def body(ctx: StageContext) -> dict[str, Any]:
         directory = str(prepare.prepared_dir(config, workdir, split))
@@ -190,7 +190,7 @@ def run(
         group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
         done = writer.finished_chunks(group)
         pending = [int(c) for c in np.flatnonzero(~done)]
-        finished = sum(stop - start for start, stop in (writer.chunk_range(group, int(c)) for c in np.flatnonzero(done)))
+        finished = int(sum(np.diff(writer.chunk_range(group, int(c)))[0] for c in np.flatnonzero(done)))
         if finished:
             ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already in {url}")
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import Config, dataset_root
+from pipeline.config import Config, dataset_root, fingerprint
 from pipeline.datasets import open_dataset
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
@@ -56,12 +56,21 @@ def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[st
     ]
 
 
-def prepare_split(config: Config, workdir: Path, split: str, fresh: bool) -> dict[str, Any]:
-    dataset = open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
+def open_split(config: Config, workdir: Path, split: str):
+    return open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
+
+
+def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dict[str, Any]:
+    """Crops of every sample not yet prepared under the same geometry; finished crops are kept."""
+    dataset = open_split(config, workdir, split)
     out = prepared_dir(config, workdir, split)
-    if fresh and out.exists():
-        for f in out.glob("*/*.png"):
+    geometry = fingerprint(config["dataset"], config["prepare"])
+    marker = out / "geometry.txt"
+    if out.exists() and (force or not marker.exists() or marker.read_text().strip() != geometry):
+        for f in out.glob("*/*.png"):  # crops of another geometry (or --force): start over
             f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, geometry + "\n")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
     n_crops = 5 if split == "train" and config["prepare"]["five_crop"] else 1
@@ -69,7 +78,7 @@ def prepare_split(config: Config, workdir: Path, split: str, fresh: bool) -> dic
     labelled = len(dataset) > 0 and dataset[0].label is not None
     names = []
     for i in tqdm(range(len(dataset)), desc=f"prepare {split}", unit="img", leave=False):
-        base = _sample_name(dataset, i)
+        base = dataset.sample_name(i)
         if all((out / "images" / f"{base}{s}.png").exists() for s in suffixes):
             names += [base + s for s in suffixes]  # finished by an earlier run
             continue
@@ -80,23 +89,18 @@ def prepare_split(config: Config, workdir: Path, split: str, fresh: bool) -> dic
             _save_png(image, out / "images" / f"{sample.name}{suffix}.png")  # image last: the commit point
             names.append(sample.name + suffix)
     if not names:
-        raise UserError(f"dataset {config['dataset']['name']} has no {split} images under {dataset_root(config, workdir)}")
+        root = dataset_root(config, workdir)
+        raise UserError(f"dataset {config['dataset']['name']} has no {split} images under {root}")
     atomic_write_text(out / "samples.txt", "\n".join(names) + "\n")
     atomic_write_text(out / "labelled.txt", "1\n" if labelled else "0\n")
     return {"dir": str(out), "samples": len(names), "source_images": len(dataset), "labelled": bool(labelled)}
 
 
-def _sample_name(dataset, i: int) -> str:
-    """The sample's name without decoding it, when the reader can tell (else decode)."""
-    name_of = getattr(dataset, "sample_name", None)
-    return name_of(i) if name_of else dataset[i].name
-
-
 def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
-    stage_config, inputs = stage_plan(config)["prepare"]
+    stage_config, inputs = stage_plan(config, workdir)["prepare"]
 
     def body(ctx: StageContext) -> dict[str, Any]:
-        outputs = {split: prepare_split(config, workdir, split, ctx.fresh) for split in SPLITS}
+        outputs = {split: prepare_split(config, workdir, split, force) for split in SPLITS}
         counts = ", ".join(f"{s}: {o['samples']} crops from {o['source_images']} images" for s, o in outputs.items())
         return {**outputs, "summary": f"{counts} -> {stage_dir(config, workdir) / 'prepared'}"}
 

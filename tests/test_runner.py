@@ -50,14 +50,14 @@ def test_failure_is_recorded_and_next_run_resumes(tmp_path):
 
 
 def test_changed_config_invalidates_the_stage_and_later_stages(tmp_path):
-    config = load_config("synthetic")
-    for name, (stage_config, inputs) in stage_plan(config).items():
+    config = load_config("cityscapes", {"dataset.root": str(tmp_path)})
+    for name, (stage_config, inputs) in stage_plan(config, tmp_path).items():
         run_stage(tmp_path, name, stage_config, inputs, _body([]))
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(config).items()}
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(config, tmp_path).items()}
     assert set(states.values()) == {"complete"}
-    changed = load_config("synthetic", {"prepare.crop_ratio": "0.4"})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(changed).items()}
+    changed = load_config("cityscapes", {"prepare.crop_ratio": "0.4", "dataset.root": str(tmp_path)})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(changed, tmp_path).items()}
     assert states == {"prepare": "stale", "features-train": "stale", "features-val": "stale"}
-    only_features = load_config("synthetic", {"features.n_views": "1"})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features).items()}
+    only_features = load_config("cityscapes", {"features.n_views": "1", "dataset.root": str(tmp_path)})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features, tmp_path).items()}
     assert states["prepare"] == "complete" and states["features-train"] == "stale"

@@ -1,0 +1,111 @@
+"""Tiny dataset folders in the real layouts, for tests: each builder returns what it wrote.
+
+Images are smooth, distinct per sample (so a mix-up between files shows), labels are raw ids
+exactly as the real dataset stores them (before any mapping to class ids).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy.io import savemat
+
+H, W = 40, 60
+
+
+def picture(k: int, h: int = H, w: int = W) -> np.ndarray:
+    """A smooth (h, w, 3) uint8 picture that differs per k (survives JPEG nearly unchanged)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.array([(37 * k) % 200, (91 * k + 50) % 200, (53 * k + 100) % 200])
+    img = base + np.stack([yy * 40 // h, xx * 40 // w, (yy + xx) * 20 // (h + w)], -1)
+    return img.astype(np.uint8)
+
+
+def raw_ids(rng: np.random.Generator, values, h: int = H, w: int = W) -> np.ndarray:
+    """(h, w) uint8 labels using every value in `values` at least once."""
+    values = np.asarray(values, np.uint8)
+    lab = rng.choice(values, size=(h, w))
+    lab.flat[: len(values)] = values
+    return lab
+
+
+def save(path: Path, array: np.ndarray, palette: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(array)
+    if palette:   # VOC-style palette PNG: the pixel values are palette indices
+        im.putpalette([v for i in range(256) for v in ((i * 7) % 256, (i * 13) % 256, (i * 29) % 256)])
+    im.save(path, quality=95) if path.suffix == ".jpg" else im.save(path)
+
+
+def make_cityscapes(root: Path, split: str = "train", cities=(("aachen", 2), ("bremen", 1)), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    written = {}
+    for c, (city, n) in enumerate(cities):
+        for i in range(n):
+            stem = f"{city}_{i:06d}_000019"
+            img, lab = picture(10 * c + i), raw_ids(rng, list(range(34)) + [255])
+            save(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", img)
+            save(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", lab)
+            written[stem] = (img, lab)
+    return written
+
+
+def make_coco(root: Path, split_dir: str = "val2017", ids=("000000000139", "000000000285", "000000000632"),
+              listed=None, list_name: str = "Coco164kFull_Stuff_Coarse_7.txt", fine_ids=(0, 2, 24, 156, 255),
+              seed: int = 0):
+    rng = np.random.default_rng(seed)
+    written = {}
+    for k, i in enumerate(ids):
+        img, lab = picture(k), raw_ids(rng, fine_ids)
+        save(root / "images" / split_dir / f"{i}.jpg", img)
+        save(root / "annotations" / split_dir / f"{i}.png", lab)
+        written[i] = (img, lab)
+    lst = root / "curated" / split_dir / list_name
+    lst.parent.mkdir(parents=True, exist_ok=True)
+    lst.write_text("".join(f"{i}\n" for i in (listed if listed is not None else ids)))
+    return written
+
+
+def make_potsdam(root: Path, labelled=("0", "1"), unlabelled=("7",), test=("2",), seed: int = 0,
+                 fine_ids=(0, 1, 2, 3, 4, 5, 255)):
+    rng = np.random.default_rng(seed)
+    written = {}
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    (root / "gt").mkdir(parents=True, exist_ok=True)
+    for k, i in enumerate([*labelled, *unlabelled, *test]):
+        rgb = picture(k)
+        ir = np.full((H, W, 1), 200 - k, np.uint8)
+        savemat(root / "imgs" / f"{i}.mat", {"img": np.concatenate([rgb, ir], -1)})
+        lab = None
+        if i not in unlabelled:
+            lab = raw_ids(rng, fine_ids)
+            savemat(root / "gt" / f"{i}.mat", {"gt": lab})
+        written[i] = (rgb, lab)
+    for name, ids in (("labelled_train.txt", labelled), ("unlabelled_train.txt", unlabelled),
+                      ("labelled_test.txt", test)):
+        (root / name).write_text("".join(f"{i}\n" for i in ids))
+    return written
+
+
+def make_voc(root: Path, train=("2007_000032", "2007_000039"), val=("2007_000033",), aug=(), seed: int = 0):
+    """VOCdevkit/VOC2012 with palette labels; `aug` ids get SegmentationClassAug labels + train_aug.txt."""
+    rng = np.random.default_rng(seed)
+    voc = root / "VOCdevkit" / "VOC2012"
+    written = {}
+    for k, i in enumerate(dict.fromkeys([*train, *val, *aug])):
+        img, lab = picture(k), raw_ids(rng, list(range(21)) + [255])
+        save(voc / "JPEGImages" / f"{i}.jpg", img)
+        if i in train or i in val:
+            save(voc / "SegmentationClass" / f"{i}.png", lab, palette=True)
+        if i in aug:
+            save(voc / "SegmentationClassAug" / f"{i}.png", lab)
+        written[i] = (img, lab)
+    sets = voc / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True, exist_ok=True)
+    (sets / "train.txt").write_text("".join(f"{i}\n" for i in train))
+    (sets / "val.txt").write_text("".join(f"{i}\n" for i in val))
+    if aug:
+        (sets / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n"
+                                                    for i in aug))
+    return written

@@ -1,0 +1,145 @@
+"""The prepare and features stages end to end on a tiny synthetic set (ViT-S/16, random init)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cache.reader import FeatureStore
+from cache.writer import finished_chunks, open_group
+from pipeline.backbone import load_backbone, normalize
+from pipeline.config import load_config
+from pipeline.lhp import lhp_weights
+from pipeline.runner import read_manifest
+from stages import features, prepare
+
+TINY = {
+    "dataset.n_train": "2", "dataset.n_val": "1", "dataset.size": "96",
+    "prepare.resolution": "48", "prepare.val_resolution": "64",
+    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
+    "features.n_views": "1", "features.chunk_size": "2",
+}
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+def tiny_config(**extra):
+    return load_config("synthetic", {**TINY, **extra})
+
+
+def arrays_of(url):
+    store = FeatureStore.open(url)
+    return {name: store.array(name)[:] for name in store.names()}
+
+
+def hp(*args, workdir, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([*CLI, *args, "--workdir", str(workdir)], capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One complete run of both splits, shared by the read-only tests."""
+    workdir = tmp_path_factory.mktemp("work")
+    config = tiny_config()
+    manifests = {s: features.run(config, workdir, s) for s in ("train", "val")}
+    return config, workdir, manifests
+
+
+def test_store_holds_the_backbone_outputs(built):
+    config, workdir, manifests = built
+    url = manifests["train"]["outputs"]["store"]
+    data = arrays_of(url)
+    n = 2 * 5
+    assert data["feat"].shape == (n, 3, 3, 384) and data["feat"].dtype == np.float16
+    assert data["feat_aug"].shape == (n, 1, 3, 3, 384)
+    assert data["lhp"].shape == (n, 3, 3, 9) and data["cls_attn"].shape == (n, 6, 3, 3)
+    assert data["image"].shape == (n, 48, 48, 3) and data["label"].shape == (n, 48, 48)
+    # recompute two samples straight from the prepared crops: the store must agree
+    backbone = load_backbone("vit_small_patch16_224.dino", "random")
+    out = backbone(normalize(__import__("torch").from_numpy(data["image"][5:7])))
+    np.testing.assert_allclose(data["feat"][5:7], out.feat.numpy(), atol=2e-2, rtol=1e-2)
+    lhp = lhp_weights(out.attn_logits, 3, 3).numpy()
+    np.testing.assert_allclose(data["lhp"][5:7].astype(np.float32), lhp, atol=2e-2, rtol=1e-2)
+    assert not np.array_equal(data["feat_aug"][:, 0], data["feat"])  # views differ from the clean image
+    store = FeatureStore.open(url)
+    assert store.random_init and store.attrs["weights"] == "random-init"
+    assert store.attrs["backbone"] == "vit_small_patch16_224.dino" and store.attrs["resolution"] == 48
+    val = arrays_of(manifests["val"]["outputs"]["store"])
+    assert val["feat"].shape == (1, 4, 4, 384) and "feat_aug" not in val and "lhp" not in val
+
+
+def test_prepared_crops_follow_the_five_crop_geometry(built):
+    config, workdir, _ = built
+    from pipeline.datasets import open_dataset
+
+    source = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
+    sample = source[0]
+    directory = prepare.prepared_dir(config, workdir, "train")
+    crop = np.asarray(Image.open(directory / "labels" / f"{sample.name}_1.png"))  # top-right quarter
+    quarter = sample.label[:48, 48:]  # 96 px image, ratio 0.5 -> 48 px crops, already at 48: no resize
+    np.testing.assert_array_equal(crop, quarter)
+
+
+def test_second_run_skips_and_status_reports_complete(built, capsys):
+    config, workdir, manifests = built
+    again = features.run(config, workdir, "train")
+    assert again["finished"] == manifests["train"]["finished"]
+    assert "up to date" in capsys.readouterr().out
+    out = hp("status", "--dataset", "synthetic", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
+             workdir=workdir).stdout
+    assert [line.split()[1] for line in out.splitlines()[1:]] == ["complete"] * 3
+    changed = hp("status", "--dataset", "synthetic", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
+                 "--set", "features.n_views=2", workdir=workdir).stdout
+    assert [line.split()[1] for line in changed.splitlines()[1:]] == ["complete", "stale", "stale"]
+
+
+def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
+    _, _, manifests = built
+    reference = arrays_of(manifests["train"]["outputs"]["store"])
+    workdir = tmp_path / "work"
+    config = tiny_config()
+    prepare.run(config, workdir)  # so the child starts straight on the backbone
+    args = ["features", "--dataset", "synthetic", "--split", "train",
+            *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([*CLI, *args, "--workdir", str(workdir)], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = features.default_store_url(config, workdir, "train")
+    done_dir = Path(url) / "_done" / "c"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if done_dir.exists() and finished_chunks(open_group(url, "r")).any():
+            child.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = finished_chunks(open_group(url, "r"))
+    assert 0 < partial.sum() < partial.size
+    assert read_manifest(features.stage_dir(config, workdir), "features-train")["status"] == "running"
+    manifest = features.run(config, workdir, "train")
+    assert manifest["outputs"]["computed"] < manifest["outputs"]["samples"]  # finished chunks were kept
+    resumed = arrays_of(url)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        np.testing.assert_array_equal(resumed[name], reference[name], err_msg=name)
+
+
+def test_local_cluster_equals_single_process(tmp_path, built):
+    _, _, manifests = built
+    reference = arrays_of(manifests["train"]["outputs"]["store"])
+    config = tiny_config()
+    url = "file://" + str(tmp_path / "dist.zarr")
+    features.run(config, tmp_path / "work", "train", store=url, scheduler="local-cluster", workers=2)
+    distributed = arrays_of(url)
+    for name in reference:
+        np.testing.assert_array_equal(distributed[name], reference[name], err_msg=name)
