@@ -86,16 +86,49 @@ class FeatureStore:
         buffer_chunks: int = 8,
         prefetch: int = 2,
         drop_last: bool = False,
+        start_batch: int = 0,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of torch tensors (plus "index"), read in whole chunks by a background thread.
 
         Without a seed the order is the store's. With one, the chunk order is shuffled and
         samples are shuffled within a buffer of `buffer_chunks` chunks: large sequential reads,
-        a well-mixed order, and the same order for the same seed.
+        a well-mixed order, and the same order for the same seed. `start_batch` skips that many
+        batches without reading them (resuming mid-epoch).
         """
         arrays = [self.array(n) for n in names]
         plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last)
+        plan = skip_batches(plan, start_batch)
         return _prefetched(_read_batches(arrays, names, plan), prefetch)
+
+    def gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
+        """Samples `indices` (any order, repeats allowed), decoding each chunk they touch once."""
+        array = self.array(name)
+        indices = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(indices), *array.shape[1:]), dtype=array.dtype)
+        size = self.chunk_size
+        for chunk in np.unique(indices // size):
+            block = array.blocks[int(chunk)]
+            hits = np.flatnonzero(indices // size == chunk)
+            out[hits] = block[indices[hits] - chunk * size]
+        return out
+
+
+def skip_batches(plan: list[tuple[list[int], list[np.ndarray]]], n: int) -> list[tuple[list[int], list[np.ndarray]]]:
+    """The plan without its first `n` batches; buffers left with no batch are not read at all.
+
+    A batch may start with the previous buffer's leftovers, so the chunks of a buffer dropped
+    whole travel with the next buffer that is kept.
+    """
+    out, dropped_chunks = [], []
+    for chunks, batches in plan:
+        k = min(n, len(batches))
+        n -= k
+        if batches[k:]:
+            out.append((sorted(set(dropped_chunks) | set(chunks)), batches[k:]))
+            dropped_chunks = []
+        else:
+            dropped_chunks = chunks
+    return out
 
 
 def batch_plan(

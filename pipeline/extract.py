@@ -31,11 +31,29 @@ def view_seed(seed: int, index: int, view: int) -> int:
     return (seed * 1_000_003 + index) * 97 + view
 
 
-def extract_chunk(
-    backbone: Backbone, images: np.ndarray, indices: np.ndarray, settings: ExtractSettings
-) -> dict[str, np.ndarray]:
-    """(B, H, W, 3) uint8 images -> feat, cls_attn, [lhp], [feat_aug] as float16 numpy arrays."""
+def model_inputs(
+    images: np.ndarray, indices: np.ndarray, settings: ExtractSettings
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Normalized images and their photometric views (B*K, in sample-major order), ready for the backbone.
+
+    Kept apart from the forward pass so a loader thread can build the next batch's views
+    while the backbone runs on the current one.
+    """
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
+    if not settings.n_views:
+        return x, None
+    views = torch.stack([
+        photometric_view(x[i], view_seed(settings.seed, int(indices[i]), k), settings.photometric_on_normalized)
+        for i in range(len(x))
+        for k in range(settings.n_views)
+    ])
+    return x, views
+
+
+def extract_chunk(
+    backbone: Backbone, x: torch.Tensor, views: torch.Tensor | None, settings: ExtractSettings
+) -> dict[str, np.ndarray]:
+    """Backbone outputs for one chunk -> feat, cls_attn, [lhp], [feat_aug] as float16 numpy arrays."""
     out = backbone(x)
     b, h, w, _ = out.feat.shape
     result = {
@@ -45,14 +63,7 @@ def extract_chunk(
     if settings.with_lhp:
         lhp = lhp_weights(out.attn_logits.float(), h, w, settings.lhp_sigma)
         result["lhp"] = lhp.to(torch.float16).cpu().numpy()
-    if settings.n_views:
-        views = torch.stack(
-            [
-                photometric_view(x[i], view_seed(settings.seed, int(indices[i]), k), settings.photometric_on_normalized)
-                for i in range(b)
-                for k in range(settings.n_views)
-            ]
-        )
+    if views is not None:
         feat_aug = backbone(views).feat.to(torch.float16).cpu().numpy()
         result["feat_aug"] = feat_aug.reshape(b, settings.n_views, *feat_aug.shape[1:])
     return result

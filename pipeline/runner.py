@@ -104,7 +104,8 @@ def run_stage(
     fp = fingerprint(config, inputs)
     old = read_manifest(stage_dir, name)
     if old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force:
-        print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes", flush=True)
+        note = " [built with a RANDOM-INIT backbone]" if old.get("outputs", {}).get("random_init") else ""
+        print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes{note}", flush=True)
         return old
     fresh = force
     if old and old.get("fingerprint") != fp:

@@ -29,7 +29,7 @@ def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size:
     """The backbone alone on in-memory images: the same batches and passes as the stage makes."""
     t0 = time.perf_counter()
     for start in range(0, len(images), chunk_size):
-        x = normalize(torch.from_numpy(images[start : start + chunk_size]))
+        x = normalize(torch.from_numpy(np.ascontiguousarray(images[start : start + chunk_size])))
         backbone(x)
         if n_views:
             backbone(x.repeat_interleave(n_views, dim=0))

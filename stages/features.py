@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from cache.schema import Layout
 from pipeline.backbone import Backbone, load_backbone
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.extract import ExtractSettings, extract_chunk
+from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
 from pipeline.graph import default_store_url, stage_dir, stage_plan
 from pipeline.runner import StageContext, run_stage
 from stages import prepare
@@ -62,14 +62,30 @@ def settings_for(config: Config, split: str) -> ExtractSettings:
     )
 
 
-def chunk_arrays(
-    backbone: Backbone, images: np.ndarray, labels: np.ndarray | None, start: int, settings: ExtractSettings
-) -> dict[str, np.ndarray]:
-    """Everything one store chunk holds, for the crops starting at sample `start`."""
-    data = extract_chunk(backbone, images, np.arange(start, start + len(images)), settings)
-    data["image"] = images
-    if labels is not None:
-        data["label"] = labels
+class ChunkInputs(NamedTuple):
+    """One chunk, decoded and ready for the backbone."""
+
+    chunk: int
+    images: np.ndarray
+    labels: np.ndarray | None
+    x: torch.Tensor
+    views: torch.Tensor | None
+
+
+def load_chunk(group, chunk: int, directory: str, names: list[str], labelled: bool,
+               settings: ExtractSettings) -> ChunkInputs:
+    """Decode a chunk's prepared crops and build its model inputs (photometric views included)."""
+    start, stop = writer.chunk_range(group, chunk)
+    images, labels = prepare.load_prepared(directory, names[start:stop], labelled)
+    return ChunkInputs(chunk, images, labels, *model_inputs(images, np.arange(start, stop), settings))
+
+
+def chunk_arrays(backbone: Backbone, inputs: ChunkInputs, settings: ExtractSettings) -> dict[str, np.ndarray]:
+    """Everything one store chunk holds."""
+    data = extract_chunk(backbone, inputs.x, inputs.views, settings)
+    data["image"] = inputs.images
+    if inputs.labels is not None:
+        data["label"] = inputs.labels
     return data
 
 
@@ -83,8 +99,7 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
     def load() -> None:
         try:
             for chunk in pending:
-                start, stop = writer.chunk_range(group, chunk)
-                loads.put((chunk, prepare.load_prepared(directory, names[start:stop], labelled)))
+                loads.put(load_chunk(group, chunk, directory, names, labelled, settings))
         except BaseException as exc:
             errors.append(exc)
         loads.put(None)
@@ -101,9 +116,8 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
     threads = [threading.Thread(target=load, daemon=True), threading.Thread(target=write, daemon=True)]
     for t in threads:
         t.start()
-    while (item := loads.get()) is not None and not errors:
-        chunk, (images, labels) = item
-        writes.put((chunk, chunk_arrays(backbone, images, labels, writer.chunk_range(group, chunk)[0], settings)))
+    while (inputs := loads.get()) is not None and not errors:
+        writes.put((inputs.chunk, chunk_arrays(backbone, inputs, settings)))
     writes.put(None)
     threads[1].join()
     if errors:
@@ -122,9 +136,9 @@ def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: st
         torch.set_num_threads(1)
         _WORKER_BACKBONES[key] = resolve_backbone(config)
     group = writer.open_group(url, mode="r+")
-    start, stop = writer.chunk_range(group, chunk)
-    images, labels = prepare.load_prepared(directory, names[start:stop], "label" in group)
-    data = chunk_arrays(_WORKER_BACKBONES[key], images, labels, start, settings_for(config, split))
+    settings = settings_for(config, split)
+    inputs = load_chunk(group, chunk, directory, names, "label" in group, settings)
+    data = chunk_arrays(_WORKER_BACKBONES[key], inputs, settings)
     writer.write_chunk(group, chunk, data)
     return len(data["feat"])
 
@@ -220,10 +234,7 @@ def run(
                        f"{1 + settings.n_views} backbone passes each), {stored / 2**20:.1f} MiB -> {url}{note}",
         }
 
-    manifest = run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
-    if manifest["outputs"].get("random_init"):
-        print(RANDOM_INIT_WARNING, flush=True)
-    return manifest
+    return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
 
 
 def stored_bytes(group) -> dict[str, int]:

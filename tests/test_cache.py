@@ -42,6 +42,27 @@ def test_round_trip_through_reader_and_dask(tmp_path):
     assert sorted(seen) == list(range(11)) and seen != list(range(11))
 
 
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 4])
+def test_start_batch_resumes_the_same_order(tmp_path, start):
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    store = FeatureStore.open(url)
+    full = [b["index"].tolist() for b in store.batches(["feat"], batch_size=3, shuffle_seed=2, buffer_chunks=1)]
+    rest = [b for b in store.batches(["feat"], batch_size=3, shuffle_seed=2, buffer_chunks=1, start_batch=start)]
+    assert [b["index"].tolist() for b in rest] == full[start:]
+    expected = store.read("feat", 0, 11)
+    for b in rest:
+        np.testing.assert_array_equal(b["feat"].numpy(), expected[b["index"].numpy()])
+
+
+def test_gather_reads_any_indices(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    store = FeatureStore.open(url)
+    idx = [10, 0, 5, 5, 3]
+    np.testing.assert_array_equal(store.gather("lhp", idx), store.read("lhp", 0, 11)[idx])
+
+
 def test_fsspec_url(tmp_path):
     url = "file://" + str(tmp_path / "s.zarr")
     writer.mark_complete(_write_all(url))
