@@ -7,7 +7,7 @@ WORKDIR ?= work
 ARGS    ?=
 HP      := $(BIN)/hp-pipe
 
-.PHONY: install run prepare features status bench test lint clean
+.PHONY: install run prepare features train status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,7 @@ install: $(VENV)/.installed
 
 run: install   ## the main job: every stage that exists, on DATASET (default: the built-in synthetic set)
 	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR)
 
 prepare: install
@@ -26,6 +27,9 @@ prepare: install
 
 features: install
 	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+
+train: install
+	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 
 status: install
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)

@@ -110,6 +110,32 @@ def features(
 
 
 @app.command()
+def train(
+    dataset: Dataset = "synthetic",
+    run: Annotated[str, typer.Option(help="Run name: the run directory is <workdir>/<dataset>/runs/<run>.")] = "hp",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (train.epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (train.batch_size).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (train.device).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
+                                              "(--no-resume starts it over).")] = True,
+    set_: Sets = None,
+    force: Force = False,
+) -> None:
+    """Train the Hidden Positives heads from the feature cache (runs features first when needed)."""
+    from stages import train as stage
+
+    overrides = {"epochs": epochs, "batch_size": batch_size, "device": device}
+    sets = [*(set_ or []), *(f"train.{k}={v}" for k, v in overrides.items() if v is not None)]
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init)
+    stage.run(config, workdir, run, force or not resume)
+
+
+@app.command()
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
@@ -120,11 +146,19 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
     sdir = stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     print(f"{'stage':16} {'state':12} {'finished':26} {'seconds':>8}  outputs")
+    rows = []
     for name, (stage_config, inputs) in stage_plan(config, workdir, stores).items():
+        if name != "train":
+            rows.append((name, stage_config, inputs))
+            continue
+        runs = sorted(p.stem for p in (sdir / "stages").glob("train-*.json")) or ["train-hp"]
+        rows += [(r, {**stage_config, "run": r.removeprefix("train-")}, inputs) for r in runs]
+    for name, stage_config, inputs in rows:
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)
         outputs = manifest.get("outputs", {})
-        where = outputs.get("store") or outputs.get("dir") or (outputs.get("train", {}) or {}).get("dir", "")
+        where = (outputs.get("store") or outputs.get("run_dir") or outputs.get("dir")
+                 or (outputs.get("train", {}) or {}).get("dir", ""))
         seconds = manifest.get("timings", {}).get("seconds", "")
         flag = " [random-init]" if outputs.get("random_init") else ""
         print(f"{name:16} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")

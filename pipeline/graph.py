@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dataset", "prepare"), ()),
     "features-train": (("dataset", "prepare", "features"), ("prepare",)),
     "features-val": (("dataset", "prepare", "features"), ("prepare",)),
+    "train": (("train",), ("features-train",)),
 }
 
 

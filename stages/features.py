@@ -25,6 +25,7 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
 from pipeline.graph import default_store_url, stage_dir, stage_plan
+from pipeline.plots import feature_preview
 from pipeline.runner import StageContext, run_stage
 from stages import prepare
 
@@ -220,6 +221,10 @@ def run(
             raise RuntimeError(f"some chunks of {url} were not written; rerun to finish them")
         writer.mark_complete(group)
         seconds = time.perf_counter() - t0
+        preview = stage_dir(config, workdir) / "features" / f"{split}-preview.png"
+        k = min(4, len(names))
+        feature_preview(group["image"][:k], group["feat"][:k], group["cls_attn"][:k], preview,
+                        title=f"{backbone.name} {'[RANDOM-INIT]' if backbone.random_init else ''} {split}")
         array_bytes = stored_bytes(group)
         stored = sum(array_bytes.values())
         raw = layout.raw_fp16_bytes_per_sample() * len(names)
@@ -228,7 +233,8 @@ def run(
         return {
             "store": url, "samples": len(names), "computed": len(names) - finished, "store_bytes": stored,
             "array_bytes": array_bytes,
-            "raw_fp16_feature_bytes": raw, "random_init": backbone.random_init, "weights": backbone.weights,
+            "raw_fp16_feature_bytes": raw, "preview": str(preview),
+            "random_init": backbone.random_init, "weights": backbone.weights,
             "timings": {"extract_seconds": round(seconds, 3)},
             "summary": f"{len(names)} samples ({len(names) - finished} computed, {rate:.1f} img/s, "
                        f"{1 + settings.n_views} backbone passes each), {stored / 2**20:.1f} MiB -> {url}{note}",

@@ -1,0 +1,25 @@
+"""Hidden Positives (specs/HP.md §2-§5): heads, LHP mix, reference pools, schedules and the loss.
+
+Pure tensor code, no I/O: the training stage (stages/train.py) wires these to the feature cache.
+"""
+
+from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
+from pipeline.hp.loss import LossOutput, anchor_losses, hp_loss, positive_masks
+from pipeline.hp.pool import BACKENDS, PoolIndex, sample_pool
+from pipeline.hp.schedule import lambda_at, renews_at
+
+__all__ = [
+    "BACKENDS",
+    "LossOutput",
+    "PoolIndex",
+    "ProjectionHead",
+    "SegmentationHead",
+    "anchor_losses",
+    "ema_update",
+    "hp_loss",
+    "lambda_at",
+    "lhp_mix",
+    "positive_masks",
+    "renews_at",
+    "sample_pool",
+]

@@ -1,0 +1,81 @@
+"""Reference pools and their 1-nearest-neighbour criterion (specs/HP.md §4).
+
+r_i = max_p cos(x_i, Pool_p): the pool and the queries are unit vectors, so this is a max inner product.
+Two interchangeable backends: faiss (IndexFlatIP, on the GPU when faiss has GPU support) and plain torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+
+_TORCH_CHUNK = 1 << 24  # query-by-pool products per torch matmul: bounds the backend's memory
+
+
+def _faiss_search(index, keep_alive: object, queries: torch.Tensor) -> torch.Tensor:
+    best, _ = index.search(queries.detach().float().cpu().contiguous().numpy(), 1)
+    return torch.from_numpy(best[:, 0]).to(queries.device)
+
+
+def _faiss_index(pool: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Exact inner-product index; a GPU copy when the pool is on CUDA and faiss was built with GPU support."""
+    import faiss
+
+    index = faiss.IndexFlatIP(pool.shape[1])
+    index.add(pool.detach().float().cpu().contiguous().numpy())
+    resources = None
+    if pool.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        resources = faiss.StandardGpuResources()  # must outlive the GPU index: held by the partial below
+        index = faiss.index_cpu_to_gpu(resources, pool.device.index or 0, index)
+    return partial(_faiss_search, index, resources)
+
+
+def _torch_index(pool: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Brute force max inner product in chunks of queries, on the pool's device."""
+    pool = pool.detach().float()
+
+    def search(queries: torch.Tensor) -> torch.Tensor:
+        q = queries.detach().float().to(pool.device)
+        rows = max(1, _TORCH_CHUNK // pool.shape[0])
+        best = [(chunk @ pool.T).amax(dim=1) for chunk in q.split(rows)]
+        return torch.cat(best).to(queries.device)
+
+    return search
+
+
+BACKENDS: dict[str, Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "faiss": _faiss_index,
+    "torch": _torch_index,
+}
+
+
+class PoolIndex:
+    """1-NN max inner product of unit queries against a unit-normalized pool."""
+
+    def __init__(self, pool: torch.Tensor, backend: str = "faiss"):
+        if backend not in BACKENDS:
+            raise UserError(f"train.pool_backend = '{backend}' is unknown; use one of: {', '.join(BACKENDS)}")
+        if pool.ndim != 2 or pool.shape[0] == 0:
+            raise ValueError(f"PoolIndex: pool must be a non-empty (P, d) matrix, got {tuple(pool.shape)}")
+        self.size, self.dim, self.backend = pool.shape[0], pool.shape[1], backend
+        self._search = BACKENDS[backend](pool)
+
+    def max_similarity(self, queries: torch.Tensor) -> torch.Tensor:
+        """(M, d) unit queries -> (M,) float32 max_p q·pool_p, on the queries' device."""
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"PoolIndex: queries {tuple(queries.shape)} do not match a pool of width {self.dim}")
+        if queries.shape[0] == 0:
+            return torch.zeros(0, dtype=torch.float32, device=queries.device)
+        return self._search(queries)
+
+
+def sample_pool(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random patch per pool entry from (P, n, d) (one image per entry) -> (P, d) unit vectors (§4)."""
+    p, n, _ = features.shape
+    pick = torch.randint(0, n, (p,), generator=generator, device=generator.device).to(features.device)
+    return F.normalize(features[torch.arange(p, device=features.device), pick].float(), dim=1)

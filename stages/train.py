@@ -1,0 +1,232 @@
+"""`train`: the Hidden Positives heads trained from the feature cache alone (specs/HP.md §2-§5).
+
+The backbone never runs here: every input (features, photometric views, LHP weights) comes
+from the zarr store, and the task-specific pool is renewed from cached features through S_m.
+A run lives in `<workdir>/<dataset>/runs/<run>/`: checkpoints/last.pt (atomic, every
+`checkpoint_interval` iterations and at the end), metrics.jsonl, curves.png. A killed run
+resumes from its checkpoint to the same final weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.reader import FeatureStore
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.graph import stage_dir, stage_plan
+from pipeline.hp.heads import ema_update
+from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
+from pipeline.hp.pool import PoolIndex
+from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.plots import training_curves
+from pipeline.runner import StageContext, atomic_write_text, run_stage
+from stages import features
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = cuda, but no CUDA device is available; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def run_dir(config: Config, workdir: Path, run: str) -> Path:
+    return stage_dir(config, workdir) / "runs" / run
+
+
+# ---------------------------------------------------------------- pools (§4)
+def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, rng: np.random.Generator,
+                generator: torch.Generator, device: torch.device, backend: str) -> torch.Tensor:
+    """One random patch from each of `size` random training images, as unit pool vectors."""
+    images = rng.choice(len(store), size, replace=len(store) < size)
+    feats = torch.from_numpy(store.gather("feat", np.sort(images)))  # (P, h, w, C)
+    feats = feats.reshape(size, -1, feats.shape[-1])
+    pick = torch.randint(0, feats.shape[1], (size,), generator=generator)
+    patches = feats[torch.arange(size), pick].to(device).float()
+    return pool_entries(heads, patches, specific)
+
+
+def _index(pool: torch.Tensor, backend: str) -> PoolIndex:
+    return PoolIndex(pool, backend=backend)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl, cut back to the checkpoint's iteration on resume so it never holds a line twice."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path = path
+        self.records = []
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if record["iteration"] <= keep_until:
+                    self.records.append(record)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- the loop
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
+    t_cfg = config["train"]
+    device = pick_device(t_cfg["device"])
+    amp = bool(t_cfg["amp"]) and device.type == "cuda"
+    batch_size, seed = t_cfg["batch_size"], t_cfg["seed"]
+    iters_per_epoch = len(store) // batch_size
+    if iters_per_epoch == 0:
+        raise UserError(f"train.batch_size = {batch_size} exceeds the {len(store)} training crops in {store.url}; "
+                        "lower it with --set train.batch_size=N")
+    total = iters_per_epoch * t_cfg["epochs"]
+    if ctx.fresh and out.exists():
+        shutil.rmtree(out)  # a changed config or --force: this run starts over
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoints" / "last.pt"
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    in_dim = store.array("feat").shape[-1]
+    heads = HPHeads(in_dim, t_cfg["head_dim"], t_cfg["dropout"]).to(device)
+    opt_s = torch.optim.AdamW(heads.S.parameters(), lr=t_cfg["lr"], weight_decay=t_cfg["weight_decay"])  # §5
+    opt_p = torch.optim.Adam(heads.P.parameters(), lr=t_cfg["lr"])  # §5
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"], t_cfg["anchor_tile"] or None)
+    backend = t_cfg["pool_backend"]
+
+    t = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        heads.load_state_dict(state["heads"])
+        opt_s.load_state_dict(state["opt_s"])
+        opt_p.load_state_dict(state["opt_p"])
+        scaler.load_state_dict(state["scaler"])
+        pool_ag, pool_sp = state["pool_ag"].to(device), state["pool_sp"].to(device)
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        generator.set_state(state["rng"]["generator"])
+        rng.bit_generator.state = state["rng"]["numpy"]
+        t = state["iteration"]
+        ctx.log(f"resuming from {ckpt} at iteration {t} of {total}")
+    else:
+        heads.train()
+        pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device, backend)  # §4, once
+        pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device, backend)
+    pools = Pools(_index(pool_ag, backend), _index(pool_sp, backend))
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, {
+            "iteration": t, "heads": heads.state_dict(), "opt_s": opt_s.state_dict(), "opt_p": opt_p.state_dict(),
+            "scaler": scaler.state_dict(), "pool_ag": pool_ag, "pool_sp": pool_sp,
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                    "numpy": rng.bit_generator.state,
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "in_dim": in_dim, "head_dim": t_cfg["head_dim"], "config": config, "store": store.url,
+            "random_init": store.random_init, "fingerprint": ctx.fingerprint,
+        })
+
+    names = ["feat", "feat_aug", "lhp"]
+    t0, t_start = time.perf_counter(), t
+    heads.train()
+    with tqdm(total=total, initial=t, desc=ctx.name, unit="it", smoothing=0.05) as bar:
+        while t < total:
+            epoch, first = divmod(t, iters_per_epoch)
+            batches = store.batches(names, batch_size, shuffle_seed=seed * 1000 + epoch, drop_last=True,
+                                    buffer_chunks=t_cfg["buffer_chunks"], start_batch=first)
+            for i, batch in enumerate(batches, start=first):
+                if renews_at(i, t_cfg["renew_interval"]):  # §4: Pool_sp renewed from cached features through S_m
+                    pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device, backend)
+                    pools.specific = _index(pool_sp, backend)
+                lam = lambda_at(t, t_cfg["warmup"], total)  # §5: λ ramp
+                f, f_aug, lhp = _step_inputs(batch, generator, device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    out_step = training_step(heads, f, f_aug, lhp, pools, lam, settings, generator)
+                if not torch.isfinite(out_step.loss):
+                    raise UserError(
+                        f"training diverged: the loss is {out_step.loss.item()} at iteration {t} "
+                        f"(terms {out_step.terms}); the last good checkpoint {ckpt} is kept. "
+                        "Check the feature store, or lower train.lr"
+                    )
+                opt_s.zero_grad(set_to_none=True)
+                opt_p.zero_grad(set_to_none=True)
+                scaler.scale(out_step.loss).backward()
+                scaler.unscale_(opt_s)
+                torch.nn.utils.clip_grad_norm_(heads.S.parameters(), t_cfg["grad_clip"])  # §5: clip S at 10
+                scaler.step(opt_s)
+                scaler.step(opt_p)
+                scaler.update()
+                ema_update(heads.S_m, heads.S, t_cfg["ema_m"])  # §2: θ_m ← m·θ_m + (1−m)·θ
+                t += 1
+                terms = {**out_step.terms, "lambda": lam}
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", lam=f"{lam:.2f}", pos=f"{terms['positives']:.1f}",
+                                refresh=False)
+                if t % t_cfg["log_interval"] == 0 or t == total:
+                    log.append({"iteration": t, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
+                                "seconds": round(time.perf_counter() - t0, 3)})
+                if t % t_cfg["checkpoint_interval"] == 0 or t == total:
+                    checkpoint()
+    seconds = time.perf_counter() - t0
+    training_curves(log.records, out / "curves.png", title=f"{ctx.name}" + (" [random-init backbone]"
+                                                                               if store.random_init else ""))
+    last = log.records[-1] if log.records else {}
+    rate = (t - t_start) / seconds if seconds > 0 else 0.0
+    note = " [RANDOM-INIT backbone features]" if store.random_init else ""
+    return {
+        "run_dir": str(out), "checkpoint": str(ckpt), "iterations": total, "iterations_per_epoch": iters_per_epoch,
+        "final": last, "store": store.url, "random_init": store.random_init, "device": str(device),
+        "timings": {"train_seconds": round(seconds, 3)},
+        "summary": f"{total} iterations ({rate:.2f} it/s), final loss {last.get('loss', float('nan')):.4f} "
+                   f"-> {out}{note}",
+    }
+
+
+def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device):
+    """Channels-first float tensors; one of the K cached photometric views per image (§3)."""
+    feat_aug = batch["feat_aug"]  # (B, K, h, w, C)
+    view = torch.randint(0, feat_aug.shape[1], (feat_aug.shape[0],), generator=generator)
+    f_aug = feat_aug[torch.arange(feat_aug.shape[0]), view]
+    as_input = lambda x: x.to(device, non_blocking=True).float().permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return as_input(batch["feat"]), as_input(f_aug), batch["lhp"].to(device).float()
+
+
+def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> dict[str, Any]:
+    manifest = features.run(config, workdir, "train")
+    url = manifest["outputs"]["store"]
+    stage_config, inputs = stage_plan(config, workdir, {"train": url})["train"]
+    out = run_dir(config, workdir, run)
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        store = FeatureStore.open(url, expect={"split": "train", "fingerprint": manifest["fingerprint"]})
+        for name in ("feat_aug", "lhp"):
+            store.array(name)  # a clear message when the store lacks what HP needs
+        return train(ctx, config, store, out)
+
+    return run_stage(stage_dir(config, workdir), f"train-{run}", {**stage_config, "run": run}, inputs, body, force)

@@ -1,0 +1,134 @@
+"""The train stage on a tiny synthetic cache: learning, exact resume, NaN guard, pool renewal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from stages import features
+from stages import train as train_stage
+
+TINY = {
+    "dataset.n_train": "4", "dataset.n_val": "1", "dataset.size": "128",
+    "prepare.resolution": "64", "prepare.val_resolution": "64",
+    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
+    "features.n_views": "2", "features.chunk_size": "4",
+    "train.batch_size": "4", "train.epochs": "3", "train.head_dim": "32", "train.pool_size": "16",
+    "train.renew_interval": "2", "train.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
+}
+
+
+def tiny_config(**extra):
+    return load_config("synthetic", {**TINY, **extra})
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A workdir whose feature store is already built (shared: training never writes to it)."""
+    path = tmp_path_factory.mktemp("work")
+    features.run(tiny_config(), path, "train")
+    return path
+
+
+def final_weights(config, workdir, run):
+    ckpt = torch.load(train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt", weights_only=False)
+    return ckpt["heads"], ckpt["iteration"]
+
+
+def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
+    config = tiny_config(**{"train.epochs": "10", "train.lr": "0.002"})
+    manifest = train_stage.run(config, workdir, "learn")
+    out = train_stage.run_dir(config, workdir, "learn")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, 51))
+    first = sum(r["loss"] for r in records[:10]) / 10
+    last = sum(r["loss"] for r in records[-10:]) / 10
+    assert last < first, (first, last)
+    assert (out / "curves.png").stat().st_size > 0
+    assert manifest["outputs"]["iterations"] == 50 and manifest["outputs"]["random_init"] is True
+    lambdas = [r["lambda"] for r in records]
+    # λ uses the iteration index t = 0..T-1 (specs/HP.md §5): 0 through t = warmup = 4, then (t - 4)/(50 - 4)
+    assert lambdas[:5] == [0.0] * 5 and lambdas[5] == pytest.approx(1 / 46, abs=1e-6) and lambdas[-1] == pytest.approx(45 / 46, abs=1e-6)
+
+
+def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
+    config = tiny_config(**{"train.epochs": "6", "train.checkpoint_interval": "3"})
+    train_stage.run(config, workdir, "straight")
+    reference, iterations = final_weights(config, workdir, "straight")
+    sets = sum((["--set", f"{k}={v}"] for k, v in {**TINY, "train.epochs": "6",
+                                                    "train.checkpoint_interval": "3"}.items()), [])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", "killed",
+         "--workdir", str(workdir), *sets],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = train_stage.run_dir(config, workdir, "killed") / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            if 0 < state["iteration"] < iterations:
+                child.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    train_stage.run(config, workdir, "killed")
+    resumed, resumed_iterations = final_weights(config, workdir, "killed")
+    assert resumed_iterations == iterations
+    for key in reference:
+        assert torch.equal(resumed[key], reference[key]), key
+    log = (train_stage.run_dir(config, workdir, "killed") / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in log] == list(range(1, iterations + 1))
+
+
+def test_finished_run_is_skipped(workdir, capsys):
+    config = tiny_config(**{"train.epochs": "1"})
+    first = train_stage.run(config, workdir, "once")
+    second = train_stage.run(config, workdir, "once")
+    assert second["finished"] == first["finished"]
+    assert "up to date" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
+    config = tiny_config(**{"train.checkpoint_interval": "1"})
+    real_step = train_stage.training_step
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_stage, "training_step", poisoned)
+    with pytest.raises(UserError, match="training diverged.*iteration 3.*last good checkpoint"):
+        train_stage.run(config, workdir, "nan")
+    _, iteration = final_weights(config, workdir, "nan")
+    assert iteration == 3
+
+
+def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
+    config = tiny_config(**{"train.renew_interval": "2", "train.epochs": "2", "dataset.n_train": "4"})
+    renewals = []
+    real_sample = train_stage.sample_pool
+
+    def spy(store, heads, size, specific, *args, **kwargs):
+        renewals.append(specific)
+        return real_sample(store, heads, size, specific, *args, **kwargs)
+
+    monkeypatch.setattr(train_stage, "sample_pool", spy)
+    iterations_seen = []
+    real_renews = train_stage.renews_at
+    monkeypatch.setattr(train_stage, "renews_at", lambda i, r: iterations_seen.append(i) or real_renews(i, r))
+    train_stage.run(config, workdir, "renew")
+    # 20 crops / batch 4 = 5 iterations per epoch; renewals at i = 2, 4 in each epoch (never at 0)
+    assert iterations_seen == [0, 1, 2, 3, 4] * 2
+    assert renewals == [False, True] + [True] * 4  # Pool_ag once, Pool_sp at start, then 2 per epoch
