@@ -200,6 +200,44 @@ def bench_features(
     bench.features(images, resolution, backbone, weights, n_views, chunk_size, repeats, workdir, json_)
 
 
+@bench_app.command("train")
+def bench_train(
+    images: Annotated[int, typer.Option(help="Training crops in the bench cache.")] = 40,
+    resolution: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
+    backbone: Backbone = "vit_small_patch16_224.dino",
+    weights: Weights = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per iteration.")] = 4,
+    iterations: Annotated[int, typer.Option(help="Iterations timed per side.")] = 10,
+    pool_size: Annotated[int, typer.Option(help="Reference pool size.")] = 32,
+    renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
+    workdir: Workdir = Path("work"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Training from the cache vs the reference's backbone-every-step iteration; renewal, lookup, loss memory."""
+    from stages import bench_train
+
+    bench_train.train(images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval,
+                      repeats, workdir, json_)
+
+
+@bench_app.command("quality")
+def bench_quality(
+    dataset: Dataset = "synthetic",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    set_: Sets = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Cluster-probe mIoU/Acc of raw backbone features (k-means) vs the trained HP head, same cache."""
+    from stages import bench_train
+
+    bench_train.quality(build_config(dataset, data_root, set_, backbone, weights, random_init), workdir, json_)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; Ctrl-C keeps finished work."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

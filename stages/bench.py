@@ -17,7 +17,7 @@ from stages import features as features_stage
 from stages import prepare
 
 
-def _report(figures: dict, as_json: bool) -> None:
+def report(figures: dict, as_json: bool) -> None:
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         print(f"{key:{width}}  {value}")
@@ -36,13 +36,19 @@ def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size:
     return time.perf_counter() - t0
 
 
-def features(images: int, resolution: int, backbone: str, weights: str, n_views: int, chunk_size: int,
-             repeats: int, workdir: Path, as_json: bool) -> None:
-    config = load_config("synthetic", {
+def bench_config(images: int, resolution: int, backbone: str, weights: str, n_views: int, chunk_size: int,
+                 **extra: object):
+    """The synthetic preset sized for a benchmark: `images` five-crops at `resolution` px."""
+    return load_config("synthetic", {
         "dataset.n_train": -(-images // 5), "dataset.n_val": 1, "dataset.size": 2 * resolution,
         "prepare.resolution": resolution, "features.backbone": backbone, "features.weights": weights,
-        "features.n_views": n_views, "features.chunk_size": chunk_size,
+        "features.n_views": n_views, "features.chunk_size": chunk_size, **extra,
     })
+
+
+def features(images: int, resolution: int, backbone: str, weights: str, n_views: int, chunk_size: int,
+             repeats: int, workdir: Path, as_json: bool) -> None:
+    config = bench_config(images, resolution, backbone, weights, n_views, chunk_size)
     workdir = Path(workdir) / "bench-features"
     prepare.run(config, workdir)
     directory = prepare.prepared_dir(config, workdir, "train")
@@ -74,4 +80,4 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "threads": torch.get_num_threads(),
         "stage_dir": str(stage_dir(config, workdir)),
     }
-    _report(figures, as_json)
+    report(figures, as_json)

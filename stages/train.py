@@ -93,6 +93,26 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------- the loop
+def optimize(heads: HPHeads, loss: torch.Tensor, opt_s: torch.optim.Optimizer, opt_p: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, grad_clip: float, ema_m: float) -> None:
+    """One optimizer step on S and P, then the EMA update of S_m (§2, §5)."""
+    opt_s.zero_grad(set_to_none=True)
+    opt_p.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt_s)
+    torch.nn.utils.clip_grad_norm_(heads.S.parameters(), grad_clip)  # §5: gradient norm of S clipped at 10
+    scaler.step(opt_s)
+    scaler.step(opt_p)
+    scaler.update()
+    ema_update(heads.S_m, heads.S, ema_m)  # §2: θ_m ← m·θ_m + (1−m)·θ
+
+
+def make_optimizers(heads: HPHeads, t_cfg: dict[str, Any]) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """AdamW for S, Adam for P (§5)."""
+    opt_s = torch.optim.AdamW(heads.S.parameters(), lr=t_cfg["lr"], weight_decay=t_cfg["weight_decay"])
+    return opt_s, torch.optim.Adam(heads.P.parameters(), lr=t_cfg["lr"])
+
+
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     t_cfg = config["train"]
     device = pick_device(t_cfg["device"])
@@ -113,8 +133,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
     rng = np.random.default_rng(seed)
     in_dim = store.array("feat").shape[-1]
     heads = HPHeads(in_dim, t_cfg["head_dim"], t_cfg["dropout"]).to(device)
-    opt_s = torch.optim.AdamW(heads.S.parameters(), lr=t_cfg["lr"], weight_decay=t_cfg["weight_decay"])  # §5
-    opt_p = torch.optim.Adam(heads.P.parameters(), lr=t_cfg["lr"])  # §5
+    opt_s, opt_p = make_optimizers(heads, t_cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"], t_cfg["anchor_tile"] or None)
     backend = t_cfg["pool_backend"]
@@ -174,15 +193,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                         f"(terms {out_step.terms}); the last good checkpoint {ckpt} is kept. "
                         "Check the feature store, or lower train.lr"
                     )
-                opt_s.zero_grad(set_to_none=True)
-                opt_p.zero_grad(set_to_none=True)
-                scaler.scale(out_step.loss).backward()
-                scaler.unscale_(opt_s)
-                torch.nn.utils.clip_grad_norm_(heads.S.parameters(), t_cfg["grad_clip"])  # §5: clip S at 10
-                scaler.step(opt_s)
-                scaler.step(opt_p)
-                scaler.update()
-                ema_update(heads.S_m, heads.S, t_cfg["ema_m"])  # §2: θ_m ← m·θ_m + (1−m)·θ
+                optimize(heads, out_step.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
                 t += 1
                 terms = {**out_step.terms, "lambda": lam}
                 bar.update(1)

@@ -156,6 +156,17 @@ def test_float32_matches_float64_naive():
     assert float(out.loss) == pytest.approx(float(naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)[0]), rel=1e-5)
 
 
+def test_autocast_does_not_lower_the_precision():
+    """Under mixed precision the loss still runs in float32 (§5: the reference's float16 is not copied)."""
+    inputs, u = make_inputs(seed=14)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    plain = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    assert mixed.loss.dtype == torch.float32
+    assert float(mixed.loss) == float(plain.loss)
+
+
 @pytest.mark.parametrize("tile", [1, 4, 6])
 def test_tiles_equal_whole_rounds(tile):
     inputs, u = make_inputs(seed=5)
@@ -214,6 +225,9 @@ def test_positive_mask_uses_either_criterion():
     assert m[0, 1] and m[1, 0]  # 0.8 > r_1 = 0.5 although 0.8 < r_0 = 0.9
     assert not m[0, 2] and not m[2, 0]  # cos 0 below both
     assert m[1, 2] and m[2, 1]  # cos 0.6 > r_1 = 0.5 only
+    tie = positive_masks(x, x, torch.full((3,), 0.6, dtype=torch.float64), torch.full((3,), 0.6, dtype=torch.float64),
+                         torch.arange(3))
+    assert tie[0, 1] and not tie[1, 2]  # strictly greater: cos(1, 2) = 0.6 = r is not a positive
 
 
 # ------------------------------------------------------------------ dropped anchors

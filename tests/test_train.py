@@ -55,7 +55,8 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
     assert manifest["outputs"]["iterations"] == 50 and manifest["outputs"]["random_init"] is True
     lambdas = [r["lambda"] for r in records]
     # λ uses the iteration index t = 0..T-1 (specs/HP.md §5): 0 through t = warmup = 4, then (t - 4)/(50 - 4)
-    assert lambdas[:5] == [0.0] * 5 and lambdas[5] == pytest.approx(1 / 46, abs=1e-6) and lambdas[-1] == pytest.approx(45 / 46, abs=1e-6)
+    assert lambdas[:5] == [0.0] * 5
+    assert lambdas[5] == pytest.approx(1 / 46, abs=1e-6) and lambdas[-1] == pytest.approx(45 / 46, abs=1e-6)
 
 
 def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):

@@ -65,12 +65,12 @@ class _PrecomputedGrad(torch.autograd.Function):
     """The loss value, whose gradients w.r.t. z and z_mix were already computed round by round."""
 
     @staticmethod
-    def forward(ctx, value, z, z_mix, grad_z, grad_z_mix):  # noqa: ANN001 - autograd.Function signature
+    def forward(ctx, value, z, z_mix, grad_z, grad_z_mix):
         ctx.save_for_backward(grad_z, grad_z_mix)
         return value.clone()
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001
+    def backward(ctx, grad_out):
         grad_z, grad_z_mix = ctx.saved_tensors
         return (
             None,
@@ -81,7 +81,7 @@ class _PrecomputedGrad(torch.autograd.Function):
         )
 
 
-def _check_shapes(f, s_m, z, z_mix, r, r_m, u) -> None:  # noqa: ANN001
+def _check_shapes(f, s_m, z, z_mix, r, r_m, u) -> None:
     b, n = z.shape[:2]
     expected = {"f": (b, n), "s_m": (b, n), "z_mix": tuple(z.shape), "r": (b, n), "r_m": (b, n)}
     got = {"f": tuple(f.shape[:2]), "s_m": tuple(s_m.shape[:2]), "z_mix": tuple(z_mix.shape),
@@ -126,6 +126,8 @@ def hp_loss(
         gen_device = generator.device if generator is not None else device
         u = torch.rand((n, total), generator=generator, device=gen_device)
     u = u.to(device)
+    if anchor_tile is not None and anchor_tile < 0:
+        raise ValueError(f"hp_loss: anchor_tile must be positive (or 0/None for whole rounds), got {anchor_tile}")
     tile = anchor_tile or n
     need_grad = torch.is_grad_enabled() and (z.requires_grad or z_mix.requires_grad)
     z_rows = z.detach().reshape(total, -1).to(dtype).requires_grad_(need_grad)

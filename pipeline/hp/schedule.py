@@ -9,7 +9,7 @@ def lambda_at(t: int, warmup: int, total: int) -> float:
         return 0.0
     if total <= warmup:
         raise ValueError(f"lambda_at: iteration {t} lies past warmup {warmup} >= total iterations {total}")
-    return (t - warmup) / total
+    return (t - warmup) / (total - warmup)
 
 
 def renews_at(iteration_in_epoch: int, renew_interval: int) -> bool:

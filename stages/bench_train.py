@@ -1,0 +1,212 @@
+"""`hp-pipe bench train` and `hp-pipe bench quality`: the cache against the reference's way, side by side."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cache.reader import FeatureStore
+from pipeline.config import Config
+from pipeline.extract import ExtractSettings, model_inputs
+from pipeline.hp.loss import hp_loss
+from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
+from pipeline.hp.pool import PoolIndex
+from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.lhp import lhp_weights
+from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
+from pipeline.probes import assign, spherical_kmeans
+from stages import features as features_stage
+from stages import prepare
+from stages import train as train_stage
+from stages.bench import bench_config, report
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of tensors created inside the mode and still alive (CPU), op by op."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t._is_view():
+                size = t.untyped_storage().nbytes()
+                self.live += size
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, size)
+        return out
+
+    def _free(self, size: int) -> None:
+        self.live -= size
+
+
+def loss_peak_bytes(batch: int, n: int, dim: int, seed: int = 0) -> int:
+    """Peak extra memory of one hp_loss forward + backward at batch `batch` (n patches per image)."""
+    g = torch.Generator().manual_seed(seed)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    f, s_m = unit(batch, n, dim), unit(batch, n, dim)
+    z, z_mix = unit(batch, n, dim).requires_grad_(), unit(batch, n, dim).requires_grad_()
+    r, r_m = torch.full((batch, n), 0.3), torch.full((batch, n), 0.3)
+    with PeakLiveBytes() as mode:
+        out = hp_loss(f, s_m, z, z_mix, r, r_m, lam=0.5, tau=0.6, rho=0.02, generator=g)
+        out.loss.backward()
+    return mode.peak
+
+
+def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
+          pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
+    config = bench_config(images, resolution, backbone, weights, 1, 8, **{
+        "train.batch_size": batch_size, "train.pool_size": pool_size, "train.renew_interval": renew_interval,
+        "train.head_dim": 256, "train.warmup": 0})
+    workdir = Path(workdir) / "bench-train"
+    manifest = features_stage.run(config, workdir, "train")
+    store = FeatureStore.open(manifest["outputs"]["store"])
+    model = features_stage.resolve_backbone(config)
+    t_cfg = config["train"]
+    torch.manual_seed(0)
+    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    heads = HPHeads(model.embed_dim, t_cfg["head_dim"], t_cfg["dropout"])
+    opt_s, opt_p = train_stage.make_optimizers(heads, t_cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"])
+    sample = lambda specific: train_stage.sample_pool(  # noqa: E731
+        store, heads, pool_size, specific, rng, generator, torch.device("cpu"), "faiss")
+    pools = Pools(PoolIndex(sample(False)), PoolIndex(sample(True)))
+    directory = prepare.prepared_dir(config, workdir, "train")
+    names, _ = prepare.read_prepared(directory)
+    decoded, _ = prepare.load_prepared(directory, names, False)
+    views = ExtractSettings(n_views=1)
+
+    def head_step(i: int, f, f_aug, lhp) -> None:
+        out = training_step(heads, f, f_aug, lhp, pools, lambda_at(i, 0, iterations), settings, generator)
+        train_stage.optimize(heads, out.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
+
+    def from_cache() -> None:
+        batches = store.batches(["feat", "feat_aug", "lhp"], batch_size, shuffle_seed=0, drop_last=True)
+        for i, batch in zip(range(iterations), batches, strict=False):
+            if renews_at(i, renew_interval):
+                pools.specific = PoolIndex(sample(True))
+            head_step(i, *train_stage._step_inputs(batch, generator, torch.device("cpu")))
+
+    def backbone_renewal() -> None:
+        """The reference: a backbone pass over pool_size fresh images, then one patch each through S_m."""
+        chosen = rng.choice(len(decoded), pool_size, replace=len(decoded) < pool_size)
+        patches = []
+        for start in range(0, pool_size, batch_size):
+            x, _ = model_inputs(decoded[chosen[start:start + batch_size]], chosen, ExtractSettings(n_views=0))
+            feat = model(x).feat
+            feat = feat.reshape(len(x), -1, feat.shape[-1])
+            pick = torch.randint(0, feat.shape[1], (len(x),), generator=generator)
+            patches.append(feat[torch.arange(len(x)), pick])
+        pools.specific = PoolIndex(pool_entries(heads, torch.cat(patches), True))
+
+    def reference_way() -> None:
+        """The reference's step: backbone on the image and on its augmented view, every step."""
+        for i in range(iterations):
+            if renews_at(i, renew_interval):
+                backbone_renewal()
+            idx = rng.choice(len(decoded), batch_size, replace=False)
+            x, v = model_inputs(decoded[idx], idx, views)
+            out = model(x)
+            h = out.feat.shape[1]
+            lhp = lhp_weights(out.attn_logits, h, h)
+            head_step(i, out.feat.permute(0, 3, 1, 2).clone(), model(v).feat.permute(0, 3, 1, 2).clone(), lhp)
+
+    cache_s, reference_s = [], []
+    for _ in range(repeats):  # side by side, alternating
+        cache_s.append(_median_seconds(from_cache, 1))
+        reference_s.append(_median_seconds(reference_way, 1))
+    renew_cache = _median_seconds(lambda: sample(True), repeats)
+    renew_backbone = _median_seconds(backbone_renewal, repeats)
+
+    # (c) faiss against the exact torch path, at the reference's sizes
+    g = torch.Generator().manual_seed(1)
+    pool = torch.nn.functional.normalize(torch.randn(2048, 384, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(64 * 196, 384, generator=g), dim=1)
+    by_faiss, by_torch = PoolIndex(pool, "faiss"), PoolIndex(pool, "torch")
+    faiss_s = _median_seconds(lambda: by_faiss.max_similarity(queries), repeats)
+    torch_s = _median_seconds(lambda: by_torch.max_similarity(queries), repeats)
+    agree = float((by_faiss.max_similarity(queries) - by_torch.max_similarity(queries)).abs().max())
+
+    # (d) peak memory of the loss: grows with B (O(n·N)), a dense N x N float32 matrix would grow with B²
+    n = 196
+    peaks = {b: loss_peak_bytes(b, n, 64) for b in (2, 4, 8, 16)}
+    figures = {
+        "backbone": backbone + (" [random-init]" if model.random_init else ""),
+        "resolution": resolution, "batch_size": batch_size, "iterations": iterations,
+        "pool_size": pool_size, "renew_interval": renew_interval,
+        "cache_iterations_per_s": round(iterations / statistics.median(cache_s), 3),
+        "reference_iterations_per_s": round(iterations / statistics.median(reference_s), 3),
+        "ratio": round(statistics.median(r / c for c, r in zip(cache_s, reference_s, strict=True)), 2),
+        "renewal_cache_s": round(renew_cache, 4),
+        "renewal_backbone_s": round(renew_backbone, 4),
+        "renewal_ratio": round(renew_backbone / renew_cache, 2),
+        "lookup_queries": len(queries), "lookup_pool": len(pool),
+        "lookup_faiss_s": round(faiss_s, 4), "lookup_torch_s": round(torch_s, 4),
+        "lookup_torch_over_faiss": round(torch_s / faiss_s, 2), "lookup_max_abs_diff": agree,
+        "loss_peak_mib_by_batch": {b: round(p / 2**20, 2) for b, p in peaks.items()},
+        "dense_NxN_float32_mib_by_batch": {b: round((b * n) ** 2 * 4 / 2**20, 1) for b in peaks},
+        "threads": torch.get_num_threads(),
+    }
+    report(figures, as_json)
+
+
+# ---------------------------------------------------------------- quality on the synthetic set
+def cluster_probe(train_codes: np.ndarray, val_codes: list[torch.Tensor], val_labels: np.ndarray,
+                  n_classes: int, seed: int = 0) -> dict[str, float]:
+    """k-means on training codes, cosine assignment at label resolution, Hungarian on the whole val set (§8)."""
+    centroids = torch.from_numpy(spherical_kmeans(train_codes, n_classes, seed=seed))
+    conf = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for codes, label in zip(val_codes, val_labels, strict=True):
+        pred = assign(codes[None].float(), centroids, size=label.shape)[0].numpy()
+        conf += confusion_matrix(pred, label, n_classes, n_classes)
+    s = scores(remap_confusion(conf, hungarian_match(conf)))
+    return {"miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2)}
+
+
+def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
+    manifest = train_stage.run(config, workdir, "quality")
+    val = FeatureStore.open(features_stage.run(config, workdir, "val")["outputs"]["store"])
+    store = FeatureStore.open(manifest["outputs"]["store"])
+    state = torch.load(manifest["outputs"]["checkpoint"], weights_only=False)
+    heads = HPHeads(state["in_dim"], state["head_dim"])
+    heads.load_state_dict(state["heads"])
+    heads.eval()
+    n_classes = config["dataset"]["n_classes"]
+    rng = np.random.default_rng(0)
+    feats = torch.from_numpy(store.read("feat", 0, len(store))).float()  # (N, h, w, C)
+    patches = feats.reshape(-1, feats.shape[-1])
+    patches = patches[rng.choice(len(patches), min(max_patches, len(patches)), replace=False)]
+    val_feat = torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2)
+    labels = val.read("label", 0, len(val))
+    with torch.no_grad():
+        hp_train = heads.codes(patches[:, :, None, None])[:, :, 0, 0].numpy()
+        hp_val = list(heads.codes(val_feat))
+    raw = cluster_probe(patches.numpy(), list(val_feat), labels, n_classes)
+    hp = cluster_probe(hp_train, hp_val, labels, n_classes)
+    figures = {
+        "dataset": config["dataset"]["name"], "backbone": config["features"]["backbone"]
+        + (" [random-init]" if store.random_init else ""), "val_images": len(val),
+        "raw_features_miou": raw["miou"], "raw_features_acc": raw["acc"],
+        "hp_miou": hp["miou"], "hp_acc": hp["acc"],
+        "hp_minus_raw_miou": round(hp["miou"] - raw["miou"], 2),
+        "train_iterations": manifest["outputs"]["iterations"],
+    }
+    report(figures, as_json)

@@ -1,0 +1,61 @@
+import numpy as np
+import torch
+
+from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
+from pipeline.probes import assign, spherical_kmeans
+
+
+def test_confusion_and_scores_against_hand_counts():
+    label = np.array([[0, 0, 1, 1], [2, 2, 255, 7]])  # 255 and 7 are outside 0..2: ignored
+    pred = np.array([[0, 1, 1, 1], [1, 1, 0, 0]])  # class 2 is never predicted
+    conf = confusion_matrix(pred, label, n_pred=3, n_classes=3)
+    assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [0, 2, 0]]
+    s = scores(conf)
+    # IoU0 = 1/(1+0+1) ; IoU1 = 2/(2+3+0) ; IoU2 = 0/(0+0+2)
+    assert s.iou == [0.5, 0.4, 0.0]
+    assert s.miou == np.mean([0.5, 0.4, 0.0]) and s.acc == 3 / 6
+
+
+def test_class_absent_everywhere_has_no_iou():
+    conf = confusion_matrix(np.array([0, 1]), np.array([0, 1]), n_pred=3, n_classes=3)
+    s = scores(conf)
+    assert s.iou == [1.0, 1.0, None] and s.miou == 1.0
+
+
+def test_permuted_perfect_clustering_scores_100_after_matching():
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 5, size=(4, 16, 16))
+    perm = rng.permutation(7)[:5]  # 7 clusters, 5 used
+    pred = perm[label]
+    conf = confusion_matrix(pred, label, n_pred=7, n_classes=5)
+    mapping = hungarian_match(conf)
+    assert [mapping[perm[c]] for c in range(5)] == list(range(5))
+    s = scores(remap_confusion(conf, mapping))
+    assert s.miou == 1.0 and s.acc == 1.0
+
+
+def test_unmatched_clusters_count_as_wrong():
+    label = np.array([0, 0, 1, 1])
+    pred = np.array([0, 2, 1, 1])  # cluster 2 takes one pixel of class 0 but has no class of its own
+    conf = confusion_matrix(pred, label, n_pred=3, n_classes=2)
+    s = scores(remap_confusion(conf, hungarian_match(conf)))
+    assert s.acc == 3 / 4
+
+
+def test_kmeans_recovers_well_separated_codes():
+    rng = np.random.default_rng(1)
+    centers = np.eye(6)[:4] * 5
+    truth = rng.integers(0, 4, size=400)
+    codes = centers[truth] + rng.normal(0, 0.3, size=(400, 6))
+    centroids = spherical_kmeans(codes, 4, seed=0)
+    ids = assign(torch.from_numpy(codes.T[None, :, :, None]).float(), torch.from_numpy(centroids))[0, :, 0].numpy()
+    conf = confusion_matrix(ids, truth, n_pred=4, n_classes=4)
+    assert scores(remap_confusion(conf, hungarian_match(conf))).acc == 1.0
+
+
+def test_assign_upsamples_bilinearly_before_argmax():
+    codes = torch.zeros(1, 2, 1, 2)
+    codes[0, 0, 0, 0] = 1.0  # left patch points to centroid 0
+    codes[0, 1, 0, 1] = 1.0  # right patch to centroid 1
+    ids = assign(codes, torch.eye(2), size=(1, 4))
+    assert ids.tolist() == [[[0, 0, 1, 1]]]
