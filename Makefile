@@ -7,7 +7,7 @@ WORKDIR ?= work
 ARGS    ?=
 HP      := $(BIN)/hp-pipe
 
-.PHONY: install run prepare features train status bench test lint clean
+.PHONY: install run prepare features train evaluate report status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,7 @@ install: $(VENV)/.installed
 run: install   ## the main job: every stage that exists, on DATASET (default: the built-in synthetic set)
 	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR)
 
 prepare: install
@@ -31,6 +32,12 @@ features: install
 train: install
 	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 
+evaluate: install
+	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+
+report: install
+	$(HP) report --dataset $(DATASET) --workdir $(WORKDIR)
+
 status: install
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 
@@ -38,7 +45,7 @@ bench: install
 	$(HP) bench features --workdir $(WORKDIR) $(ARGS)
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 lint: install
 	$(BIN)/ruff check pipeline stages cache tests

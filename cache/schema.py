@@ -58,3 +58,19 @@ class Layout:
                     n *= s
                 total += 2 * n
         return total
+
+
+@dataclass(frozen=True)
+class CodesLayout:
+    """A store of head codes: the same reader and writer as a feature store, `feat` holding S(f)."""
+
+    n_samples: int
+    grid: int
+    dim: int
+    label_size: int = 0  # > 0: the source's labels are copied beside the codes
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        arrays = {"feat": ((self.grid, self.grid, self.dim), "float16")}
+        if self.label_size:
+            arrays["label"] = ((self.label_size, self.label_size), "uint8")
+        return arrays

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache.schema import DONE, IDENTITY_KEYS, SCHEMA_VERSION, Layout
+from cache.schema import DONE, IDENTITY_KEYS, SCHEMA_VERSION, CodesLayout, Layout
 from pipeline.errors import UserError
 
 
@@ -42,7 +42,7 @@ def open_group(url: str, mode: str) -> zarr.Group | None:
 
 def create_store(
     url: str,
-    layout: Layout,
+    layout: Layout | CodesLayout,
     chunk_size: int,
     attrs: dict[str, Any],
     fresh: bool,

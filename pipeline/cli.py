@@ -136,6 +136,54 @@ def train(
 
 
 @app.command()
+def evaluate(
+    dataset: Dataset = "synthetic",
+    run: Annotated[str, typer.Option(help="The training run to evaluate.")] = "hp",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    probe: Annotated[str | None, typer.Option(help="cluster, linear or all (evaluate.probes).")] = None,
+    crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on the val predictions.")] = None,
+    set_: Sets = None,
+    force: Force = False,
+) -> None:
+    """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) on the run's head and on raw features."""
+    from stages import evaluate as stage
+
+    sets = list(set_ or [])
+    if probe:
+        sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
+    if crf is not None:
+        sets.append(f"evaluate.crf={crf}")
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init)
+    stage.run(config, workdir, run, force)
+
+
+@app.command()
+def report(
+    dataset: Dataset = "synthetic",
+    run: Annotated[str, typer.Option(help="The evaluated run.")] = "hp",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+) -> None:
+    """Write report.md (table + pictures) from the run's metrics.json."""
+    import json
+
+    from pipeline.report import write_report
+    from stages.evaluate import eval_dir
+
+    out = eval_dir(build_config(dataset, data_root), workdir, run)
+    path = out / "metrics.json"
+    if not path.exists():
+        raise UserError(f"no {path}: run `hp-pipe evaluate --dataset {dataset} --run {run}` first")
+    metrics = json.loads(path.read_text())
+    write_report(metrics, metrics.get("pictures", {}), out / "report.md")
+    print(f"[report] {out / 'report.md'}")
+
+
+@app.command()
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
@@ -148,11 +196,11 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
     print(f"{'stage':16} {'state':12} {'finished':26} {'seconds':>8}  outputs")
     rows = []
     for name, (stage_config, inputs) in stage_plan(config, workdir, stores).items():
-        if name != "train":
+        if name not in ("train", "evaluate"):
             rows.append((name, stage_config, inputs))
             continue
-        runs = sorted(p.stem for p in (sdir / "stages").glob("train-*.json")) or ["train-hp"]
-        rows += [(r, {**stage_config, "run": r.removeprefix("train-")}, inputs) for r in runs]
+        runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-hp"]
+        rows += [(r, {**stage_config, "run": r.removeprefix(f"{name}-")}, inputs) for r in runs]
     for name, stage_config, inputs in rows:
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)

@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "features-train": (("dataset", "prepare", "features"), ("prepare",)),
     "features-val": (("dataset", "prepare", "features"), ("prepare",)),
     "train": (("train",), ("features-train",)),
+    "evaluate": (("evaluate",), ("train", "features-val")),
 }
 
 

@@ -1,7 +1,12 @@
-"""PNG pictures of results: training curves, feature previews. Matplotlib without a display."""
+"""PNG pictures of results: training curves, feature previews, segmentation overlays, confusion, per-class IoU.
+
+Matplotlib without a display. Every public function takes arrays and writes one PNG; nothing else is read or written.
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))
 
@@ -59,4 +65,202 @@ def feature_preview(images: np.ndarray, feat: np.ndarray, cls_attn: np.ndarray, 
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Segmentation pictures
+
+TAB10 = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+         (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 class colours, all distinct and never black (black means ignore).
+
+    Tableau's ten first (readable for small label sets), then greedy farthest-point picks from an RGB grid, so
+    colour i is the same for every n and later colours stay as far as possible from the earlier ones.
+    """
+    if n < 0:
+        raise ValueError(f"palette needs n >= 0, got {n}")
+    chosen = [np.array(c, np.float64) for c in TAB10[:n]]
+    if n > len(TAB10):
+        k = max(8, math.ceil((n + 1) ** (1 / 3)) + 1)
+        levels = np.linspace(0, 255, k).round()
+        grid = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), -1).reshape(-1, 3)
+        grid = grid[grid.max(1) >= 64]  # keep away from black (ignore)
+        dist = np.min([((grid - c) ** 2).sum(1) for c in chosen], axis=0)
+        while len(chosen) < n:
+            pick = grid[int(np.argmax(dist))]
+            chosen.append(pick)
+            dist = np.minimum(dist, ((grid - pick) ** 2).sum(1))
+    return np.array(chosen, np.uint8).reshape(n, 3)
+
+
+def colorize(labels: np.ndarray, n: int) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 palette colours; ids outside 0..n-1 (255 = ignore, -1 = unmatched) black."""
+    labels = np.asarray(labels).astype(np.int64)
+    out = np.zeros((*labels.shape, 3), np.uint8)
+    valid = (labels >= 0) & (labels < n)
+    out[valid] = palette(n)[labels[valid]]
+    return out
+
+
+def blend(image: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """50/50 mix of an (H, W, 3) uint8 image and the colour map of its (H, W) labels: floor((image + colour) / 2)."""
+    if image.shape[:2] != np.shape(labels) or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"blend needs image (H, W, 3) and labels (H, W); got {image.shape} and {np.shape(labels)}")
+    return ((image.astype(np.uint16) + colorize(labels, n)) // 2).astype(np.uint8)
+
+
+CELL_PX, GAP_PX, MARGIN_PX, HEADER_PX, TITLE_PX, LEGEND_ROW_PX, LEGEND_ENTRY_PX, DPI = 200, 4, 8, 24, 30, 20, 150, 100
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where overlay_grid draws, in whole pixels, so a cell's pixels in the saved PNG can be found exactly."""
+
+    n_rows: int
+    n_cols: int
+    cell_w: int
+    cell_h: int
+    top: int  # title + column headers
+    legend_rows: int
+    legend_cols: int
+
+    @property
+    def width(self) -> int:
+        return 2 * MARGIN_PX + self.n_cols * self.cell_w + (self.n_cols - 1) * GAP_PX
+
+    @property
+    def legend_px(self) -> int:
+        return self.legend_rows * LEGEND_ROW_PX + MARGIN_PX if self.legend_rows else 0
+
+    @property
+    def height(self) -> int:
+        return self.top + self.n_rows * self.cell_h + (self.n_rows - 1) * GAP_PX + self.legend_px + MARGIN_PX
+
+    def cell_px(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) of a cell in PNG pixels, origin top-left, x1/y1 exclusive."""
+        x0 = MARGIN_PX + col * (self.cell_w + GAP_PX)
+        y0 = self.top + row * (self.cell_h + GAP_PX)
+        return x0, y0, x0 + self.cell_w, y0 + self.cell_h
+
+    def cell_fraction(self, row: int, col: int) -> list[float]:
+        """[left, bottom, width, height] of a cell in figure fractions (matplotlib's add_axes)."""
+        x0, y0, x1, y1 = self.cell_px(row, col)
+        return [x0 / self.width, 1 - y1 / self.height, (x1 - x0) / self.width, (y1 - y0) / self.height]
+
+
+def overlay_layout(n_rows: int, n_cols: int, image_hw: tuple[int, int], n_legend: int, title: str = "") -> GridLayout:
+    """Layout of an overlay grid: cells CELL_PX wide keeping the image aspect, legend rows under the grid."""
+    h, w = image_hw
+    cell_h = max(1, round(CELL_PX * h / w))
+    width = 2 * MARGIN_PX + n_cols * CELL_PX + (n_cols - 1) * GAP_PX
+    legend_cols = max(1, min(n_legend, width // LEGEND_ENTRY_PX))
+    legend_rows = math.ceil(n_legend / legend_cols) if n_legend else 0
+    return GridLayout(n_rows, n_cols, CELL_PX, cell_h, HEADER_PX + (TITLE_PX if title else 0), legend_rows, legend_cols)
+
+
+def _legend_entries(n_classes: int, class_names: list[str] | None) -> list[Patch]:
+    names = class_names if class_names is not None else [str(i) for i in range(n_classes)]
+    colours = palette(n_classes) / 255
+    return [Patch(color=c, label=name) for c, name in zip(colours, names, strict=True)] + [
+        Patch(color="black", label="ignore / unmatched")]
+
+
+def overlay_grid(images: np.ndarray, columns: dict[str, np.ndarray], n_classes: int, path: Path,
+                 class_names: list[str] | None = None, title: str = "") -> None:
+    """Rows of image | each label map of `columns` blended 50/50 over the image, with a class-colour legend below."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+        raise ValueError(f"overlay_grid needs images (N, H, W, 3) uint8 with N >= 1, got {images.shape} {images.dtype}")
+    for name, labels in columns.items():
+        if np.shape(labels) != images.shape[:3]:
+            raise ValueError(f"overlay_grid column {name!r} has shape {np.shape(labels)}, expected {images.shape[:3]}")
+    if class_names is not None and len(class_names) != n_classes:
+        raise ValueError(f"overlay_grid got {len(class_names)} class names for {n_classes} classes")
+    entries = _legend_entries(n_classes, class_names)
+    layout = overlay_layout(len(images), 1 + len(columns), images.shape[1:3], len(entries), title)
+    fig = plt.figure(figsize=(layout.width / DPI, layout.height / DPI), dpi=DPI)
+    headers = ["image", *columns]
+    for row, image in enumerate(images):
+        pictures = [image] + [blend(image, labels[row], n_classes) for labels in columns.values()]
+        for col, picture in enumerate(pictures):
+            ax = fig.add_axes(layout.cell_fraction(row, col))
+            ax.imshow(picture, interpolation="nearest", aspect="auto")
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(headers[col], fontsize=10, pad=4)
+    if title:
+        fig.suptitle(title, y=1 - 4 / layout.height, va="top", fontsize=12)
+    legend_top = (layout.legend_px + MARGIN_PX) / layout.height
+    fig.legend(handles=entries, loc="upper center", bbox_to_anchor=(0.5, legend_top), ncol=layout.legend_cols,
+               frameon=False, fontsize=8, handlelength=1.2, columnspacing=1.0, borderaxespad=0)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def normalize_rows(confusion: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (the fraction of a class's pixels per prediction); empty rows stay 0."""
+    confusion = np.asarray(confusion, np.float64)
+    total = confusion.sum(1, keepdims=True)
+    return np.divide(confusion, total, out=np.zeros_like(confusion), where=total > 0)
+
+
+def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str = "") -> None:
+    """Row-normalized classes x matched predictions heat map; a last extra column is drawn as 'unmatched'."""
+    confusion = np.asarray(confusion)
+    n = len(class_names)
+    if confusion.ndim != 2 or confusion.shape[0] != n or confusion.shape[1] not in (n, n + 1):
+        raise ValueError(f"confusion_png needs a ({n}, {n}) or ({n}, {n + 1}) matrix for {n} class names, "
+                         f"got shape {confusion.shape}")
+    fractions = normalize_rows(confusion)
+    predicted = list(class_names) + (["unmatched"] if confusion.shape[1] == n + 1 else [])
+    side = max(4.5, 0.3 * len(predicted) + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=DPI)
+    im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(predicted)), predicted, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted (after matching)")
+    ax.set_ylabel("ground truth")
+    if len(predicted) <= 15:
+        for (i, j), v in np.ndenumerate(fractions):
+            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the class's pixels")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: Path, title: str = "") -> None:
+    """Grouped horizontal bars of per-class IoU in % (0..100) per result row; None (undefined) is marked 'n/a'."""
+    n = len(class_names)
+    if not rows:
+        raise ValueError("iou_bars needs at least one result row")
+    for name, values in rows.items():
+        if len(values) != n:
+            raise ValueError(f"iou_bars row {name!r} has {len(values)} values for {n} class names")
+        if any(v is not None and not 0 <= v <= 100 for v in values):
+            raise ValueError(f"iou_bars row {name!r} has values outside 0..100 (IoU must be given in %)")
+    height = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(7.5, 1.0 + n * (0.07 * len(rows) + 0.12)), dpi=DPI)
+    colours = palette(len(rows)) / 255
+    for k, ((name, values), colour) in enumerate(zip(rows.items(), colours, strict=True)):
+        y = np.arange(n) - 0.4 + (k + 0.5) * height
+        defined = [v for v in values if v is not None]
+        mean = f" (mean {np.mean(defined):.1f})" if defined else ""
+        ax.barh(y, [0.0 if v is None else v for v in values], height=height, color=colour, label=name + mean)
+        for yi, v in zip(y, values, strict=True):
+            if v is None:
+                ax.text(0.5, yi, "n/a", va="center", fontsize=7, color="dimgrey")
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_ylim(n - 0.5, -0.5)  # first class on top, no empty margins
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("IoU (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(3, len(rows)), frameon=False,
+              title=title or None, title_fontsize=10)  # above the bars, under the title, never over a bar
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)

@@ -19,9 +19,53 @@ def spherical_kmeans(codes: np.ndarray, k: int, seed: int = 0, iterations: int =
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 
-def assign(codes: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """(B, D, h, w) codes -> (B, H, W) cluster ids: bilinear upsampling to `size`, then argmax cosine (§8)."""
+def cosine_scores(codes: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, D, h, w) codes -> (B, K, H, W) cosine similarity to each centroid, after bilinear upsampling to `size`."""
     if size is not None and tuple(codes.shape[-2:]) != tuple(size):
         codes = F.interpolate(codes, size=size, mode="bilinear", align_corners=False)
-    codes = F.normalize(codes, dim=1)
-    return torch.einsum("bdhw,kd->bkhw", codes, F.normalize(centroids, dim=1)).argmax(1)
+    return torch.einsum("bdhw,kd->bkhw", F.normalize(codes, dim=1), F.normalize(centroids, dim=1))
+
+
+def assign(codes: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, D, h, w) codes -> (B, H, W) cluster ids: bilinear upsampling to `size`, then argmax cosine (§8)."""
+    return cosine_scores(codes, centroids, size).argmax(1)
+
+
+def adam_cluster_probe(codes: np.ndarray, k: int, seed: int = 0, steps: int = 300, lr: float = 5e-3,
+                       batch: int = 4096) -> np.ndarray:
+    """The reference's cluster probe (§8): centroids trained with Adam(5e-3) on −mean(max_k cos)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.from_numpy(np.asarray(codes, dtype=np.float32)), dim=1)
+    centroids = torch.randn(k, x.shape[1], generator=g).requires_grad_()
+    optimizer = torch.optim.Adam([centroids], lr=lr)
+    for _ in range(steps):
+        rows = x[torch.randint(0, len(x), (min(batch, len(x)),), generator=g)]
+        loss = -(rows @ F.normalize(centroids, dim=1).T).max(1).values.mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return F.normalize(centroids.detach(), dim=1).numpy()
+
+
+CLUSTER_METHODS = {"kmeans": spherical_kmeans, "adam": adam_cluster_probe}
+
+
+class LinearProbe(torch.nn.Module):
+    """1x1 conv D -> n_classes (§8); logits upsampled bilinearly to the label size."""
+
+    def __init__(self, in_dim: int, n_classes: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_dim, n_classes, 1)
+
+    def forward(self, codes: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        logits = self.conv(codes)
+        if size is not None and tuple(logits.shape[-2:]) != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+def linear_probe_loss(probe: LinearProbe, codes: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Cross-entropy at label resolution; labels outside 0..n_classes-1 are ignored."""
+    labels = labels.long()
+    labels = torch.where((labels >= 0) & (labels < n_classes), labels, torch.full_like(labels, -100))
+    return F.cross_entropy(probe(codes, labels.shape[-2:]), labels, ignore_index=-100)

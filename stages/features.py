@@ -21,6 +21,7 @@ from tqdm import tqdm
 from cache import writer
 from cache.schema import Layout
 from pipeline.backbone import Backbone, load_backbone
+from pipeline.cluster import dask_client
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
@@ -145,22 +146,12 @@ def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: st
 
 
 def run_dask(url, config, split, pending, directory, names, progress, address: str | None, workers: int) -> None:
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
 
-    if address:
-        client = Client(address)
-        cluster = None
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    try:
+    with dask_client(address, workers) as client:
         futures = [client.submit(worker_chunk, url, config, split, c, directory, names, pure=False) for c in pending]
         for future in as_completed(futures):
             progress.update(future.result())
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 # ---------------------------------------------------------------- the stage
@@ -200,7 +191,7 @@ def run(
             "n_views": settings.n_views, "fingerprint": ctx.fingerprint, "n_classes": config["dataset"]["n_classes"],
             "preprocessing": {"prepare": config["prepare"], "normalize": "imagenet",
                               "photometric_on_normalized": settings.photometric_on_normalized},
-            "samples": names,
+            "samples": names, "class_names": list(prepare.open_split(config, workdir, split).class_names),
         }
         group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
         done = writer.finished_chunks(group)
@@ -222,6 +213,7 @@ def run(
         writer.mark_complete(group)
         seconds = time.perf_counter() - t0
         preview = stage_dir(config, workdir) / "features" / f"{split}-preview.png"
+        preview.parent.mkdir(parents=True, exist_ok=True)
         k = min(4, len(names))
         feature_preview(group["image"][:k], group["feat"][:k], group["cls_attn"][:k], preview,
                         title=f"{backbone.name} {'[RANDOM-INIT]' if backbone.random_init else ''} {split}")

@@ -153,6 +153,9 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         rng.bit_generator.state = state["rng"]["numpy"]
         t = state["iteration"]
         ctx.log(f"resuming from {ckpt} at iteration {t} of {total}")
+        if state.get("threads") not in (None, torch.get_num_threads()):
+            ctx.log(f"note: the run started with {state['threads']} torch threads, it resumes with "
+                    f"{torch.get_num_threads()}: float reductions may differ in the last bits")
     else:
         heads.train()
         pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device, backend)  # §4, once
@@ -168,7 +171,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                     "numpy": rng.bit_generator.state,
                     "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
             "in_dim": in_dim, "head_dim": t_cfg["head_dim"], "config": config, "store": store.url,
-            "random_init": store.random_init, "fingerprint": ctx.fingerprint,
+            "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
         })
 
     names = ["feat", "feat_aug", "lhp"]

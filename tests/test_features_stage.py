@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cache.reader import FeatureStore
@@ -65,7 +66,7 @@ def test_store_holds_the_backbone_outputs(built):
     assert data["image"].shape == (n, 48, 48, 3) and data["label"].shape == (n, 48, 48)
     # recompute two samples straight from the prepared crops: the store must agree
     backbone = load_backbone("vit_small_patch16_224.dino", "random")
-    out = backbone(normalize(__import__("torch").from_numpy(data["image"][5:7])))
+    out = backbone(normalize(torch.from_numpy(data["image"][5:7])))
     np.testing.assert_allclose(data["feat"][5:7], out.feat.numpy(), atol=2e-2, rtol=1e-2)
     lhp = lhp_weights(out.attn_logits, 3, 3).numpy()
     np.testing.assert_allclose(data["lhp"][5:7].astype(np.float32), lhp, atol=2e-2, rtol=1e-2)
@@ -96,10 +97,11 @@ def test_second_run_skips_and_status_reports_complete(built, capsys):
     assert "up to date" in capsys.readouterr().out
     out = hp("status", "--dataset", "synthetic", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
              workdir=workdir).stdout
-    assert [line.split()[1] for line in out.splitlines()[1:]] == ["complete"] * 3
+    assert [line.split()[1] for line in out.splitlines()[1:]] == ["complete"] * 3 + ["missing"] * 2
     changed = hp("status", "--dataset", "synthetic", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
                  "--set", "features.n_views=2", workdir=workdir).stdout
-    assert [line.split()[1] for line in changed.splitlines()[1:]] == ["complete", "stale", "stale"]
+    states = [line.split()[1] for line in changed.splitlines()[1:]]
+    assert states == ["complete", "stale", "stale", "missing", "missing"]
 
 
 def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
@@ -110,7 +112,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
     prepare.run(config, workdir)  # so the child starts straight on the backbone
     args = ["features", "--dataset", "synthetic", "--split", "train",
             *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen([*CLI, *args, "--workdir", str(workdir)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = features.default_store_url(config, workdir, "train")

@@ -68,7 +68,9 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
     child = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", "killed",
          "--workdir", str(workdir), *sets],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # the same thread count as this process: float reductions, and so the last bits, depend on it
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = train_stage.run_dir(config, workdir, "killed") / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:

@@ -24,6 +24,7 @@ class HPHeads(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, dropout: float = 0.1):
         super().__init__()
+        self.dim = dim
         self.S = SegmentationHead(in_dim, dim)
         self.S_m = copy.deepcopy(self.S).requires_grad_(False)  # §2: starts as a copy of S, never gets gradients
         self.P = ProjectionHead(dim)

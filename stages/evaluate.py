@@ -1,0 +1,321 @@
+"""`evaluate`: cluster and linear probes on the trained head's codes and on raw features (specs/HP.md §8).
+
+Everything is read from the caches: the train and val feature stores and the run's checkpoint.
+The work is split into stages with their own manifests, each resumable and skipped when done:
+
+  codes-<run>          S(f) for every train and val crop, written once as stores (shared by both probes)
+  probe-<kind>-<run>   per feature kind ("head" codes, "raw" backbone features): the cluster centroids
+                       and the linear probe (checkpointed every epoch)
+  evaluate-<run>       predictions on val, metrics (before/after CRF), metrics.json and pictures
+
+The checkpoint evaluated is always the run's last one: it is never chosen on validation labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import writer
+from cache.reader import FeatureStore
+from cache.schema import CodesLayout
+from pipeline.config import Config, fingerprint
+from pipeline.errors import UserError
+from pipeline.graph import stage_dir, stage_plan
+from pipeline.hp.model import HPHeads
+from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
+from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
+from pipeline.runner import StageContext, atomic_write_text, run_stage
+from stages import features as features_stage
+from stages import train as train_stage
+
+KINDS = {"head": "HP", "raw": "DINO"}  # feature kind -> row name in the tables (the paper's naming)
+
+
+def load_heads(checkpoint: str) -> HPHeads:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    heads = HPHeads(state["in_dim"], state["head_dim"])
+    heads.load_state_dict(state["heads"])
+    return heads.eval()
+
+
+def eval_dir(config: Config, workdir: Path, run: str) -> Path:
+    return train_stage.run_dir(config, workdir, run) / "eval"
+
+
+def probes_of(config: Config) -> list[str]:
+    probes = [p.strip() for p in config["evaluate"]["probes"].split(",") if p.strip()]
+    unknown = set(probes) - {"cluster", "linear"}
+    if unknown:
+        raise UserError(f"evaluate.probes: unknown probe {', '.join(sorted(unknown))}; use cluster, linear or both")
+    return probes
+
+
+# ---------------------------------------------------------------- codes (written once)
+def write_codes(heads: HPHeads, source: FeatureStore, url: str, fresh: bool, batch: int, fp: str) -> FeatureStore:
+    """S(f) of every sample of `source` into a store (labels copied), resumable per chunk."""
+    n, h, _, _ = source.array("feat").shape
+    label_size = source.array("label").shape[1] if "label" in source.names() else 0
+    layout = CodesLayout(n, h, heads.dim, label_size)
+    attrs = {"dataset": source.attrs["dataset"], "split": source.attrs["split"], "backbone": source.attrs["backbone"],
+             "resolution": source.attrs["resolution"], "fingerprint": fp, "random_init": source.random_init,
+             "kind": "codes", "source": source.url}
+    group = writer.create_store(url, layout, source.chunk_size, attrs, fresh)
+    pending = np.flatnonzero(~writer.finished_chunks(group))
+    for chunk in tqdm(pending, desc=f"codes {source.attrs['split']}", unit="chunk", leave=False):
+        start, stop = writer.chunk_range(group, int(chunk))
+        f = torch.from_numpy(source.read("feat", start, stop)).float().permute(0, 3, 1, 2)
+        with torch.no_grad():
+            codes = torch.cat([heads.codes(f[i:i + batch]) for i in range(0, len(f), batch)])
+        data = {"feat": codes.permute(0, 2, 3, 1).to(torch.float16).numpy()}
+        if label_size:
+            data["label"] = source.read("label", start, stop)
+        writer.write_chunk(group, int(chunk), data)
+    writer.mark_complete(group)
+    return FeatureStore.open(url)
+
+
+# ---------------------------------------------------------------- probes
+def fit_clusters(store: FeatureStore, k: int, method: str, max_patches: int, seed: int) -> np.ndarray:
+    """Centroids fitted on (a random sample of) the training patches."""
+    n, h, w, _ = store.array("feat").shape
+    rng = np.random.default_rng(seed)
+    images = np.sort(rng.choice(n, min(n, -(-max_patches // (h * w))), replace=False))
+    patches = store.gather("feat", images).reshape(-1, store.array("feat").shape[-1]).astype(np.float32)
+    if len(patches) > max_patches:
+        patches = patches[rng.choice(len(patches), max_patches, replace=False)]
+    if method not in CLUSTER_METHODS:
+        raise UserError(f"evaluate.cluster_method must be one of {', '.join(CLUSTER_METHODS)}, got '{method}'")
+    return CLUSTER_METHODS[method](patches, k, seed=seed)
+
+
+def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], path: Path, log) -> LinearProbe:
+    """Adam(1e-3) cross-entropy on the training codes and labels (§8), checkpointed every epoch."""
+    torch.manual_seed(e_cfg["seed"])
+    probe = LinearProbe(store.array("feat").shape[-1], n_classes)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=e_cfg["linear_lr"])
+    first = 0
+    if path.exists():
+        state = torch.load(path, weights_only=False)
+        probe.load_state_dict(state["probe"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        first = state["epoch"]
+        log(f"linear probe: resuming after epoch {first}")
+    for epoch in range(first, e_cfg["linear_epochs"]):
+        batches = store.batches(["feat", "label"], e_cfg["batch_size"], shuffle_seed=e_cfg["seed"] + epoch)
+        for batch in tqdm(batches, desc=f"linear probe epoch {epoch + 1}", leave=False):
+            loss = linear_probe_loss(probe, batch["feat"].float().permute(0, 3, 1, 2), batch["label"], n_classes)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_stage.save_checkpoint(path, {"probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "rng": torch.get_rng_state(), "epoch": epoch + 1})
+    return probe
+
+
+def run_probes(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
+    e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
+    if ctx.fresh and out.exists():
+        for f in out.iterdir():
+            f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    outputs: dict[str, Any] = {"dir": str(out)}
+    probes = probes_of(config)
+    if "cluster" in probes:
+        path = out / "centroids.npy"
+        if not path.exists():
+            centroids = fit_clusters(store, n_classes + e_cfg["extra_clusters"], e_cfg["cluster_method"],
+                                     e_cfg["cluster_patches"], e_cfg["seed"])
+            tmp = out / ".centroids.tmp.npy"
+            np.save(tmp, centroids)
+            os.replace(tmp, path)
+        outputs["centroids"] = str(path)
+    if "linear" in probes:
+        if "label" not in store.names():
+            ctx.log("the training split has no labels: no linear probe")
+        else:
+            train_linear(store, n_classes, e_cfg, out / "linear.pt", ctx.log)
+            outputs["linear"] = str(out / "linear.pt")
+    return outputs
+
+
+# ---------------------------------------------------------------- predictions and metrics on val
+def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: dict[str, Any], n_classes: int,
+                    batch: int):
+    """Yield (index, {probe: logits (B, K, H, W)}, labels, images) over the val set, in store order."""
+    centroids = torch.from_numpy(np.load(probe_outputs["centroids"])) if "centroids" in probe_outputs else None
+    linear = None
+    if "linear" in probe_outputs:
+        linear = LinearProbe(store.array("feat").shape[-1], n_classes)
+        linear.load_state_dict(torch.load(probe_outputs["linear"], weights_only=False)["probe"])
+        linear.eval()
+    for start in range(0, len(store), batch):
+        stop = min(start + batch, len(store))
+        codes = torch.from_numpy(store.read("feat", start, stop)).float().permute(0, 3, 1, 2)
+        labels = images.read("label", start, stop)
+        size = labels.shape[-2:]
+        logits = {}
+        with torch.no_grad():
+            if centroids is not None:  # §8: cluster logits = 2·cos at label resolution
+                logits["cluster"] = 2 * cosine_scores(codes, centroids, size)
+            if linear is not None:
+                logits["linear"] = linear(codes, size)
+        yield start, logits, labels, images.read("image", start, stop)
+
+
+def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, probe_outputs: dict[str, Any],
+                  config: Config, keep: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Result rows (and the first `keep` predictions) of one feature kind, with and without CRF."""
+    e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
+    crf_states = [False, True] if e_cfg["crf"] else [False]
+    confusions: dict[tuple[str, bool], np.ndarray] = {}
+    kept: dict[str, list[np.ndarray]] = {}
+    for _, logits, labels, images in tqdm(
+        val_predictions(store, val_images, probe_outputs, n_classes, e_cfg["batch_size"]),
+        total=-(-len(store) // e_cfg["batch_size"]), desc=f"evaluate {kind}", leave=False,
+    ):
+        for probe, probe_logits in logits.items():
+            k = probe_logits.shape[1]
+            for crf in crf_states:
+                if crf:
+                    from pipeline.crf import crf_labels
+
+                    pred = crf_labels(images, probe_logits.numpy().astype(np.float32), workers=e_cfg["crf_workers"])
+                else:
+                    pred = probe_logits.argmax(1).numpy()
+                key = (probe, crf)
+                confusions[key] = confusions.get(key, 0) + confusion_matrix(pred, labels, k, n_classes)
+                if not crf:
+                    kept.setdefault(probe, []).append(pred)
+    rows, predictions = [], {}
+    for (probe, crf), conf in confusions.items():
+        mapping = hungarian_match(conf) if probe == "cluster" else np.arange(conf.shape[1])
+        matched = remap_confusion(conf, mapping)
+        s = scores(matched)
+        rows.append({
+            "name": f"{KINDS[kind]} {probe}" + (" + CRF" if crf else ""), "features": kind, "probe": probe,
+            "crf": crf, "miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2),
+            "iou": [None if v is None else round(100 * v, 2) for v in s.iou],
+            "confusion": matched[:, :n_classes].tolist(),
+        })
+        if not crf:
+            pred = np.concatenate(kept[probe])[:keep]
+            predictions[probe] = np.where(mapping[pred] >= 0, mapping[pred], 255) if probe == "cluster" else pred
+    return rows, predictions
+
+
+def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, out: Path, keep: int) -> dict:
+    from pipeline import plots
+
+    n_classes = config["dataset"]["n_classes"]
+    names = val_images.attrs.get("class_names") or [str(c) for c in range(n_classes)]
+    pictures = {}
+    if keep and predictions:
+        columns = {"ground truth": val_images.read("label", 0, keep)}
+        columns.update({f"HP {probe}": pred for probe, pred in predictions.items()})
+        pictures["overlays"] = out / "overlays.png"
+        plots.overlay_grid(val_images.read("image", 0, keep), columns, n_classes, pictures["overlays"], names)
+    head_cluster = next((r for r in rows if r["features"] == "head" and r["probe"] == "cluster" and not r["crf"]), None)
+    if head_cluster:
+        pictures["confusion"] = out / "confusion.png"
+        plots.confusion_png(np.asarray(head_cluster["confusion"]), names, pictures["confusion"],
+                            title="HP cluster probe, after Hungarian matching")
+    pictures["iou"] = out / "iou.png"
+    plots.iou_bars({r["name"]: r["iou"] for r in rows}, names, pictures["iou"], title="per-class IoU (%)")
+    return {k: str(Path(v).resolve()) for k, v in pictures.items()}
+
+
+# ---------------------------------------------------------------- the stages
+def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> dict[str, Any]:
+    probes_of(config)  # a typo fails before any work
+    train_manifest = train_stage.run(config, workdir, run)
+    val_manifest = features_stage.run(config, workdir, "val")
+    sdir, rdir = stage_dir(config, workdir), train_stage.run_dir(config, workdir, run)
+    e_cfg = config["evaluate"]
+    train_store = FeatureStore.open(train_manifest["outputs"]["store"])
+    val_store = FeatureStore.open(val_manifest["outputs"]["store"])
+    if "label" not in val_store.names():
+        raise UserError(f"the val split of {config['dataset']['name']} has no labels ({val_store.url}): "
+                        "nothing to evaluate against")
+    checkpoint = train_manifest["outputs"]["checkpoint"]
+    inputs = {"train": train_manifest["fingerprint"], "features-val": val_manifest["fingerprint"]}
+
+    # codes: written once, reused by both probes
+    def codes_body(ctx: StageContext) -> dict[str, Any]:
+        heads = load_heads(checkpoint)
+        urls = {}
+        for split, source in (("train", train_store), ("val", val_store)):
+            url = str(rdir / "codes" / f"{split}.zarr")
+            write_codes(heads, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
+            urls[split] = url
+        return {**urls, "summary": f"codes of {len(train_store)} train and {len(val_store)} val crops"}
+
+    codes = run_stage(sdir, f"codes-{run}", {"run": run, "batch_size": e_cfg["batch_size"]}, inputs, codes_body,
+                      force)["outputs"]
+    kinds = {"head": (codes["train"], codes["val"])}
+    if e_cfg["baselines"]:
+        kinds["raw"] = (train_store.url, val_store.url)
+    probe_cfg = {k: e_cfg[k] for k in ("probes", "cluster_method", "extra_clusters", "cluster_patches",
+                                       "linear_epochs", "linear_lr", "batch_size", "seed")}
+    probe_outputs = {}
+    for kind, (train_url, _) in kinds.items():
+        store = FeatureStore.open(train_url)
+        probe_inputs = {**inputs, f"codes-{run}": fingerprint(codes)} if kind == "head" else inputs
+        probe_outputs[kind] = run_stage(
+            sdir, f"probe-{kind}-{run}", {"run": run, **probe_cfg}, probe_inputs,
+            lambda ctx, store=store, kind=kind: run_probes(ctx, config, store, rdir / f"probe-{kind}"), force,
+        )["outputs"]
+
+    stage_config, _ = stage_plan(config, workdir)["evaluate"]
+
+    def evaluate_body(ctx: StageContext) -> dict[str, Any]:
+        out = eval_dir(config, workdir, run)
+        out.mkdir(parents=True, exist_ok=True)
+        keep = min(e_cfg["pictures"], len(val_store))
+        t0 = time.perf_counter()
+        rows, predictions = [], {}
+        for kind, (_, val_url) in kinds.items():
+            kind_rows, kind_pred = evaluate_kind(kind, FeatureStore.open(val_url), val_store, probe_outputs[kind],
+                                                 config, keep)
+            rows += kind_rows
+            if kind == "head":
+                predictions = kind_pred
+        rows.sort(key=lambda r: (r["features"] != "raw", r["probe"], r["crf"]))
+        pictures = write_pictures(rows, predictions, val_store, config, out, keep)
+        metrics = {
+            "dataset": config["dataset"]["name"], "run": run, "random_init": train_store.random_init,
+            "protocol": {
+                "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
+                "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
+                "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size",
+                "val_images": len(val_store),
+                "cluster_probe": f"{e_cfg['cluster_method']}, {config['dataset']['n_classes']} + "
+                                 f"{e_cfg['extra_clusters']} clusters, cosine argmax, Hungarian on the whole val set",
+                "linear_probe": f"1x1 conv, Adam {e_cfg['linear_lr']}, {e_cfg['linear_epochs']} epochs",
+                "crf": "on and off (both reported)" if e_cfg["crf"] else "off",
+                "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
+            },
+            "results": [{k: v for k, v in r.items() if k != "confusion"} for r in rows],
+            "pictures": pictures,
+        }
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        from pipeline.report import write_report
+
+        write_report(metrics, pictures, out / "report.md")
+        best = ", ".join(f"{r['name']} {r['miou']:.1f} mIoU / {r['acc']:.1f} Acc" for r in rows)
+        note = " [RANDOM-INIT backbone]" if train_store.random_init else ""
+        return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md"), "results": rows and
+                [{k: r[k] for k in ("name", "miou", "acc")} for r in rows], "random_init": train_store.random_init,
+                "timings": {"evaluate_seconds": round(time.perf_counter() - t0, 3)},
+                "summary": f"{best} -> {out / 'metrics.json'}{note}"}
+
+    eval_inputs = {**inputs, **{f"probe-{k}-{run}": fingerprint(v) for k, v in probe_outputs.items()}}
+    return run_stage(sdir, f"evaluate-{run}", {**stage_config, "run": run}, eval_inputs, evaluate_body, force)

@@ -1,0 +1,212 @@
+"""Evaluation pictures and the report page: colours are exact, cells land where the layout says, links resolve."""
+
+import re
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.plots import (
+    blend,
+    colorize,
+    confusion_png,
+    iou_bars,
+    normalize_rows,
+    overlay_grid,
+    overlay_layout,
+    palette,
+)
+from pipeline.report import RANDOM_INIT_NOTE, write_report
+
+
+def _png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"))
+
+
+@pytest.mark.parametrize("n", [1, 6, 10, 11, 27, 150])
+def test_palette_distinct_deterministic_not_black(n):
+    colours = palette(n)
+    assert colours.shape == (n, 3) and colours.dtype == np.uint8
+    assert len({tuple(c) for c in colours}) == n
+    assert not (colours == 0).all(1).any()
+    np.testing.assert_array_equal(colours, palette(n))
+    np.testing.assert_array_equal(palette(n + 5)[:n], colours)  # class i keeps its colour when n grows
+
+
+def test_colorize_exact_palette_colours_and_black_outside():
+    n = 5
+    labels = np.array([[0, 1, 2, 3], [4, 255, -1, 5]])
+    out = colorize(labels, n)
+    colours = palette(n)
+    for (i, j), v in np.ndenumerate(labels):
+        expected = colours[v] if 0 <= v < n else (0, 0, 0)
+        np.testing.assert_array_equal(out[i, j], expected)
+    assert out.dtype == np.uint8 and out.shape == (2, 4, 3)
+
+
+def test_blend_is_half_image_half_colour():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (6, 7))
+    labels[0, 0] = 255
+    colours = palette(4)
+    out = blend(image, labels, 4)
+    for (i, j), v in np.ndenumerate(labels):
+        colour = colours[v] if v < 4 else np.zeros(3)
+        expected = np.floor((image[i, j].astype(float) + colour) / 2)
+        np.testing.assert_array_equal(out[i, j], expected)
+    with pytest.raises(ValueError):
+        blend(image, labels[:5], 4)
+
+
+def _images(n, h=16, w=24):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_overlay_grid_size_grows_with_rows_and_columns(tmp_path):
+    def size(n_rows, n_cols):
+        images = _images(n_rows)
+        labels = np.zeros(images.shape[:3], np.int64)
+        path = tmp_path / f"g{n_rows}_{n_cols}.png"
+        overlay_grid(images, {f"c{k}": labels for k in range(n_cols)}, 3, path)
+        h, w = _png(path).shape[:2]
+        layout = overlay_layout(n_rows, 1 + n_cols, images.shape[1:3], 4)
+        assert (w, h) == (layout.width, layout.height)
+        return w, h
+
+    w11, h11 = size(1, 1)
+    w13, h13 = size(1, 3)
+    w31, h31 = size(3, 1)
+    assert w13 > w11 and h31 > h11 and w31 == w11
+
+
+def test_overlay_grid_cell_centres_show_the_blend(tmp_path):
+    n_classes, names = 4, ["sky", "road", "car", "tree"]
+    colours = np.array([[200, 40, 90], [10, 250, 130]], np.uint8)  # one uniform image per row
+    images = np.broadcast_to(colours[:, None, None, :], (2, 20, 30, 3)).copy()
+    columns = {"ground truth": [2, 255], "cluster": [0, 3], "linear": [1, 1]}  # uniform label per (row, column)
+    maps = {k: np.stack([np.full((20, 30), v) for v in vs]) for k, vs in columns.items()}
+    path = tmp_path / "grid.png"
+    overlay_grid(images, maps, n_classes, path, class_names=names, title="val")
+    png = _png(path)
+    layout = overlay_layout(2, 4, (20, 30), n_classes + 1, title="val")
+    assert png.shape[:2] == (layout.height, layout.width)
+    for row in range(2):
+        for col, label in enumerate([None, *(vs[row] for vs in columns.values())]):
+            x0, y0, x1, y1 = layout.cell_px(row, col)
+            pixel = png[(y0 + y1) // 2, (x0 + x1) // 2]
+            colour = colours[row].astype(int)
+            overlay = palette(n_classes)[label] if label is not None and label < n_classes else 0
+            expected = colour if label is None else (colour + overlay) // 2
+            np.testing.assert_array_equal(pixel, expected, err_msg=f"row {row} col {col}")
+
+
+def test_overlay_grid_rejects_mismatches(tmp_path):
+    images = _images(2)
+    good = np.zeros(images.shape[:3], np.int64)
+    with pytest.raises(ValueError, match="cluster"):
+        overlay_grid(images, {"cluster": good[:1]}, 3, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="cluster"):
+        overlay_grid(images, {"cluster": good[:, :8]}, 3, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="class names"):
+        overlay_grid(images, {"cluster": good}, 3, tmp_path / "a.png", class_names=["a", "b"])
+    with pytest.raises(ValueError, match="uint8"):
+        overlay_grid(images[..., 0], {}, 3, tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_normalize_rows_against_naive():
+    confusion = np.array([[3, 1, 0, 0], [0, 0, 0, 0], [2, 2, 4, 0]])
+    out = normalize_rows(confusion)
+    for i, row in enumerate(confusion):
+        total = sum(row)
+        for j, v in enumerate(row):
+            assert out[i, j] == pytest.approx(v / total if total else 0.0)
+
+
+def _informative(png: np.ndarray) -> bool:
+    """A drawn picture, not a blank canvas: many distinct colours."""
+    return len(np.unique(png.reshape(-1, 3), axis=0)) > 20
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_confusion_png_writes_and_checks_shape(tmp_path, extra):
+    names = ["a", "b", "c"]
+    confusion = np.arange(3 * (3 + extra)).reshape(3, 3 + extra)
+    path = tmp_path / "c.png"
+    confusion_png(confusion, names, path, title="HP cluster")
+    assert _informative(_png(path))
+    for bad in (np.zeros((3, 2)), np.zeros((2, 3)), np.zeros((3, 5)), np.zeros(9)):
+        with pytest.raises(ValueError, match="matrix"):
+            confusion_png(bad, names, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_iou_bars_writes_and_checks_lengths(tmp_path):
+    names = ["a", "b", "c"]
+    path = tmp_path / "iou.png"
+    iou_bars({"DINO cluster": [10.0, None, 55.5], "HP cluster": [20.0, 5.0, 70.0]}, names, path, title="val")
+    assert _informative(_png(path))
+    with pytest.raises(ValueError, match="HP cluster"):
+        iou_bars({"HP cluster": [1.0, 2.0]}, names, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="%"):
+        iou_bars({"HP cluster": [1.0, 2.0, 150.0]}, names, tmp_path / "bad.png")
+    with pytest.raises(ValueError):
+        iou_bars({}, names, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def _metrics(random_init: bool) -> dict:
+    return {
+        "random_init": random_init,
+        "protocol": {"dataset": "cocostuff27 val", "resolution": 320, "backbone": "vit_small_patch8_224.dino"},
+        "results": [
+            {"name": "DINO cluster", "probe": "cluster", "features": "raw", "crf": False, "miou": 12.345, "acc": 40.06},
+            {"name": "HP linear", "probe": "linear", "features": "head", "crf": True, "miou": 45.67, "acc": 78.91},
+        ],
+    }
+
+
+def test_report_rows_protocol_links_and_no_note(tmp_path):
+    run = tmp_path / "run"
+    (run / "pictures").mkdir(parents=True)
+    pictures = {"Overlays": run / "pictures" / "overlay grid.png", "Confusion": tmp_path / "elsewhere" / "c.png"}
+    for p in pictures.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"png")
+    report = run / "report" / "report.md"
+    write_report(_metrics(False), {k: str(v) for k, v in pictures.items()}, report)
+    text = report.read_text()
+    assert RANDOM_INIT_NOTE not in text and "Random-initialized" not in text
+    for key, value in _metrics(False)["protocol"].items():
+        assert f"- **{key}**: {value}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 3  # header + two results
+    for result, line in zip(_metrics(False)["results"], rows[1:], strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells == [result["name"], result["probe"], result["features"], "yes" if result["crf"] else "no",
+                         f"{round(result['miou'], 1)}", f"{round(result['acc'], 1)}"]
+    links = re.findall(r"!\[(.*?)\]\((.*?)\)", text)
+    assert [k for k, _ in links] == list(pictures)
+    for (key, link), picture in zip(links, pictures.values(), strict=True):
+        assert not Path(unquote(link)).is_absolute()
+        assert (report.parent / unquote(link)).resolve() == picture.resolve()
+        assert f"## {key}" in text
+    assert text.index("## Results") < text.index("## Overlays")
+
+
+def test_report_random_init_note_only_when_flagged(tmp_path):
+    write_report(_metrics(True), {}, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert text.count(RANDOM_INIT_NOTE) == 1
+    assert RANDOM_INIT_NOTE == ("**Random-initialized backbone: these numbers test the pipeline, they say nothing "
+                                "about the method.**")
+    metrics = _metrics(False)
+    del metrics["results"][0]["acc"]
+    with pytest.raises(ValueError, match="acc"):
+        write_report(metrics, {}, tmp_path / "r2.md")
