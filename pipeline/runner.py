@@ -71,6 +71,7 @@ class StageContext:
     fingerprint: str
     fresh: bool  # True: discard any partial output (forced, or the config changed)
     manifest: dict[str, Any]
+    forced: bool = False  # --force: recompute even what the stage could reuse
 
     def log(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)
@@ -130,7 +131,7 @@ def run_stage(
     atomic_write_text(path, json.dumps(manifest, indent=2))
     t0 = time.perf_counter()
     try:
-        outputs = body(StageContext(name, fp, fresh, manifest))
+        outputs = body(StageContext(name, fp, fresh, manifest, force))
     except BaseException as exc:
         manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         manifest["error"] = f"{type(exc).__name__}: {exc}"

@@ -102,8 +102,12 @@ def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], pat
     probe = LinearProbe(store.array("feat").shape[-1], n_classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=e_cfg["linear_lr"])
     first = 0
-    if path.exists():
-        state = torch.load(path, weights_only=False)
+    settings = {k: e_cfg[k] for k in ("seed", "linear_lr", "batch_size")}
+    state = torch.load(path, weights_only=False) if path.exists() else None
+    if state and (state.get("settings") != settings or state["epoch"] > e_cfg["linear_epochs"]):
+        log("linear probe: its settings changed, training it again")
+        state = None
+    if state:
         probe.load_state_dict(state["probe"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -117,31 +121,34 @@ def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], pat
             loss.backward()
             optimizer.step()
         train_stage.save_checkpoint(path, {"probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "rng": torch.get_rng_state(), "epoch": epoch + 1})
+                                           "rng": torch.get_rng_state(), "epoch": epoch + 1, "settings": settings})
     return probe
 
 
 def run_probes(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
-    if ctx.fresh and out.exists():
-        for f in out.iterdir():
-            f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, Any] = {"dir": str(out)}
     probes = probes_of(config)
-    if "cluster" in probes:
+    if "cluster" in probes:  # refitted when its own settings (or the inputs) changed, else reused
         path = out / "centroids.npy"
-        if not path.exists():
+        settings = json.dumps({"inputs": ctx.manifest["inputs"], **{k: e_cfg[k] for k in (
+            "cluster_method", "extra_clusters", "cluster_patches", "seed")}}, sort_keys=True)
+        meta = out / "centroids.json"
+        if ctx.forced or not path.exists() or not meta.exists() or meta.read_text() != settings:
             centroids = fit_clusters(store, n_classes + e_cfg["extra_clusters"], e_cfg["cluster_method"],
                                      e_cfg["cluster_patches"], e_cfg["seed"])
             tmp = out / ".centroids.tmp.npy"
             np.save(tmp, centroids)
             os.replace(tmp, path)
+            atomic_write_text(meta, settings)
         outputs["centroids"] = str(path)
     if "linear" in probes:
         if "label" not in store.names():
             ctx.log("the training split has no labels: no linear probe")
         else:
+            if ctx.forced:
+                (out / "linear.pt").unlink(missing_ok=True)
             train_linear(store, n_classes, e_cfg, out / "linear.pt", ctx.log)
             outputs["linear"] = str(out / "linear.pt")
     return outputs

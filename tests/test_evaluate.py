@@ -1,0 +1,101 @@
+"""The evaluate stages on a tiny synthetic run, and the linear probe on separable codes."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cache import writer
+from cache.reader import FeatureStore
+from cache.schema import CodesLayout
+from pipeline.config import load_config
+from pipeline.metrics import confusion_matrix, scores
+from stages import evaluate
+from stages import train as train_stage
+
+TINY = {
+    "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
+    "prepare.resolution": "64", "prepare.val_resolution": "64",
+    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
+    "features.n_views": "1", "features.chunk_size": "4",
+    "train.batch_size": "4", "train.epochs": "2", "train.head_dim": "32", "train.pool_size": "16",
+    "train.renew_interval": "2", "train.warmup": "2",
+    "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
+    "evaluate.crf_workers": "1", "evaluate.pictures": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("work")
+    config = load_config("synthetic", TINY)
+    return config, workdir, evaluate.run(config, workdir, "hp")
+
+
+def test_metrics_json_has_every_row_and_the_protocol(evaluated):
+    config, workdir, manifest = evaluated
+    out = evaluate.eval_dir(config, workdir, "hp")
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = {r["name"] for r in metrics["results"]}
+    for features in ("DINO", "HP"):
+        for probe in ("cluster", "linear"):
+            assert {f"{features} {probe}", f"{features} {probe} + CRF"} <= names
+    for row in metrics["results"]:
+        assert 0 <= row["miou"] <= 100 and 0 <= row["acc"] <= 100 and len(row["iou"]) == 8
+    assert "last one" in metrics["protocol"]["checkpoint"] and metrics["random_init"] is True
+    for picture in ("overlays", "confusion", "iou"):
+        assert (out / f"{picture}.png").stat().st_size > 0
+    assert "Random-initialized backbone" in (out / "report.md").read_text()
+
+
+def test_codes_store_holds_the_head_output(evaluated):
+    config, workdir, _ = evaluated
+    run_dir = train_stage.run_dir(config, workdir, "hp")
+    codes = FeatureStore.open(str(run_dir / "codes" / "val.zarr"))
+    val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
+                            ["outputs"]["store"])
+    heads = evaluate.load_heads(str(run_dir / "checkpoints" / "last.pt"))
+    f = torch.from_numpy(val.read("feat", 0, 3)).float().permute(0, 3, 1, 2)
+    expected = heads.codes(f).permute(0, 2, 3, 1).detach().numpy()
+    np.testing.assert_allclose(codes.read("feat", 0, 3).astype(np.float32), expected, atol=2e-2, rtol=1e-2)
+    np.testing.assert_array_equal(codes.read("label", 0, 3), val.read("label", 0, 3))
+
+
+def test_evaluate_skips_when_done(evaluated, capsys):
+    config, workdir, manifest = evaluated
+    again = evaluate.run(config, workdir, "hp")
+    assert again["finished"] == manifest["finished"]
+    out = capsys.readouterr().out
+    for stage in ("codes-hp", "probe-head-hp", "probe-raw-hp", "evaluate-hp"):
+        assert f"[{stage}] up to date" in out
+
+
+def test_evaluate_resumes_the_linear_probe(evaluated, capsys):
+    config, workdir, _ = evaluated
+    longer = load_config("synthetic", {**TINY, "evaluate.linear_epochs": "3"})
+    evaluate.run(longer, workdir, "hp")
+    out = capsys.readouterr().out
+    assert "[codes-hp] up to date" in out  # the codes are not recomputed for a probe setting
+    assert "resuming after epoch 2" in out  # the probe continues from its checkpoint
+    probe = torch.load(train_stage.run_dir(config, workdir, "hp") / "probe-head" / "linear.pt", weights_only=False)
+    assert probe["epoch"] == 3
+
+
+def test_linear_probe_separates_separable_codes(tmp_path):
+    rng = np.random.default_rng(0)
+    n, grid, dim, classes = 16, 4, 6, 3
+    label_grid = rng.integers(0, classes, size=(n, grid, grid))
+    codes = np.eye(dim)[label_grid] * 3 + rng.normal(0, 0.1, size=(n, grid, grid, dim))
+    labels = label_grid.astype(np.uint8)  # one label per patch: separability is the only difficulty
+    url = str(tmp_path / "codes.zarr")
+    group = writer.create_store(url, CodesLayout(n, grid, dim, grid), 4, {"fingerprint": "x", "split": "train"}, True)
+    for c in range(4):
+        writer.write_chunk(group, c, {"feat": codes[4 * c:4 * c + 4].astype(np.float16),
+                                      "label": labels[4 * c:4 * c + 4]})
+    writer.mark_complete(group)
+    cfg = {"seed": 0, "linear_lr": 0.05, "linear_epochs": 30, "batch_size": 4}
+    probe = evaluate.train_linear(FeatureStore.open(url), classes, cfg, tmp_path / "probe.pt", print)
+    with torch.no_grad():
+        pred = probe(torch.from_numpy(codes).float().permute(0, 3, 1, 2), (grid, grid)).argmax(1).numpy()
+    assert scores(confusion_matrix(pred, labels, classes, classes)).acc >= 0.99
