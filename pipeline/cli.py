@@ -162,6 +162,34 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    source: Annotated[Path, typer.Argument(help="An image or a folder of images (any size).")],
+    dataset: Dataset = "synthetic",
+    run: Annotated[str, typer.Option(help="The trained and evaluated run.")] = "hp",
+    workdir: Workdir = Path("work"),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/predictions).")] = None,
+    probe: Annotated[str, typer.Option(help="cluster or linear.")] = "cluster",
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Dense CRF on each prediction.")] = False,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    set_: Sets = None,
+) -> None:
+    """Segment new images: backbone (live) -> head -> probe; writes label PNGs and overlays.
+
+    Resize policy: the shorter side is resized to prepare.val_resolution (320 px by default), both
+    sides are centre-cropped down to multiples of the patch size, and the prediction is upsampled
+    back to the original image size.
+    """
+    from stages import predict as stage
+
+    if probe not in ("cluster", "linear"):
+        raise UserError(f"--probe must be cluster or linear, got '{probe}'")
+    config = build_config(dataset, None, set_, backbone, weights, random_init)
+    stage.run(config, workdir, run, source, out, probe, crf)
+
+
+@app.command()
 def report(
     dataset: Dataset = "synthetic",
     run: Annotated[str, typer.Option(help="The evaluated run.")] = "hp",

@@ -209,6 +209,7 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
         s = scores(matched)
         rows.append({
             "name": f"{KINDS[kind]} {probe}" + (" + CRF" if crf else ""), "features": kind, "probe": probe,
+            "cluster_to_class": mapping.tolist() if probe == "cluster" else None,
             "crf": crf, "miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2),
             "iou": [None if v is None else round(100 * v, 2) for v in s.iou],
             "confusion": matched[:, :n_classes].tolist(),
@@ -311,6 +312,7 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
                 "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
             },
             "results": [{k: v for k, v in r.items() if k != "confusion"} for r in rows],
+            "probes": probe_outputs["head"],
             "pictures": pictures,
         }
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))

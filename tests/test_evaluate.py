@@ -99,3 +99,38 @@ def test_linear_probe_separates_separable_codes(tmp_path):
     with torch.no_grad():
         pred = probe(torch.from_numpy(codes).float().permute(0, 3, 1, 2), (grid, grid)).argmax(1).numpy()
     assert scores(confusion_matrix(pred, labels, classes, classes)).acc >= 0.99
+
+
+def test_model_size_keeps_aspect_and_patch_multiples():
+    from stages.predict import model_size
+
+    assert model_size(480, 640, 320, 16) == ((320, 427), (320, 416))
+    assert model_size(100, 50, 64, 8) == ((128, 64), (128, 64))
+
+
+def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
+    from PIL import Image
+
+    from pipeline.probes import cosine_scores
+    from stages import predict
+
+    config, workdir, _ = evaluated
+    metrics = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
+                            ["outputs"]["store"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(val.read("image", 0, 1)[0]).save(folder / "val0.png")  # 64 px: the evaluation geometry
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(folder / "odd.png")
+    predict.run(config, workdir, "hp", folder, tmp_path / "out", "cluster", crf=False)
+    odd = np.asarray(Image.open(tmp_path / "out" / "odd.png"))
+    assert odd.shape == (70, 90) and set(np.unique(odd)) <= set(range(8)) | {255}
+    assert (tmp_path / "out" / "odd_overlay.png").exists()
+    # the live path (backbone -> head -> probe) agrees with the evaluation's cached path on a val image
+    codes = FeatureStore.open(str(train_stage.run_dir(config, workdir, "hp") / "codes" / "val.zarr"))
+    row = next(r for r in metrics["results"] if r["name"] == "HP cluster")
+    centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+    f = torch.from_numpy(codes.read("feat", 0, 1)).float().permute(0, 3, 1, 2)
+    cached = np.asarray(row["cluster_to_class"])[cosine_scores(f, centroids, (64, 64)).argmax(1)[0].numpy()]
+    live = np.asarray(Image.open(tmp_path / "out" / "val0.png"))
+    assert (live == np.where(cached >= 0, cached, 255)).mean() > 0.97

@@ -1,0 +1,113 @@
+"""`predict`: segment new images with a trained, evaluated run (the backbone runs live here).
+
+Resize policy: each image is resized (bilinear) so that its shorter side is `prepare.val_resolution`
+(the evaluation resolution, 320 px by default), then centre-cropped by at most patch-1 pixels per side
+so both sides are multiples of the patch size; the logits are upsampled bilinearly back to the
+original image size, so the label PNG has the input's size. Clusters are mapped to classes with the
+Hungarian matching found at evaluation (raw cluster ids where there was none).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from cache.reader import FeatureStore
+from pipeline.backbone import normalize
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.plots import blend
+from pipeline.probes import LinearProbe, cosine_scores
+from stages import evaluate
+from stages import features as features_stage
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def model_size(height: int, width: int, shorter: int, patch: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized size, cropped size): shorter side -> `shorter`, then both sides down to multiples of `patch`."""
+    scale = shorter / min(height, width)
+    resized = (max(patch, round(height * scale)), max(patch, round(width * scale)))
+    return resized, (resized[0] // patch * patch, resized[1] // patch * patch)
+
+
+def list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if images:
+            return images
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    raise UserError(f"{path} does not exist: pass an image file or a folder of images")
+
+
+def read_image(path: Path) -> np.ndarray:
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except Exception as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+
+
+def run(config: Config, workdir: Path, run: str, source: Path, out: Path | None, probe: str,
+        crf: bool) -> dict[str, Any]:
+    metrics_path = evaluate.eval_dir(config, workdir, run) / "metrics.json"
+    if not metrics_path.exists():
+        raise UserError(f"no {metrics_path}: run `hp-pipe evaluate --dataset {config['dataset']['name']} "
+                        f"--run {run}` first (predict uses its fitted probes)")
+    metrics = json.loads(metrics_path.read_text())
+    row = next((r for r in metrics["results"] if r["features"] == "head" and r["probe"] == probe and not r["crf"]),
+               None)
+    if row is None:
+        raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
+    checkpoint = evaluate.train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
+    heads = evaluate.load_heads(str(checkpoint))
+    backbone = features_stage.resolve_backbone(config)
+    trained_on = FeatureStore.open(torch.load(checkpoint, weights_only=False)["store"]).attrs
+    if trained_on["weights_hash"] != backbone.weights_hash or trained_on["backbone"] != backbone.name:
+        raise UserError(f"run {run} was trained on {trained_on['backbone']} features ({trained_on['weights']}), "
+                        f"but this backbone is {backbone.name} ({backbone.weights}); pass the same --backbone and "
+                        "--weights as for training")
+    n_classes = config["dataset"]["n_classes"]
+    if probe == "cluster":
+        centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+        mapping = np.asarray(row["cluster_to_class"])
+        score = lambda codes, size: 2 * cosine_scores(codes, centroids, size)  # noqa: E731  (§8: 2·cos)
+    else:
+        linear = LinearProbe(heads.dim, n_classes)
+        linear.load_state_dict(torch.load(metrics["probes"]["linear"], weights_only=False)["probe"])
+        mapping = np.arange(n_classes)
+        score = lambda codes, size: linear(codes, size)  # noqa: E731
+    out = Path(out or evaluate.eval_dir(config, workdir, run) / "predictions")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = list_images(Path(source))
+    for path in tqdm(paths, desc="predict", unit="img"):
+        image = read_image(path)
+        resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"], backbone.patch_size)
+        x = F.interpolate(normalize(torch.from_numpy(image[None])), size=resized, mode="bilinear",
+                          align_corners=False)
+        top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
+        x = x[..., top:top + cropped[0], left:left + cropped[1]]
+        with torch.no_grad():
+            codes = heads.codes(backbone(x).feat.permute(0, 3, 1, 2))
+            logits = score(codes, image.shape[:2])
+        if crf:
+            from pipeline.crf import crf_labels
+
+            pred = crf_labels(image[None], logits.numpy().astype(np.float32))[0]
+        else:
+            pred = logits.argmax(1)[0].numpy()
+        labels = np.where(mapping[pred] >= 0, mapping[pred], 255).astype(np.uint8)
+        Image.fromarray(labels).save(out / f"{path.stem}.png")
+        Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
+    note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
+    print(f"[predict] {len(paths)} images -> {out} (label PNGs and overlays){note}")
+    return {"out": str(out), "images": len(paths)}
+
