@@ -314,6 +314,23 @@ def bench_quality(
     bench_train.quality(build_config(dataset, data_root, set_, backbone, weights, random_init), workdir, json_)
 
 
+@bench_app.command("evaluate")
+def bench_evaluate(
+    dataset: Dataset = "synthetic",
+    run: Annotated[str, typer.Option(help="The run to evaluate (trained first when needed).")] = "hp",
+    workdir: Workdir = Path("work"),
+    crf_images: Annotated[int, typer.Option(help="Images for the CRF serial/parallel timing.")] = 6,
+    crf_size: Annotated[int, typer.Option(help="Their size in pixels (27 classes).")] = 320,
+    workers: Annotated[int, typer.Option(help="CRF processes on the parallel side.")] = 2,
+    set_: Sets = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Dense CRF images/s serial vs parallel, and the evaluate stages' time split by step (CRF on)."""
+    from stages import bench_train
+
+    bench_train.evaluate(build_config(dataset, None, set_), workdir, run, crf_images, crf_size, workers, json_)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; Ctrl-C keeps finished work."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

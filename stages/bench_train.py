@@ -1,4 +1,4 @@
-"""`hp-pipe bench train` and `hp-pipe bench quality`: the cache against the reference's way, side by side."""
+"""`hp-pipe bench train | quality | evaluate`: the cache against the reference's way, side by side."""
 
 from __future__ import annotations
 
@@ -218,5 +218,31 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
         "hp_miou": hp["miou"], "hp_acc": hp["acc"],
         "hp_minus_raw_miou": round(hp["miou"] - raw["miou"], 2),
         "train_iterations": manifest["outputs"]["iterations"],
+    }
+    report(figures, as_json)
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate(config: Config, workdir: Path, run: str, crf_images: int, crf_size: int, workers: int,
+             as_json: bool) -> None:
+    """CRF serial vs parallel, and the evaluate stages' wall time split by step."""
+    from pipeline.crf import crf_bench
+    from pipeline.runner import read_manifest
+    from stages import evaluate as evaluate_stage
+
+    crf = crf_bench(crf_images, crf_size, workers)
+    config["evaluate"]["crf"] = True
+    evaluate_stage.run(config, workdir, run, force=True)
+    sdir = evaluate_stage.stage_dir(config, workdir)
+    steps = [f"codes-{run}", f"probe-head-{run}", f"probe-raw-{run}", f"evaluate-{run}"]
+    seconds = {s: (read_manifest(sdir, s) or {}).get("timings", {}).get("seconds") for s in steps}
+    figures = {
+        "crf_images": crf_images, "crf_size": crf_size, "crf_workers": workers,
+        "crf_serial_images_per_s": round(crf["serial_images_per_s"], 3),
+        "crf_parallel_images_per_s": round(crf["parallel_images_per_s"], 3),
+        "crf_ratio": round(crf["speedup"], 3), "crf_identical": crf["identical"],
+        "evaluate_seconds_by_step": seconds,
+        "evaluate_seconds_total": round(sum(v for v in seconds.values() if v), 2),
+        "dataset": config["dataset"]["name"],
     }
     report(figures, as_json)

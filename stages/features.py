@@ -99,6 +99,7 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
     errors: list[BaseException] = []
 
     def load() -> None:
+        torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
         try:
             for chunk in pending:
                 loads.put(load_chunk(group, chunk, directory, names, labelled, settings))
