@@ -33,10 +33,17 @@ def assign(codes: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int] |
 
 def adam_cluster_probe(codes: np.ndarray, k: int, seed: int = 0, steps: int = 300, lr: float = 5e-3,
                        batch: int = 4096) -> np.ndarray:
-    """The reference's cluster probe (§8): centroids trained with Adam(5e-3) on −mean(max_k cos)."""
+    """The reference's cluster probe (§8): centroids trained with Adam(5e-3) on −mean(max_k cos).
+
+    Started from farthest-point samples of the codes rather than the reference's random normal
+    vectors, so that no centroid starts (and stays) dead.
+    """
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.from_numpy(np.asarray(codes, dtype=np.float32)), dim=1)
-    centroids = torch.randn(k, x.shape[1], generator=g).requires_grad_()
+    chosen = [int(torch.randint(0, len(x), (1,), generator=g))]
+    for _ in range(k - 1):
+        chosen.append(int((x @ x[chosen].T).max(1).values.argmin()))
+    centroids = x[chosen].clone().requires_grad_()
     optimizer = torch.optim.Adam([centroids], lr=lr)
     for _ in range(steps):
         rows = x[torch.randint(0, len(x), (min(batch, len(x)),), generator=g)]

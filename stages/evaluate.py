@@ -195,7 +195,8 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
                 if crf:
                     from pipeline.crf import crf_labels
 
-                    pred = crf_labels(images, probe_logits.numpy().astype(np.float32), workers=e_cfg["crf_workers"])
+                    pred = crf_labels(images, probe_logits.numpy().astype(np.float32), workers=e_cfg["crf_workers"],
+                                      scheduler=e_cfg["crf_scheduler"], address=e_cfg["crf_address"] or None)
                 else:
                     pred = probe_logits.argmax(1).numpy()
                 key = (probe, crf)

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
-from pipeline.probes import assign, spherical_kmeans
+from pipeline.probes import adam_cluster_probe, assign, spherical_kmeans
 
 
 def test_confusion_and_scores_against_hand_counts():
@@ -42,12 +43,13 @@ def test_unmatched_clusters_count_as_wrong():
     assert s.acc == 3 / 4
 
 
-def test_kmeans_recovers_well_separated_codes():
+@pytest.mark.parametrize("fit", [spherical_kmeans, adam_cluster_probe])
+def test_cluster_probes_recover_well_separated_codes(fit):
     rng = np.random.default_rng(1)
     centers = np.eye(6)[:4] * 5
     truth = rng.integers(0, 4, size=400)
     codes = centers[truth] + rng.normal(0, 0.3, size=(400, 6))
-    centroids = spherical_kmeans(codes, 4, seed=0)
+    centroids = fit(codes, 4, seed=0)
     ids = assign(torch.from_numpy(codes.T[None, :, :, None]).float(), torch.from_numpy(centroids))[0, :, 0].numpy()
     conf = confusion_matrix(ids, truth, n_pred=4, n_classes=4)
     assert scores(remap_confusion(conf, hungarian_match(conf))).acc == 1.0
