@@ -10,13 +10,7 @@ from torch import nn
 from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
 from pipeline.lhp import WINDOW_OFFSETS
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,13 +14,7 @@ B, NP, C, D = 3, 6, 5, 4  # images, patches per image (n), backbone width, head 
 TAU, LAM, RHO = 0.7, 0.6, 0.3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ naive reference (dense N x N, loops)

@@ -8,13 +8,7 @@ from pipeline.errors import UserError
 from pipeline.hp import pool as pool_module
 from pipeline.hp.pool import PoolIndex, sample_pool
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit_vectors(rows, dim, seed):
