@@ -200,7 +200,8 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                 t += 1
                 terms = {**out_step.terms, "lambda": lam}
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.3f}", lam=f"{lam:.2f}", pos=f"{terms['positives']:.1f}",
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", ghp=f"{terms['ghp']:.3f}", lhp=f"{terms['lhp']:.3f}",
+                                cons=f"{terms['consistency']:.3f}", lam=f"{lam:.2f}", pos=f"{terms['positives']:.1f}",
                                 refresh=False)
                 if t % t_cfg["log_interval"] == 0 or t == total:
                     log.append({"iteration": t, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
