@@ -233,7 +233,7 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)
         outputs = manifest.get("outputs", {})
-        where = (outputs.get("store") or outputs.get("run_dir") or outputs.get("dir")
+        where = (outputs.get("metrics") or outputs.get("run_dir") or outputs.get("store") or outputs.get("dir")
                  or (outputs.get("train", {}) or {}).get("dir", ""))
         seconds = manifest.get("timings", {}).get("seconds", "")
         flag = " [random-init]" if outputs.get("random_init") else ""

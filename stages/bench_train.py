@@ -97,7 +97,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"])
     sample = lambda specific: train_stage.sample_pool(  # noqa: E731
-        store, heads, pool_size, specific, rng, generator, torch.device("cpu"), "faiss")
+        store, heads, pool_size, specific, rng, generator, torch.device("cpu"))
     pools = Pools(PoolIndex(sample(False)), PoolIndex(sample(True)))
     directory = prepare.prepared_dir(config, workdir, "train")
     names, _ = prepare.read_prepared(directory)

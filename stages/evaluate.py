@@ -283,7 +283,9 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
             lambda ctx, store=store, kind=kind: run_probes(ctx, config, store, rdir / f"probe-{kind}"), force,
         )["outputs"]
 
-    stage_config, _ = stage_plan(config, workdir)["evaluate"]
+    # the same config and inputs `hp-pipe status` computes, so that it can tell whether this stage is current;
+    # the probes' own settings are in the evaluate section, hence in this fingerprint too
+    stage_config, plan_inputs = stage_plan(config, workdir)["evaluate"]
 
     def evaluate_body(ctx: StageContext) -> dict[str, Any]:
         out = eval_dir(config, workdir, run)
@@ -327,5 +329,4 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
                 "timings": {"evaluate_seconds": round(time.perf_counter() - t0, 3)},
                 "summary": f"{best} -> {out / 'metrics.json'}{note}"}
 
-    eval_inputs = {**inputs, **{f"probe-{k}-{run}": fingerprint(v) for k, v in probe_outputs.items()}}
-    return run_stage(sdir, f"evaluate-{run}", {**stage_config, "run": run}, eval_inputs, evaluate_body, force)
+    return run_stage(sdir, f"evaluate-{run}", {**stage_config, "run": run}, plan_inputs, evaluate_body, force)

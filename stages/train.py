@@ -47,7 +47,7 @@ def run_dir(config: Config, workdir: Path, run: str) -> Path:
 
 # ---------------------------------------------------------------- pools (§4)
 def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, rng: np.random.Generator,
-                generator: torch.Generator, device: torch.device, backend: str) -> torch.Tensor:
+                generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """One random patch from each of `size` random training images, as unit pool vectors."""
     images = rng.choice(len(store), size, replace=len(store) < size)
     feats = torch.from_numpy(store.gather("feat", np.sort(images)))  # (P, h, w, C)
@@ -55,10 +55,6 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
     pick = torch.randint(0, feats.shape[1], (size,), generator=generator)
     patches = feats[torch.arange(size), pick].to(device).float()
     return pool_entries(heads, patches, specific)
-
-
-def _index(pool: torch.Tensor, backend: str) -> PoolIndex:
-    return PoolIndex(pool, backend=backend)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -158,9 +154,9 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                     f"{torch.get_num_threads()}: float reductions may differ in the last bits")
     else:
         heads.train()
-        pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device, backend)  # §4, once
-        pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device, backend)
-    pools = Pools(_index(pool_ag, backend), _index(pool_sp, backend))
+        pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device)  # §4, once
+        pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device)
+    pools = Pools(PoolIndex(pool_ag, backend), PoolIndex(pool_sp, backend))
     log = MetricsLog(out / "metrics.jsonl", keep_until=t)
 
     def checkpoint() -> None:
@@ -184,8 +180,8 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                                     buffer_chunks=t_cfg["buffer_chunks"], start_batch=first)
             for i, batch in enumerate(batches, start=first):
                 if renews_at(i, t_cfg["renew_interval"]):  # §4: Pool_sp renewed from cached features through S_m
-                    pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device, backend)
-                    pools.specific = _index(pool_sp, backend)
+                    pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device)
+                    pools.specific = PoolIndex(pool_sp, backend)
                 lam = lambda_at(t, t_cfg["warmup"], total)  # §5: λ ramp
                 f, f_aug, lhp = _step_inputs(batch, generator, device)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):

@@ -151,3 +151,6 @@ def test_main_job_commands_end_to_end(tmp_path):
     assert "RANDOM-INIT" in proc.stdout  # a run on random weights says so
     metrics = json.loads((tmp_path / "synthetic" / "runs" / "hp" / "eval" / "metrics.json").read_text())
     assert {r["name"] for r in metrics["results"]} == {"DINO cluster", "DINO linear", "HP cluster", "HP linear"}
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--dataset", "synthetic",
+                             "--workdir", str(tmp_path), *sets], capture_output=True, text=True, env=env).stdout
+    assert [line.split()[1] for line in status.splitlines()[1:]] == ["complete"] * 5, status
