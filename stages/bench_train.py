@@ -191,11 +191,21 @@ def cluster_probe(train_codes: np.ndarray, val_codes: list[torch.Tensor], val_la
     return {"miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2)}
 
 
-def positive_precision(store: FeatureStore, pool_size: int, images: int = 16, seed: int = 0) -> dict[str, float]:
-    """How often the task-agnostic hidden positives G_i (§5) share the anchor's class, against chance.
+def _precision(x: torch.Tensor, r: torch.Tensor, patch_label: torch.Tensor) -> tuple[float, float]:
+    """(% of hidden positives sharing the anchor's label, positives per anchor) for unit x and criteria r (§5)."""
+    mask = positive_masks(x, x, r, r, torch.arange(len(x)))
+    valid = patch_label >= 0
+    pairs = mask & valid[:, None] & valid[None, :]
+    same = patch_label[:, None] == patch_label[None, :]
+    precision = float(same[pairs].float().mean()) * 100 if pairs.any() else float("nan")
+    return round(precision, 2), round(float(pairs.sum() / valid.sum()), 1)
 
-    HP can only learn what its mined positives teach: if they agree with the labels no better than
-    chance, no head trained on them can beat the raw features. Patch labels: the majority pixel label.
+
+def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | None = None,
+                       pool_sp: torch.Tensor | None = None, images: int = 16, seed: int = 0) -> dict[str, float]:
+    """How often the hidden positives G_i (and, given the heads, H_i) share the anchor's class, against chance.
+
+    HP can only learn what its mined positives teach. Patch labels: the majority pixel label.
     """
     rng = np.random.default_rng(seed)
     n = len(store)
@@ -204,23 +214,25 @@ def positive_precision(store: FeatureStore, pool_size: int, images: int = 16, se
     labels = torch.from_numpy(store.gather("label", idx)).long()
     b, h, w, c = feats.shape
     patch = labels.shape[-1] // w
-    onehot = torch.nn.functional.one_hot(labels.clamp(max=255), 256)[..., :255]  # ignore dropped
-    votes = onehot.reshape(b, h, patch, w, patch, -1).sum((2, 4))
+    votes = torch.nn.functional.one_hot(labels.clamp(max=255), 256)[..., :255]  # ignore (255) dropped
+    votes = votes.reshape(b, h, patch, w, patch, -1).sum((2, 4))
     patch_label = torch.where(votes.sum(-1) > 0, votes.argmax(-1), -1).reshape(-1)
     f = torch.nn.functional.normalize(feats.reshape(-1, c), dim=1)
     pool_images = np.sort(rng.choice(n, pool_size, replace=n < pool_size))
     pool_feats = torch.from_numpy(store.gather("feat", pool_images)).float().reshape(pool_size, -1, c)
     pick = torch.from_numpy(rng.integers(0, h * w, pool_size))
     pool = torch.nn.functional.normalize(pool_feats[torch.arange(pool_size), pick], dim=1)  # §4: Pool_ag
-    r = PoolIndex(pool, "torch").max_similarity(f)  # §4: r_i
-    g = positive_masks(f, f, r, r, torch.arange(len(f)))  # §5: G over this batch
-    valid = patch_label >= 0
-    same = patch_label[:, None] == patch_label[None, :]
-    pairs = g & valid[:, None] & valid[None, :]
-    freq = torch.bincount(patch_label[valid]).float() / valid.sum()
-    return {"ghp_precision": round(float(same[pairs].float().mean()) * 100, 2) if pairs.any() else float("nan"),
-            "ghp_chance": round(float((freq ** 2).sum()) * 100, 2),
-            "ghp_per_anchor": round(float(pairs.sum() / valid.sum()), 1)}
+    freq = torch.bincount(patch_label[patch_label >= 0]).float()
+    out = {"positives_chance": round(float(((freq / freq.sum()) ** 2).sum()) * 100, 2)}
+    out["ghp_precision"], out["ghp_per_anchor"] = _precision(f, PoolIndex(pool, "torch").max_similarity(f),
+                                                             patch_label)
+    if heads is not None and pool_sp is not None:
+        with torch.no_grad():
+            s_m = torch.nn.functional.normalize(heads.S_m(feats.permute(0, 3, 1, 2)), dim=1)
+        s_m = s_m.flatten(2).transpose(1, 2).reshape(-1, heads.dim)
+        out["task_specific_precision"], out["task_specific_per_anchor"] = _precision(
+            s_m, PoolIndex(pool_sp, "torch").max_similarity(s_m), patch_label)
+    return out
 
 
 def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
@@ -249,7 +261,7 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
         "raw_features_miou": raw["miou"], "raw_features_acc": raw["acc"],
         "hp_miou": hp["miou"], "hp_acc": hp["acc"],
         "hp_minus_raw_miou": round(hp["miou"] - raw["miou"], 2),
-        **positive_precision(store, config["train"]["pool_size"]),
+        **positive_precision(store, config["train"]["pool_size"], heads, state["pool_sp"]),
         "train_iterations": manifest["outputs"]["iterations"],
     }
     report(figures, as_json)
