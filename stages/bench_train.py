@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
 from pipeline.hp.loss import hp_loss, positive_masks
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
-from pipeline.hp.pool import PoolIndex
+from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.lhp import lhp_weights
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
@@ -122,9 +122,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         for start in range(0, pool_size, batch_size):
             x, _ = model_inputs(decoded[chosen[start:start + batch_size]], chosen, ExtractSettings(n_views=0))
             feat = model(x).feat
-            feat = feat.reshape(len(x), -1, feat.shape[-1])
-            pick = torch.randint(0, feat.shape[1], (len(x),), generator=generator)
-            patches.append(feat[torch.arange(len(x)), pick])
+            patches.append(pick_patches(feat.reshape(len(x), -1, feat.shape[-1]), generator))
         pools.specific = PoolIndex(pool_entries(heads, torch.cat(patches), True))
 
     def reference_way() -> None:
@@ -220,8 +218,7 @@ def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | Non
     f = torch.nn.functional.normalize(feats.reshape(-1, c), dim=1)
     pool_images = np.sort(rng.choice(n, pool_size, replace=n < pool_size))
     pool_feats = torch.from_numpy(store.gather("feat", pool_images)).float().reshape(pool_size, -1, c)
-    pick = torch.from_numpy(rng.integers(0, h * w, pool_size))
-    pool = torch.nn.functional.normalize(pool_feats[torch.arange(pool_size), pick], dim=1)  # §4: Pool_ag
+    pool = torch.nn.functional.normalize(pick_patches(pool_feats, torch.Generator().manual_seed(seed)), dim=1)
     freq = torch.bincount(patch_label[patch_label >= 0]).float()
     out = {"positives_chance": round(float(((freq / freq.sum()) ** 2).sum()) * 100, 2)}
     out["ghp_precision"], out["ghp_per_anchor"] = _precision(f, PoolIndex(pool, "torch").max_similarity(f),

@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.graph import stage_dir, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
-from pipeline.hp.pool import PoolIndex
+from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.plots import training_curves
 from pipeline.runner import StageContext, atomic_write_text, run_stage
@@ -51,9 +51,7 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
     """One random patch from each of `size` random training images, as unit pool vectors."""
     images = rng.choice(len(store), size, replace=len(store) < size)
     feats = torch.from_numpy(store.gather("feat", np.sort(images)))  # (P, h, w, C)
-    feats = feats.reshape(size, -1, feats.shape[-1])
-    pick = torch.randint(0, feats.shape[1], (size,), generator=generator)
-    patches = feats[torch.arange(size), pick].to(device).float()
+    patches = pick_patches(feats.reshape(size, -1, feats.shape[-1]), generator).to(device).float()
     return pool_entries(heads, patches, specific)
 
 

@@ -5,7 +5,7 @@ Pure tensor code, no I/O: the training stage (stages/train.py) wires these to th
 
 from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
 from pipeline.hp.loss import LossOutput, anchor_losses, hp_loss, positive_masks
-from pipeline.hp.pool import BACKENDS, PoolIndex, sample_pool
+from pipeline.hp.pool import BACKENDS, PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "lhp_mix",
     "positive_masks",
     "renews_at",
-    "sample_pool",
+    "pick_patches",
 ]

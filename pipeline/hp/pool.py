@@ -10,7 +10,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.errors import UserError
 
@@ -74,8 +73,11 @@ class PoolIndex:
         return self._search(queries)
 
 
-def sample_pool(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random patch per pool entry from (P, n, d) (one image per entry) -> (P, d) unit vectors (§4)."""
+def pick_patches(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random patch per pool entry from (P, n, d) (one image per entry) -> (P, d) (§4).
+
+    Not normalized: Pool_ag and Pool_sp apply dropout (and S_m) to the patch before normalizing.
+    """
     p, n, _ = features.shape
     pick = torch.randint(0, n, (p,), generator=generator, device=generator.device).to(features.device)
-    return F.normalize(features[torch.arange(p, device=features.device), pick].float(), dim=1)
+    return features[torch.arange(p, device=features.device), pick]
