@@ -10,7 +10,6 @@ inputs, outputs, timings and versions; it is always written atomically.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
@@ -21,14 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import fingerprint
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from pipeline.files import atomic_write_text
 
 
 def versions() -> dict[str, str]:

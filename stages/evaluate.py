@@ -14,7 +14,6 @@ The checkpoint evaluated is always the run's last one: it is never chosen on val
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,12 @@ from cache.reader import FeatureStore
 from cache.schema import CodesLayout
 from pipeline.config import Config, fingerprint
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_npy, atomic_write_text
 from pipeline.graph import stage_dir, stage_plan
 from pipeline.hp.model import HPHeads
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
-from pipeline.runner import StageContext, atomic_write_text, run_stage
+from pipeline.runner import StageContext, run_stage
 from stages import features as features_stage
 from stages import train as train_stage
 
@@ -138,9 +138,7 @@ def run_probes(ctx: StageContext, config: Config, store: FeatureStore, out: Path
         if ctx.forced or not path.exists() or not meta.exists() or meta.read_text() != settings:
             centroids = fit_clusters(store, n_classes + e_cfg["extra_clusters"], e_cfg["cluster_method"],
                                      e_cfg["cluster_patches"], e_cfg["seed"])
-            tmp = out / ".centroids.tmp.npy"
-            np.save(tmp, centroids)
-            os.replace(tmp, path)
+            atomic_write_npy(path, centroids)
             atomic_write_text(meta, settings)
         outputs["centroids"] = str(path)
     if "linear" in probes:

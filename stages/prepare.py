@@ -8,7 +8,6 @@ whose files exist is skipped, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,9 @@ from pipeline.config import Config, dataset_root, fingerprint
 from pipeline.datasets import open_dataset
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_png, atomic_write_text
 from pipeline.graph import stage_dir, stage_plan
-from pipeline.runner import StageContext, atomic_write_text, run_stage
+from pipeline.runner import StageContext, run_stage
 
 SPLITS = ("train", "val")
 
@@ -32,12 +32,6 @@ def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
 
 def dataset_options(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
@@ -85,8 +79,8 @@ def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dic
         sample = dataset[i]
         for suffix, image, label in crops_of(sample.image, sample.label, split, config["prepare"]):
             if label is not None:
-                _save_png(label, out / "labels" / f"{sample.name}{suffix}.png")
-            _save_png(image, out / "images" / f"{sample.name}{suffix}.png")  # image last: the commit point
+                atomic_write_png(out / "labels" / f"{sample.name}{suffix}.png", label)
+            atomic_write_png(out / "images" / f"{sample.name}{suffix}.png", image)  # image last: the commit point
             names.append(sample.name + suffix)
     if not names:
         root = dataset_root(config, workdir)

@@ -10,7 +10,6 @@ resumes from its checkpoint to the same final weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +22,14 @@ from tqdm import tqdm
 from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.files import atomic_write, atomic_write_text
 from pipeline.graph import stage_dir, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.plots import training_curves
-from pipeline.runner import StageContext, atomic_write_text, run_stage
+from pipeline.runner import StageContext, run_stage
 from stages import features
 
 
@@ -58,10 +58,7 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 class MetricsLog:

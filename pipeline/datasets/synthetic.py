@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from PIL import Image
 
 from pipeline.datasets.folder import Folder
 from pipeline.errors import UserError
+from pipeline.files import atomic_write_png, atomic_write_text
 
 VERSION = 1   # bump when the drawing code changes: existing folders then regenerate
 CLASS_NAMES = ["sky", "water", "grass", "road", "building", "tree", "car", "person"]
@@ -80,9 +80,9 @@ def _generate(root: Path, params: dict) -> None:
             rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], i]))
             image, label = render_scene(rng, size)
             name = f"{split}_{i:05d}.png"
-            _write_png_atomic(root / split / "images" / name, image)
-            _write_png_atomic(root / split / "labels" / name, label)
-    _write_text_atomic(marker, json.dumps({**params, "class_names": CLASS_NAMES}, indent=2) + "\n")
+            atomic_write_png(root / split / "images" / name, image, compress_level=1)
+            atomic_write_png(root / split / "labels" / name, label, compress_level=1)
+    atomic_write_text(marker, json.dumps({**params, "class_names": CLASS_NAMES}, indent=2) + "\n")
 
 
 def _marker_matches(marker: Path, params: dict) -> bool:
@@ -96,16 +96,6 @@ def _marker_matches(marker: Path, params: dict) -> bool:
                for s in ("train", "val") for i in range(params[f"n_{s}"]) for sub in ("images", "labels"))
 
 
-def _write_png_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG", compress_level=1)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class Synthetic(Folder):
