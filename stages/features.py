@@ -8,6 +8,7 @@ once and write disjoint chunks straight into the store.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -37,16 +38,21 @@ RANDOM_INIT_WARNING = (
 
 
 def resolve_backbone(config: Config, device: str = "cpu") -> Backbone:
-    """Load the configured backbone; `weights = "auto"` falls back to random init, loudly."""
-    f = config["features"]
-    if f["weights"] != "auto":
-        backbone = load_backbone(f["backbone"], f["weights"], device)
+    """The configured backbone, loaded once per process (both splits, every chunk a dask worker runs)."""
+    return _load(config["features"]["backbone"], config["features"]["weights"], device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(name: str, weights: str, device: str) -> Backbone:
+    """`weights = "auto"` falls back to random init, loudly."""
+    if weights != "auto":
+        backbone = load_backbone(name, weights, device)
     else:
         try:
-            backbone = load_backbone(f["backbone"], "pretrained", device)
+            backbone = load_backbone(name, "pretrained", device)
         except UserError as exc:
             print(f"[features] {exc}\n[features] weights=auto: falling back to a random-initialized backbone")
-            backbone = load_backbone(f["backbone"], "random", device)
+            backbone = load_backbone(name, "random", device)
     if backbone.random_init:
         print(RANDOM_INIT_WARNING, flush=True)
     return backbone
@@ -128,20 +134,14 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
 
 
 # ---------------------------------------------------------------- dask: chunk ranges over workers
-_WORKER_BACKBONES: dict[tuple, Backbone] = {}
-
-
 def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: str, names: list[str]) -> int:
     """Runs on a dask worker: load the backbone once per process, compute and write one chunk."""
-    f = config["features"]
-    key = (f["backbone"], f["weights"])
-    if key not in _WORKER_BACKBONES:
-        torch.set_num_threads(1)
-        _WORKER_BACKBONES[key] = resolve_backbone(config)
+    torch.set_num_threads(1)  # one thread per worker process
+    backbone = resolve_backbone(config)
     group = writer.open_group(url, mode="r+")
     settings = settings_for(config, split)
     inputs = load_chunk(group, chunk, directory, names, "label" in group, settings)
-    data = chunk_arrays(_WORKER_BACKBONES[key], inputs, settings)
+    data = chunk_arrays(backbone, inputs, settings)
     writer.write_chunk(group, chunk, data)
     return len(data["feat"])
 
