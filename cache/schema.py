@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
+DONE_HCL = "_done_hcl"  # the same, for the HCL arrays added to a finished store by `features --method hcl`
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
 IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash")
 
@@ -58,6 +59,38 @@ class Layout:
                     n *= s
                 total += 2 * n
         return total
+
+
+def patch_grid(resolution: int, patch: int) -> int:
+    """Grid side of a branch: the image is resized to the nearest multiple of the patch (specs/HCL.md §1)."""
+    return max(1, round(resolution / patch))
+
+
+@dataclass(frozen=True)
+class HCLLayout:
+    """The HCL arrays added to a store (specs/HCL.md §1): each branch at its native grid, CLS, foreground mask.
+
+    The finest branch of the plain crop is the store's `feat` (the same forward), so it is not stored twice.
+    `hcl_aug_*` hold `n_views` photometric variants of the crop with every branch (training split only).
+    """
+
+    n_samples: int
+    resolution: int
+    patch_sizes: tuple[int, ...]  # finest first
+    embed_dim: int
+    n_views: int
+
+    def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        c, finest = self.embed_dim, self.patch_sizes[0]
+        grids = {p: patch_grid(self.resolution, p) for p in self.patch_sizes}
+        arrays = {f"hcl_p{p}": ((grids[p], grids[p], c), "float16") for p in self.patch_sizes[1:]}
+        arrays["hcl_cls"] = ((c,), "float16")
+        arrays["fg_mask"] = ((grids[finest], grids[finest]), "bool")
+        if self.n_views:
+            for p in self.patch_sizes:
+                arrays[f"hcl_aug_p{p}"] = ((self.n_views, grids[p], grids[p], c), "float16")
+            arrays["hcl_aug_cls"] = ((self.n_views, c), "float16")
+        return arrays
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache.schema import DONE, IDENTITY_KEYS, SCHEMA_VERSION, CodesLayout, Layout
+from cache.schema import DONE, IDENTITY_KEYS, SCHEMA_VERSION, CodesLayout, HCLLayout, Layout
 from pipeline.errors import UserError
 
 
@@ -70,6 +70,14 @@ def create_store(
     elif existing is not None and list(existing.keys()):
         raise UserError(f"{url} exists and is not an hp-pipe feature store; choose another --store")
     group = zarr.open_group(url, mode="w", storage_options=storage_options(url))
+    _create_arrays(group, layout, chunk_size, DONE, compressor, clevel)
+    group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "chunk_size": chunk_size, "complete": False})
+    return group
+
+
+def _create_arrays(group: zarr.Group, layout: Layout | CodesLayout | HCLLayout, chunk_size: int, done: str,
+                   compressor: str, clevel: int) -> None:
+    """Every array chunked along the sample axis alone (one writer per chunk), plus its done flags."""
     for name, (shape, dtype) in layout.arrays().items():
         group.create_array(
             name,
@@ -78,16 +86,30 @@ def create_store(
             dtype=dtype,
             compressors=_compressors(compressor, clevel),
             fill_value=0,
+            overwrite=True,
         )
     n_chunks = -(-layout.n_samples // chunk_size)
-    group.create_array(DONE, shape=(n_chunks,), chunks=(1,), dtype="bool", compressors=None, fill_value=False)
-    group.attrs.update({**attrs, "schema_version": SCHEMA_VERSION, "chunk_size": chunk_size, "complete": False})
-    return group
+    group.create_array(done, shape=(n_chunks,), chunks=(1,), dtype="bool", compressors=None, fill_value=False,
+                       overwrite=True)
 
 
-def finished_chunks(group: zarr.Group) -> np.ndarray:
+def add_arrays(group: zarr.Group, layout: HCLLayout, done: str, attrs_key: str, attrs: dict[str, Any], fresh: bool,
+               compressor: str = "zstd", clevel: int = 3) -> None:
+    """Add a family of arrays to a finished store, with its own done flags and its attributes under `attrs_key`.
+
+    The store's own arrays are never touched. The family is (re)created when `fresh`, when it is missing, or when
+    its recorded fingerprint differs; otherwise its finished chunks are kept and the caller resumes.
+    """
+    old = group.attrs.get(attrs_key) or {}
+    if not fresh and done in group and old.get("fingerprint") == attrs["fingerprint"]:
+        return
+    group.attrs[attrs_key] = {**attrs, "complete": False}
+    _create_arrays(group, layout, group.attrs["chunk_size"], done, compressor, clevel)
+
+
+def finished_chunks(group: zarr.Group, done_name: str = DONE) -> np.ndarray:
     """Boolean flags per chunk; a flag torn by a kill mid-write reads as unfinished."""
-    done = group[DONE]
+    done = group[done_name]
     try:
         return np.asarray(done[:], dtype=bool)
     except Exception:  # a torn flag object: read flags one by one
@@ -106,14 +128,14 @@ def chunk_range(group: zarr.Group, chunk: int) -> tuple[int, int]:
     return chunk * size, min((chunk + 1) * size, n)
 
 
-def write_chunk(group: zarr.Group, chunk: int, data: dict[str, np.ndarray]) -> None:
+def write_chunk(group: zarr.Group, chunk: int, data: dict[str, np.ndarray], done: str = DONE) -> None:
     """Write one whole chunk of every array, then its done flag (the commit point)."""
     start, stop = chunk_range(group, chunk)
     for name, values in data.items():
         if values.shape[0] != stop - start:
             raise ValueError(f"chunk {chunk} of {name}: {values.shape[0]} samples, expected {stop - start}")
         group[name][start:stop] = values
-    group[DONE][chunk] = True
+    group[done][chunk] = True
 
 
 def mark_complete(group: zarr.Group) -> None:

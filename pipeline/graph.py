@@ -17,9 +17,27 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dataset", "prepare"), ()),
     "features-train": (("dataset", "prepare", "features"), ("prepare",)),
     "features-val": (("dataset", "prepare", "features"), ("prepare",)),
+    "features-train-hcl": (("hcl_features",), ("features-train",)),
+    "features-val-hcl": (("hcl_features",), ("features-val",)),
     "train": (("train",), ("features-train",)),
     "evaluate": (("evaluate",), ("train", "features-val")),
 }
+# what differs for a method other than HP: its train and evaluate stages read the HCL arrays
+METHOD_STAGES: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "hp": {},
+    "hcl": {
+        "train": (("train", "hcl"), ("features-train-hcl",)),
+        "evaluate": (("evaluate",), ("train", "features-val-hcl")),
+    },
+}
+METHODS = tuple(METHOD_STAGES)
+
+
+def method_of(config: Config) -> str:
+    method = config["train"]["method"]
+    if method not in METHOD_STAGES:
+        raise UserError(f"train.method must be one of {', '.join(METHODS)}, got '{method}'")
+    return method
 
 
 def stage_dir(config: Config, workdir: Path) -> Path:
@@ -60,7 +78,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
         url = (stores or {}).get(split) or default_store_url(config, workdir, split)
         extras[f"features-{split}"] = {"store": url}
     plan: dict[str, tuple[dict, dict]] = {}
-    for name, (names, upstream) in STAGES.items():
+    for name, (names, upstream) in {**STAGES, **METHOD_STAGES[method_of(config)]}.items():
         stage_config = {**sections(config, *names), **extras.get(name, {})}
         inputs = {up: fingerprint(*plan[up]) for up in upstream}
         plan[name] = (stage_config, inputs)

@@ -17,16 +17,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))
+CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))  # HP (specs/HP.md §5)
+HCL_CURVES = (("loss", "fg", "bg", "pred"), ("lr",))  # HCL (specs/HCL.md §4)
 
 
-def training_curves(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Loss terms, consistency, λ and positives per anchor against the iteration."""
+def training_curves(records: list[dict[str, Any]], path: Path, title: str = "",
+                    curves: tuple[tuple[str, ...], ...] = CURVES) -> None:
+    """One panel per group of logged terms (HP: loss terms, consistency, λ, positives) against the iteration."""
     if not records:
         return
     it = [r["iteration"] for r in records]
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for ax, keys in zip(axes, CURVES, strict=True):
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.2), squeeze=False)
+    for ax, keys in zip(axes[0], curves, strict=True):
         for key in keys:
             if key in records[0]:
                 ax.plot(it, [r[key] for r in records], label=key)

@@ -23,7 +23,7 @@ from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write, atomic_write_text
-from pipeline.graph import stage_dir, stage_plan
+from pipeline.graph import method_of, stage_dir, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.pool import PoolIndex, pick_patches
@@ -223,16 +223,27 @@ def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, dev
     return as_input(batch["feat"]), as_input(f_aug), batch["lhp"].to(device).float()
 
 
-def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> dict[str, Any]:
-    manifest = features.run(config, workdir, "train")
+def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Train the configured method (train.method) into run `run` (default: the method's name)."""
+    method = method_of(config)
+    run = run or method
+    if method == "hcl":
+        from stages import features_hcl, train_hcl
+
+        manifest = features_hcl.run(config, workdir, "train")
+        trainer, needs = train_hcl.train, features_hcl.hcl_arrays
+        store_fingerprint = manifest["inputs"]["features-train"]
+    else:
+        manifest = features.run(config, workdir, "train")
+        trainer, needs = train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")]
+        store_fingerprint = manifest["fingerprint"]
     url = manifest["outputs"]["store"]
     stage_config, inputs = stage_plan(config, workdir, {"train": url})["train"]
     out = run_dir(config, workdir, run)
 
     def body(ctx: StageContext) -> dict[str, Any]:
-        store = FeatureStore.open(url, expect={"split": "train", "fingerprint": manifest["fingerprint"]})
-        for name in ("feat_aug", "lhp"):
-            store.array(name)  # a clear message when the store lacks what HP needs
-        return train(ctx, config, store, out)
+        store = FeatureStore.open(url, expect={"split": "train", "fingerprint": store_fingerprint})
+        needs(store)  # a clear message when the store lacks what the method needs
+        return trainer(ctx, config, store, out)
 
     return run_stage(stage_dir(config, workdir), f"train-{run}", {**stage_config, "run": run}, inputs, body, force)

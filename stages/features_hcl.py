@@ -1,0 +1,84 @@
+"""`features --method hcl`: add HCL's arrays (specs/HCL.md §1, §4) to a finished feature store.
+
+Its own stage (`features-<split>-hcl`) with its own done flags, reading the crops and the CLS attention the store
+already holds: HP's arrays are never recomputed or touched, and one store serves both methods. Resumable per
+chunk like the features stage; upsampling and concatenation of the branches happen when loading.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cache import writer
+from cache.schema import DONE_HCL, HCLLayout
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.graph import stage_dir, stage_plan
+from pipeline.hcl.extract import hcl_chunk
+from pipeline.hcl.multilevel import patch_sizes
+from pipeline.runner import StageContext, run_stage
+from stages import features
+
+ATTRS = "hcl"  # the family's attributes in the store: fingerprint, patch sizes, views, complete
+
+
+def hcl_arrays(store) -> list[str]:
+    """The HCL arrays a FeatureStore holds, after checking they are complete (a clear message otherwise)."""
+    info = store.attrs.get(ATTRS) or {}
+    if not info.get("complete"):
+        raise UserError(f"store {store.url} has no complete HCL arrays; run `hp-pipe features --method hcl` "
+                        "for this dataset (or `hp-pipe train --method hcl`, which runs it)")
+    return [n for n in store.names() if n.startswith("hcl_") or n == "fg_mask"]
+
+
+def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False) -> dict[str, Any]:
+    base = features.run(config, workdir, split, store)
+    url = base["outputs"]["store"]
+    name = f"features-{split}-hcl"
+    stage_config, inputs = stage_plan(config, workdir, {split: url})[name]
+    h = config["hcl_features"]
+    if split == "train" and h["views"] < 2:
+        raise UserError(f"hcl_features.views = {h['views']}: HCL needs two photometric variants per crop "
+                        "(--set hcl_features.views=2)")
+
+    def body(ctx: StageContext) -> dict[str, Any]:
+        backbone = features.resolve_backbone(config)
+        group = writer.open_group(url, mode="r+")
+        n, res = group["feat"].shape[0], int(group.attrs["resolution"])
+        views = h["views"] if split == "train" else 0
+        layout = HCLLayout(n, res, patch_sizes(backbone.name), backbone.embed_dim, views)
+        attrs = {"fingerprint": ctx.fingerprint, "patch_sizes": list(layout.patch_sizes), "views": views,
+                 "seed": h["seed"], "mask_mass": h["mask_mass"], "mask_min_size": h["mask_min_size"]}
+        writer.add_arrays(group, layout, DONE_HCL, ATTRS, attrs, ctx.fresh, config["features"]["compressor"],
+                          config["features"]["clevel"])
+        done = writer.finished_chunks(group, DONE_HCL)
+        pending = [int(c) for c in np.flatnonzero(~done)]
+        if done.any():
+            ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already have their HCL arrays")
+        t0 = time.perf_counter()
+        with tqdm(total=len(pending), desc=name, unit="chunk") as progress:
+            for chunk in pending:
+                start, stop = writer.chunk_range(group, chunk)
+                data = hcl_chunk(backbone, group["image"][start:stop], group["cls_attn"][start:stop],
+                                 np.arange(start, stop), views, h["seed"], h["mask_mass"], h["mask_min_size"])
+                writer.write_chunk(group, chunk, data, DONE_HCL)
+                progress.update(1)
+        group.attrs[ATTRS] = {**attrs, "complete": True}
+        seconds = time.perf_counter() - t0
+        stored = sum(v for k, v in features.stored_bytes(group).items() if k in layout.arrays())
+        fg = float(np.mean(group["fg_mask"][:]))
+        note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
+        return {
+            "store": url, "samples": n, "patch_sizes": list(layout.patch_sizes), "views": views,
+            "store_bytes": stored, "foreground_share": round(fg, 4), "random_init": backbone.random_init,
+            "timings": {"extract_seconds": round(seconds, 3)},
+            "summary": f"HCL arrays for {n} samples (patches {'/'.join(map(str, layout.patch_sizes))}, {views} "
+                       f"variants, {fg:.0%} foreground), {stored / 2**20:.1f} MiB -> {url}{note}",
+        }
+
+    return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)

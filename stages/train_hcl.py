@@ -1,0 +1,191 @@
+"""`train --method hcl`: Hierarchical Context Learning's heads trained from the feature cache (specs/HCL.md §2-§4).
+
+Each epoch starts with MoGoClustering (§3): the momentum head runs over the training set's cached view-2 variants,
+30% of each image's foreground and background tokens refresh the two memory banks, and faiss k-means gives the
+centroids held fixed for the epoch. Then the steps: q online on view 1, k momentum on view 2, the loss of §4,
+AdamW with the step schedule, the momentum update. The run layout, checkpoints, metrics.jsonl, curves, resume and
+NaN guard are the HP trainer's; a checkpoint is also written right after each clustering, so a resumed run never
+clusters an epoch twice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.reader import FeatureStore
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.hcl.heads import HCLModel
+from pipeline.hcl.mogo import MemoryBank, kmeans_centroids
+from pipeline.hcl.step import (head_input, lr_at, mogo_samples, param_groups, training_step, two_variants,
+                               variant_levels)
+from pipeline.plots import HCL_CURVES, training_curves
+from pipeline.runner import StageContext
+from stages.train import MetricsLog, pick_device, save_checkpoint
+
+MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
+
+
+def build_model(width: int, h_cfg: dict[str, Any]) -> HCLModel:
+    return HCLModel(width, h_cfg["dim"], h_cfg["hidden"], h_cfg["out_dim"], h_cfg["heads"])
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> HCLModel:
+    model = build_model(state["width"], state["hcl"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def step_names(patch_sizes: tuple[int, ...]) -> list[str]:
+    return [*(f"hcl_aug_p{p}" for p in patch_sizes), "hcl_aug_cls", "fg_mask"]
+
+
+def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...], h_cfg: dict[str, Any],
+              banks: dict[str, MemoryBank], epoch: int, generator: torch.Generator,
+              device: torch.device, log) -> dict[str, torch.Tensor]:
+    """§3: sample tokens with the momentum head, update both banks, k-means each -> {"fg", "bg"} centroids."""
+    sampled: dict[str, list[torch.Tensor]] = {"fg": [], "bg": []}
+    batches = store.batches(step_names(patch_sizes), h_cfg["batch_size"])
+    for batch in tqdm(batches, total=-(-len(store) // h_cfg["batch_size"]), desc=f"MoGo epoch {epoch}",
+                      leave=False):
+        variant = torch.full((len(batch["index"]),), MOGO_VIEW)
+        x2 = head_input(variant_levels(batch, patch_sizes, variant), patch_sizes, device)
+        fg, bg = mogo_samples(model, x2, batch["fg_mask"].flatten(1).to(device), h_cfg["sample_fraction"],
+                              generator)
+        sampled["fg"].append(fg)
+        sampled["bg"].append(bg)
+    centroids = {}
+    for kind, parts in sampled.items():
+        bank = banks[kind].update(torch.cat(parts), epoch)
+        if len(bank) == 0:
+            raise UserError(f"MoGoClustering: no {kind} tokens in {store.url}; check its fg_mask "
+                            "(hcl_features.mask_mass)")
+        k = min(h_cfg["clusters"], len(bank))
+        if k < h_cfg["clusters"]:
+            log(f"MoGo: only {len(bank)} {kind} tokens, so K = {k} instead of {h_cfg['clusters']}")
+        centroids[kind] = torch.from_numpy(kmeans_centroids(bank, k, h_cfg["kmeans_iterations"],
+                                                            h_cfg["kmeans_min_points"], h_cfg["seed"]))
+    return centroids
+
+
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
+    t_cfg, h_cfg = config["train"], config["hcl"]
+    device = pick_device(t_cfg["device"])
+    amp = bool(t_cfg["amp"]) and device.type == "cuda"
+    batch_size, seed = h_cfg["batch_size"], h_cfg["seed"]
+    iters_per_epoch = len(store) // batch_size
+    if iters_per_epoch == 0:
+        raise UserError(f"hcl.batch_size = {batch_size} exceeds the {len(store)} training crops in {store.url}; "
+                        "lower it with --set hcl.batch_size=N")
+    total = iters_per_epoch * h_cfg["epochs"]
+    if ctx.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoints" / "last.pt"
+
+    patch_sizes = tuple(store.attrs["hcl"]["patch_sizes"])
+    n_variants = store.array("hcl_aug_cls").shape[1]
+    width = (len(patch_sizes) + 1) * store.array("feat").shape[-1]
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_model(width, h_cfg).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, h_cfg["weight_decay"]), lr=h_cfg["lr"])
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    banks = {"fg": MemoryBank(seed, h_cfg["bank_replace"]), "bg": MemoryBank(seed + 1, h_cfg["bank_replace"])}
+    centroids: dict[str, torch.Tensor] = {}
+    clustered_epoch, mogo_seconds = -1, []
+
+    t = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        for kind, bank in banks.items():
+            bank.data = state["banks"][kind]["data"]
+            bank.rng.bit_generator.state = state["banks"][kind]["rng"]
+        centroids, clustered_epoch = state["centroids"], state["clustered_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        generator.set_state(state["rng"]["generator"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        t, mogo_seconds = state["iteration"], state["mogo_seconds"]
+        ctx.log(f"resuming from {ckpt} at iteration {t} of {total}")
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t)
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, {
+            "method": "hcl", "iteration": t, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "centroids": centroids, "clustered_epoch": clustered_epoch,
+            "banks": {k: {"data": b.data, "rng": b.rng.bit_generator.state} for k, b in banks.items()},
+            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "width": width, "patch_sizes": patch_sizes, "hcl": h_cfg, "config": config, "store": store.url,
+            "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
+            "mogo_seconds": mogo_seconds,
+        })
+
+    names = step_names(patch_sizes)
+    t0, t_start = time.perf_counter(), t
+    with tqdm(total=total, initial=t, desc=ctx.name, unit="it", smoothing=0.05) as bar:
+        while t < total:
+            epoch, first = divmod(t, iters_per_epoch)
+            if clustered_epoch != epoch:  # §3: once per epoch, before training on it
+                m0 = time.perf_counter()
+                model.eval()
+                centroids = mogo_pass(model, store, patch_sizes, h_cfg, banks, epoch, generator, device, ctx.log)
+                clustered_epoch = epoch
+                mogo_seconds.append(round(time.perf_counter() - m0, 3))
+                checkpoint()
+            model.train()
+            lr = lr_at(epoch, h_cfg["lr"], h_cfg["lr_drop_epoch"], h_cfg["lr_drop"])  # §4: step schedule
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = store.batches(names, batch_size, shuffle_seed=seed * 1000 + epoch, drop_last=True,
+                                    buffer_chunks=t_cfg["buffer_chunks"], start_batch=first)
+            for batch in batches:
+                view1, view2 = two_variants(len(batch["index"]), n_variants, generator)
+                x1 = head_input(variant_levels(batch, patch_sizes, view1), patch_sizes, device)
+                x2 = head_input(variant_levels(batch, patch_sizes, view2), patch_sizes, device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                    step = training_step(model, x1, x2, batch["fg_mask"].flatten(1).to(device),
+                                         centroids["fg"].to(device), centroids["bg"].to(device), h_cfg["tau"])
+                if not torch.isfinite(step.loss):
+                    raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
+                                    f"(terms {step.terms}); the last good checkpoint {ckpt} is kept. "
+                                    "Check the feature store, or lower hcl.lr")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(step.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                model.momentum_update(h_cfg["ema_m"])  # §2: EMA every iteration
+                t += 1
+                terms = {**step.terms, "lr": lr}
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.3f}", fg=f"{terms['fg']:.3f}", bg=f"{terms['bg']:.3f}",
+                                pred=f"{terms['pred']:.4f}", lr=f"{lr:.1e}", refresh=False)
+                if t % t_cfg["log_interval"] == 0 or t == total:
+                    log.append({"iteration": t, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
+                                "seconds": round(time.perf_counter() - t0, 3)})
+                if t % t_cfg["checkpoint_interval"] == 0 or t == total:
+                    checkpoint()
+    seconds = time.perf_counter() - t0
+    training_curves(log.records, out / "curves.png", curves=HCL_CURVES,
+                    title=f"{ctx.name} (HCL)" + (" [random-init backbone]" if store.random_init else ""))
+    last = log.records[-1] if log.records else {}
+    rate = (t - t_start) / seconds if seconds > 0 else 0.0
+    note = " [RANDOM-INIT backbone features]" if store.random_init else ""
+    return {
+        "method": "hcl", "run_dir": str(out), "checkpoint": str(ckpt), "iterations": total,
+        "iterations_per_epoch": iters_per_epoch, "final": last, "store": store.url, "random_init": store.random_init,
+        "device": str(device), "timings": {"train_seconds": round(seconds, 3), "mogo_seconds": mogo_seconds},
+        "summary": f"HCL: {total} iterations ({rate:.2f} it/s, MoGo {np.median(mogo_seconds or [0]):.2f} s/epoch), "
+                   f"final loss {last.get('loss', float('nan')):.4f} -> {out}{note}",
+    }
