@@ -38,6 +38,9 @@ Weights = Annotated[
     str | None,
     typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a DINO checkpoint file."),
 ]
+Method = Annotated[str | None, typer.Option(help="hp or hcl (train.method); hcl adds HCL's arrays to the stores.")]
+RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
+                                             "is <workdir>/<dataset>/runs/<run>.")]
 RandomInit = Annotated[
     bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")
 ]
@@ -50,10 +53,13 @@ def build_config(
     backbone: str | None = None,
     weights: str | None = None,
     random_init: bool = False,
+    method: str | None = None,
     **features: object,
 ) -> Config:
     """The preset, then --set pairs, then dedicated options (which win)."""
     overrides: dict[str, object] = dict(parse_sets(sets))
+    if method:
+        overrides["train.method"] = method
     if data_root:
         overrides["dataset.root"] = data_root
     if backbone:
@@ -92,13 +98,16 @@ def features(
     scheduler: Annotated[str, typer.Option(help="local | local-cluster | distributed.")] = "local",
     address: Annotated[str | None, typer.Option(help="dask scheduler address for --scheduler distributed.")] = None,
     workers: Annotated[int, typer.Option(help="Workers for --scheduler local-cluster.")] = 2,
+    method: Method = None,
     set_: Sets = None,
     force: Force = False,
 ) -> None:
-    """Run the frozen backbone once per crop into a resumable zarr store."""
+    """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: plus HCL's arrays)."""
+    from pipeline.graph import method_of
     from stages import features as stage
+    from stages import features_hcl
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init,
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method,
                           n_views=n_views, chunk_size=chunk_size)
     splits = ["train", "val"] if split == "all" else [split]
     if store and len(splits) > 1:
@@ -107,12 +116,15 @@ def features(
         raise UserError("--scheduler distributed needs --address tcp://HOST:PORT of a dask scheduler")
     for s in splits:
         stage.run(config, workdir, s, store, force, scheduler, address, workers)
+        if method_of(config) == "hcl":
+            features_hcl.run(config, workdir, s, store, force)
 
 
 @app.command()
 def train(
     dataset: Dataset = "synthetic",
-    run: Annotated[str, typer.Option(help="Run name: the run directory is <workdir>/<dataset>/runs/<run>.")] = "hp",
+    run: RunName = None,
+    method: Method = None,
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
     backbone: Backbone = None,
@@ -126,19 +138,23 @@ def train(
     set_: Sets = None,
     force: Force = False,
 ) -> None:
-    """Train the Hidden Positives heads from the feature cache (runs features first when needed)."""
+    """Train the heads (HP, or HCL with --method hcl) from the feature cache (runs features first when needed)."""
+    from pipeline.graph import method_of
     from stages import train as stage
 
-    overrides = {"epochs": epochs, "batch_size": batch_size, "device": device}
-    sets = [*(set_ or []), *(f"train.{k}={v}" for k, v in overrides.items() if v is not None)]
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init)
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method)
+    section = "hcl" if method_of(config) == "hcl" else "train"  # epochs and batch size are the method's own
+    overrides = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
+    sets = [*(set_ or []), *(f"{k}={v}" for k, v in overrides.items() if v is not None)]
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method)
     stage.run(config, workdir, run, force or not resume)
 
 
 @app.command()
 def evaluate(
     dataset: Dataset = "synthetic",
-    run: Annotated[str, typer.Option(help="The training run to evaluate.")] = "hp",
+    run: RunName = None,
+    method: Method = None,
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
     backbone: Backbone = None,
@@ -149,7 +165,8 @@ def evaluate(
     set_: Sets = None,
     force: Force = False,
 ) -> None:
-    """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) on the run's head and on raw features."""
+    """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) and overclustering, on the run's head and on
+    raw features."""
     from stages import evaluate as stage
 
     sets = list(set_ or [])
@@ -157,7 +174,7 @@ def evaluate(
         sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
     if crf is not None:
         sets.append(f"evaluate.crf={crf}")
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init)
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method)
     stage.run(config, workdir, run, force)
 
 
@@ -165,7 +182,8 @@ def evaluate(
 def predict(
     source: Annotated[Path, typer.Argument(help="An image or a folder of images (any size).")],
     dataset: Dataset = "synthetic",
-    run: Annotated[str, typer.Option(help="The trained and evaluated run.")] = "hp",
+    run: RunName = None,
+    method: Method = None,
     workdir: Workdir = Path("work"),
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/predictions).")] = None,
     probe: Annotated[str, typer.Option(help="cluster or linear.")] = "cluster",
@@ -185,14 +203,15 @@ def predict(
 
     if probe not in ("cluster", "linear"):
         raise UserError(f"--probe must be cluster or linear, got '{probe}'")
-    config = build_config(dataset, None, set_, backbone, weights, random_init)
+    config = build_config(dataset, None, set_, backbone, weights, random_init, method)
     stage.run(config, workdir, run, source, out, probe, crf)
 
 
 @app.command()
 def report(
     dataset: Dataset = "synthetic",
-    run: Annotated[str, typer.Option(help="The evaluated run.")] = "hp",
+    run: RunName = None,
+    method: Method = None,
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
 ) -> None:
@@ -202,7 +221,9 @@ def report(
     from pipeline.report import write_report
     from stages.evaluate import eval_dir
 
-    out = eval_dir(build_config(dataset, data_root), workdir, run)
+    config = build_config(dataset, data_root, method=method)
+    run = run or config["train"]["method"]
+    out = eval_dir(config, workdir, run)
     path = out / "metrics.json"
     if not path.exists():
         raise UserError(f"no {path}: run `hp-pipe evaluate --dataset {dataset} --run {run}` first")
@@ -213,22 +234,31 @@ def report(
 
 @app.command()
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
-           backbone: Backbone = None, set_: Sets = None) -> None:
+           backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
+           method: Method = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
-    from pipeline.graph import stage_dir, stage_plan
+    from pipeline.graph import METHODS, method_of, stage_dir, stage_plan
     from pipeline.runner import read_manifest, stage_state
 
-    config = build_config(dataset, data_root, set_, backbone)
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method)
     sdir = stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
-    print(f"{'stage':16} {'state':12} {'finished':26} {'seconds':>8}  outputs")
+    print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
     rows = []
-    for name, (stage_config, inputs) in stage_plan(config, workdir, stores).items():
+    plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m), workdir, stores)
+             for m in METHODS}
+    for name, (stage_config, inputs) in plans[method_of(config)].items():
+        if name.endswith("-hcl") and method_of(config) != "hcl" and read_manifest(sdir, name) is None:
+            continue  # HCL's arrays: shown once built, or when the config is an HCL one
         if name not in ("train", "evaluate"):
             rows.append((name, stage_config, inputs))
             continue
-        runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-hp"]
-        rows += [(r, {**stage_config, "run": r.removeprefix(f"{name}-")}, inputs) for r in runs]
+        runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method_of(config)}"]
+        for r in runs:
+            train_manifest = read_manifest(sdir, "train-" + r.removeprefix(f"{name}-")) or {}
+            recorded = train_manifest.get("config", {}).get("train", {}).get("method")
+            run_config, run_inputs = plans.get(recorded or method_of(config), plans["hp"])[name]
+            rows.append((r, {**run_config, "run": r.removeprefix(f"{name}-")}, run_inputs))
     for name, stage_config, inputs in rows:
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)
@@ -237,7 +267,7 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
                  or (outputs.get("train", {}) or {}).get("dir", ""))
         seconds = manifest.get("timings", {}).get("seconds", "")
         flag = " [random-init]" if outputs.get("random_init") else ""
-        print(f"{name:16} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")
+        print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")
 
 
 def _recorded_store(sdir: Path, split: str) -> str | None:

@@ -27,6 +27,13 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _spread(result: dict, key: str) -> str:
+    """mean ± std where the result has a spread over seeds (overclustering), the plain value otherwise."""
+    if result.get(f"{key}_std") is None:
+        return _cell(result[key])
+    return f"{result[key]:.1f} ± {result[f'{key}_std']:.1f}"
+
+
 def _row(cells: list[str] | tuple[str, ...]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -39,7 +46,7 @@ def results_table(results: list[dict]) -> list[str]:
         if missing:
             raise ValueError(f"metrics['results'][{i}] lacks {', '.join(missing)} (needs {', '.join(RESULT_KEYS)})")
         lines.append(_row([_cell(result["name"]), _cell(result["probe"]), _cell(result["features"]),
-                           _cell(bool(result["crf"])), _cell(result["miou"]), _cell(result["acc"])]))
+                           _cell(bool(result["crf"])), _spread(result, "miou"), _spread(result, "acc")]))
     return lines
 
 

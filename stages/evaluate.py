@@ -26,24 +26,22 @@ from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
 from pipeline.config import Config, fingerprint
+from pipeline.encoders import Encoder, load_encoder
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_npy, atomic_write_text
-from pipeline.graph import stage_dir, stage_plan
-from pipeline.hp.model import HPHeads
+from pipeline.graph import method_of, stage_dir, stage_plan
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
+from pipeline.overcluster import overcluster_maps
 from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
 from pipeline.runner import StageContext, run_stage
 from stages import features as features_stage
 from stages import train as train_stage
 
-KINDS = {"head": "HP", "raw": "DINO"}  # feature kind -> row name in the tables (the paper's naming)
+RAW = "DINO"  # the row name of raw backbone features (the papers' naming); head rows carry the method's name
 
 
-def load_heads(checkpoint: str) -> HPHeads:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    heads = HPHeads(state["in_dim"], state["head_dim"])
-    heads.load_state_dict(state["heads"])
-    return heads.eval()
+def kind_label(kind: str, method: str) -> str:
+    return RAW if kind == "raw" else method.upper()
 
 
 def eval_dir(config: Config, workdir: Path, run: str) -> Path:
@@ -59,11 +57,11 @@ def probes_of(config: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------- codes (written once)
-def write_codes(heads: HPHeads, source: FeatureStore, url: str, fresh: bool, batch: int, fp: str) -> FeatureStore:
-    """S(f) of every sample of `source` into a store (labels copied), resumable per chunk."""
+def write_codes(encoder: Encoder, source: FeatureStore, url: str, fresh: bool, batch: int, fp: str) -> FeatureStore:
+    """The head's codes of every sample of `source` into a store (labels copied), resumable per chunk."""
     n, h, _, _ = source.array("feat").shape
     label_size = source.array("label").shape[1] if "label" in source.names() else 0
-    layout = CodesLayout(n, h, heads.dim, label_size)
+    layout = CodesLayout(n, h, encoder.dim, label_size)
     attrs = {"dataset": source.attrs["dataset"], "split": source.attrs["split"], "backbone": source.attrs["backbone"],
              "resolution": source.attrs["resolution"], "fingerprint": fp, "random_init": source.random_init,
              "kind": "codes", "source": source.url}
@@ -71,9 +69,10 @@ def write_codes(heads: HPHeads, source: FeatureStore, url: str, fresh: bool, bat
     pending = np.flatnonzero(~writer.finished_chunks(group))
     for chunk in tqdm(pending, desc=f"codes {source.attrs['split']}", unit="chunk", leave=False):
         start, stop = writer.chunk_range(group, int(chunk))
-        f = torch.from_numpy(source.read("feat", start, stop)).float().permute(0, 3, 1, 2)
+        arrays = {name: torch.from_numpy(source.read(name, start, stop)).float() for name in encoder.arrays}
         with torch.no_grad():
-            codes = torch.cat([heads.codes(f[i:i + batch]) for i in range(0, len(f), batch)])
+            codes = torch.cat([encoder.from_arrays({k: v[i:i + batch] for k, v in arrays.items()})
+                               for i in range(0, stop - start, batch)])
         data = {"feat": codes.permute(0, 2, 3, 1).to(torch.float16).numpy()}
         if label_size:
             data["label"] = source.read("label", start, stop)
@@ -177,7 +176,7 @@ def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: di
 
 
 def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, probe_outputs: dict[str, Any],
-                  config: Config, keep: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+                  config: Config, keep: int, label: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Result rows (and the first `keep` predictions) of one feature kind, with and without CRF."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
     crf_states = [False, True] if e_cfg["crf"] else [False]
@@ -207,7 +206,7 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
         matched = remap_confusion(conf, mapping)
         s = scores(matched)
         rows.append({
-            "name": f"{KINDS[kind]} {probe}" + (" + CRF" if crf else ""), "features": kind, "probe": probe,
+            "name": f"{label} {probe}" + (" + CRF" if crf else ""), "features": kind, "probe": probe,
             "cluster_to_class": mapping.tolist() if probe == "cluster" else None,
             "crf": crf, "miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2),
             "iou": [None if v is None else round(100 * v, 2) for v in s.iou],
@@ -219,7 +218,8 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
     return rows, predictions
 
 
-def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, out: Path, keep: int) -> dict:
+def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, out: Path, keep: int,
+                   label: str) -> dict:
     from pipeline import plots
 
     n_classes = config["dataset"]["n_classes"]
@@ -227,24 +227,49 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
     pictures = {}
     if keep and predictions:
         columns = {"ground truth": val_images.read("label", 0, keep)}
-        columns.update({f"HP {probe}": pred for probe, pred in predictions.items()})
+        columns.update({f"{label} {probe}": pred for probe, pred in predictions.items()})
         pictures["overlays"] = out / "overlays.png"
         plots.overlay_grid(val_images.read("image", 0, keep), columns, n_classes, pictures["overlays"], names)
     head_cluster = next((r for r in rows if r["features"] == "head" and r["probe"] == "cluster" and not r["crf"]), None)
     if head_cluster:
         pictures["confusion"] = out / "confusion.png"
         plots.confusion_png(np.asarray(head_cluster["confusion"]), names, pictures["confusion"],
-                            title="HP cluster probe, after Hungarian matching")
+                            title=f"{label} cluster probe, after Hungarian matching")
     pictures["iou"] = out / "iou.png"
     plots.iou_bars({r["name"]: r["iou"] for r in rows}, names, pictures["iou"], title="per-class IoU (%)")
     return {k: str(Path(v).resolve()) for k, v in pictures.items()}
 
 
+def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
+    """The overclustering protocol (specs/HCL.md §5) on one feature kind's val features, as a result row."""
+    e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
+    features = store.read("feat", 0, len(store)).astype(np.float32)
+    out = overcluster_maps(features, val_images.read("label", 0, len(store)), n_classes, e_cfg["overcluster_k"],
+                           e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
+                           e_cfg["overcluster_size"])
+    per_class = [[r["iou"][c] for r in out["per_seed"] if r["iou"][c] is not None] for c in range(n_classes)]
+    iou = [round(100 * float(np.mean(v)), 2) if v else None for v in per_class]  # mean over seeds
+    return {
+        "name": f"{label} overcluster K={out['k']}", "features": kind, "probe": "overcluster",
+        "cluster_to_class": None, "crf": False, "miou": round(100 * out["miou_mean"], 2),
+        "acc": round(100 * out["acc_mean"], 2), "miou_std": round(100 * out["miou_std"], 2),
+        "acc_std": round(100 * out["acc_std"], 2), "seeds": len(out["per_seed"]), "iou": iou, "confusion": None,
+    }
+
+
 # ---------------------------------------------------------------- the stages
-def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> dict[str, Any]:
+def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     probes_of(config)  # a typo fails before any work
+    method = method_of(config)
+    run = run or method
+    label = kind_label("head", method)
     train_manifest = train_stage.run(config, workdir, run)
-    val_manifest = features_stage.run(config, workdir, "val")
+    if method == "hcl":
+        from stages import features_hcl
+
+        val_manifest = features_hcl.run(config, workdir, "val")
+    else:
+        val_manifest = features_stage.run(config, workdir, "val")
     sdir, rdir = stage_dir(config, workdir), train_stage.run_dir(config, workdir, run)
     e_cfg = config["evaluate"]
     train_store = FeatureStore.open(train_manifest["outputs"]["store"])
@@ -253,15 +278,15 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
         raise UserError(f"the val split of {config['dataset']['name']} has no labels ({val_store.url}): "
                         "nothing to evaluate against")
     checkpoint = train_manifest["outputs"]["checkpoint"]
-    inputs = {"train": train_manifest["fingerprint"], "features-val": val_manifest["fingerprint"]}
+    inputs = {"train": train_manifest["fingerprint"], val_manifest["stage"]: val_manifest["fingerprint"]}
 
     # codes: written once, reused by both probes
     def codes_body(ctx: StageContext) -> dict[str, Any]:
-        heads = load_heads(checkpoint)
+        encoder = load_encoder(checkpoint)
         urls = {}
         for split, source in (("train", train_store), ("val", val_store)):
             url = str(rdir / "codes" / f"{split}.zarr")
-            write_codes(heads, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
+            write_codes(encoder, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
             urls[split] = url
         return {**urls, "summary": f"codes of {len(train_store)} train and {len(val_store)} val crops"}
 
@@ -292,15 +317,18 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
         t0 = time.perf_counter()
         rows, predictions = [], {}
         for kind, (_, val_url) in kinds.items():
-            kind_rows, kind_pred = evaluate_kind(kind, FeatureStore.open(val_url), val_store, probe_outputs[kind],
-                                                 config, keep)
+            kind_store = FeatureStore.open(val_url)
+            kind_rows, kind_pred = evaluate_kind(kind, kind_store, val_store, probe_outputs[kind], config, keep,
+                                                 kind_label(kind, method))
             rows += kind_rows
+            if e_cfg["overcluster"]:
+                rows.append(overcluster_row(kind, kind_store, val_store, config, kind_label(kind, method)))
             if kind == "head":
                 predictions = kind_pred
         rows.sort(key=lambda r: (r["features"] != "raw", r["probe"], r["crf"]))
-        pictures = write_pictures(rows, predictions, val_store, config, out, keep)
+        pictures = write_pictures(rows, predictions, val_store, config, out, keep, label)
         metrics = {
-            "dataset": config["dataset"]["name"], "run": run, "random_init": train_store.random_init,
+            "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
             "protocol": {
                 "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
                 "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
@@ -310,6 +338,10 @@ def run(config: Config, workdir: Path, run: str = "hp", force: bool = False) -> 
                                  f"{e_cfg['extra_clusters']} clusters, cosine argmax, Hungarian on the whole val set",
                 "linear_probe": f"1x1 conv, Adam {e_cfg['linear_lr']}, {e_cfg['linear_epochs']} epochs",
                 "crf": "on and off (both reported)" if e_cfg["crf"] else "off",
+                "overcluster": (f"standardize, PCA {e_cfg['overcluster_pca']}, k-means K = {e_cfg['overcluster_k']} "
+                                f"on the val patches, {e_cfg['overcluster_seeds']} seeds, many-to-one by precision, "
+                                f"masks at {e_cfg['overcluster_size']}x{e_cfg['overcluster_size']}; mean ± std")
+                if e_cfg["overcluster"] else "off",
                 "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
             },
             "results": [{k: v for k, v in r.items() if k != "confusion"} for r in rows],

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from cache.reader import FeatureStore
 from pipeline.backbone import normalize
 from pipeline.config import Config
+from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
 from pipeline.plots import blend
 from pipeline.probes import LinearProbe, cosine_scores
@@ -56,8 +57,9 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 
-def run(config: Config, workdir: Path, run: str, source: Path, out: Path | None, probe: str,
+def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,
         crf: bool) -> dict[str, Any]:
+    run = run or config["train"]["method"]
     metrics_path = evaluate.eval_dir(config, workdir, run) / "metrics.json"
     if not metrics_path.exists():
         raise UserError(f"no {metrics_path}: run `hp-pipe evaluate --dataset {config['dataset']['name']} "
@@ -68,7 +70,7 @@ def run(config: Config, workdir: Path, run: str, source: Path, out: Path | None,
     if row is None:
         raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
     checkpoint = evaluate.train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
-    heads = evaluate.load_heads(str(checkpoint))
+    encoder = load_encoder(str(checkpoint))
     backbone = features_stage.resolve_backbone(config)
     trained_on = FeatureStore.open(torch.load(checkpoint, weights_only=False)["store"]).attrs
     if trained_on["weights_hash"] != backbone.weights_hash or trained_on["backbone"] != backbone.name:
@@ -81,7 +83,7 @@ def run(config: Config, workdir: Path, run: str, source: Path, out: Path | None,
         mapping = np.asarray(row["cluster_to_class"])
         score = lambda codes, size: 2 * cosine_scores(codes, centroids, size)  # noqa: E731  (§8: 2·cos)
     else:
-        linear = LinearProbe(heads.dim, n_classes)
+        linear = LinearProbe(encoder.dim, n_classes)
         linear.load_state_dict(torch.load(metrics["probes"]["linear"], weights_only=False)["probe"])
         mapping = np.arange(n_classes)
         score = lambda codes, size: linear(codes, size)  # noqa: E731
@@ -96,7 +98,7 @@ def run(config: Config, workdir: Path, run: str, source: Path, out: Path | None,
         top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
         x = x[..., top:top + cropped[0], left:left + cropped[1]]
         with torch.no_grad():
-            codes = heads.codes(backbone(x).feat.permute(0, 3, 1, 2))
+            codes = encoder.from_backbone(backbone, x)
             logits = score(codes, image.shape[:2])
         if crf:
             from pipeline.crf import crf_labels

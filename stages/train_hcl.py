@@ -22,25 +22,14 @@ from tqdm import tqdm
 from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.hcl.heads import HCLModel
+from pipeline.hcl.heads import HCLModel, build_model
 from pipeline.hcl.mogo import MemoryBank, kmeans_centroids
-from pipeline.hcl.step import (head_input, lr_at, mogo_samples, param_groups, training_step, two_variants,
-                               variant_levels)
+from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
 from pipeline.plots import HCL_CURVES, training_curves
 from pipeline.runner import StageContext
 from stages.train import MetricsLog, pick_device, save_checkpoint
 
 MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
-
-
-def build_model(width: int, h_cfg: dict[str, Any]) -> HCLModel:
-    return HCLModel(width, h_cfg["dim"], h_cfg["hidden"], h_cfg["out_dim"], h_cfg["heads"])
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> HCLModel:
-    model = build_model(state["width"], state["hcl"])
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def step_names(patch_sizes: tuple[int, ...]) -> list[str]:

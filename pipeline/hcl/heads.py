@@ -94,3 +94,8 @@ class HCLModel(nn.Module):
         """θ_k ← m·θ_k + (1−m)·θ_q for head and projector."""
         ema_update(self.momentum_head, self.head, m)
         ema_update(self.momentum_projector, self.projector, m)
+
+
+def build_model(width: int, settings: dict) -> HCLModel:
+    """The model a config's [hcl] section (or a checkpoint's copy of it) describes."""
+    return HCLModel(width, settings["dim"], settings["hidden"], settings["out_dim"], settings["heads"])
