@@ -317,12 +317,21 @@ def bench_train(
     pool_size: Annotated[int, typer.Option(help="Reference pool size.")] = 32,
     renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 5,
     repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
+    method: Annotated[str, typer.Option(help="hp or hcl.")] = "hp",
     workdir: Workdir = Path("work"),
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
-    """Training from the cache vs the reference's backbone-every-step iteration; renewal, lookup, loss memory."""
+    """Training from the cache vs the reference's backbone-every-step iteration (HP: also renewal, lookup, loss
+    memory; HCL: also the MoGoClustering pass)."""
     from stages import bench_train
 
+    if method == "hcl":
+        from stages import bench_hcl
+
+        bench_hcl.train(images, resolution, backbone, weights, batch_size, iterations, repeats, workdir, json_)
+        return
+    if method != "hp":
+        raise UserError(f"--method must be hp or hcl, got '{method}'")
     bench_train.train(images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval,
                       repeats, workdir, json_)
 

@@ -39,7 +39,7 @@ def step_names(patch_sizes: tuple[int, ...]) -> list[str]:
 def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...], h_cfg: dict[str, Any],
               banks: dict[str, MemoryBank], epoch: int, generator: torch.Generator,
               device: torch.device, log) -> dict[str, torch.Tensor]:
-    """§3: sample tokens with the momentum head, update both banks, k-means each -> {"fg", "bg"} centroids."""
+    """§3: sample tokens with the momentum head on the cached view-2 variants, then the banks' centroids."""
     sampled: dict[str, list[torch.Tensor]] = {"fg": [], "bg": []}
     batches = store.batches(step_names(patch_sizes), h_cfg["batch_size"])
     for batch in tqdm(batches, total=-(-len(store) // h_cfg["batch_size"]), desc=f"MoGo epoch {epoch}",
@@ -50,11 +50,17 @@ def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...]
                               generator)
         sampled["fg"].append(fg)
         sampled["bg"].append(bg)
+    return mogo_centroids(sampled, banks, epoch, h_cfg, log, store.url)
+
+
+def mogo_centroids(sampled: dict[str, list[torch.Tensor]], banks: dict[str, MemoryBank], epoch: int,
+                   h_cfg: dict[str, Any], log, source: str) -> dict[str, torch.Tensor]:
+    """§3.2-3: update each bank with this pass's tokens, k-means it -> {"fg", "bg"} unit centroids."""
     centroids = {}
     for kind, parts in sampled.items():
         bank = banks[kind].update(torch.cat(parts), epoch)
         if len(bank) == 0:
-            raise UserError(f"MoGoClustering: no {kind} tokens in {store.url}; check its fg_mask "
+            raise UserError(f"MoGoClustering: no {kind} tokens in {source}; check its fg_mask "
                             "(hcl_features.mask_mass)")
         k = min(h_cfg["clusters"], len(bank))
         if k < h_cfg["clusters"]:
@@ -62,6 +68,16 @@ def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...]
         centroids[kind] = torch.from_numpy(kmeans_centroids(bank, k, h_cfg["kmeans_iterations"],
                                                             h_cfg["kmeans_min_points"], h_cfg["seed"]))
     return centroids
+
+
+def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             ema_m: float) -> None:
+    """One AdamW step, then the momentum update (§2: EMA every iteration)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.momentum_update(ema_m)
 
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
@@ -150,11 +166,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                     raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
                                     f"(terms {step.terms}); the last good checkpoint {ckpt} is kept. "
                                     "Check the feature store, or lower hcl.lr")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(step.loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                model.momentum_update(h_cfg["ema_m"])  # §2: EMA every iteration
+                optimize(model, step.loss, optimizer, scaler, h_cfg["ema_m"])
                 t += 1
                 terms = {**step.terms, "lr": lr}
                 bar.update(1)

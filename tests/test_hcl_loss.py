@@ -11,7 +11,13 @@ from pipeline.hcl.heads import HCLModel
 from pipeline.hcl.loss import hcl_loss
 from pipeline.hcl.mogo import MemoryBank, kmeans_centroids, nearest, sample_tokens
 from pipeline.metrics import remap_confusion, scores
-from pipeline.overcluster import many_to_one_match, overcluster_scores
+from pipeline.overcluster import (
+    many_to_one_match,
+    nearest_resize,
+    overcluster_maps,
+    overcluster_scores,
+    standardize_pca,
+)
 
 
 def _unit(*shape, seed):
@@ -140,3 +146,33 @@ def test_overcluster_perfect_features_full_accuracy():
     assert len(out["per_seed"]) == 2 and out["acc_std"] == pytest.approx(0.0)
     noise = overcluster_scores(rng.standard_normal((600, 16)), labels, n_classes=4, k=6, pca=8, seeds=(0,))
     assert noise["acc_mean"] < 0.6
+
+
+def test_nearest_resize_matches_torch_nearest_exact():
+    maps = np.random.default_rng(1).integers(0, 50, size=(3, 7, 9))
+    for size in (4, 7, 100):
+        expected = F.interpolate(torch.from_numpy(maps)[:, None].double(), size=(size, size), mode="nearest-exact")
+        assert np.array_equal(nearest_resize(maps, size), expected[:, 0].long().numpy())
+
+
+def test_standardize_pca_matches_float64_reference():
+    x = np.random.default_rng(2).standard_normal((400, 12)) @ np.diag(np.arange(1, 13))
+    z = (x - x.mean(0)) / x.std(0)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    ref = z @ vt[:5].T
+    got = standardize_pca(x.astype(np.float32), 5)
+    # principal axes are defined up to sign
+    np.testing.assert_allclose(np.abs(got), np.abs(ref), atol=1e-3)
+
+
+def test_overcluster_maps_on_class_features_is_perfect_at_any_mask_size():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, size=(4, 6, 6))
+    embed = rng.standard_normal((3, 10)).astype(np.float32)
+    features = embed[labels]  # one vector per class: patch-level labels are recoverable exactly
+    pixel_labels = np.repeat(np.repeat(labels, 8, axis=1), 8, axis=2)  # (4, 48, 48)
+    out = overcluster_maps(features, pixel_labels, n_classes=3, k=5, pca=4, seeds=(0, 1), size=12)
+    assert out["acc_mean"] == pytest.approx(1.0) and out["miou_mean"] == pytest.approx(1.0)
+    assert out["k"] == 5 and out["size"] == 12 and len(out["per_seed"]) == 2
+    capped = overcluster_maps(features[:1, :2, :2], pixel_labels[:1], n_classes=3, k=500, pca=4, seeds=(0,))
+    assert capped["k"] == 4  # K capped at the number of patches
