@@ -5,7 +5,9 @@ BIN     := $(VENV)/bin
 DATASET ?= synthetic
 WORKDIR ?= work
 ARGS    ?=
+METHOD  ?=
 HP      := $(BIN)/hp-pipe
+M       := $(if $(METHOD),--method $(METHOD),)
 
 .PHONY: install run prepare features train evaluate report status bench test lint clean
 
@@ -17,29 +19,29 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-run: install   ## the main job: every stage that exists, on DATASET (default: the built-in synthetic set)
-	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
-	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
-	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
-	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR)
+run: install   ## the main job on DATASET (default: the built-in synthetic set); METHOD=hcl for HCL
+	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
+	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
+	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
+	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(M)
 
 prepare: install
 	$(HP) prepare --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
 
 features: install
-	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 
 train: install
-	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 
 evaluate: install
-	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 
 report: install
 	$(HP) report --dataset $(DATASET) --workdir $(WORKDIR)
 
 status: install
-	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)
+	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 
 bench: install
 	$(HP) bench features --workdir $(WORKDIR) $(ARGS)

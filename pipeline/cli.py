@@ -117,7 +117,7 @@ def features(
     for s in splits:
         stage.run(config, workdir, s, store, force, scheduler, address, workers)
         if method_of(config) == "hcl":
-            features_hcl.run(config, workdir, s, store, force)
+            features_hcl.run(config, workdir, s, store, force, scheduler, address, workers)
 
 
 @app.command()
@@ -347,7 +347,7 @@ def bench_quality(
     set_: Sets = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
-    """Cluster-probe mIoU/Acc of raw backbone features (k-means) vs the trained HP head, same cache."""
+    """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering."""
     from stages import bench_train
 
     bench_train.quality(build_config(dataset, data_root, set_, backbone, weights, random_init), workdir, json_)

@@ -232,35 +232,60 @@ def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | Non
     return out
 
 
+def _codes(encoder, store: FeatureStore, batch: int = 16) -> torch.Tensor:
+    """The head's codes (N, D, h, w) of every sample of a store."""
+    out = []
+    for start in range(0, len(store), batch):
+        stop = min(start + batch, len(store))
+        arrays = {n: torch.from_numpy(store.read(n, start, stop)).float() for n in encoder.arrays}
+        with torch.no_grad():
+            out.append(encoder.from_arrays(arrays))
+    return torch.cat(out)
+
+
 def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
-    manifest = train_stage.run(config, workdir, "quality")
-    val = FeatureStore.open(features_stage.run(config, workdir, "val")["outputs"]["store"])
+    """Raw features, HP and HCL on the same cache: cluster probe (Hungarian) and overclustering on val."""
+    from pipeline.encoders import load_encoder
+    from pipeline.overcluster import overcluster_maps
+    from stages import features_hcl
+
+    hp_config = {**config, "train": {**config["train"], "method": "hp"}}
+    hcl_config = {**config, "train": {**config["train"], "method": "hcl"}}
+    manifest = train_stage.run(hp_config, workdir, "quality")
+    hcl_manifest = train_stage.run(hcl_config, workdir, "quality-hcl")
+    val = FeatureStore.open(features_hcl.run(hcl_config, workdir, "val")["outputs"]["store"])
     store = FeatureStore.open(manifest["outputs"]["store"])
     state = torch.load(manifest["outputs"]["checkpoint"], weights_only=False)
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
     heads.eval()
-    n_classes = config["dataset"]["n_classes"]
-    rng = np.random.default_rng(0)
-    feats = torch.from_numpy(store.read("feat", 0, len(store))).float()  # (N, h, w, C)
-    patches = feats.reshape(-1, feats.shape[-1])
-    patches = patches[rng.choice(len(patches), min(max_patches, len(patches)), replace=False)]
-    val_feat = torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2)
+    e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
     labels = val.read("label", 0, len(val))
-    with torch.no_grad():
-        hp_train = heads.codes(patches[:, :, None, None])[:, :, 0, 0].numpy()
-        hp_val = list(heads.codes(val_feat))
-    raw = cluster_probe(patches.numpy(), list(val_feat), labels, n_classes)
-    hp = cluster_probe(hp_train, hp_val, labels, n_classes)
-    figures = {
-        "dataset": config["dataset"]["name"], "backbone": config["features"]["backbone"]
-        + (" [random-init]" if store.random_init else ""), "val_images": len(val),
-        "raw_features_miou": raw["miou"], "raw_features_acc": raw["acc"],
-        "hp_miou": hp["miou"], "hp_acc": hp["acc"],
-        "hp_minus_raw_miou": round(hp["miou"] - raw["miou"], 2),
-        **positive_precision(store, config["train"]["pool_size"], heads, state["pool_sp"]),
-        "train_iterations": manifest["outputs"]["iterations"],
-    }
+    codes = {"raw_features": (torch.from_numpy(store.read("feat", 0, len(store))).float().permute(0, 3, 1, 2),
+                              torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))}
+    for name, m in (("hp", manifest), ("hcl", hcl_manifest)):
+        encoder = load_encoder(m["outputs"]["checkpoint"])
+        codes[name] = (_codes(encoder, store), _codes(encoder, val))
+    figures = {"dataset": config["dataset"]["name"], "backbone": config["features"]["backbone"]
+               + (" [random-init]" if store.random_init else ""), "val_images": len(val)}
+    rng = np.random.default_rng(0)
+    for name, (train_codes, val_codes) in codes.items():
+        patches = train_codes.permute(0, 2, 3, 1).reshape(-1, train_codes.shape[1])
+        patches = patches[rng.choice(len(patches), min(max_patches, len(patches)), replace=False)]
+        probe = cluster_probe(patches.numpy(), list(val_codes), labels, n_classes)
+        over = overcluster_maps(val_codes.permute(0, 2, 3, 1).numpy(), labels, n_classes, e_cfg["overcluster_k"],
+                                e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
+                                e_cfg["overcluster_size"])
+        figures.update({f"{name}_miou": probe["miou"], f"{name}_acc": probe["acc"],
+                        f"{name}_overcluster_miou": round(100 * over["miou_mean"], 2),
+                        f"{name}_overcluster_miou_std": round(100 * over["miou_std"], 2),
+                        f"{name}_overcluster_acc": round(100 * over["acc_mean"], 2)})
+    figures["overcluster_k"] = over["k"]
+    figures["hp_minus_raw_miou"] = round(figures["hp_miou"] - figures["raw_features_miou"], 2)
+    figures["hcl_minus_raw_miou"] = round(figures["hcl_miou"] - figures["raw_features_miou"], 2)
+    figures.update(positive_precision(store, config["train"]["pool_size"], heads, state["pool_sp"]))
+    figures["train_iterations"] = manifest["outputs"]["iterations"]
+    figures["hcl_train_iterations"] = hcl_manifest["outputs"]["iterations"]
     report(figures, as_json)
 
 

@@ -134,7 +134,7 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
 
 
 # ---------------------------------------------------------------- dask: chunk ranges over workers
-def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: str, names: list[str]) -> int:
+def worker_chunk(url: str, config: Config, split: str, directory: str, names: list[str], chunk: int) -> int:
     """Runs on a dask worker: load the backbone once per process, compute and write one chunk."""
     torch.set_num_threads(1)  # one thread per worker process
     backbone = resolve_backbone(config)
@@ -146,11 +146,12 @@ def worker_chunk(url: str, config: Config, split: str, chunk: int, directory: st
     return len(data["feat"])
 
 
-def run_dask(url, config, split, pending, directory, names, progress, address: str | None, workers: int) -> None:
+def run_dask(task, args: tuple, pending: list[int], progress, address: str | None, workers: int) -> None:
+    """`task(*args, chunk)` for every pending chunk on dask workers; each returns the samples it wrote."""
     from dask.distributed import as_completed
 
     with dask_client(address, workers) as client:
-        futures = [client.submit(worker_chunk, url, config, split, c, directory, names, pure=False) for c in pending]
+        futures = [client.submit(task, *args, c, pure=False) for c in pending]
         for future in as_completed(futures):
             progress.update(future.result())
 
@@ -205,7 +206,7 @@ def run(
             if scheduler == "local":
                 run_local(backbone, group, pending, directory, names, labelled, settings, progress)
             elif scheduler in ("local-cluster", "distributed"):
-                run_dask(url, config, split, pending, directory, names, progress,
+                run_dask(worker_chunk, (url, config, split, directory, names), pending, progress,
                          address if scheduler == "distributed" else None, workers)
             else:
                 raise UserError(f"--scheduler must be local, local-cluster or distributed, got '{scheduler}'")

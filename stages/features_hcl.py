@@ -36,8 +36,27 @@ def hcl_arrays(store) -> list[str]:
     return [n for n in store.names() if n.startswith("hcl_") or n == "fg_mask"]
 
 
-def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False) -> dict[str, Any]:
-    base = features.run(config, workdir, split, store)
+def compute_chunk(group, backbone, chunk: int, views: int, h: dict[str, Any]) -> int:
+    """Compute and write one chunk's HCL arrays, then its flag; returns the samples written."""
+    start, stop = writer.chunk_range(group, chunk)
+    data = hcl_chunk(backbone, group["image"][start:stop], group["cls_attn"][start:stop], np.arange(start, stop),
+                     views, h["seed"], h["mask_mass"], h["mask_min_size"])
+    writer.write_chunk(group, chunk, data, DONE_HCL)
+    return stop - start
+
+
+def worker_chunk(url: str, config: Config, views: int, chunk: int) -> int:
+    """Runs on a dask worker: the backbone is loaded once per process; disjoint chunks, one writer each."""
+    import torch
+
+    torch.set_num_threads(1)
+    group = writer.open_group(url, mode="r+")
+    return compute_chunk(group, features.resolve_backbone(config), chunk, views, config["hcl_features"])
+
+
+def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False,
+        scheduler: str = "local", address: str | None = None, workers: int = 2) -> dict[str, Any]:
+    base = features.run(config, workdir, split, store, scheduler=scheduler, address=address, workers=workers)
     url = base["outputs"]["store"]
     name = f"features-{split}-hcl"
     stage_config, inputs = stage_plan(config, workdir, {split: url})[name]
@@ -61,13 +80,16 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         if done.any():
             ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already have their HCL arrays")
         t0 = time.perf_counter()
-        with tqdm(total=len(pending), desc=name, unit="chunk") as progress:
-            for chunk in pending:
-                start, stop = writer.chunk_range(group, chunk)
-                data = hcl_chunk(backbone, group["image"][start:stop], group["cls_attn"][start:stop],
-                                 np.arange(start, stop), views, h["seed"], h["mask_mass"], h["mask_min_size"])
-                writer.write_chunk(group, chunk, data, DONE_HCL)
-                progress.update(1)
+        finished = n - sum(np.diff(writer.chunk_range(group, c))[0] for c in pending)
+        with tqdm(total=n, initial=finished, desc=name, unit="img") as progress:
+            if scheduler == "local":
+                for chunk in pending:
+                    progress.update(compute_chunk(group, backbone, chunk, views, h))
+            else:
+                features.run_dask(worker_chunk, (url, config, views), pending, progress,
+                                  address if scheduler == "distributed" else None, workers)
+        if not writer.finished_chunks(group, DONE_HCL).all():
+            raise RuntimeError(f"some HCL chunks of {url} were not written; rerun to finish them")
         group.attrs[ATTRS] = {**attrs, "complete": True}
         seconds = time.perf_counter() - t0
         stored = sum(v for k, v in features.stored_bytes(group).items() if k in layout.arrays())

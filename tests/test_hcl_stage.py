@@ -192,3 +192,26 @@ def test_hcl_needs_two_variants_and_a_known_method(workdir):
         train_stage.run(tiny_config(**{"hcl_features.views": "1"}), workdir)
     with pytest.raises(UserError, match="train.method must be one of hp, hcl"):
         train_stage.run(tiny_config(**{"train.method": "hcp"}), workdir)
+
+
+def test_local_cluster_writes_the_same_hcl_arrays(workdir, tmp_path):
+    reference = store_of(workdir)
+    url = str(tmp_path / "dist.zarr")
+    features_hcl.run(tiny_config(), tmp_path, "train", store=url, scheduler="local-cluster", workers=2)
+    distributed = FeatureStore.open(url)
+    for name in features_hcl.hcl_arrays(reference):
+        a, b = reference.read(name, 0, len(reference)), distributed.read(name, 0, len(distributed))
+        if a.dtype == bool:
+            assert np.array_equal(a, b), name
+        else:  # one torch thread per worker: float reductions may differ in the last bits
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=1e-2, err_msg=name)
+
+
+def test_vit_s8_gets_four_branches(tmp_path):
+    config = tiny_config(**{"features.backbone": "vit_small_patch8_224.dino", "dataset.n_train": "1"})
+    manifest = features_hcl.run(config, tmp_path, "train")
+    store = FeatureStore.open(manifest["outputs"]["store"])
+    assert manifest["outputs"]["patch_sizes"] == [8, 16, 32, 56]
+    shapes = {n: store.array(n).shape[1:] for n in features_hcl.hcl_arrays(store)}
+    assert shapes["hcl_p16"] == (4, 4, 384) and shapes["hcl_p32"] == (2, 2, 384) and shapes["fg_mask"] == (8, 8)
+    assert shapes["hcl_aug_p8"] == (2, 8, 8, 384) and shapes["hcl_aug_p56"] == (2, 1, 1, 384)

@@ -21,6 +21,9 @@ from pipeline.errors import UserError
 PATCH_SIZES: dict[str, tuple[int, ...]] = {
     "vit_small_patch16_224.dino": (16, 32, 56),
     "vit_small_patch8_224.dino": (8, 16, 32, 56),
+    # not in the spec, which names ViT-S only: the same sizes, so HCL also runs on presets with a ViT-B (potsdam)
+    "vit_base_patch16_224.dino": (16, 32, 56),
+    "vit_base_patch8_224.dino": (8, 16, 32, 56),
 }
 
 # Pseudo-inverse of a bilinear (no antialias) resize, as FlexiViT. Every HCL branch upsamples the kernel
