@@ -7,6 +7,7 @@ one worker writing chunk `c` of all arrays is that chunk's only writer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
@@ -51,14 +52,12 @@ class Layout:
 
     def raw_fp16_bytes_per_sample(self) -> int:
         """Bytes of one sample's backbone outputs held as plain fp16 (the benchmark's yardstick)."""
-        total = 0
-        for shape, dtype in self.arrays().values():
-            if dtype == "float16":
-                n = 1
-                for s in shape:
-                    n *= s
-                total += 2 * n
-        return total
+        return fp16_bytes(self.arrays())
+
+
+def fp16_bytes(arrays: dict[str, tuple[tuple[int, ...], str]]) -> int:
+    """Uncompressed bytes per sample of the float16 arrays among `arrays` (name -> (shape, dtype))."""
+    return sum(2 * math.prod(shape) for shape, dtype in arrays.values() if dtype == "float16")
 
 
 def patch_grid(resolution: int, patch: int) -> int:
@@ -91,6 +90,16 @@ class HCLLayout:
                 arrays[f"hcl_aug_p{p}"] = ((self.n_views, grids[p], grids[p], c), "float16")
             arrays["hcl_aug_cls"] = ((self.n_views, c), "float16")
         return arrays
+
+    def native_fp16_bytes_per_sample(self) -> int:
+        """Every branch at its native grid, the finest included (it is the store's `feat`)."""
+        g = patch_grid(self.resolution, self.patch_sizes[0])
+        return fp16_bytes(self.arrays()) + 2 * g * g * self.embed_dim
+
+    def concatenated_fp16_bytes_per_sample(self) -> int:
+        """The same crops (plain + variants) cached as the head's concatenated (levels + 1)·C input instead."""
+        g = patch_grid(self.resolution, self.patch_sizes[0])
+        return 2 * (1 + self.n_views) * g * g * (len(self.patch_sizes) + 1) * self.embed_dim
 
 
 @dataclass(frozen=True)

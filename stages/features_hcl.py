@@ -95,12 +95,16 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         stored = sum(v for k, v in features.stored_bytes(group).items() if k in layout.arrays())
         fg = float(np.mean(group["fg_mask"][:]))
         note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
+        native, concatenated = layout.native_fp16_bytes_per_sample(), layout.concatenated_fp16_bytes_per_sample()
         return {
             "store": url, "samples": n, "patch_sizes": list(layout.patch_sizes), "views": views,
             "store_bytes": stored, "foreground_share": round(fg, 4), "random_init": backbone.random_init,
+            "native_fp16_bytes_per_sample": native, "concatenated_fp16_bytes_per_sample": concatenated,
+            "native_over_concatenated": round(native / concatenated, 3),
             "timings": {"extract_seconds": round(seconds, 3)},
             "summary": f"HCL arrays for {n} samples (patches {'/'.join(map(str, layout.patch_sizes))}, {views} "
-                       f"variants, {fg:.0%} foreground), {stored / 2**20:.1f} MiB -> {url}{note}",
+                       f"variants, {fg:.0%} foreground), {stored / 2**20:.1f} MiB; native grids hold "
+                       f"{native / concatenated:.2f} of the concatenated form's bytes -> {url}{note}",
         }
 
     return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)

@@ -215,3 +215,13 @@ def test_vit_s8_gets_four_branches(tmp_path):
     shapes = {n: store.array(n).shape[1:] for n in features_hcl.hcl_arrays(store)}
     assert shapes["hcl_p16"] == (4, 4, 384) and shapes["hcl_p32"] == (2, 2, 384) and shapes["fg_mask"] == (8, 8)
     assert shapes["hcl_aug_p8"] == (2, 8, 8, 384) and shapes["hcl_aug_p56"] == (2, 1, 1, 384)
+
+
+def test_native_grids_against_the_concatenated_form():
+    from cache.schema import HCLLayout
+
+    layout = HCLLayout(1, 224, (16, 32, 56), 384, 2)  # the spec's example: 14x14, 7x7, 4x4 + CLS at 224 px
+    per_crop = (14 * 14 + 7 * 7 + 4 * 4 + 1) * 384 * 2
+    assert layout.native_fp16_bytes_per_sample() == 3 * per_crop  # the plain crop and two variants
+    assert layout.concatenated_fp16_bytes_per_sample() == 3 * 14 * 14 * 4 * 384 * 2
+    assert 0.3 < layout.native_fp16_bytes_per_sample() / layout.concatenated_fp16_bytes_per_sample() < 0.35
