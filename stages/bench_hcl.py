@@ -39,8 +39,9 @@ def _live_inputs(backbone, images: np.ndarray, indices: np.ndarray, seed: int) -
 
 def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
           repeats: int, workdir: Path, as_json: bool) -> None:
-    config = bench_config(images, resolution, backbone, weights, 1, 8, **{
-        "train.method": "hcl", "hcl.batch_size": batch_size, "hcl.kmeans_min_points": 1})
+    config = bench_config(images, resolution, backbone, weights, 1, 8, **{  # the spec's head, not the CPU preset's
+        "train.method": "hcl", "hcl.batch_size": batch_size, "hcl.kmeans_min_points": 1, "hcl.dim": 768,
+        "hcl.hidden": 2048, "hcl.out_dim": 256, "hcl.heads": 12, "hcl.clusters": 500})
     workdir = Path(workdir) / "bench-train-hcl"
     store = FeatureStore.open(features_hcl.run(config, workdir, "train")["outputs"]["store"])
     model_bb = features_stage.resolve_backbone(config)

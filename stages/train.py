@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
-from pipeline.plots import training_curves
+from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext, run_stage
 from stages import features
 
@@ -59,6 +60,26 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every torch RNG a run draws from (numpy ones are the caller's)."""
+    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["generator"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def log_resume(ctx: StageContext, state: dict[str, Any], ckpt: Path, total: int) -> None:
+    ctx.log(f"resuming from {ckpt} at iteration {state['iteration']} of {total}")
+    if state.get("threads") not in (None, torch.get_num_threads()):
+        ctx.log(f"note: the run started with {state['threads']} torch threads, it resumes with "
+                f"{torch.get_num_threads()}: float reductions may differ in the last bits")
 
 
 class MetricsLog:
@@ -104,20 +125,54 @@ def make_optimizers(heads: HPHeads, t_cfg: dict[str, Any]) -> tuple[torch.optim.
     return opt_s, torch.optim.Adam(heads.P.parameters(), lr=t_cfg["lr"])
 
 
-def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
-    t_cfg = config["train"]
-    device = pick_device(t_cfg["device"])
-    amp = bool(t_cfg["amp"]) and device.type == "cuda"
-    batch_size, seed = t_cfg["batch_size"], t_cfg["seed"]
+@dataclass
+class RunPlan:
+    """What every trainer settles before its first step."""
+
+    device: torch.device
+    amp: bool
+    iters_per_epoch: int
+    total: int
+    ckpt: Path
+
+
+def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStore, out: Path) -> RunPlan:
+    """Device, iterations (batch size and epochs from the method's `section`), a fresh run folder when asked."""
+    device = pick_device(config["train"]["device"])
+    batch_size = config[section]["batch_size"]
     iters_per_epoch = len(store) // batch_size
     if iters_per_epoch == 0:
-        raise UserError(f"train.batch_size = {batch_size} exceeds the {len(store)} training crops in {store.url}; "
-                        "lower it with --set train.batch_size=N")
-    total = iters_per_epoch * t_cfg["epochs"]
+        raise UserError(f"{section}.batch_size = {batch_size} exceeds the {len(store)} training crops in "
+                        f"{store.url}; lower it with --set {section}.batch_size=N")
     if ctx.fresh and out.exists():
         shutil.rmtree(out)  # a changed config or --force: this run starts over
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoints" / "last.pt"
+    return RunPlan(device, bool(config["train"]["amp"]) and device.type == "cuda", iters_per_epoch,
+                   iters_per_epoch * config[section]["epochs"], out / "checkpoints" / "last.pt")
+
+
+def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: FeatureStore, out: Path, steps: int,
+                seconds: float, label: str, curves=CURVES, **timings: Any) -> dict[str, Any]:
+    """Curves, then the stage's outputs and one-line summary (shared by the methods)."""
+    random_init = " [random-init backbone]" if store.random_init else ""
+    training_curves(log.records, out / "curves.png", title=f"{ctx.name} ({label}){random_init}", curves=curves)
+    last = log.records[-1] if log.records else {}
+    rate = steps / seconds if seconds > 0 else 0.0
+    return {
+        "method": label.lower(), "run_dir": str(out), "checkpoint": str(plan.ckpt), "iterations": plan.total,
+        "iterations_per_epoch": plan.iters_per_epoch, "final": last, "store": store.url,
+        "random_init": store.random_init, "device": str(plan.device),
+        "timings": {"train_seconds": round(seconds, 3), **timings},
+        "summary": f"{label}: {plan.total} iterations ({rate:.2f} it/s), final loss "
+                   f"{last.get('loss', float('nan')):.4f} -> {out}{random_init.upper()}",
+    }
+
+
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
+    t_cfg = config["train"]
+    plan = plan_run(ctx, config, "train", store, out)
+    device, amp, iters_per_epoch, total, ckpt = plan.device, plan.amp, plan.iters_per_epoch, plan.total, plan.ckpt
+    batch_size, seed = t_cfg["batch_size"], t_cfg["seed"]
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -137,16 +192,10 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         opt_p.load_state_dict(state["opt_p"])
         scaler.load_state_dict(state["scaler"])
         pool_ag, pool_sp = state["pool_ag"].to(device), state["pool_sp"].to(device)
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        generator.set_state(state["rng"]["generator"])
+        restore_rng(state, generator, device)
         rng.bit_generator.state = state["rng"]["numpy"]
         t = state["iteration"]
-        ctx.log(f"resuming from {ckpt} at iteration {t} of {total}")
-        if state.get("threads") not in (None, torch.get_num_threads()):
-            ctx.log(f"note: the run started with {state['threads']} torch threads, it resumes with "
-                    f"{torch.get_num_threads()}: float reductions may differ in the last bits")
+        log_resume(ctx, state, ckpt, total)
     else:
         heads.train()
         pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device)  # §4, once
@@ -158,9 +207,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         save_checkpoint(ckpt, {
             "iteration": t, "heads": heads.state_dict(), "opt_s": opt_s.state_dict(), "opt_p": opt_p.state_dict(),
             "scaler": scaler.state_dict(), "pool_ag": pool_ag, "pool_sp": pool_sp,
-            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                    "numpy": rng.bit_generator.state,
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "rng": {**rng_states(generator, device), "numpy": rng.bit_generator.state},
             "in_dim": in_dim, "head_dim": t_cfg["head_dim"], "config": config, "store": store.url,
             "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
         })
@@ -199,19 +246,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                                 "seconds": round(time.perf_counter() - t0, 3)})
                 if t % t_cfg["checkpoint_interval"] == 0 or t == total:
                     checkpoint()
-    seconds = time.perf_counter() - t0
-    training_curves(log.records, out / "curves.png", title=f"{ctx.name}" + (" [random-init backbone]"
-                                                                               if store.random_init else ""))
-    last = log.records[-1] if log.records else {}
-    rate = (t - t_start) / seconds if seconds > 0 else 0.0
-    note = " [RANDOM-INIT backbone features]" if store.random_init else ""
-    return {
-        "run_dir": str(out), "checkpoint": str(ckpt), "iterations": total, "iterations_per_epoch": iters_per_epoch,
-        "final": last, "store": store.url, "random_init": store.random_init, "device": str(device),
-        "timings": {"train_seconds": round(seconds, 3)},
-        "summary": f"{total} iterations ({rate:.2f} it/s), final loss {last.get('loss', float('nan')):.4f} "
-                   f"-> {out}{note}",
-    }
+    return run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0, "HP")
 
 
 def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device):

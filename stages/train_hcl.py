@@ -10,12 +10,10 @@ clusters an epoch twice.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,9 +23,9 @@ from pipeline.errors import UserError
 from pipeline.hcl.heads import HCLModel, build_model
 from pipeline.hcl.mogo import MemoryBank, kmeans_centroids
 from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
-from pipeline.plots import HCL_CURVES, training_curves
+from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
-from stages.train import MetricsLog, pick_device, save_checkpoint
+from stages.train import MetricsLog, log_resume, plan_run, restore_rng, rng_states, run_outputs, save_checkpoint
 
 MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
 
@@ -82,18 +80,9 @@ def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimiz
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     t_cfg, h_cfg = config["train"], config["hcl"]
-    device = pick_device(t_cfg["device"])
-    amp = bool(t_cfg["amp"]) and device.type == "cuda"
+    plan = plan_run(ctx, config, "hcl", store, out)
+    device, amp, iters_per_epoch, total, ckpt = plan.device, plan.amp, plan.iters_per_epoch, plan.total, plan.ckpt
     batch_size, seed = h_cfg["batch_size"], h_cfg["seed"]
-    iters_per_epoch = len(store) // batch_size
-    if iters_per_epoch == 0:
-        raise UserError(f"hcl.batch_size = {batch_size} exceeds the {len(store)} training crops in {store.url}; "
-                        "lower it with --set hcl.batch_size=N")
-    total = iters_per_epoch * h_cfg["epochs"]
-    if ctx.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "checkpoints" / "last.pt"
 
     patch_sizes = tuple(store.attrs["hcl"]["patch_sizes"])
     n_variants = store.array("hcl_aug_cls").shape[1]
@@ -117,12 +106,9 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             bank.data = state["banks"][kind]["data"]
             bank.rng.bit_generator.state = state["banks"][kind]["rng"]
         centroids, clustered_epoch = state["centroids"], state["clustered_epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
-        generator.set_state(state["rng"]["generator"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        restore_rng(state, generator, device)
         t, mogo_seconds = state["iteration"], state["mogo_seconds"]
-        ctx.log(f"resuming from {ckpt} at iteration {t} of {total}")
+        log_resume(ctx, state, ckpt, total)
     log = MetricsLog(out / "metrics.jsonl", keep_until=t)
 
     def checkpoint() -> None:
@@ -130,8 +116,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             "method": "hcl", "iteration": t, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "centroids": centroids, "clustered_epoch": clustered_epoch,
             "banks": {k: {"data": b.data, "rng": b.rng.bit_generator.state} for k, b in banks.items()},
-            "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+            "rng": rng_states(generator, device),
             "width": width, "patch_sizes": patch_sizes, "hcl": h_cfg, "config": config, "store": store.url,
             "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
             "mogo_seconds": mogo_seconds,
@@ -177,16 +162,5 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                                 "seconds": round(time.perf_counter() - t0, 3)})
                 if t % t_cfg["checkpoint_interval"] == 0 or t == total:
                     checkpoint()
-    seconds = time.perf_counter() - t0
-    training_curves(log.records, out / "curves.png", curves=HCL_CURVES,
-                    title=f"{ctx.name} (HCL)" + (" [random-init backbone]" if store.random_init else ""))
-    last = log.records[-1] if log.records else {}
-    rate = (t - t_start) / seconds if seconds > 0 else 0.0
-    note = " [RANDOM-INIT backbone features]" if store.random_init else ""
-    return {
-        "method": "hcl", "run_dir": str(out), "checkpoint": str(ckpt), "iterations": total,
-        "iterations_per_epoch": iters_per_epoch, "final": last, "store": store.url, "random_init": store.random_init,
-        "device": str(device), "timings": {"train_seconds": round(seconds, 3), "mogo_seconds": mogo_seconds},
-        "summary": f"HCL: {total} iterations ({rate:.2f} it/s, MoGo {np.median(mogo_seconds or [0]):.2f} s/epoch), "
-                   f"final loss {last.get('loss', float('nan')):.4f} -> {out}{note}",
-    }
+    return run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0, "HCL", HCL_CURVES,
+                       mogo_seconds=mogo_seconds)

@@ -176,3 +176,14 @@ def test_overcluster_maps_on_class_features_is_perfect_at_any_mask_size():
     assert out["k"] == 5 and out["size"] == 12 and len(out["per_seed"]) == 2
     capped = overcluster_maps(features[:1, :2, :2], pixel_labels[:1], n_classes=3, k=500, pca=4, seeds=(0,))
     assert capped["k"] == 4  # K capped at the number of patches
+
+
+def test_hcl_loss_stays_finite_and_float32_under_float16_autocast():
+    """exp(q·c/τ) overflows float16 (e^14.3 > 65,504): the loss must not run in half precision."""
+    q = torch.ones(4, 8) / math.sqrt(8)
+    centroids = q[:2].clone()  # q·c = 1 for both: exp(1/0.07) = 1.6e6 per term
+    mask = torch.tensor([True, True, False, False])
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = hcl_loss(q.half(), q.half(), q.half(), mask, centroids.half(), centroids.half(), tau=0.07)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    assert out["fg"].item() == pytest.approx(math.log(2), abs=1e-3)  # two equal logits

@@ -225,3 +225,26 @@ def test_native_grids_against_the_concatenated_form():
     assert layout.native_fp16_bytes_per_sample() == 3 * per_crop  # the plain crop and two variants
     assert layout.concatenated_fp16_bytes_per_sample() == 3 * 14 * 14 * 4 * 384 * 2
     assert 0.3 < layout.native_fp16_bytes_per_sample() / layout.concatenated_fp16_bytes_per_sample() < 0.35
+
+
+def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, tmp_path):
+    from PIL import Image
+
+    from pipeline.probes import cosine_scores
+    from stages import predict
+
+    config = tiny_config()
+    evaluate.run(config, workdir)  # up to date after the evaluate test; computed here when run alone
+    rdir = train_stage.run_dir(config, workdir, "hcl")
+    metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
+    val = store_of(workdir, "val")
+    (tmp_path / "in").mkdir()
+    Image.fromarray(val.read("image", 0, 1)[0]).save(tmp_path / "in" / "val0.png")
+    predict.run(config, workdir, None, tmp_path / "in", tmp_path / "out", "cluster", crf=False)
+    row = next(r for r in metrics["results"] if r["name"] == "HCL cluster")
+    centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+    codes = torch.from_numpy(FeatureStore.open(str(rdir / "codes" / "val.zarr")).read("feat", 0, 1)).float()
+    cached = np.asarray(row["cluster_to_class"])[cosine_scores(codes.permute(0, 3, 1, 2), centroids,
+                                                               (64, 64)).argmax(1)[0].numpy()]
+    live = np.asarray(Image.open(tmp_path / "out" / "val0.png"))
+    assert (live == np.where(cached >= 0, cached, 255)).mean() > 0.95

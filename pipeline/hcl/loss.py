@@ -26,11 +26,16 @@ def prototype_loss(q: torch.Tensor, k: torch.Tensor, centroids: torch.Tensor, ta
 
 def hcl_loss(q: torch.Tensor, k: torch.Tensor, pred_q: torch.Tensor, fg_mask: torch.Tensor,
              fg_centroids: torch.Tensor, bg_centroids: torch.Tensor, tau: float = 0.07) -> dict[str, torch.Tensor]:
-    """L = 0.5 (L_fg + L_bg) + 0.5 L_pred; q, k, pred_q (..., 256), fg_mask (...) bool over the same tokens."""
+    """L = 0.5 (L_fg + L_bg) + 0.5 L_pred; q, k, pred_q (..., 256), fg_mask (...) bool over the same tokens.
+
+    Always float32, also under autocast: exp(q·c/τ) reaches e^14.3 ≈ 1.6e6, beyond float16's 65,504.
+    """
     d = q.shape[-1]
-    q, k, pred_q = q.reshape(-1, d), k.reshape(-1, d).detach(), pred_q.reshape(-1, d)
-    fg = fg_mask.reshape(-1).bool()
-    l_fg = prototype_loss(q[fg], k[fg], fg_centroids, tau)
-    l_bg = prototype_loss(q[~fg], k[~fg], bg_centroids, tau)
-    l_pred = nn.MSELoss()(F.normalize(pred_q, dim=-1), k)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, pred_q = q.reshape(-1, d).float(), k.reshape(-1, d).detach().float(), pred_q.reshape(-1, d).float()
+        fg_centroids, bg_centroids = fg_centroids.float(), bg_centroids.float()
+        fg = fg_mask.reshape(-1).bool()
+        l_fg = prototype_loss(q[fg], k[fg], fg_centroids, tau)
+        l_bg = prototype_loss(q[~fg], k[~fg], bg_centroids, tau)
+        l_pred = nn.MSELoss()(F.normalize(pred_q, dim=-1), k)
     return {"loss": 0.5 * (l_fg + l_bg) + 0.5 * l_pred, "fg": l_fg, "bg": l_bg, "pred": l_pred}
