@@ -53,3 +53,18 @@ def test_unknown_key_names_the_key_and_a_suggestion():
 def test_fingerprint_is_order_independent_and_value_sensitive():
     assert fingerprint({"a": 1, "b": 2}) == fingerprint({"b": 2, "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 1.5})
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
+    from pipeline.hcl.multilevel import patch_sizes
+
+    config = load_config(name)
+    assert patch_sizes(config["features"]["backbone"])  # HCL's branches exist for every preset's backbone
+    h = config["hcl"]
+    assert (h["lr"], h["weight_decay"], h["tau"], h["ema_m"], h["sample_fraction"], h["bank_replace"]) == (
+        1e-4, 0.04, 0.07, 0.996, 0.3, 0.5)  # specs/HCL.md §3-§4
+    if name != "synthetic":  # the synthetic preset shrinks the head and K for a CPU
+        assert (h["dim"], h["hidden"], h["out_dim"], h["heads"], h["clusters"]) == (768, 2048, 256, 12, 500)
+        assert (h["epochs"], h["batch_size"], h["seed"], h["lr_drop_epoch"], h["lr_drop"]) == (10, 64, 7, 3, 0.1)
+    assert load_config("voc")["train"]["method"] == "hcl"

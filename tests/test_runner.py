@@ -61,4 +61,16 @@ def test_changed_config_invalidates_the_stage_and_later_stages(tmp_path):
     only_features = load_config("cityscapes", {"features.n_views": "1", "dataset.root": str(tmp_path)})
     states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features, tmp_path).items()}
     assert states == {"prepare": "complete", "features-train": "stale", "features-val": "stale", "train": "stale",
-                      "evaluate": "stale"}
+                      "evaluate": "stale", "features-train-hcl": "stale", "features-val-hcl": "stale"}
+    only_hcl = load_config("cityscapes", {"hcl_features.views": "3", "dataset.root": str(tmp_path)})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_hcl, tmp_path).items()}
+    stale = {n for n, state in states.items() if state == "stale"}
+    assert stale == {"features-train-hcl", "features-val-hcl"}  # HP's train and evaluate do not read them
+
+
+def test_hcl_train_and_evaluate_read_the_hcl_arrays_stage(tmp_path):
+    hp, hcl = (stage_plan(load_config("voc", {"train.method": m, "dataset.root": str(tmp_path)}), tmp_path)
+               for m in ("hp", "hcl"))
+    assert set(hp["train"][1]) == {"features-train"} and set(hcl["train"][1]) == {"features-train-hcl"}
+    assert set(hcl["evaluate"][1]) == {"train", "features-val-hcl"}
+    assert "hcl" in hcl["train"][0] and "hcl" not in hp["train"][0]
