@@ -17,7 +17,7 @@ from pipeline.config import Config, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
 
 app = typer.Typer(
-    help="hp-pipe: unsupervised semantic segmentation (Hidden Positives) from a frozen DINO feature cache.\n\n"
+    help="hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache.\n\n"
     "Stages: prepare -> features -> train -> evaluate. Each skips itself when up to date and resumes when "
     "interrupted.",
     no_args_is_help=True,
