@@ -54,6 +54,20 @@ def worker_chunk(url: str, config: Config, views: int, chunk: int) -> int:
     return compute_chunk(group, features.resolve_backbone(config), chunk, views, config["hcl_features"])
 
 
+def mask_preview(group, path: Path, title: str, k: int = 4) -> Path:
+    """The first crops with their foreground masks (nearest-upsampled) blended over them, as a PNG."""
+    from pipeline.plots import overlay_grid
+
+    images, masks = group["image"][:k], group["fg_mask"][:k].astype(np.uint8)
+    scale = images.shape[1] // masks.shape[1]
+    full = np.zeros(images.shape[:3], dtype=np.uint8)
+    up = masks.repeat(scale, axis=1).repeat(scale, axis=2)
+    full[:, : up.shape[1], : up.shape[2]] = up[:, : full.shape[1], : full.shape[2]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay_grid(images, {"fg_mask": full}, 2, path, ["background", "foreground"], title)
+    return path
+
+
 def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False,
         scheduler: str = "local", address: str | None = None, workers: int = 2) -> dict[str, Any]:
     base = features.run(config, workdir, split, store, scheduler=scheduler, address=address, workers=workers)
@@ -94,11 +108,14 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         seconds = time.perf_counter() - t0
         stored = sum(v for k, v in features.stored_bytes(group).items() if k in layout.arrays())
         fg = float(np.mean(group["fg_mask"][:]))
+        preview = mask_preview(group, stage_dir(config, workdir) / "features" / f"{split}-foreground.png",
+                               f"{backbone.name} foreground masks{' [RANDOM-INIT]' if backbone.random_init else ''}")
         note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
         native, concatenated = layout.native_fp16_bytes_per_sample(), layout.concatenated_fp16_bytes_per_sample()
         return {
             "store": url, "samples": n, "patch_sizes": list(layout.patch_sizes), "views": views,
             "store_bytes": stored, "foreground_share": round(fg, 4), "random_init": backbone.random_init,
+            "preview": str(preview),
             "native_fp16_bytes_per_sample": native, "concatenated_fp16_bytes_per_sample": concatenated,
             "native_over_concatenated": round(native / concatenated, 3),
             "timings": {"extract_seconds": round(seconds, 3)},

@@ -164,7 +164,8 @@ def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: Featur
         "random_init": store.random_init, "device": str(plan.device),
         "timings": {"train_seconds": round(seconds, 3), **timings},
         "summary": f"{label}: {plan.total} iterations ({rate:.2f} it/s), final loss "
-                   f"{last.get('loss', float('nan')):.4f} -> {out}{random_init.upper()}",
+                   f"{last.get('loss', float('nan')):.4f} -> {out}"
+                   + (" [RANDOM-INIT backbone features]" if store.random_init else ""),
     }
 
 

@@ -2,6 +2,7 @@
 guard), evaluation (codes against a direct computation, overclustering rows) and the stage graph."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -65,6 +66,8 @@ def test_hcl_arrays_match_a_direct_computation(workdir):
     assert variants.shape == (len(store), 2, 4, 4, 384)
     assert not np.array_equal(variants[:, 0], variants[:, 1])  # two different photometric variants per crop
     assert store.array("hcl_aug_p56").shape[1:] == (2, 1, 1, 384)
+    preview = read_manifest(workdir / "synthetic", "features-train-hcl")["outputs"]["preview"]
+    assert preview.endswith("train-foreground.png") and os.path.getsize(preview) > 0
 
 
 def test_hcl_stage_resumes_unfinished_chunks_and_leaves_hp_arrays_alone(workdir):
