@@ -13,17 +13,31 @@ def many_to_one_match(confusion: np.ndarray) -> np.ndarray:
     return np.asarray(confusion).argmax(axis=0).astype(np.int64)
 
 
-def standardize_pca(features: np.ndarray, dims: int) -> np.ndarray:
+def standardize_pca(features: np.ndarray, dims: int, block: int = 65_536) -> np.ndarray:
     """Zero-mean unit-variance per channel, then projection on the top `dims` principal axes (SVD of the covariance).
 
-    Statistics in float64, the (M, D) matrix itself in float32: val sets have millions of patches.
+    Streams `block` rows at a time (statistics in float64), so a val set of millions of float16 patches never
+    exists as one float32/float64 copy: only the (M, dims) result is held.
     """
-    x = np.asarray(features, dtype=np.float32)
-    mean, std = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
-    x = ((x - mean.astype(np.float32)) / np.maximum(std, 1e-8).astype(np.float32)).astype(np.float32)
-    cov = (x.T.astype(np.float64) @ x.astype(np.float64)) / max(len(x) - 1, 1)
-    u, _, _ = np.linalg.svd(cov, hermitian=True)
-    return np.ascontiguousarray(x @ u[:, : min(dims, x.shape[1])].astype(np.float32), dtype=np.float32)
+    m, d = features.shape
+    blocks = [slice(i, min(i + block, m)) for i in range(0, m, block)]
+    total = np.zeros(d)
+    for b in blocks:
+        total += features[b].astype(np.float64).sum(0)
+    mean = total / m
+    cov = np.zeros((d, d))
+    for b in blocks:
+        x = features[b].astype(np.float64) - mean
+        cov += x.T @ x
+    std = np.maximum(np.sqrt(np.diag(cov) / m), 1e-8)
+    corr = cov / max(m - 1, 1) / np.outer(std, std)  # covariance of the standardized features
+    u, _, _ = np.linalg.svd(corr, hermitian=True)
+    axes = (u[:, : min(dims, d)] / std[:, None]).astype(np.float32)  # standardize and project in one product
+    shift = (mean.astype(np.float32) @ axes).astype(np.float32)
+    out = np.empty((m, axes.shape[1]), dtype=np.float32)
+    for b in blocks:
+        out[b] = features[b].astype(np.float32) @ axes - shift
+    return out
 
 
 def nearest_resize(maps: np.ndarray, size: int) -> np.ndarray:

@@ -243,7 +243,7 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
 def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
     """The overclustering protocol (specs/HCL.md §5) on one feature kind's val features, as a result row."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
-    features = store.read("feat", 0, len(store)).astype(np.float32)
+    features = store.read("feat", 0, len(store))  # float16: standardize_pca converts block by block
     out = overcluster_maps(features, val_images.read("label", 0, len(store)), n_classes, e_cfg["overcluster_k"],
                            e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
                            e_cfg["overcluster_size"])

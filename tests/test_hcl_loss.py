@@ -163,6 +163,7 @@ def test_standardize_pca_matches_float64_reference():
     got = standardize_pca(x.astype(np.float32), 5)
     # principal axes are defined up to sign
     np.testing.assert_allclose(np.abs(got), np.abs(ref), atol=1e-3)
+    np.testing.assert_allclose(standardize_pca(x.astype(np.float32), 5, block=64), got, atol=1e-4)  # streamed
 
 
 def test_overcluster_maps_on_class_features_is_perfect_at_any_mask_size():
