@@ -19,7 +19,7 @@ from pipeline.hcl.extract import hcl_views
 from pipeline.hcl.foreground import foreground_mask
 from pipeline.hcl.heads import build_model
 from pipeline.hcl.mogo import MemoryBank
-from pipeline.hcl.multilevel import concat_levels, multilevel_features
+from pipeline.hcl.multilevel import multilevel_features, patch_sizes
 from pipeline.hcl.step import head_input, mogo_samples, param_groups, training_step, two_variants, variant_levels
 from stages import features as features_stage
 from stages import features_hcl, prepare, train_hcl
@@ -27,14 +27,15 @@ from stages.bench import bench_config, report
 from stages.bench_train import _median_seconds
 
 
-def _live_inputs(backbone, images: np.ndarray, indices: np.ndarray, seed: int) -> tuple[torch.Tensor, ...]:
-    """What the reference computes per step: two variants through every branch, the mask from attention."""
+def _live_inputs(backbone, images: np.ndarray, indices: np.ndarray, seed: int,
+                 variants: tuple[int, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """What the reference computes live: the requested variants through every branch (head inputs), and the
+    foreground mask from the first one's attention."""
     x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
     views = hcl_views(x, indices, 2, seed).reshape(len(x), 2, *x.shape[1:])
-    levels = [multilevel_features(backbone, views[:, v]) for v in range(2)]
-    finest = f"p{min(int(k[1:]) for k in levels[0] if k.startswith('p'))}"
-    tokens = [concat_levels(lv, finest).flatten(1, 2) for lv in levels]
-    return tokens[0], tokens[1], foreground_mask(levels[0]["cls_attn"]).flatten(1)
+    levels = [multilevel_features(backbone, views[:, v]) for v in variants]
+    sizes, cpu = patch_sizes(backbone.name), torch.device("cpu")
+    return [head_input(lv, sizes, cpu) for lv in levels], foreground_mask(levels[0]["cls_attn"]).flatten(1)
 
 
 def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
@@ -75,14 +76,15 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     def live() -> None:
         for _ in range(iterations):
             idx = rng.choice(len(decoded), batch_size, replace=False)
-            step(*_live_inputs(model_bb, decoded[idx], idx, seed))
+            (x1, x2), fg = _live_inputs(model_bb, decoded[idx], idx, seed, (0, 1))
+            step(x1, x2, fg)
 
     def mogo_live() -> None:
         """The reference's pass: every branch of view 2 and the mask, live, then the same sampling and k-means."""
         fg_all, bg_all = [], []
         for start in range(0, len(decoded), batch_size):
             idx = np.arange(start, min(start + batch_size, len(decoded)))
-            _, x2, fg = _live_inputs(model_bb, decoded[idx], idx, seed)
+            (x2,), fg = _live_inputs(model_bb, decoded[idx], idx, seed, (train_hcl.MOGO_VIEW,))  # view 2 only
             fg_s, bg_s = mogo_samples(model, x2, fg, h_cfg["sample_fraction"], generator)
             fg_all.append(fg_s)
             bg_all.append(bg_s)
