@@ -22,7 +22,6 @@ from pipeline.hp.model import HPHeads
 
 @dataclass
 class Encoder:
-    method: str
     dim: int
     arrays: tuple[str, ...]  # the store arrays `from_arrays` reads
     from_arrays: Callable[[dict[str, Tensor]], Tensor]  # store arrays (B, ...) -> codes (B, dim, h, w)
@@ -39,7 +38,7 @@ def _hp(state: dict[str, Any]) -> Encoder:
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
     heads.eval()
-    return Encoder("hp", heads.dim, ("feat",),
+    return Encoder(heads.dim, ("feat",),
                    lambda a: heads.codes(a["feat"].float().permute(0, 3, 1, 2)),
                    lambda backbone, x: heads.codes(backbone(x).feat.permute(0, 3, 1, 2)))
 
@@ -59,7 +58,7 @@ def _hcl(state: dict[str, Any]) -> Encoder:
         return encode(arrays)
 
     names = ("feat", *(f"hcl_p{p}" for p in sizes[1:]), "hcl_cls")
-    return Encoder("hcl", state["hcl"]["dim"], names, encode, live)
+    return Encoder(state["hcl"]["dim"], names, encode, live)
 
 
 ENCODERS: dict[str, Callable[[dict[str, Any]], Encoder]] = {"hp": _hp, "hcl": _hcl}

@@ -232,22 +232,12 @@ def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | Non
     return out
 
 
-def _codes(encoder, store: FeatureStore, batch: int = 16) -> torch.Tensor:
-    """The head's codes (N, D, h, w) of every sample of a store."""
-    out = []
-    for start in range(0, len(store), batch):
-        stop = min(start + batch, len(store))
-        arrays = {n: torch.from_numpy(store.read(n, start, stop)).float() for n in encoder.arrays}
-        with torch.no_grad():
-            out.append(encoder.from_arrays(arrays))
-    return torch.cat(out)
-
-
 def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
     """Raw features, HP and HCL on the same cache: cluster probe (Hungarian) and overclustering on val."""
     from pipeline.encoders import load_encoder
     from pipeline.overcluster import overcluster_maps
     from stages import features_hcl
+    from stages.evaluate import encode_range
 
     hp_config = {**config, "train": {**config["train"], "method": "hp"}}
     hcl_config = {**config, "train": {**config["train"], "method": "hcl"}}
@@ -265,7 +255,7 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
                               torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))}
     for name, m in (("hp", manifest), ("hcl", hcl_manifest)):
         encoder = load_encoder(m["outputs"]["checkpoint"])
-        codes[name] = (_codes(encoder, store), _codes(encoder, val))
+        codes[name] = tuple(encode_range(encoder, s, 0, len(s), 16) for s in (store, val))
     figures = {"dataset": config["dataset"]["name"], "backbone": config["features"]["backbone"]
                + (" [random-init]" if store.random_init else ""), "val_images": len(val)}
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion,
 from pipeline.overcluster import overcluster_maps
 from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
 from pipeline.runner import StageContext, run_stage
-from stages import features as features_stage
+from stages import features_hcl
 from stages import train as train_stage
 
 RAW = "DINO"  # the row name of raw backbone features (the papers' naming); head rows carry the method's name
@@ -57,6 +57,14 @@ def probes_of(config: Config) -> list[str]:
 
 
 # ---------------------------------------------------------------- codes (written once)
+def encode_range(encoder: Encoder, source: FeatureStore, start: int, stop: int, batch: int) -> torch.Tensor:
+    """The head's codes (n, D, h, w) of samples [start, stop) of `source`, `batch` samples per forward."""
+    arrays = {name: torch.from_numpy(source.read(name, start, stop)).float() for name in encoder.arrays}
+    with torch.no_grad():
+        return torch.cat([encoder.from_arrays({k: v[i:i + batch] for k, v in arrays.items()})
+                          for i in range(0, stop - start, batch)])
+
+
 def write_codes(encoder: Encoder, source: FeatureStore, url: str, fresh: bool, batch: int, fp: str) -> FeatureStore:
     """The head's codes of every sample of `source` into a store (labels copied), resumable per chunk."""
     n, h, _, _ = source.array("feat").shape
@@ -69,10 +77,7 @@ def write_codes(encoder: Encoder, source: FeatureStore, url: str, fresh: bool, b
     pending = np.flatnonzero(~writer.finished_chunks(group))
     for chunk in tqdm(pending, desc=f"codes {source.attrs['split']}", unit="chunk", leave=False):
         start, stop = writer.chunk_range(group, int(chunk))
-        arrays = {name: torch.from_numpy(source.read(name, start, stop)).float() for name in encoder.arrays}
-        with torch.no_grad():
-            codes = torch.cat([encoder.from_arrays({k: v[i:i + batch] for k, v in arrays.items()})
-                               for i in range(0, stop - start, batch)])
+        codes = encode_range(encoder, source, start, stop, batch)
         data = {"feat": codes.permute(0, 2, 3, 1).to(torch.float16).numpy()}
         if label_size:
             data["label"] = source.read("label", start, stop)
@@ -264,12 +269,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     run = run or method
     label = kind_label("head", method)
     train_manifest = train_stage.run(config, workdir, run)
-    if method == "hcl":
-        from stages import features_hcl
-
-        val_manifest = features_hcl.run(config, workdir, "val")
-    else:
-        val_manifest = features_stage.run(config, workdir, "val")
+    val_manifest = features_hcl.run_for_method(config, workdir, "val")
     sdir, rdir = stage_dir(config, workdir), train_stage.run_dir(config, workdir, run)
     e_cfg = config["evaluate"]
     train_store = FeatureStore.open(train_manifest["outputs"]["store"])

@@ -18,7 +18,7 @@ from cache import writer
 from cache.schema import DONE_HCL, HCLLayout
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.graph import stage_dir, stage_plan
+from pipeline.graph import method_of, stage_dir, stage_plan
 from pipeline.hcl.extract import hcl_chunk
 from pipeline.hcl.multilevel import patch_sizes
 from pipeline.runner import StageContext, run_stage
@@ -125,3 +125,10 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         }
 
     return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+
+
+def run_for_method(config: Config, workdir: Path, split: str) -> dict[str, Any]:
+    """The features stage the configured method reads: HCL's arrays for hcl (which runs the base stage first)."""
+    if method_of(config) == "hcl":
+        return run(config, workdir, split)
+    return features.run(config, workdir, split)

@@ -31,7 +31,7 @@ from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext, run_stage
-from stages import features
+from stages import features_hcl
 
 
 def pick_device(name: str) -> torch.device:
@@ -261,16 +261,15 @@ def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, dev
 
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train the configured method (train.method) into run `run` (default: the method's name)."""
+    from stages import train_hcl  # imports this module
+
     method = method_of(config)
     run = run or method
-    if method == "hcl":
-        from stages import features_hcl, train_hcl
-
-        manifest = features_hcl.run(config, workdir, "train")
+    manifest = features_hcl.run_for_method(config, workdir, "train")
+    if method == "hcl":  # the store's fingerprint is the base features stage's, HCL's stage records it as input
         trainer, needs = train_hcl.train, features_hcl.hcl_arrays
         store_fingerprint = manifest["inputs"]["features-train"]
     else:
-        manifest = features.run(config, workdir, "train")
         trainer, needs = train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")]
         store_fingerprint = manifest["fingerprint"]
     url = manifest["outputs"]["store"]
