@@ -3,6 +3,11 @@
 The first axis of every array is the sample; every array is chunked along it with the same
 `chunk_size`, so chunk `c` of every array covers samples `[c*chunk_size, (c+1)*chunk_size)` and
 one worker writing chunk `c` of all arrays is that chunk's only writer.
+
+Sample order (schema 2): a training store holds its crops in a seeded random permutation of all prepared crops
+(cache/order.py, specs/HP.md §7), evaluation stores in the dataset's order; `crop_order` (sample -> prepared
+crop index) and `source_image` (sample -> source image index) say which crop each sample is. Every array,
+`image` and `label` included, follows that order.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crops in a random permutation (train), crop_order and source_image arrays
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
 DONE_HCL = "_done_hcl"  # the same, for the HCL arrays added to a finished store by `features --method hcl`
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
@@ -41,6 +46,8 @@ class Layout:
             "feat": ((g, g, c), "float16"),
             "cls_attn": ((self.num_heads, g, g), "float16"),
             "image": ((self.resolution, self.resolution, 3), "uint8"),
+            "crop_order": ((), "int32"),  # sample -> its crop's index in prepared/<split>/samples.txt
+            "source_image": ((), "int32"),  # sample -> index of the image it was cropped from
         }
         if self.n_views:
             arrays["feat_aug"] = ((self.n_views, g, g, c), "float16")

@@ -11,16 +11,13 @@ forced offline, then checks whether the network is reachable before attempting a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import math
 import os
-import pickle
 import socket
 import threading
 import urllib.parse
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipeline.checkpoints import BACKBONE_GLOBALS, load_torch_file
 from pipeline.errors import UserError
 
 # name -> (patch_size, embed_dim, num_heads); depth is 12 for all four.
@@ -240,31 +238,12 @@ def _pretrained_model(name: str) -> torch.nn.Module:
         raise UserError(f"downloading DINO weights for {name} failed ({e}). {_ALTERNATIVES}") from e
 
 
-def _unreadable(path: Path, e: BaseException) -> UserError:
-    return UserError(f"cannot read checkpoint {path} ({type(e).__name__}): not a PyTorch checkpoint, or a "
-                     "corrupt one. Pass a DINO checkpoint file, e.g. dino_deitsmall16_pretrain.pth")
-
-
-def _read_checkpoint(path: Path) -> object:
-    """torch.load with weights_only (argparse.Namespace allowed: DINO training checkpoints store `args`).
-
-    Only when the safe unpickler rejects a Python class (some other training script's checkpoint) is the
-    file loaded with weights_only=False, which can run code from the file: pass only files you trust.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise _unreadable(path, e) from e
-        warnings.warn(f"{path}: holds Python objects besides tensors; unpickling it fully "
-                      "(trusted files only)", stacklevel=3)
-    except Exception as e:
-        raise _unreadable(path, e) from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise _unreadable(path, e) from e
+def _read_checkpoint(path: Path, trust: bool) -> object:
+    """DINO checkpoints load without running code (their `args` Namespace is allowed); anything needing other
+    Python classes is refused unless the user explicitly trusts the file."""
+    return load_torch_file(path, allowed=BACKBONE_GLOBALS, trust=trust, what="checkpoint",
+                           fix="Pass a plain DINO checkpoint (e.g. dino_deitsmall16_pretrain.pth), or, only for a "
+                               "file from a source you trust, add --trust-weights (unpickles it fully)")
 
 
 def _strip(key: str) -> str:
@@ -319,11 +298,11 @@ def _mismatch(
     return f"checkpoint {path} does not match {name}: {'; '.join(parts)}{hint}"
 
 
-def _file_model(name: str, path: Path) -> torch.nn.Module:
+def _file_model(name: str, path: Path, trust: bool) -> torch.nn.Module:
     if not path.is_file():
         raise UserError(f"checkpoint file {path} not found. Pass an existing DINO checkpoint with --weights, "
                         "or use --random-init")
-    sd = extract_state_dict(_read_checkpoint(path), path)
+    sd = extract_state_dict(_read_checkpoint(path, trust), path)
     model = _random_model(name)
     error = _mismatch(sd, model.state_dict(), path, name)
     if error:
@@ -332,8 +311,11 @@ def _file_model(name: str, path: Path) -> torch.nn.Module:
     return model
 
 
-def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", amp: bool = False) -> Backbone:
+def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", amp: bool = False,
+                  trust: bool = False) -> Backbone:
     """weights: "pretrained" (timm / HF cache), "random" (seeded, the same everywhere) or a checkpoint path.
+
+    trust: unpickle a checkpoint file fully (it may run code): the user's explicit --trust-weights only.
 
     amp: run under bfloat16 (float16 where unsupported) autocast, on CUDA only; outputs stay float32.
     """
@@ -344,5 +326,5 @@ def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", a
         model, label = _random_model(name), "random-init"
     else:
         path = Path(weights.removeprefix("file:")).expanduser()
-        model, label = _file_model(name, path), f"file:{path}"
+        model, label = _file_model(name, path, trust), f"file:{path}"
     return Backbone(model, name, label, amp=amp).to(device)

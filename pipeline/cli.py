@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.cluster import set_tls_files
 from pipeline.config import Config, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
 
@@ -41,6 +42,16 @@ Weights = Annotated[
 Method = Annotated[str | None, typer.Option(help="hp or hcl (train.method); hcl adds HCL's arrays to the stores.")]
 RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
                                              "is <workdir>/<dataset>/runs/<run>.")]
+TrustWeights = Annotated[
+    bool, typer.Option(help="Unpickle a --weights file fully, which can run code from it: only for files from a "
+                            "source you trust (recorded in the manifest). Without it such a file is refused.")
+]
+TlsCa = Annotated[str | None, typer.Option("--tls-ca-file", help="CA certificate (PEM) for a tls:// scheduler "
+                                          "(default: dask config distributed.comm.tls.ca-file).")]
+TlsCert = Annotated[str | None, typer.Option("--tls-cert", help="This client's certificate (PEM) for a tls:// "
+                                             "scheduler (default: distributed.comm.tls.client.cert).")]
+TlsKey = Annotated[str | None, typer.Option("--tls-key", help="This client's private key (PEM) for a tls:// "
+                                            "scheduler (default: distributed.comm.tls.client.key).")]
 RandomInit = Annotated[
     bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")
 ]
@@ -54,6 +65,7 @@ def build_config(
     weights: str | None = None,
     random_init: bool = False,
     method: str | None = None,
+    trust_weights: bool = False,
     **features: object,
 ) -> Config:
     """The preset, then --set pairs, then dedicated options (which win)."""
@@ -70,6 +82,8 @@ def build_config(
         overrides["features.weights"] = weights
     if random_init:
         overrides["features.weights"] = "random"
+    if trust_weights:
+        overrides["features.trust_weights"] = True
     overrides.update({f"features.{k}": v for k, v in features.items() if v is not None})
     return load_config(dataset, overrides)
 
@@ -93,11 +107,16 @@ def features(
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
     n_views: Annotated[int | None, typer.Option(help="Photometric views per training crop.")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Samples per chunk (= backbone batch).")] = None,
     scheduler: Annotated[str, typer.Option(help="local | local-cluster | distributed.")] = "local",
-    address: Annotated[str | None, typer.Option(help="dask scheduler address for --scheduler distributed.")] = None,
+    address: Annotated[str | None, typer.Option(help="dask scheduler for --scheduler distributed: tls://HOST:PORT "
+                                                "(with --tls-*), or tcp:// on a trusted network.")] = None,
     workers: Annotated[int, typer.Option(help="Workers for --scheduler local-cluster.")] = 2,
+    tls_ca_file: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     method: Method = None,
     set_: Sets = None,
     force: Force = False,
@@ -107,13 +126,14 @@ def features(
     from stages import features as stage
     from stages import features_hcl
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method,
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
     splits = ["train", "val"] if split == "all" else [split]
     if store and len(splits) > 1:
         raise UserError("--store names one store: pass --split train or --split val with it")
     if scheduler == "distributed" and not address:
-        raise UserError("--scheduler distributed needs --address tcp://HOST:PORT of a dask scheduler")
+        raise UserError("--scheduler distributed needs --address tls://HOST:PORT (or tcp://) of a dask scheduler")
+    set_tls_files(tls_ca_file, tls_cert, tls_key)
     for s in splits:
         stage.run(config, workdir, s, store, force, scheduler, address, workers)
         if method_of(config) == "hcl":
@@ -130,6 +150,7 @@ def train(
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (train.epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (train.batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (train.device).")] = None,
@@ -142,11 +163,11 @@ def train(
     from pipeline.graph import method_of
     from stages import train as stage
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method)
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
     section = "hcl" if method_of(config) == "hcl" else "train"  # epochs and batch size are the method's own
     overrides = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
     sets = [*(set_ or []), *(f"{k}={v}" for k, v in overrides.items() if v is not None)]
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method)
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method, trust_weights)
     stage.run(config, workdir, run, force or not resume)
 
 
@@ -160,8 +181,12 @@ def evaluate(
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
     probe: Annotated[str | None, typer.Option(help="cluster, linear or all (evaluate.probes).")] = None,
     crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on the val predictions.")] = None,
+    tls_ca_file: TlsCa = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
     set_: Sets = None,
     force: Force = False,
 ) -> None:
@@ -174,7 +199,8 @@ def evaluate(
         sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
     if crf is not None:
         sets.append(f"evaluate.crf={crf}")
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method)
+    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method, trust_weights)
+    set_tls_files(tls_ca_file, tls_cert, tls_key)  # for evaluate.crf_address = tls://...
     stage.run(config, workdir, run, force)
 
 
@@ -191,6 +217,7 @@ def predict(
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
     set_: Sets = None,
 ) -> None:
     """Segment new images: backbone (live) -> head -> probe; writes label PNGs and overlays.
@@ -203,7 +230,7 @@ def predict(
 
     if probe not in ("cluster", "linear"):
         raise UserError(f"--probe must be cluster or linear, got '{probe}'")
-    config = build_config(dataset, None, set_, backbone, weights, random_init, method)
+    config = build_config(dataset, None, set_, backbone, weights, random_init, method, trust_weights)
     stage.run(config, workdir, run, source, out, probe, crf)
 
 
@@ -235,18 +262,18 @@ def report(
 @app.command()
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
-           method: Method = None, set_: Sets = None) -> None:
+           trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
     from pipeline.graph import METHODS, method_of, stage_dir, stage_plan
     from pipeline.runner import read_manifest, stage_state
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method)
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
     sdir = stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
     rows = []
-    plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m), workdir, stores)
-             for m in METHODS}
+    plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m, trust_weights),
+                           workdir, stores) for m in METHODS}
     for name, (stage_config, inputs) in plans[method_of(config)].items():
         if name.endswith("-hcl") and method_of(config) != "hcl" and read_manifest(sdir, name) is None:
             continue  # HCL's arrays: shown once built, or when the config is an HCL one
@@ -344,13 +371,24 @@ def bench_quality(
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
     set_: Sets = None,
+    planted: Annotated[bool, typer.Option(help="Planted features with a known answer (no backbone): HP head vs "
+                                               "raw features vs a deliberately broken loss.")] = False,
+    seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
-    """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering."""
+    """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering.
+    With --planted: the HP head vs raw features on planted features (README, "Quality with a known answer")."""
+    if planted:
+        from stages import bench_planted
+
+        bench_planted.planted_quality(seeds, workdir, json_)
+        return
     from stages import bench_train
 
-    bench_train.quality(build_config(dataset, data_root, set_, backbone, weights, random_init), workdir, json_)
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, trust_weights=trust_weights)
+    bench_train.quality(config, workdir, json_)
 
 
 @bench_app.command("evaluate")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from pipeline.backbone import Backbone
+from pipeline.checkpoints import load_checkpoint
 from pipeline.hcl.heads import HCLModel, build_model
 from pipeline.hcl.multilevel import multilevel_features
 from pipeline.hcl.step import head_input, plain_levels
@@ -65,5 +66,5 @@ ENCODERS: dict[str, Callable[[dict[str, Any]], Encoder]] = {"hp": _hp, "hcl": _h
 
 
 def load_encoder(checkpoint: str) -> Encoder:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     return ENCODERS[state.get("method", "hp")](state)

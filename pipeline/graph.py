@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cache.schema import SCHEMA_VERSION
 from pipeline.config import Config, dataset_root, fingerprint, sections
 from pipeline.errors import UserError
 
@@ -20,14 +21,14 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "features-train-hcl": (("hcl_features",), ("features-train",)),
     "features-val-hcl": (("hcl_features",), ("features-val",)),
     "train": (("train",), ("features-train",)),
-    "evaluate": (("evaluate",), ("train", "features-val")),
+    "evaluate": (("evaluate", "paper"), ("train", "features-val")),  # [paper]: the numbers the report compares with
 }
 # what differs for a method other than HP: its train and evaluate stages read the HCL arrays
 METHOD_STAGES: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "hp": {},
     "hcl": {
         "train": (("train", "hcl"), ("features-train-hcl",)),
-        "evaluate": (("evaluate",), ("train", "features-val-hcl")),
+        "evaluate": (("evaluate", "paper"), ("train", "features-val-hcl")),
     },
 }
 METHODS = tuple(METHOD_STAGES)
@@ -71,12 +72,17 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     """stage -> (its config, its inputs {upstream: fingerprint}), in dependency order.
 
     Besides config sections, `prepare` depends on the list of source files and each
-    `features-<split>` stage on the URL of the store it writes.
+    `features-<split>` stage on the URL of the store it writes and the store schema version.
     """
     extras: dict[str, dict[str, Any]] = {"prepare": {"sources": sources_fingerprint(config, workdir)}}
     for split in ("train", "val"):
         url = (stores or {}).get(split) or default_store_url(config, workdir, split)
-        extras[f"features-{split}"] = {"store": url}
+        extras[f"features-{split}"] = {"store": url, "schema": SCHEMA_VERSION}  # a new layout rebuilds stores
+    from pipeline.hp.online_probes import online_probe_settings
+
+    online = online_probe_settings(config)
+    if online:  # protocol paper: the train stage also trains the evaluation probes (specs/HP.md §8)
+        extras["train"] = {"online_probes": online}
     plan: dict[str, tuple[dict, dict]] = {}
     for name, (names, upstream) in {**STAGES, **METHOD_STAGES[method_of(config)]}.items():
         stage_config = {**sections(config, *names), **extras.get(name, {})}

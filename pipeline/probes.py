@@ -36,7 +36,9 @@ def adam_cluster_probe(codes: np.ndarray, k: int, seed: int = 0, steps: int = 30
     """The reference's cluster probe (§8): centroids trained with Adam(5e-3) on −mean(max_k cos).
 
     Started from farthest-point samples of the codes rather than the reference's random normal
-    vectors, so that no centroid starts (and stays) dead.
+    vectors, so that no centroid starts (and stays) dead, and fitted after training on the finished
+    head's codes (protocol kmeans, cluster_method = adam). The reference's own protocol, the probe
+    trained online beside the head, is evaluate.protocol = paper (pipeline/hp/online_probes.py).
     """
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.from_numpy(np.asarray(codes, dtype=np.float32)), dim=1)

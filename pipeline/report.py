@@ -1,13 +1,17 @@
 """The evaluation report: one Markdown page with the protocol, the results table and the pictures.
 
 Plain Markdown so it reads on GitHub, in an editor or a terminal; pictures are linked relative to the page so the
-run folder can be moved or archived as a whole.
+run folder can be moved or archived as a whole. Where the preset holds the paper's numbers for the dataset
+(`[paper]`, specs/HP.md §8), each row shows the paper's number for the same backbone and probe beside it, and the
+page lists every way the run departs from the paper's setting, so that the distance to the paper reads at a glance.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 RANDOM_INIT_NOTE = ("**Random-initialized backbone: these numbers test the pipeline, they say nothing about the "
@@ -38,16 +42,105 @@ def _row(cells: list[str] | tuple[str, ...]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def results_table(results: list[dict]) -> list[str]:
-    """Markdown table lines, one row per result; a missing key is named in a ValueError."""
-    lines = [_row(HEADER), _row(["---"] * 4 + ["---:"] * 2)]
+def results_table(results: list[dict], paper: bool = False) -> list[str]:
+    """Markdown table lines, one row per result; a missing key is named in a ValueError. A protocol column when
+    the rows name theirs; with `paper`, the paper's mIoU and Acc for the same features and probe."""
+    with_protocol = any("protocol" in r for r in results)
+    header = list(HEADER[:4]) + (["protocol"] if with_protocol else []) + list(HEADER[4:])
+    header += list(PAPER_HEADER) if paper else []
+    lines = [_row(header), _row(["---"] * (4 + with_protocol) + ["---:"] * (len(header) - 4 - with_protocol))]
     for i, result in enumerate(results):
         missing = [k for k in RESULT_KEYS if k not in result]
         if missing:
             raise ValueError(f"metrics['results'][{i}] lacks {', '.join(missing)} (needs {', '.join(RESULT_KEYS)})")
-        lines.append(_row([_cell(result["name"]), _cell(result["probe"]), _cell(result["features"]),
-                           _cell(bool(result["crf"])), _spread(result, "miou"), _spread(result, "acc")]))
+        cells = [_cell(result["name"]), _cell(result["probe"]), _cell(result["features"]), _cell(bool(result["crf"]))]
+        cells += [_cell(result.get("protocol"))] if with_protocol else []
+        cells += [_spread(result, "miou"), _spread(result, "acc")]
+        cells += [_cell(result.get("paper_miou")), _cell(result.get("paper_acc"))] if paper else []
+        lines.append(_row(cells))
     return lines
+
+
+# ---------------------------------------------------------------- the paper's numbers (specs/HP.md §8)
+PAPER_HEADER = ("paper mIoU (%)", "paper Acc (%)")
+PAPER_BATCH = 64  # specs/HP.md §5-§6: every preset of the paper trains with batch 64
+
+
+def backbone_label(name: str) -> str:
+    """timm's name as papers write it: vit_small_patch8_224.dino -> ViT-S/8 (DINO)."""
+    m = re.match(r"vit_(tiny|small|base|large)_patch(\d+)", name)
+    if not m:
+        return name
+    size = {"tiny": "Ti", "small": "S", "base": "B", "large": "L"}[m.group(1)]
+    return f"ViT-{size}/{m.group(2)}" + (" (DINO)" if name.endswith(".dino") else "")
+
+
+def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, protocol: str,
+                     crf: bool) -> dict[str, Any] | None:
+    """The paper's numbers for this run's dataset and backbone, and every way the run's settings differ from the
+    paper's (weights, backbone, head width, epochs, batch, protocol, CRF, checkpoint choice); None when the
+    preset holds no paper numbers for the dataset."""
+    paper = config.get("paper") or {}
+    reported = paper.get("results") or []
+    if not reported:
+        return None
+    dataset, backbone, t_cfg = config["dataset"]["name"], config["features"]["backbone"], config["train"]
+    method = t_cfg["method"]
+    same = [r for r in reported if r["backbone"] == backbone and (method == "hp" or r["features"] == "raw")]
+    differences = []
+    if method != "hp":
+        differences.append(f"method {method.upper()}: the paper's numbers are HP's; only the raw-feature (DINO) "
+                           "rows have a paper number beside them")
+    if random_init:
+        differences.append("random-initialized backbone weights (the paper: DINO's pretrained weights): the rows "
+                           "test the pipeline and are not comparable with the paper's")
+    elif config["features"]["weights"] not in ("pretrained", "auto"):
+        differences.append(f"backbone weights from {config['features']['weights']} (the paper: DINO's released "
+                           "weights)")
+    if not same:
+        others = sorted({backbone_label(r["backbone"]) for r in reported})
+        differences.append(f"backbone {backbone_label(backbone)}: the paper reports no number with it on {dataset} "
+                           f"(it reports {', '.join(others)}), so the paper columns are empty")
+    head_dims = {r["head_dim"] for r in same if r.get("head_dim")}
+    if method == "hp" and head_dims and t_cfg["head_dim"] not in head_dims:
+        differences.append(f"head width D = {t_cfg['head_dim']} (the paper: {', '.join(map(str, head_dims))})")
+    if method == "hp" and paper.get("epochs") and t_cfg["epochs"] != paper["epochs"]:
+        differences.append(f"{t_cfg['epochs']} training epochs (the paper: {paper['epochs']})")
+    if method == "hp" and t_cfg["batch_size"] != PAPER_BATCH:
+        differences.append(f"batch {t_cfg['batch_size']} (the paper: {PAPER_BATCH})")
+    if method == "hp" and protocol != "paper":
+        differences.append(f"evaluation protocol {protocol}: probes fitted after training (the paper: probes "
+                           "trained online with the head; --set evaluate.protocol=paper)")
+    if not crf:
+        differences.append("dense CRF off: the paper's numbers are after CRF (--set evaluate.crf=true)")
+    differences.append("checkpoint: hp-pipe evaluates the last one; the reference reports the one with the best "
+                       "validation metrics, chosen on the labels it reports on")
+    if any(r["features"] == "raw" for r in same):
+        differences.append("DINO rows: the paper's come from STEGO's evaluation of raw DINO features; hp-pipe's raw "
+                           "rows use k-means and a linear probe fitted after training")
+    return {
+        "source": paper.get("source", ""), "dataset": dataset, "backbone": backbone, "epochs": paper.get("epochs"),
+        "after_crf": True,
+        "numbers": {f"{r['features']} {r['probe']}": {"miou": r.get("miou"), "acc": r.get("acc")} for r in same},
+        "differences": differences,
+    }
+
+
+def with_paper_numbers(results: list[dict], comparison: dict[str, Any] | None) -> list[dict]:
+    """Each result row with `paper_miou` / `paper_acc`: the paper's number for its features and probe, or None."""
+    numbers = (comparison or {}).get("numbers", {})
+    out = []
+    for result in results:
+        number = numbers.get(f"{result['features']} {result['probe']}", {})
+        out.append({**result, "paper_miou": number.get("miou"), "paper_acc": number.get("acc")})
+    return out
+
+
+def paper_section(comparison: dict[str, Any]) -> list[str]:
+    """The report's "Compared with the paper" lines: the source and every difference of setting."""
+    lines = ["## Compared with the paper", "", f"Paper columns: {comparison['source']}. The paper's numbers are "
+             "after dense CRF: compare them with the `+ CRF` rows.", "", "Where this run differs from the paper:", ""]
+    return lines + [f"- {d}" for d in comparison["differences"]]
 
 
 def relative_link(target: str | Path, folder: Path) -> str:
@@ -63,8 +156,11 @@ def write_report(metrics: dict, pictures: dict[str, str], path: Path) -> None:
         lines += [RANDOM_INIT_NOTE, ""]
     lines += ["## Protocol", ""]
     lines += [f"- **{key}**: {value}" for key, value in metrics.get("protocol", {}).items()]
+    comparison = metrics.get("paper")
+    if comparison:
+        lines += [""] + paper_section(comparison)
     lines += ["", "## Results", ""]
-    lines += results_table(metrics.get("results", []))
+    lines += results_table(metrics.get("results", []), paper=bool(comparison))
     for heading, picture in pictures.items():
         lines += ["", f"## {heading}", "", f"![{heading}]({relative_link(picture, path.parent)})"]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.reader import FeatureStore
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
 from pipeline.hp.loss import hp_loss, positive_masks
@@ -173,6 +174,11 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "dense_NxN_float32_mib_by_batch": {b: round((b * n) ** 2 * 4 / 2**20, 1) for b in peaks},
         "threads": torch.get_num_threads(),
     }
+    # (e) data order (specs/HP.md §7): distinct images per batch at the real crop counts, reader speed before/after
+    from stages.bench_order import distinct_images_figures, reader_figures
+
+    figures.update(distinct_images_figures())
+    figures.update(reader_figures(store, workdir, batch_size, t_cfg["buffer_chunks"], repeats))
     report(figures, as_json)
 
 
@@ -245,7 +251,7 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
     hcl_manifest = train_stage.run(hcl_config, workdir, "quality-hcl")
     val = FeatureStore.open(features_hcl.run(hcl_config, workdir, "val")["outputs"]["store"])
     store = FeatureStore.open(manifest["outputs"]["store"])
-    state = torch.load(manifest["outputs"]["checkpoint"], weights_only=False)
+    state = load_checkpoint(manifest["outputs"]["checkpoint"])
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
     heads.eval()

@@ -8,6 +8,12 @@ The work is split into stages with their own manifests, each resumable and skipp
                        and the linear probe (checkpointed every epoch)
   evaluate-<run>       predictions on val, metrics (before/after CRF), metrics.json and pictures
 
+`evaluate.protocol` picks how the head's probes are made. `kmeans` (above): fitted on the finished head's
+training codes. `paper` (the reference's, §8): the ClusterLookup and linear probes trained online during `train`
+on every batch's detached codes; `probe-head-<run>` copies them from the run's checkpoint into the same files,
+and `codes-<run>` writes only the val codes. The raw-feature rows keep the kmeans probes under either protocol
+(the reference evaluates no raw features).
+
 The checkpoint evaluated is always the run's last one: it is never chosen on validation labels.
 """
 
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +32,18 @@ from tqdm import tqdm
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config, fingerprint
 from pipeline.encoders import Encoder, load_encoder
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_npy, atomic_write_text
 from pipeline.graph import method_of, stage_dir, stage_plan
+from pipeline.hp.online_probes import crf_enabled, online_probe_settings, protocol_of
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.overcluster import overcluster_maps
+from pipeline.paths import inside
 from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
-from pipeline.runner import StageContext, run_stage
+from pipeline.runner import StageContext, manifest_path, run_stage
 from stages import features_hcl
 from stages import train as train_stage
 
@@ -107,7 +117,7 @@ def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], pat
     optimizer = torch.optim.Adam(probe.parameters(), lr=e_cfg["linear_lr"])
     first = 0
     settings = {k: e_cfg[k] for k in ("seed", "linear_lr", "batch_size")}
-    state = torch.load(path, weights_only=False) if path.exists() else None
+    state = load_checkpoint(path) if path.exists() else None
     if state and (state.get("settings") != settings or state["epoch"] > e_cfg["linear_epochs"]):
         log("linear probe: its settings changed, training it again")
         state = None
@@ -124,7 +134,7 @@ def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], pat
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        train_stage.save_checkpoint(path, {"probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
+        save_checkpoint(path, {"probe": probe.state_dict(), "optimizer": optimizer.state_dict(),
                                            "rng": torch.get_rng_state(), "epoch": epoch + 1, "settings": settings})
     return probe
 
@@ -156,6 +166,87 @@ def run_probes(ctx: StageContext, config: Config, store: FeatureStore, out: Path
     return outputs
 
 
+def export_online_probes(ctx: StageContext, checkpoint: str, out: Path) -> dict[str, Any]:
+    """Protocol paper (§8): the probes trained online during `train`, taken from the run's checkpoint into the
+    files the kmeans protocol writes (centroids.npy, linear.pt), so that the val pass and `predict` read both alike."""
+    state = load_checkpoint(checkpoint).get("online_probes")
+    if not state:
+        raise UserError(f"{checkpoint} holds no online probes (evaluate.protocol = paper trains them during "
+                        "`train`); retrain the run with --force, or use --set evaluate.protocol=kmeans")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "centroids.json").unlink(missing_ok=True)  # the kmeans protocol's reuse marker: never reuse these
+    outputs: dict[str, Any] = {"dir": str(out), "online": {
+        **state["settings"], "trained": state["trained"], "iterations": state["steps"],
+        "linear_iterations": state["linear_steps"]}}
+    if "cluster" in state["trained"]:
+        centroids = torch.nn.functional.normalize(state["clusters"].float(), dim=1)  # cosine: the norm is unused
+        atomic_write_npy(out / "centroids.npy", centroids.cpu().numpy())
+        outputs["centroids"] = str(out / "centroids.npy")
+    if "linear" in state["trained"]:
+        save_checkpoint(out / "linear.pt", {"probe": state["linear"], "online": True,
+                                            "iterations": state["linear_steps"], "settings": state["settings"]})
+        outputs["linear"] = str(out / "linear.pt")
+    elif "linear" in state["settings"]["probes"]:
+        ctx.log("the training split has no labels: no linear probe")
+    return outputs
+
+
+def protocol_settings(config: Config, protocol: str, crf: bool, online: dict[str, Any] | None,
+                      train_store: FeatureStore) -> dict[str, Any]:
+    """Every setting of the evaluation protocol, as data (metrics.json `protocol_settings`)."""
+    e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
+    k = n_classes + e_cfg["extra_clusters"]
+    assignment = ("argmax cosine after bilinear upsampling of the codes to the label size; Hungarian on the whole "
+                  "val set")
+    if protocol == "paper":
+        _, h, w, _ = train_store.array("feat").shape
+        label_size = train_store.array("label").shape[1:] if "label" in train_store.names() else None
+        codes = (f"detached S(f) of every training batch (dropout on), {h}x{w} grid of the "
+                 f"{train_store.attrs.get('resolution')} px training crops")
+        cluster = {"kind": "ClusterLookup (the reference's), trained online", "centroids": k,
+                   "init": f"standard normal (torch.randn), seed {e_cfg['seed']}", "optimizer": "Adam",
+                   "lr": e_cfg["cluster_lr"], "loss": "-mean over patches of max_k cos(s, c_k), at the code grid",
+                   "inputs": codes, "iterations": online["iterations"] if online else None,
+                   "assignment": assignment}
+        linear = {"kind": "1x1 conv D -> n_classes, trained online", "init": f"PyTorch default, seed {e_cfg['seed']}",
+                  "optimizer": "Adam", "lr": e_cfg["linear_lr"],
+                  "loss": f"cross-entropy at label size {label_size and list(label_size)} (logits upsampled "
+                          f"bilinearly), labels outside 0..{n_classes - 1} ignored",
+                  "inputs": codes, "iterations": online["linear_iterations"] if online else None,
+                  "prediction": "logits upsampled bilinearly to the label size, argmax"}
+    else:
+        cluster = {"kind": e_cfg["cluster_method"], "centroids": k, "seed": e_cfg["seed"],
+                   "fitted_on": f"up to {e_cfg['cluster_patches']} patches of the finished head's training codes",
+                   "assignment": assignment}
+        linear = {"kind": "1x1 conv D -> n_classes, fitted after training", "optimizer": "Adam",
+                  "lr": e_cfg["linear_lr"], "epochs": e_cfg["linear_epochs"], "batch_size": e_cfg["batch_size"],
+                  "loss": "cross-entropy at label size (logits upsampled bilinearly)"}
+    probes = probes_of(config)
+    settings = {"name": protocol, "checkpoint": "last", "cluster_probe": cluster if "cluster" in probes else None,
+                "linear_probe": linear if "linear" in probes else None, "crf": {"enabled": crf}}
+    if crf:
+        from pipeline.crf import CRF_PARAMS
+
+        settings["crf"].update(CRF_PARAMS, unary="softmax of the upsampled logits (cluster probe: 2·cos)",
+                               image="uint8, BGR")
+    if e_cfg["baselines"]:
+        settings["raw_features"] = ("k-means centroids and a linear probe fitted after training (protocol kmeans)"
+                                    + ("; the reference evaluates no raw features" if protocol == "paper" else ""))
+    return settings
+
+
+def probe_lines(settings: dict[str, Any]) -> dict[str, str]:
+    """The report's one-line descriptions of the probes, from `protocol_settings`."""
+    lines = {}
+    for key in ("cluster_probe", "linear_probe", "raw_features"):
+        value = settings.get(key)
+        if isinstance(value, dict):
+            lines[key] = "; ".join(f"{k} {v}" for k, v in value.items())
+        elif value:
+            lines[key] = value
+    return lines
+
+
 # ---------------------------------------------------------------- predictions and metrics on val
 def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: dict[str, Any], n_classes: int,
                     batch: int):
@@ -164,7 +255,7 @@ def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: di
     linear = None
     if "linear" in probe_outputs:
         linear = LinearProbe(store.array("feat").shape[-1], n_classes)
-        linear.load_state_dict(torch.load(probe_outputs["linear"], weights_only=False)["probe"])
+        linear.load_state_dict(load_checkpoint(probe_outputs["linear"])["probe"])
         linear.eval()
     for start in range(0, len(store), batch):
         stop = min(start + batch, len(store))
@@ -181,10 +272,12 @@ def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: di
 
 
 def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, probe_outputs: dict[str, Any],
-                  config: Config, keep: int, label: str) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Result rows (and the first `keep` predictions) of one feature kind, with and without CRF."""
+                  config: Config, keep: int, label: str,
+                  protocol: str = "kmeans") -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Result rows (and the first `keep` predictions) of one feature kind, with and without CRF; each row names
+    the `protocol` its probes come from."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
-    crf_states = [False, True] if e_cfg["crf"] else [False]
+    crf_states = [False, True] if crf_enabled(config) else [False]
     confusions: dict[tuple[str, bool], np.ndarray] = {}
     kept: dict[str, list[np.ndarray]] = {}
     for _, logits, labels, images in tqdm(
@@ -212,6 +305,7 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
         s = scores(matched)
         rows.append({
             "name": f"{label} {probe}" + (" + CRF" if crf else ""), "features": kind, "probe": probe,
+            "protocol": protocol,
             "cluster_to_class": mapping.tolist() if probe == "cluster" else None,
             "crf": crf, "miou": round(100 * s.miou, 2), "acc": round(100 * s.acc, 2),
             "iou": [None if v is None else round(100 * v, 2) for v in s.iou],
@@ -266,6 +360,12 @@ def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, co
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     probes_of(config)  # a typo fails before any work
     method = method_of(config)
+    protocol = protocol_of(config)
+    if protocol == "paper" and method != "hp":
+        raise UserError(f"evaluate.protocol = paper is HP's evaluation (probes trained online with the HP head, "
+                        f"specs/HP.md §8); {method.upper()} has its own: use --set evaluate.protocol=kmeans")
+    online = online_probe_settings(config)
+    crf = crf_enabled(config)
     run = run or method
     label = kind_label("head", method)
     train_manifest = train_stage.run(config, workdir, run)
@@ -277,34 +377,44 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     if "label" not in val_store.names():
         raise UserError(f"the val split of {config['dataset']['name']} has no labels ({val_store.url}): "
                         "nothing to evaluate against")
-    checkpoint = train_manifest["outputs"]["checkpoint"]
+    checkpoint = str(inside(train_manifest["outputs"]["checkpoint"], workdir, manifest_path(sdir, f"train-{run}")))
     inputs = {"train": train_manifest["fingerprint"], val_manifest["stage"]: val_manifest["fingerprint"]}
 
     # codes: written once, reused by both probes
+    # protocol paper: the head's probes were trained during `train`, only the val codes are needed
+    splits = {"val": val_store} if online else {"train": train_store, "val": val_store}
+
     def codes_body(ctx: StageContext) -> dict[str, Any]:
         encoder = load_encoder(checkpoint)
         urls = {}
-        for split, source in (("train", train_store), ("val", val_store)):
+        for split, source in splits.items():
             url = str(rdir / "codes" / f"{split}.zarr")
             write_codes(encoder, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
             urls[split] = url
-        return {**urls, "summary": f"codes of {len(train_store)} train and {len(val_store)} val crops"}
+        counts = " and ".join(f"{len(source)} {split}" for split, source in splits.items())
+        return {**urls, "summary": f"codes of {counts} crops"}
 
-    codes = run_stage(sdir, f"codes-{run}", {"run": run, "batch_size": e_cfg["batch_size"]}, inputs, codes_body,
-                      force)["outputs"]
-    kinds = {"head": (codes["train"], codes["val"])}
+    codes_cfg = {"run": run, "batch_size": e_cfg["batch_size"], **({"splits": list(splits)} if online else {})}
+    codes = run_stage(sdir, f"codes-{run}", codes_cfg, inputs, codes_body, force)["outputs"]
+    codes = {split: str(inside(url, workdir, manifest_path(sdir, f"codes-{run}"))) for split, url in codes.items()}
+    kinds = {"head": (codes.get("train"), codes["val"])}
     if e_cfg["baselines"]:
         kinds["raw"] = (train_store.url, val_store.url)
     probe_cfg = {k: e_cfg[k] for k in ("probes", "cluster_method", "extra_clusters", "cluster_patches",
                                        "linear_epochs", "linear_lr", "batch_size", "seed")}
     probe_outputs = {}
     for kind, (train_url, _) in kinds.items():
-        store = FeatureStore.open(train_url)
         probe_inputs = {**inputs, f"codes-{run}": fingerprint(codes)} if kind == "head" else inputs
-        probe_outputs[kind] = run_stage(
-            sdir, f"probe-{kind}-{run}", {"run": run, **probe_cfg}, probe_inputs,
-            lambda ctx, store=store, kind=kind: run_probes(ctx, config, store, rdir / f"probe-{kind}"), force,
-        )["outputs"]
+        if kind == "head" and online:  # protocol paper (§8): the probes trained online, from the checkpoint
+            kind_cfg = {"run": run, "protocol": protocol, **online}
+            body = partial(export_online_probes, checkpoint=checkpoint, out=rdir / "probe-head")
+        else:
+            kind_cfg = {"run": run, **probe_cfg}
+            body = partial(run_probes, config=config, store=FeatureStore.open(train_url), out=rdir / f"probe-{kind}")
+        probe_outputs[kind] = run_stage(sdir, f"probe-{kind}-{run}", kind_cfg, probe_inputs, body, force)["outputs"]
+        for key in ("centroids", "linear"):  # files the val pass loads: never outside the work folder
+            if key in probe_outputs[kind]:
+                inside(probe_outputs[kind][key], workdir, manifest_path(sdir, f"probe-{kind}-{run}"))
 
     # the same config and inputs `hp-pipe status` computes, so that it can tell whether this stage is current;
     # the probes' own settings are in the evaluate section, hence in this fingerprint too
@@ -319,7 +429,8 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         for kind, (_, val_url) in kinds.items():
             kind_store = FeatureStore.open(val_url)
             kind_rows, kind_pred = evaluate_kind(kind, kind_store, val_store, probe_outputs[kind], config, keep,
-                                                 kind_label(kind, method))
+                                                 kind_label(kind, method),
+                                                 protocol if kind == "head" else "kmeans")
             rows += kind_rows
             if e_cfg["overcluster"]:
                 rows.append(overcluster_row(kind, kind_store, val_store, config, kind_label(kind, method)))
@@ -327,24 +438,31 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
                 predictions = kind_pred
         rows.sort(key=lambda r: (r["features"] != "raw", r["probe"], r["crf"]))
         pictures = write_pictures(rows, predictions, val_store, config, out, keep, label)
+        from pipeline.report import paper_comparison, with_paper_numbers
+
+        comparison = paper_comparison(config, train_store.random_init, protocol, crf)
+        settings = protocol_settings(config, protocol, crf, probe_outputs["head"].get("online"), train_store)
         metrics = {
             "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
             "protocol": {
+                "name": protocol + (" (the reference's: probes trained online during training, specs/HP.md §8)"
+                                    if protocol == "paper" else " (probes fitted after training)"),
                 "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
                 "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
                 "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size",
                 "val_images": len(val_store),
-                "cluster_probe": f"{e_cfg['cluster_method']}, {config['dataset']['n_classes']} + "
-                                 f"{e_cfg['extra_clusters']} clusters, cosine argmax, Hungarian on the whole val set",
-                "linear_probe": f"1x1 conv, Adam {e_cfg['linear_lr']}, {e_cfg['linear_epochs']} epochs",
-                "crf": "on and off (both reported)" if e_cfg["crf"] else "off",
+                **probe_lines(settings),
+                "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()
+                                                                   if k != "enabled")) if crf else "off",
                 "overcluster": (f"standardize, PCA {e_cfg['overcluster_pca']}, k-means K = {e_cfg['overcluster_k']} "
                                 f"on the val patches, {e_cfg['overcluster_seeds']} seeds, many-to-one by precision, "
                                 f"masks at {e_cfg['overcluster_size']}x{e_cfg['overcluster_size']}; mean ± std")
                 if e_cfg["overcluster"] else "off",
                 "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
             },
-            "results": [{k: v for k, v in r.items() if k != "confusion"} for r in rows],
+            "protocol_settings": settings,
+            "paper": comparison,
+            "results": with_paper_numbers([{k: v for k, v in r.items() if k != "confusion"} for r in rows], comparison),
             "probes": probe_outputs["head"],
             "pictures": pictures,
         }

@@ -4,6 +4,10 @@ Work is split by store chunk: each chunk is one backbone batch, computed and wri
 and then flagged done. Locally, a reader thread decodes the next chunk and a writer thread
 compresses the previous one while the backbone runs; with dask, workers each load the backbone
 once and write disjoint chunks straight into the store.
+
+The training store holds the crops in a seeded random permutation (cache/order.py, specs/HP.md §7): sample i
+is prepared crop `crop_order[i]`, so the reader's chunk-buffer shuffle yields i.i.d.-like batches. The order is
+a pure function of (crop count, crops per image, features.seed): every process and every resumed run agrees.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from cache import writer
+from cache.order import store_order
 from cache.schema import Layout
 from pipeline.backbone import Backbone, load_backbone
 from pipeline.cluster import dask_client
@@ -28,7 +33,7 @@ from pipeline.errors import UserError
 from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
 from pipeline.graph import default_store_url, stage_dir, stage_plan
 from pipeline.plots import feature_preview
-from pipeline.runner import StageContext, run_stage
+from pipeline.runner import StageContext, manifest_path, run_stage
 from stages import prepare
 
 RANDOM_INIT_WARNING = (
@@ -39,14 +44,15 @@ RANDOM_INIT_WARNING = (
 
 def resolve_backbone(config: Config, device: str = "cpu") -> Backbone:
     """The configured backbone, loaded once per process (both splits, every chunk a dask worker runs)."""
-    return _load(config["features"]["backbone"], config["features"]["weights"], device)
+    f = config["features"]
+    return _load(f["backbone"], f["weights"], device, f["trust_weights"])
 
 
 @functools.lru_cache(maxsize=2)
-def _load(name: str, weights: str, device: str) -> Backbone:
+def _load(name: str, weights: str, device: str, trust: bool) -> Backbone:
     """`weights = "auto"` falls back to random init, loudly."""
     if weights != "auto":
-        backbone = load_backbone(name, weights, device)
+        backbone = load_backbone(name, weights, device, trust=trust)
     else:
         try:
             backbone = load_backbone(name, "pretrained", device)
@@ -56,6 +62,15 @@ def _load(name: str, weights: str, device: str) -> Backbone:
     if backbone.random_init:
         print(RANDOM_INIT_WARNING, flush=True)
     return backbone
+
+
+def sample_order(config: Config, split: str, n_crops: int) -> tuple[np.ndarray, np.ndarray]:
+    """(crop_order, source_image) of the split's store: permuted for training, the dataset's order otherwise."""
+    cpi = prepare.crops_per_image(config, split)
+    if n_crops % cpi:
+        raise UserError(f"prepared/{split}/samples.txt lists {n_crops} crops, not {cpi} per image; "
+                        "rerun `hp-pipe prepare --force`")
+    return store_order(n_crops, cpi, config["features"]["seed"] if split == "train" else None)
 
 
 def settings_for(config: Config, split: str) -> ExtractSettings:
@@ -78,27 +93,35 @@ class ChunkInputs(NamedTuple):
     labels: np.ndarray | None
     x: torch.Tensor
     views: torch.Tensor | None
+    ids: dict[str, np.ndarray]  # crop_order and source_image of the chunk's samples
 
 
-def load_chunk(group, chunk: int, directory: str, names: list[str], labelled: bool,
-               settings: ExtractSettings) -> ChunkInputs:
-    """Decode a chunk's prepared crops and build its model inputs (photometric views included)."""
+def load_chunk(group, chunk: int, directory: str, names: list[str], order: tuple[np.ndarray, np.ndarray],
+               labelled: bool, settings: ExtractSettings) -> ChunkInputs:
+    """Decode a chunk's prepared crops (sample i is crop `crop_order[i]` of `names`) and build its model inputs.
+
+    Photometric views are seeded by the store index, as before: a chunk is the same whoever computes it.
+    """
     start, stop = writer.chunk_range(group, chunk)
-    images, labels = prepare.load_prepared(directory, names[start:stop], labelled)
-    return ChunkInputs(chunk, images, labels, *model_inputs(images, np.arange(start, stop), settings))
+    crop_order, source_image = order
+    picked = crop_order[start:stop]
+    images, labels = prepare.load_prepared(directory, [names[i] for i in picked], labelled)
+    ids = {"crop_order": picked.copy(), "source_image": source_image[start:stop].copy()}
+    return ChunkInputs(chunk, images, labels, *model_inputs(images, np.arange(start, stop), settings), ids)
 
 
 def chunk_arrays(backbone: Backbone, inputs: ChunkInputs, settings: ExtractSettings) -> dict[str, np.ndarray]:
     """Everything one store chunk holds."""
     data = extract_chunk(backbone, inputs.x, inputs.views, settings)
     data["image"] = inputs.images
+    data.update(inputs.ids)
     if inputs.labels is not None:
         data["label"] = inputs.labels
     return data
 
 
 # ---------------------------------------------------------------- local: read | compute | write overlap
-def run_local(backbone, group, pending, directory, names, labelled, settings, progress) -> None:
+def run_local(backbone, group, pending, directory, names, order, labelled, settings, progress) -> None:
     """Decode chunk i+1 and write chunk i-1 while the backbone computes chunk i."""
     loads: queue.Queue = queue.Queue(maxsize=2)
     writes: queue.Queue = queue.Queue(maxsize=2)
@@ -108,19 +131,20 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
         torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
         try:
             for chunk in pending:
-                loads.put(load_chunk(group, chunk, directory, names, labelled, settings))
+                loads.put(load_chunk(group, chunk, directory, names, order, labelled, settings))
         except BaseException as exc:
             errors.append(exc)
         loads.put(None)
 
     def write() -> None:
         while (item := writes.get()) is not None:
+            if errors:
+                continue  # after a failure keep draining (unwritten): the producer must never block on a full queue
             try:
                 writer.write_chunk(group, *item)
                 progress.update(len(item[1]["feat"]))
             except BaseException as exc:
                 errors.append(exc)
-                return
 
     threads = [threading.Thread(target=load, daemon=True), threading.Thread(target=write, daemon=True)]
     for t in threads:
@@ -135,12 +159,16 @@ def run_local(backbone, group, pending, directory, names, labelled, settings, pr
 
 # ---------------------------------------------------------------- dask: chunk ranges over workers
 def worker_chunk(url: str, config: Config, split: str, directory: str, names: list[str], chunk: int) -> int:
-    """Runs on a dask worker: load the backbone once per process, compute and write one chunk."""
+    """Runs on a dask worker: load the backbone once per process, compute and write one chunk.
+
+    The sample order is recomputed from the config (a pure function, cached per process), not shipped.
+    """
     torch.set_num_threads(1)  # one thread per worker process
     backbone = resolve_backbone(config)
     group = writer.open_group(url, mode="r+")
     settings = settings_for(config, split)
-    inputs = load_chunk(group, chunk, directory, names, "label" in group, settings)
+    order = sample_order(config, split, len(names))
+    inputs = load_chunk(group, chunk, directory, names, order, "label" in group, settings)
     data = chunk_arrays(backbone, inputs, settings)
     writer.write_chunk(group, chunk, data)
     return len(data["feat"])
@@ -177,6 +205,7 @@ def run(
     def body(ctx: StageContext) -> dict[str, Any]:
         directory = str(prepare.prepared_dir(config, workdir, split))
         names, labelled = prepare.read_prepared(directory)
+        order = sample_order(config, split, len(names))
         backbone = resolve_backbone(config)
         settings = settings_for(config, split)
         f = config["features"]
@@ -193,7 +222,9 @@ def run(
             "n_views": settings.n_views, "fingerprint": ctx.fingerprint, "n_classes": config["dataset"]["n_classes"],
             "preprocessing": {"prepare": config["prepare"], "normalize": "imagenet",
                               "photometric_on_normalized": settings.photometric_on_normalized},
-            "samples": names, "class_names": list(prepare.open_split(config, workdir, split).class_names),
+            "sample_order": f"permuted (features.seed={f['seed']})" if split == "train" else "dataset",
+            "samples": [names[i] for i in order[0]],  # in store order
+            "class_names": list(prepare.open_split(config, workdir, split).class_names),
         }
         group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
         done = writer.finished_chunks(group)
@@ -204,7 +235,7 @@ def run(
         t0 = time.perf_counter()
         with tqdm(total=len(names), initial=finished, desc=name, unit="img", smoothing=0.1) as progress:
             if scheduler == "local":
-                run_local(backbone, group, pending, directory, names, labelled, settings, progress)
+                run_local(backbone, group, pending, directory, names, order, labelled, settings, progress)
             elif scheduler in ("local-cluster", "distributed"):
                 run_dask(worker_chunk, (url, config, split, directory, names), pending, progress,
                          address if scheduler == "distributed" else None, workers)
@@ -234,7 +265,12 @@ def run(
                        f"{1 + settings.n_views} backbone passes each), {stored / 2**20:.1f} MiB -> {url}{note}",
         }
 
-    return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+    manifest = run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+    if manifest["outputs"].get("store") != url:  # every later stage reads (and HCL writes) the store named here
+        raise UserError(f"{manifest_path(stage_dir(config, workdir), name)} names the store "
+                        f"{manifest['outputs'].get('store')!r}, but this run's store is {url}: refused (an edited "
+                        "manifest cannot redirect hp-pipe to another store). Rerun with --force")
+    return manifest
 
 
 def stored_bytes(group) -> dict[str, int]:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cache.reader import FeatureStore
 from pipeline.backbone import normalize
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
@@ -69,22 +70,24 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
                None)
     if row is None:
         raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
-    checkpoint = evaluate.train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
+    rdir = evaluate.train_stage.run_dir(config, workdir, run)
+    checkpoint = rdir / "checkpoints" / "last.pt"
     encoder = load_encoder(str(checkpoint))
     backbone = features_stage.resolve_backbone(config)
-    trained_on = FeatureStore.open(torch.load(checkpoint, weights_only=False)["store"]).attrs
+    state = load_checkpoint(checkpoint)
+    trained_on = state.get("backbone") or FeatureStore.open(state["store"]).attrs
     if trained_on["weights_hash"] != backbone.weights_hash or trained_on["backbone"] != backbone.name:
         raise UserError(f"run {run} was trained on {trained_on['backbone']} features ({trained_on['weights']}), "
                         f"but this backbone is {backbone.name} ({backbone.weights}); pass the same --backbone and "
                         "--weights as for training")
     n_classes = config["dataset"]["n_classes"]
     if probe == "cluster":
-        centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+        centroids = torch.from_numpy(np.load(rdir / "probe-head" / "centroids.npy"))  # the run layout, no file's path
         mapping = np.asarray(row["cluster_to_class"])
         score = lambda codes, size: 2 * cosine_scores(codes, centroids, size)  # noqa: E731  (§8: 2·cos)
     else:
         linear = LinearProbe(encoder.dim, n_classes)
-        linear.load_state_dict(torch.load(metrics["probes"]["linear"], weights_only=False)["probe"])
+        linear.load_state_dict(load_checkpoint(rdir / "probe-head" / "linear.pt")["probe"])
         mapping = np.arange(n_classes)
         score = lambda codes, size: linear(codes, size)  # noqa: E731
     out = Path(out or evaluate.eval_dir(config, workdir, run) / "predictions")

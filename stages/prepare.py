@@ -50,6 +50,11 @@ def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[st
     ]
 
 
+def crops_per_image(config: Config, split: str) -> int:
+    """Crops `prepare` writes per source image; they are listed consecutively in samples.txt."""
+    return 5 if split == "train" and config["prepare"]["five_crop"] else 1
+
+
 def open_split(config: Config, workdir: Path, split: str):
     return open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
 
@@ -67,7 +72,7 @@ def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dic
     atomic_write_text(marker, geometry + "\n")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
-    n_crops = 5 if split == "train" and config["prepare"]["five_crop"] else 1
+    n_crops = crops_per_image(config, split)
     suffixes = [f"_{k}" for k in range(n_crops)] if n_crops > 1 else [""]
     labelled = len(dataset) > 0 and dataset[0].label is not None
     names = []

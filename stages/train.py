@@ -21,17 +21,26 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.files import atomic_write, atomic_write_text
+from pipeline.files import atomic_write_text
 from pipeline.graph import method_of, stage_dir, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
+from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.paths import run_name
 from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext, run_stage
 from stages import features_hcl
+
+
+def backbone_identity(store: FeatureStore) -> dict[str, str]:
+    """What a checkpoint records of the features it was trained on: `predict` checks its live backbone against
+    it without needing the store (a run folder may be copied without its features)."""
+    return {k: store.attrs[k] for k in ("backbone", "weights", "weights_hash")}
 
 
 def pick_device(name: str) -> torch.device:
@@ -43,7 +52,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def run_dir(config: Config, workdir: Path, run: str) -> Path:
-    return stage_dir(config, workdir) / "runs" / run
+    return stage_dir(config, workdir) / "runs" / run_name(run)
 
 
 # ---------------------------------------------------------------- pools (§4)
@@ -56,12 +65,19 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
     return pool_entries(heads, patches, specific)
 
 
+# ---------------------------------------------------------------- online probes (§8, evaluate.protocol = paper)
+def online_probes(ctx: StageContext, config: Config, store: FeatureStore, device: torch.device) -> OnlineProbes | None:
+    """The reference's cluster and linear probes, trained on every batch's detached codes; None under kmeans."""
+    settings = online_probe_settings(config)
+    if settings is None:
+        return None
+    labelled = "label" in store.names()
+    if "linear" in settings["probes"] and not labelled:
+        ctx.log(f"the training split has no labels ({store.url}): the online linear probe is not trained")
+    return OnlineProbes(config["train"]["head_dim"], settings, device, labelled)
+
+
 # ---------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then rename: a kill never leaves a torn checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
 def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
     """Every torch RNG a run draws from (numpy ones are the caller's)."""
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
@@ -184,14 +200,17 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"], t_cfg["anchor_tile"] or None)
     backend = t_cfg["pool_backend"]
+    probes = online_probes(ctx, config, store, device)
 
     t = 0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt)
         heads.load_state_dict(state["heads"])
         opt_s.load_state_dict(state["opt_s"])
         opt_p.load_state_dict(state["opt_p"])
         scaler.load_state_dict(state["scaler"])
+        if probes is not None:
+            probes.load_state_dict(state["online_probes"])
         pool_ag, pool_sp = state["pool_ag"].to(device), state["pool_sp"].to(device)
         restore_rng(state, generator, device)
         rng.bit_generator.state = state["rng"]["numpy"]
@@ -210,10 +229,12 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             "scaler": scaler.state_dict(), "pool_ag": pool_ag, "pool_sp": pool_sp,
             "rng": {**rng_states(generator, device), "numpy": rng.bit_generator.state},
             "in_dim": in_dim, "head_dim": t_cfg["head_dim"], "config": config, "store": store.url,
-            "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
+            "random_init": store.random_init, "backbone": backbone_identity(store),
+            "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
+            "online_probes": probes.state_dict() if probes is not None else None,
         })
 
-    names = ["feat", "feat_aug", "lhp"]
+    names = ["feat", "feat_aug", "lhp"] + (["label"] if probes is not None and probes.trains_linear else [])
     t0, t_start = time.perf_counter(), t
     heads.train()
     with tqdm(total=total, initial=t, desc=ctx.name, unit="it", smoothing=0.05) as bar:
@@ -236,6 +257,8 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                         "Check the feature store, or lower train.lr"
                     )
                 optimize(heads, out_step.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
+                if probes is not None:  # §8: the probes' own Adam steps on this batch's detached codes
+                    out_step.terms.update(probes.step(out_step.codes, batch.get("label")))
                 t += 1
                 terms = {**out_step.terms, "lambda": lam}
                 bar.update(1)
@@ -247,7 +270,11 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                                 "seconds": round(time.perf_counter() - t0, 3)})
                 if t % t_cfg["checkpoint_interval"] == 0 or t == total:
                     checkpoint()
-    return run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0, "HP")
+    outputs = run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0, "HP")
+    if probes is not None:
+        outputs["online_probes"] = {**probes.settings, "trained": probes.trained,
+                                    "iterations": probes.steps, "linear_iterations": probes.linear_steps}
+    return outputs
 
 
 def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device):

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.hcl.heads import HCLModel, build_model
@@ -25,7 +26,7 @@ from pipeline.hcl.mogo import MemoryBank, kmeans_centroids
 from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
 from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
-from stages.train import MetricsLog, log_resume, plan_run, restore_rng, rng_states, run_outputs, save_checkpoint
+from stages.train import MetricsLog, backbone_identity, log_resume, plan_run, restore_rng, rng_states, run_outputs
 
 MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
 
@@ -98,13 +99,12 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
 
     t = 0
     if ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_checkpoint(ckpt)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         for kind, bank in banks.items():
-            bank.data = state["banks"][kind]["data"]
-            bank.rng.bit_generator.state = state["banks"][kind]["rng"]
+            bank.load_state_dict(state["banks"][kind])
         centroids, clustered_epoch = state["centroids"], state["clustered_epoch"]
         restore_rng(state, generator, device)
         t, mogo_seconds = state["iteration"], state["mogo_seconds"]
@@ -115,10 +115,11 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         save_checkpoint(ckpt, {
             "method": "hcl", "iteration": t, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "centroids": centroids, "clustered_epoch": clustered_epoch,
-            "banks": {k: {"data": b.data, "rng": b.rng.bit_generator.state} for k, b in banks.items()},
+            "banks": {k: b.state_dict() for k, b in banks.items()},
             "rng": rng_states(generator, device),
             "width": width, "patch_sizes": patch_sizes, "hcl": h_cfg, "config": config, "store": store.url,
-            "random_init": store.random_init, "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
+            "random_init": store.random_init, "backbone": backbone_identity(store),
+            "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
             "mogo_seconds": mogo_seconds,
         })
 

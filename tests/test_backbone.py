@@ -106,12 +106,11 @@ class _Opaque:  # stands for any non-tensor Python object a training script may 
 @pytest.mark.parametrize("fmt", ["plain", "teacher", "pickled"])
 def test_checkpoint_round_trip(fmt, other_model, random_bb, tmp_path):
     import argparse
-    import contextlib
 
     sd = other_model.state_dict()
     if fmt == "plain":
         obj = sd
-    elif fmt == "pickled":  # needs full unpickling: allowed, with a warning
+    elif fmt == "pickled":  # needs full unpickling: refused unless the user trusts the file
         obj = {"model": sd, "trainer": _Opaque()}
     else:  # a DINO training checkpoint: teacher with DDP + MultiCropWrapper prefixes, a DINO head, args
         teacher = {"module.backbone." + k: v for k, v in sd.items()}
@@ -120,9 +119,10 @@ def test_checkpoint_round_trip(fmt, other_model, random_bb, tmp_path):
     path = tmp_path / "ckpt.pth"
     torch.save(obj, path)
 
-    warns = pytest.warns(UserWarning, match="trusted") if fmt == "pickled" else contextlib.nullcontext()
-    with warns:
-        bb = load_backbone(NAME, str(path))
+    if fmt == "pickled":
+        with pytest.raises(UserError, match=r"_Opaque.*--trust-weights"):
+            load_backbone(NAME, str(path))
+    bb = load_backbone(NAME, str(path), trust=fmt == "pickled")
     assert bb.weights == f"file:{path}" and not bb.random_init
     assert bb.weights_hash == state_dict_hash(sd) != random_bb.weights_hash
     x = _images(1, 224, 224)

@@ -68,3 +68,31 @@ def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
         assert (h["dim"], h["hidden"], h["out_dim"], h["heads"], h["clusters"]) == (768, 2048, 256, 12, 500)
         assert (h["epochs"], h["batch_size"], h["seed"], h["lr_drop_epoch"], h["lr_drop"]) == (10, 64, 7, 3, 0.1)
     assert load_config("voc")["train"]["method"] == "hcl"
+
+
+# specs/HP.md §8 and the paper's Tables 1-3, transcribed independently of the preset files:
+# (dataset, backbone, features, probe) -> (Acc, mIoU); Potsdam-3 reports unsupervised Acc only.
+S8, S16, B8 = "vit_small_patch8_224.dino", "vit_small_patch16_224.dino", "vit_base_patch8_224.dino"
+PAPER = {
+    ("cocostuff27", S8, "head", "cluster"): (57.2, 24.6), ("cocostuff27", S8, "head", "linear"): (75.6, 42.7),
+    ("cocostuff27", S16, "head", "cluster"): (54.5, 24.3), ("cocostuff27", S16, "head", "linear"): (74.1, 39.1),
+    ("cocostuff27", S8, "raw", "cluster"): (28.7, 11.3), ("cocostuff27", S8, "raw", "linear"): (68.6, 33.9),
+    ("cityscapes", B8, "head", "cluster"): (79.5, 18.4), ("cityscapes", B8, "head", "linear"): (90.9, 33.0),
+    ("cityscapes", S8, "head", "cluster"): (80.1, 18.4), ("cityscapes", S8, "head", "linear"): (91.2, 30.6),
+    ("cityscapes", S8, "raw", "linear"): (84.6, 22.8),
+    ("potsdam", B8, "head", "cluster"): (82.4, None), ("potsdam", B8, "raw", "cluster"): (53.0, None),
+}
+
+
+def test_presets_evaluate_with_the_paper_protocol_and_hold_its_numbers():
+    for name, epochs in (("cocostuff27", 3), ("cityscapes", 20), ("potsdam", 10)):
+        config = load_config(name)
+        assert config["evaluate"]["protocol"] == "paper" and config["evaluate"]["crf"] == "auto", name
+        assert config["paper"]["epochs"] == epochs and config["paper"]["source"], name
+    for name in ("synthetic", "folder", "voc"):
+        config = load_config(name)
+        assert config["evaluate"]["protocol"] == "kmeans" and config["paper"]["results"] == [], name
+    for (name, backbone, features, probe), (acc, miou) in PAPER.items():
+        rows = [r for r in load_config(name)["paper"]["results"]
+                if (r["backbone"], r["features"], r["probe"]) == (backbone, features, probe)]
+        assert len(rows) == 1 and (rows[0]["acc"], rows[0].get("miou")) == (acc, miou), (name, backbone, probe)

@@ -152,6 +152,26 @@ def test_potsdam_reads_mat_tiles(tmp_path):
     assert [(s.name, s.label) for s in unl] == [("7", None)]
 
 
+def test_potsdam_preset_prepares_one_crop_per_tile(tmp_path):
+    """The reference's Potsdam reader ignores the crop type: each tile goes straight to 224 px (specs §6-§7)."""
+    from pipeline.config import load_config
+    from pipeline.datasets.geometry import resize_shorter_center_crop
+    from stages import prepare
+
+    written = make_potsdam(tmp_path / "potsdam")
+    config = load_config("potsdam", {"dataset.root": str(tmp_path / "potsdam")})
+    outputs = prepare.run(config, tmp_path / "work")["outputs"]
+    assert outputs["train"]["samples"] == outputs["train"]["source_images"] == 2
+    names, labelled = prepare.read_prepared(outputs["train"]["dir"])
+    assert names == ["0", "1"] and labelled
+    images, labels = prepare.load_prepared(outputs["train"]["dir"], names, labelled)
+    for name, image, label in zip(names, images, labels, strict=True):
+        rgb, raw = written[name]
+        np.testing.assert_array_equal(image, resize_shorter_center_crop(rgb, 224))  # the whole tile, no crop
+        np.testing.assert_array_equal(label, resize_shorter_center_crop(
+            np.vectorize(POTSDAM.get)(raw).astype(np.uint8), 224))
+
+
 def test_potsdam_errors(tmp_path):
     make_potsdam(tmp_path)
     assert_user_error(lambda: open_dataset("potsdam", tmp_path, "train", split_list="all.txt"),

@@ -56,7 +56,7 @@ def test_codes_store_holds_the_head_output(evaluated):
     codes = FeatureStore.open(str(run_dir / "codes" / "val.zarr"))
     val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
                             ["outputs"]["store"])
-    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
     heads.eval()
@@ -82,7 +82,7 @@ def test_evaluate_resumes_the_linear_probe(evaluated, capsys):
     out = capsys.readouterr().out
     assert "[codes-hp] up to date" in out  # the codes are not recomputed for a probe setting
     assert "resuming after epoch 2" in out  # the probe continues from its checkpoint
-    probe = torch.load(train_stage.run_dir(config, workdir, "hp") / "probe-head" / "linear.pt", weights_only=False)
+    probe = torch.load(train_stage.run_dir(config, workdir, "hp") / "probe-head" / "linear.pt", weights_only=True)
     assert probe["epoch"] == 3
 
 
@@ -160,3 +160,116 @@ def test_main_job_commands_end_to_end(tmp_path):
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--dataset", "synthetic",
                              "--workdir", str(tmp_path), *sets], capture_output=True, text=True, env=env).stdout
     assert [line.split()[1] for line in status.splitlines()[1:]] == ["complete"] * 5, status
+
+
+# ---------------------------------------------------------------- evaluate.protocol = paper (specs/HP.md §8)
+PAPER = {**{k: v for k, v in TINY.items() if k != "evaluate.crf"}, "evaluate.protocol": "paper",
+         "evaluate.overcluster": "false"}  # crf = auto: on under the paper protocol
+PAPER_ROWS = [  # stand-ins for the paper's numbers, for the synthetic preset's backbone
+    {"backbone": "vit_small_patch16_224.dino", "features": "head", "probe": "cluster", "acc": 50.0, "miou": 20.0,
+     "head_dim": 256},
+    {"backbone": "vit_small_patch16_224.dino", "features": "raw", "probe": "linear", "acc": 60.0, "miou": 30.0},
+]
+
+
+def paper_config(**extra):
+    config = load_config("synthetic", {**PAPER, **extra})
+    config["paper"].update(source="a test's numbers", epochs=2, results=PAPER_ROWS)
+    return config
+
+
+@pytest.fixture(scope="module")
+def paper_evaluated(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("paper")
+    config = paper_config()
+    evaluate.run(config, workdir, "hp")
+    return config, workdir, json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+
+
+def naive_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int, hungarian: bool) -> tuple[float, float]:
+    """mIoU and Acc (%) from scratch: confusion counts, optional one-to-one Hungarian matching, IoU per class."""
+    from scipy.optimize import linear_sum_assignment
+
+    keep = labels < n_classes
+    conf = np.zeros((n_classes, n_classes), dtype=np.int64)  # class x cluster (or predicted class)
+    np.add.at(conf, (labels[keep], pred[keep]), 1)
+    if hungarian:
+        rows, cols = linear_sum_assignment(conf, maximize=True)
+        order = np.empty(n_classes, dtype=np.int64)
+        order[rows] = cols
+        conf = conf[:, order]  # column c: the cluster matched to class c
+    tp = np.diag(conf).astype(float)
+    union = conf.sum(0) + conf.sum(1) - tp
+    return 100 * float(np.mean(tp[union > 0] / union[union > 0])), 100 * float(tp.sum() / conf.sum())
+
+
+def test_paper_protocol_metrics_equal_a_recomputation_from_the_stored_probes(paper_evaluated):
+    from tests.test_online_probes import bilinear_matrix
+
+    config, workdir, metrics = paper_evaluated
+    assert metrics["protocol"]["name"].startswith("paper")
+    settings = metrics["protocol_settings"]
+    assert settings["name"] == "paper" and settings["checkpoint"] == "last"
+    cluster, linear = settings["cluster_probe"], settings["linear_probe"]
+    assert (cluster["optimizer"], cluster["lr"], cluster["iterations"], cluster["centroids"]) == ("Adam", 5e-3, 10, 8)
+    assert "standard normal" in cluster["init"] and "max_k cos" in cluster["loss"]
+    assert (linear["optimizer"], linear["lr"], linear["iterations"]) == ("Adam", 1e-3, 10)
+    assert "label size [64, 64]" in linear["loss"]
+    assert settings["crf"]["enabled"] is True and settings["crf"]["iterations"] == 10
+    assert {(r["features"], r["protocol"]) for r in metrics["results"]} == {("head", "paper"), ("raw", "kmeans")}
+
+    run_dir = train_stage.run_dir(config, workdir, "hp")
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["online_probes"]
+    centroids = np.load(run_dir / "probe-head" / "centroids.npy").astype(np.float64)
+    clusters = state["clusters"].double().numpy()
+    np.testing.assert_allclose(centroids, clusters / np.linalg.norm(clusters, axis=1, keepdims=True), atol=1e-6)
+    probe = torch.load(run_dir / "probe-head" / "linear.pt", weights_only=True)
+    assert probe["online"] is True and probe["iterations"] == 10
+    for key, value in state["linear"].items():
+        assert torch.equal(probe["probe"][key], value), key
+
+    codes_store = FeatureStore.open(str(run_dir / "codes" / "val.zarr"))
+    codes = codes_store.read("feat", 0, len(codes_store)).astype(np.float64)  # (n, h, w, D)
+    labels = codes_store.read("label", 0, len(codes_store)).astype(np.int64)
+    my, mx = bilinear_matrix(labels.shape[1], codes.shape[1]), bilinear_matrix(labels.shape[2], codes.shape[2])
+    up = np.einsum("Yi,nijd,Xj->nYXd", my, codes, mx)  # codes upsampled to the label size (§8)
+    up /= np.linalg.norm(up, axis=-1, keepdims=True)
+    cluster_pred = np.einsum("nYXd,kd->nYXk", up, centroids).argmax(-1)
+    w, b = state["linear"]["conv.weight"][:, :, 0, 0].double().numpy(), state["linear"]["conv.bias"].double().numpy()
+    low = np.einsum("nijd,cd->nijc", codes, w) + b  # a 1x1 conv commutes with bilinear upsampling
+    linear_pred = np.einsum("Yi,nijc,Xj->nYXc", my, low, mx).argmax(-1)
+    rows = {r["name"]: r for r in metrics["results"]}
+    for name, pred, hungarian in (("HP cluster", cluster_pred, True), ("HP linear", linear_pred, False)):
+        miou, acc = naive_scores(pred, labels, 8, hungarian)
+        assert rows[name]["miou"] == pytest.approx(miou, abs=0.02), name  # reported to 2 decimals
+        assert rows[name]["acc"] == pytest.approx(acc, abs=0.02), name
+
+
+def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys):
+    config, workdir, metrics = paper_evaluated
+    run_dir = train_stage.run_dir(config, workdir, "hp")
+    assert (run_dir / "codes" / "val.zarr").exists() and not (run_dir / "codes" / "train.zarr").exists()
+    report = (evaluate.eval_dir(config, workdir, "hp") / "report.md").read_text()
+    assert "## Compared with the paper" in report and "a test's numbers" in report
+    assert "random-initialized backbone weights" in report and "head width D = 32 (the paper: 256)" in report
+    assert "batch 4 (the paper: 64)" in report and "training epochs" not in report  # 2 epochs, as the stand-in
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in report.splitlines() if line.startswith("| ")]
+    header, body = table[0], {row[0]: dict(zip(table[0], row, strict=True)) for row in table[2:]}
+    assert header[-2:] == ["paper mIoU (%)", "paper Acc (%)"] and "protocol" in header
+    assert (body["HP cluster + CRF"]["paper mIoU (%)"], body["HP cluster + CRF"]["paper Acc (%)"]) == ("20.0", "50.0")
+    assert (body["DINO linear"]["paper mIoU (%)"], body["DINO linear"]["paper Acc (%)"]) == ("30.0", "60.0")
+    assert body["HP linear"]["paper mIoU (%)"] == "–" and body["HP cluster"]["protocol"] == "paper"
+    assert {r["name"]: r["paper_miou"] for r in metrics["results"]}["HP cluster"] == 20.0
+
+    capsys.readouterr()
+    evaluate.run(config, workdir, "hp")
+    out = capsys.readouterr().out
+    for stage in ("train-hp", "codes-hp", "probe-head-hp", "probe-raw-hp", "evaluate-hp"):
+        assert f"[{stage}] up to date" in out, stage
+    paper_centroids = np.load(run_dir / "probe-head" / "centroids.npy")
+    kmeans = paper_config(**{"evaluate.protocol": "kmeans"})
+    evaluate.run(kmeans, workdir, "hp")
+    out = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    assert out["protocol_settings"]["name"] == "kmeans" and out["protocol_settings"]["crf"] == {"enabled": False}
+    assert not np.allclose(np.load(run_dir / "probe-head" / "centroids.npy"), paper_centroids)  # refitted
+    assert "evaluation protocol kmeans" in (evaluate.eval_dir(config, workdir, "hp") / "report.md").read_text()

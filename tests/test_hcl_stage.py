@@ -110,7 +110,7 @@ def test_run_logs_schedule_and_clusters_once_per_epoch(workdir):
     assert {r["lr"] for r in records if r["epoch"] < 2} == {1e-3}
     assert [r["lr"] for r in records if r["epoch"] >= 2] == pytest.approx([1e-4] * 5)
     assert len(manifest["timings"]["mogo_seconds"]) == 3
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert state["clustered_epoch"] == 2 and state["centroids"]["fg"].shape == (8, 16)
     assert torch.allclose(state["centroids"]["fg"].norm(dim=1), torch.ones(8), atol=1e-5)
     assert (out / "curves.png").stat().st_size > 0 and manifest["outputs"]["random_init"] is True
@@ -120,7 +120,7 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     config = tiny_config()
     train_stage.run(config, workdir, "straight")
     straight = torch.load(train_stage.run_dir(config, workdir, "straight") / "checkpoints" / "last.pt",
-                          weights_only=False)
+                          weights_only=True)
     real_step, calls = train_hcl.training_step, []
 
     def dying_step(*args, **kwargs):
@@ -136,7 +136,7 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     assert read_manifest(workdir / "synthetic", "train-resumed")["status"] == "interrupted"
     train_stage.run(config, workdir, "resumed")
     out = train_stage.run_dir(config, workdir, "resumed")
-    resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["iteration"] == straight["iteration"] == 15
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -167,7 +167,7 @@ def test_evaluate_codes_are_the_online_head_on_concatenated_branches(workdir):
     config = tiny_config()
     manifest = evaluate.run(config, workdir)
     rdir = train_stage.run_dir(config, workdir, "hcl")
-    state = torch.load(rdir / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(rdir / "checkpoints" / "last.pt", weights_only=True)
     model = build_model(state["width"], state["hcl"])
     model.load_state_dict(state["model"])
     model.eval()

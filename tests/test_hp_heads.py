@@ -132,3 +132,31 @@ def test_lhp_mix_gradient_reaches_every_window_neighbour(anchor):
 def test_lhp_mix_refuses_mismatched_weights():
     with pytest.raises(ValueError, match="do not match"):
         lhp_mix(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, 9))
+
+
+def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
+    """The reference computes cluster1(drop(f)) + cluster2(drop(f)): two masks per head call (§2)."""
+    from pipeline.hp.model import HPHeads, Pools, StepSettings, training_step
+    from pipeline.hp.pool import PoolIndex
+
+    torch.manual_seed(0)
+    b, c, h, w = 2, 16, 3, 3
+    heads = HPHeads(c, 8, dropout=0.5).train()
+    f, f_aug = torch.randn(b, c, h, w), torch.randn(b, c, h, w)
+    calls = []  # (input, output) of every dropout draw in one step
+    heads.drop.register_forward_hook(lambda module, args, out: calls.append((args[0].detach(), out.detach())))
+    pools = Pools(PoolIndex(F.normalize(torch.randn(4, c), dim=1), "torch"),
+                  PoolIndex(F.normalize(torch.randn(4, 8), dim=1), "torch"))
+    lhp = torch.rand(b, h, w, 9)
+    training_step(heads, f, f_aug, lhp, pools, 0.5, StepSettings(0.5, 0.5, 0.1), torch.Generator().manual_seed(0))
+    masks_of = lambda x: [(out != 0).flatten(2).any(2) for inp, out in calls if torch.equal(inp, x)]  # noqa: E731
+    on_f, on_aug = masks_of(f), masks_of(f_aug)
+    assert len(on_f) == 5 and len(on_aug) == 2  # f: mining, S's two branches, S_m's two branches; f_aug: S's two
+    distinct = {tuple(m.flatten().tolist()) for m in on_f}
+    assert len(distinct) == 5  # five independent draws (equal masks: probability 2^-32 per pair)
+    # S's output is the naive recomputation from its two recorded masks
+    drop_1, drop_2 = [out for inp, out in calls if torch.equal(inp, f)][1:3]
+    expected = heads.S.cluster1(drop_1) + heads.S.cluster2(drop_2)
+    calls.clear()
+    it = iter([drop_1, drop_2])
+    torch.testing.assert_close(heads.S(f, lambda x: next(it)), expected)

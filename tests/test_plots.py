@@ -210,3 +210,47 @@ def test_report_random_init_note_only_when_flagged(tmp_path):
     del metrics["results"][0]["acc"]
     with pytest.raises(ValueError, match="acc"):
         write_report(metrics, {}, tmp_path / "r2.md")
+
+
+def test_paper_comparison_names_every_departure_from_the_paper():
+    from pipeline.config import load_config
+    from pipeline.report import paper_comparison, with_paper_numbers
+
+    faithful = paper_comparison(load_config("cocostuff27"), False, "paper", True)
+    assert faithful["numbers"]["head cluster"] == {"miou": 24.6, "acc": 57.2}
+    assert faithful["numbers"]["raw linear"] == {"miou": 33.9, "acc": 68.6}
+    assert len(faithful["differences"]) == 2  # only the checkpoint choice and the DINO rows' provenance
+    assert paper_comparison(load_config("synthetic"), True, "kmeans", False) is None  # no paper numbers
+
+    s16 = paper_comparison(load_config("cocostuff27", {"features.backbone": "vit_small_patch16_224.dino"}),
+                           True, "kmeans", False)
+    assert s16["numbers"]["head linear"] == {"miou": 39.1, "acc": 74.1}
+    text = "\n".join(s16["differences"])
+    for expected in ("random-initialized backbone weights", "head width D = 512 (the paper: 256)",
+                     "evaluation protocol kmeans", "dense CRF off"):
+        assert expected in text, expected
+    other = paper_comparison(load_config("cocostuff27", {"features.backbone": "vit_base_patch16_224.dino"}),
+                             False, "paper", True)
+    assert other["numbers"] == {} and "reports no number with it on cocostuff27" in other["differences"][0]
+    assert "30 training epochs (the paper: 20)" in paper_comparison(load_config("cityscapes"), False, "paper", True)[
+        "differences"]
+    hcl = paper_comparison(load_config("cocostuff27", {"train.method": "hcl"}), False, "kmeans", True)
+    assert set(hcl["numbers"]) == {"raw cluster", "raw linear"}  # HP's numbers never sit beside HCL's rows
+    rows = with_paper_numbers([{"features": "head", "probe": "cluster"}, {"features": "head", "probe": "overcluster"}],
+                              faithful)
+    assert [(r["paper_miou"], r["paper_acc"]) for r in rows] == [(24.6, 57.2), (None, None)]
+
+
+def test_report_puts_the_paper_numbers_beside_the_rows(tmp_path):
+    metrics = _metrics(False)
+    metrics["paper"] = {"source": "Table 1", "differences": ["60 training epochs (the paper: 3)"], "numbers": {}}
+    metrics["results"][1].update(paper_miou=42.7, paper_acc=75.6, protocol="paper")
+    write_report(metrics, {}, tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert "- 60 training epochs (the paper: 3)" in text and "Paper columns: Table 1" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0] == ["result", "probe", "features", "CRF", "protocol", "mIoU (%)", "Acc (%)", "paper mIoU (%)",
+                       "paper Acc (%)"]
+    assert rows[2] == ["DINO cluster", "cluster", "raw", "no", "–", "12.3", "40.1", "–", "–"]
+    assert rows[3] == ["HP linear", "linear", "head", "yes", "paper", "45.7", "78.9", "42.7", "75.6"]
+    assert text.index("## Compared with the paper") < text.index("## Results")

@@ -38,7 +38,7 @@ def workdir(tmp_path_factory):
 
 
 def final_weights(config, workdir, run):
-    ckpt = torch.load(train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt", weights_only=True)
     return ckpt["heads"], ckpt["iteration"]
 
 
@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         if ckpt.exists():
-            state = torch.load(ckpt, weights_only=False)
+            state = torch.load(ckpt, weights_only=True)
             if 0 < state["iteration"] < iterations:
                 child.send_signal(signal.SIGKILL)
                 break
@@ -135,3 +135,59 @@ def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
     # 20 crops / batch 4 = 5 iterations per epoch; renewals at i = 2, 4 in each epoch (never at 0)
     assert iterations_seen == [0, 1, 2, 3, 4] * 2
     assert renewals == [False, True] + [True] * 4  # Pool_ag once, Pool_sp at start, then 2 per epoch
+
+
+def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_head_alone(workdir):
+    """evaluate.protocol = paper (specs/HP.md §8): the probes' states are in the checkpoint, a killed run resumes
+    to bit-identical head and probes, and the head is the one a kmeans-protocol run trains."""
+    extra = {"train.epochs": "6", "train.checkpoint_interval": "3", "evaluate.protocol": "paper"}
+    config = tiny_config(**extra)
+    manifest = train_stage.run(config, workdir, "paper-straight")
+    assert manifest["config"]["online_probes"]["probes"] == ["cluster", "linear"]  # part of the fingerprint
+    assert manifest["outputs"]["online_probes"]["iterations"] == 30
+    assert manifest["outputs"]["online_probes"]["linear_iterations"] == 30  # the train store has labels
+    straight = torch.load(train_stage.run_dir(config, workdir, "paper-straight") / "checkpoints" / "last.pt",
+                          weights_only=True)
+    assert straight["online_probes"]["clusters"].shape == (8, 32)  # synthetic: 8 classes, head_dim 32
+
+    sets = sum((["--set", f"{k}={v}"] for k, v in {**TINY, **extra}.items()), [])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", "paper-killed",
+         "--workdir", str(workdir), *sets],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = train_stage.run_dir(config, workdir, "paper-killed") / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            if 0 < state["iteration"] < 30:
+                child.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    train_stage.run(config, workdir, "paper-killed")
+    resumed = torch.load(ckpt, weights_only=True)
+    for key in straight["heads"]:
+        assert torch.equal(resumed["heads"][key], straight["heads"][key]), key
+    a, b = straight["online_probes"], resumed["online_probes"]
+    assert torch.equal(a["clusters"], b["clusters"])
+    assert (a["steps"], a["linear_steps"]) == (b["steps"], b["linear_steps"]) == (30, 30)
+    for key in a["linear"]:
+        assert torch.equal(a["linear"][key], b["linear"][key]), key
+    for opt in ("opt_cluster", "opt_linear"):
+        for index, moments in a[opt]["state"].items():
+            for name, value in moments.items():
+                assert torch.equal(value, b[opt]["state"][index][name]), (opt, index, name)
+    logs = [[json.loads(line) for line in (train_stage.run_dir(config, workdir, run) / "metrics.jsonl")
+             .read_text().splitlines()] for run in ("paper-straight", "paper-killed")]
+    assert [(r["cluster_probe"], r["linear_probe"]) for r in logs[0]] == \
+        [(r["cluster_probe"], r["linear_probe"]) for r in logs[1]]
+
+    kmeans = tiny_config(**{**extra, "evaluate.protocol": "kmeans"})
+    plain = train_stage.run(kmeans, workdir, "kmeans-plain")
+    assert "online_probes" not in plain["config"] and "online_probes" not in plain["outputs"]
+    heads, _ = final_weights(kmeans, workdir, "kmeans-plain")
+    for key in heads:  # the probes draw on no RNG the head uses: the same head under either protocol
+        assert torch.equal(heads[key], straight["heads"][key]), key

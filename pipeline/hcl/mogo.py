@@ -54,6 +54,14 @@ class MemoryBank:
         rows = self.rng.choice(x.shape[0], size=m, replace=False)
         self.data[slots] = x[rows]
 
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint (a tensor, not an ndarray: checkpoints load with weights_only=True)."""
+        return {"data": None if self.data is None else torch.from_numpy(self.data), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data = None if state["data"] is None else np.asarray(state["data"], dtype=np.float32).copy()
+        self.rng.bit_generator.state = state["rng"]
+
     def update(self, x: np.ndarray | torch.Tensor, epoch: int) -> np.ndarray:
         """fill at epoch 0, replace afterwards; returns the bank."""
         (self.fill if epoch == 0 or self.data is None else self.replace)(x)

@@ -21,9 +21,12 @@ class SegmentationHead(nn.Module):
         self.cluster1 = nn.Sequential(nn.Conv2d(in_dim, dim, 1))  # L1: C -> D
         self.cluster2 = nn.Sequential(nn.Conv2d(in_dim, in_dim, 1), nn.ReLU(), nn.Conv2d(in_dim, dim, 1))  # L3∘relu∘L2
 
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> (B, D, h, w)."""
-        return self.cluster1(f) + self.cluster2(f)
+    def forward(self, f: torch.Tensor, drop: nn.Module | None = None) -> torch.Tensor:
+        """(B, C, h, w) -> (B, D, h, w). In training `drop` is the Dropout2d of §2, drawn once per branch:
+        the reference computes cluster1(drop(f)) + cluster2(drop(f)), two independent masks."""
+        if drop is None:
+            return self.cluster1(f) + self.cluster2(f)
+        return self.cluster1(drop(f)) + self.cluster2(drop(f))
 
 
 class ProjectionHead(nn.Module):

@@ -55,6 +55,7 @@ class StepSettings:
 class StepOutput:
     loss: torch.Tensor  # L = L_hp + α·consistency, differentiable
     terms: dict[str, float]  # detached values for logging
+    codes: torch.Tensor | None = None  # s = S(f) of this batch, detached: what the online probes train on (§8)
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +72,7 @@ def pool_entries(heads: HPHeads, patches: torch.Tensor, specific: bool) -> torch
     x = patches[:, :, None, None]
     with torch.no_grad():
         if specific:
-            x = heads.drop(heads.S_m(heads.drop(x)))  # the same path as s_m in the step
+            x = heads.drop(heads.S_m(x, heads.drop))  # the same path as s_m in the step
         else:
             x = heads.drop(x)  # Pool_ag: the feature f with dropout on
     return F.normalize(x[:, :, 0, 0].float(), dim=1)
@@ -90,10 +91,10 @@ def training_step(
     """f, f_aug: (B, C, h, w) cached features of the image and of one photometric view; lhp: (B, h, w, 9)."""
     b, c, h, w = f.shape
     f_mine = F.normalize(heads.drop(f), dim=1)  # §2: features used for positive mining, dropped out
-    s = heads.S(heads.drop(f))  # §3: s = S(f)
-    s_aug = heads.S(heads.drop(f_aug))  # §3: s_aug = S(f_aug)
+    s = heads.S(f, heads.drop)  # §3: s = S(f), one dropout mask per branch of S (§2)
+    s_aug = heads.S(f_aug, heads.drop)  # §3: s_aug = S(f_aug)
     with torch.no_grad():
-        s_m = F.normalize(heads.drop(heads.S_m(heads.drop(f))), dim=1)  # §2-§3: s_m = normalize(S_m(f))
+        s_m = F.normalize(heads.drop(heads.S_m(f, heads.drop)), dim=1)  # §2-§3: s_m = normalize(S_m(f))
     s_mix = heads.drop(lhp_mix(s, lhp))  # §3: LHP mix (gradients into every neighbour), dropped out
     z, z_aug, z_mix = heads.P(s), heads.P(s_aug), heads.P(s_mix)  # §3: unit-norm projections
     with torch.no_grad():
@@ -113,4 +114,4 @@ def training_step(
         "positives": float(out.positives_per_anchor),
         "kept": float(out.kept_anchors),
     }
-    return StepOutput(loss, terms)
+    return StepOutput(loss, terms, s.detach())

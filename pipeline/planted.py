@@ -1,0 +1,207 @@
+"""Planted features: a feature store with a known answer, made without a backbone (issue 9 §4).
+
+The label maps are the synthetic dataset's scenes (`pipeline.datasets.synthetic.render_scene`, rendered at
+the store's resolution). Each patch's feature is
+
+    f_p = Σ_c frac_{p,c} · μ_c   +   U · a_image   +   ε_p
+
+- `μ_c`: one unit prototype per class in C dims (boundary patches mix the prototypes of the classes they
+  cover, by pixel fraction); the class is what unsupervised segmentation should recover.
+- `U · a_image`: the image's "style", a nuisance offset shared by every patch of one image whatever its
+  class, living in a `style_rank`-dimensional subspace (a colour cast or lighting moves DINO features
+  along a few directions). It makes the patches of one image cluster together, so k-means on raw
+  features partly clusters images instead of classes. A per-patch head can remove it only by learning
+  to ignore those directions, which it can learn only from positives that share a class across images.
+- `ε_p`: spatially smooth noise (white noise blurred over the grid), so neighbouring patches err together.
+
+The K photometric views (`feat_aug`) of an image re-draw a small part of its style and add a little
+fresh noise. The attention logits of every image are planted: `attn_same` for two patches of the same
+segment (8-connected region of one patch label) plus unit Gaussian noise, and the cached `lhp` array is
+computed from them by the project's own LHP function (`pipeline.lhp.lhp_weights`, specs/HP.md §1).
+
+Everything is a function of (settings, seed, split, image index); only `write_store` does I/O, through
+the cache's own writer, so the result is an ordinary train/val store for the trainer and the probes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from cache import writer
+from cache.schema import Layout
+from pipeline.config import fingerprint
+from pipeline.datasets.synthetic import CLASS_NAMES, SPLIT_CODES, render_scene
+from pipeline.lhp import lhp_weights
+
+N_CLASSES = len(CLASS_NAMES)
+WORLD = 7  # seed-sequence tag of the draws shared by both splits (prototypes, style subspace)
+
+
+@dataclass(frozen=True)
+class PlantedSettings:
+    """The generator's settings. Chosen once from the raw-feature cluster mIoU alone (see the README), then kept."""
+
+    dim: int = 64  # C, the feature width
+    patch: int = 8  # pixels per patch side
+    grid: int = 14  # patches per side: the store's resolution is grid * patch
+    style: float = 1.1  # norm of an image's style offset (prototypes have norm 1); set from raw mIoU alone
+    style_rank: int = 8  # dimensions of the style subspace
+    noise: float = 0.5  # norm of a patch's smooth noise
+    noise_smooth: float = 1.0  # Gaussian blur of the noise over the grid, in patches
+    view_style: float = 0.25  # a photometric view re-draws this share of the style offset
+    view_noise: float = 0.1  # and adds fresh white noise of this norm
+    attn_same: float = 2.0  # attention logit bonus for two patches of one segment
+    lhp_sigma: float = 28.0  # specs/HP.md §1
+    scene_seed: int = 0  # the synthetic dataset's seed: which scenes the label maps come from
+
+    @property
+    def resolution(self) -> int:
+        return self.grid * self.patch
+
+
+@dataclass
+class PlantedImages:
+    """Arrays of a run of images, as a store holds them (store dtypes applied by `write_store`)."""
+
+    image: np.ndarray  # (B, R, R, 3) uint8, the rendered scenes
+    label: np.ndarray  # (B, R, R) uint8
+    patch_label: np.ndarray  # (B, h, w) int64, majority pixel label per patch
+    feat: np.ndarray  # (B, h, w, C) float32
+    style: np.ndarray  # (B, C) float32, the image's nuisance offset U·a
+    feat_aug: np.ndarray | None = None  # (B, K, h, w, C)
+    attn_logits: np.ndarray | None = None  # (B, n, n) float32
+    lhp: np.ndarray | None = None  # (B, h, w, 9) float32
+
+
+def world(settings: PlantedSettings, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n_classes, C) unit prototypes and (C, style_rank) orthonormal style basis, shared by both splits."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, WORLD]))
+    protos = rng.standard_normal((N_CLASSES, settings.dim))
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    basis, _ = np.linalg.qr(rng.standard_normal((settings.dim, settings.style_rank)))
+    return protos.astype(np.float32), basis.astype(np.float32)
+
+
+def label_fractions(label: np.ndarray, grid: int, n_classes: int = N_CLASSES) -> np.ndarray:
+    """(R, R) pixel labels -> (grid, grid, n_classes) share of each class's pixels in each patch (ignore dropped)."""
+    patch = label.shape[0] // grid
+    votes = np.zeros((grid, grid, n_classes), np.float64)
+    blocks = label[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3)
+    for c in range(n_classes):
+        votes[..., c] = (blocks == c).sum((2, 3))
+    return votes / (patch * patch)
+
+
+def patch_labels(fractions: np.ndarray) -> np.ndarray:
+    """The majority pixel label of every patch; -1 where no pixel has a class."""
+    return np.where(fractions.sum(-1) > 0, fractions.argmax(-1), -1)
+
+
+def segments(patch_label: np.ndarray) -> np.ndarray:
+    """(h, w) segment ids: 8-connected regions of one patch label (-1 patches are one segment each)."""
+    out = np.zeros(patch_label.shape, np.int64)
+    next_id = 0
+    for c in np.unique(patch_label):
+        regions, count = ndimage.label(patch_label == c, structure=np.ones((3, 3)))
+        if c < 0:  # unlabelled patches: no segment shares them
+            regions[regions > 0] = np.arange(1, int((patch_label == c).sum()) + 1)
+            count = int((patch_label == c).sum())
+        out[regions > 0] = regions[regions > 0] + next_id - 1
+        next_id += count
+    return out
+
+
+def planted_logits(patch_label: np.ndarray, same: float, rng: np.random.Generator) -> np.ndarray:
+    """(n, n) attention logits: `same` between patches of one segment, plus unit Gaussian noise."""
+    seg = segments(patch_label).reshape(-1)
+    n = seg.size
+    return (same * (seg[:, None] == seg[None, :]) + rng.standard_normal((n, n))).astype(np.float32)
+
+
+def smooth_noise(rng: np.random.Generator, grid: int, dim: int, smooth: float, norm: float) -> np.ndarray:
+    """(grid, grid, dim) Gaussian noise blurred over the grid, scaled so a patch's noise has expected norm `norm`."""
+    white = rng.standard_normal((grid, grid, dim))
+    if smooth > 0:
+        white = ndimage.gaussian_filter(white, sigma=(smooth, smooth, 0), mode="reflect")
+        white /= white.std()
+    return (white * norm / np.sqrt(dim)).astype(np.float32)
+
+
+def generate(settings: PlantedSettings, seed: int, split: str, indices: range | list[int], n_views: int = 0,
+             with_lhp: bool = False) -> PlantedImages:
+    """The planted arrays of images `indices` of `split`; image i depends only on (settings, seed, split, i)."""
+    s = settings
+    protos, basis = world(s, seed)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "label", "patch_label", "feat", "style",
+                                                        "feat_aug", "attn_logits")}
+    for i in indices:
+        scene = np.random.default_rng(np.random.SeedSequence([s.scene_seed, SPLIT_CODES[split], i]))
+        image, label = render_scene(scene, s.resolution)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], i, 1]))
+        fractions = label_fractions(label, s.grid)
+        style = basis @ rng.standard_normal(s.style_rank).astype(np.float32) * (s.style / np.sqrt(s.style_rank))
+        feat = (fractions @ protos).astype(np.float32) + style + smooth_noise(rng, s.grid, s.dim, s.noise_smooth,
+                                                                                s.noise)
+        pl = patch_labels(fractions)
+        out["image"].append(image)
+        out["label"].append(label)
+        out["patch_label"].append(pl)
+        out["feat"].append(feat)
+        out["style"].append(style)
+        if n_views:
+            views = []
+            for _ in range(n_views):  # a photometric view: part of the style re-drawn, a little fresh noise
+                jitter = basis @ rng.standard_normal(s.style_rank).astype(np.float32)
+                jitter *= s.view_style * s.style / np.sqrt(s.style_rank)
+                fresh = rng.standard_normal(feat.shape).astype(np.float32) * (s.view_noise / np.sqrt(s.dim))
+                views.append(feat + jitter + fresh)
+            out["feat_aug"].append(np.stack(views))
+        if with_lhp:
+            out["attn_logits"].append(planted_logits(pl, s.attn_same, rng))
+    arrays = {k: np.stack(v) if v else None for k, v in out.items()}
+    result = PlantedImages(**arrays)
+    if with_lhp:
+        logits = torch.from_numpy(result.attn_logits)
+        result.lhp = lhp_weights(logits, s.grid, s.grid, s.lhp_sigma).numpy()  # specs/HP.md §1
+    return result
+
+
+def store_attrs(settings: PlantedSettings, seed: int, split: str, n: int, n_views: int) -> dict[str, Any]:
+    """A store's attributes: its identity says 'planted', with the generator's settings and seed."""
+    params = {**dataclasses.asdict(settings), "seed": seed}
+    return {
+        "dataset": "planted", "split": split, "backbone": "planted", "patch_size": settings.patch,
+        "resolution": settings.resolution, "weights": "planted (no backbone)", "weights_hash": fingerprint(params),
+        "random_init": False, "n_views": n_views, "fingerprint": fingerprint(params, split, n, n_views),
+        "n_classes": N_CLASSES, "class_names": list(CLASS_NAMES), "planted": params,
+        "samples": [f"{split}_{i:05d}" for i in range(n)],
+    }
+
+
+def write_store(url: str, settings: PlantedSettings, seed: int, split: str, n: int, n_views: int = 2,
+                chunk_size: int = 16) -> str:
+    """A complete planted store at `url` (train: with `feat_aug` and `lhp`; val: without), rewritten from scratch.
+
+    `cls_attn` is required by the layout but means nothing here: one head of zeros.
+    """
+    train = split == "train"
+    views = n_views if train else 0
+    layout = Layout(n, settings.resolution, settings.patch, settings.dim, 1, views, train, True)
+    group = writer.create_store(url, layout, chunk_size, store_attrs(settings, seed, split, n, views), fresh=True)
+    for chunk in range(-(-n // chunk_size)):
+        start, stop = writer.chunk_range(group, chunk)
+        p = generate(settings, seed, split, range(start, stop), views, train)
+        data = {"feat": p.feat.astype(np.float16), "image": p.image, "label": p.label,
+                "cls_attn": np.zeros((stop - start, 1, settings.grid, settings.grid), np.float16)}
+        if train:
+            data["feat_aug"] = p.feat_aug.astype(np.float16)
+            data["lhp"] = p.lhp.astype(np.float16)
+        writer.write_chunk(group, chunk, data)
+    writer.mark_complete(group)
+    return url
