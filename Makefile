@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install run prepare features train evaluate report status bench test lint clean
+.PHONY: install install-gpu run prepare features train evaluate report status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# CUDA machines: faiss-gpu replaces faiss-cpu (both provide the `faiss` module, so they cannot sit side by side).
+install-gpu: install
+	$(BIN)/python -m pip uninstall -q -y faiss-cpu
+	$(BIN)/python -m pip install -q faiss-gpu-cu12
 
 run: install   ## the main job on DATASET (default: the built-in synthetic set); METHOD=hcl for HCL
 	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)

@@ -200,19 +200,21 @@ def crf_bench(n_images: int, size: int, workers: int, n_classes: int = 27, repea
     """Serial vs parallel crf_labels: median wall time of `repeats` runs (parallel includes pool start-up)."""
     images, logits = bench_inputs(n_images, size, n_classes)
 
-    def timed(w: int) -> tuple[float, np.ndarray]:
-        times, out = [], None
+    def timed(w: int) -> tuple[float, np.ndarray, int]:
+        times, out, done = [], None, 0
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = crf_labels(images, logits, workers=w, scheduler=scheduler)
             times.append(time.perf_counter() - t0)
-        return statistics.median(times), out
+            done += len(out)
+        return statistics.median(times), out, done
 
-    serial_s, serial = timed(1)
-    parallel_s, parallel = timed(workers)
+    serial_s, serial, serial_done = timed(1)
+    parallel_s, parallel, parallel_done = timed(workers)
     return {
         "n_images": n_images, "size": size, "n_classes": n_classes, "workers": workers, "scheduler": scheduler,
         "repeats": repeats, "cpus": os.cpu_count(),
+        "images_serial": serial_done, "images_parallel": parallel_done,  # the work each side did, all repeats
         "serial_s": serial_s, "parallel_s": parallel_s,
         "serial_images_per_s": n_images / serial_s, "parallel_images_per_s": n_images / parallel_s,
         "speedup": serial_s / parallel_s if parallel_s > 0 else math.inf,

@@ -210,8 +210,23 @@ def normalize_rows(confusion: np.ndarray) -> np.ndarray:
     return np.divide(confusion, total, out=np.zeros_like(confusion), where=total > 0)
 
 
-def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str = "") -> None:
-    """Row-normalized classes x matched predictions heat map; a last extra column is drawn as 'unmatched'."""
+def _pixel_mapper(fig, ax, bbox=None):
+    """Data coordinates of `ax` -> (row, col) pixels of the PNG `fig` is saved to (at DPI, cropped to `bbox`,
+    in inches, when given): lets tests read back what a picture shows at a known data position."""
+    fig.canvas.draw()
+    x0, top = (0.0, fig.bbox.height) if bbox is None else (bbox.x0 * DPI, bbox.y1 * DPI)
+
+    def pixel(x: float, y: float) -> tuple[int, int]:
+        dx, dy = ax.transData.transform((x, y))
+        return int(round(top - dy)), int(round(dx - x0))
+
+    return pixel
+
+
+def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str = ""):
+    """Row-normalized classes x matched predictions heat map; a last extra column is drawn as 'unmatched'.
+
+    Returns a function (x, y) in cell coordinates (column, row) -> (row, col) pixel of the PNG."""
     confusion = np.asarray(confusion)
     n = len(class_names)
     if confusion.ndim != 2 or confusion.shape[0] != n or confusion.shape[1] not in (n, n + 1):
@@ -232,12 +247,17 @@ def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, tit
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the class's pixels")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    pixel = _pixel_mapper(fig, ax)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+    return pixel
 
 
-def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: Path, title: str = "") -> None:
-    """Grouped horizontal bars of per-class IoU in % (0..100) per result row; None (undefined) is marked 'n/a'."""
+def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: Path, title: str = ""):
+    """Grouped horizontal bars of per-class IoU in % (0..100) per result row; None (undefined) is marked 'n/a'.
+
+    Returns a function (IoU, bar y) -> (row, col) pixel of the PNG; bar k of class c is centred at
+    y = c - 0.4 + (k + 0.5) * 0.8 / len(rows)."""
     n = len(class_names)
     if not rows:
         raise ValueError("iou_bars needs at least one result row")
@@ -264,5 +284,9 @@ def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: 
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(3, len(rows)), frameon=False,
               title=title or None, title_fontsize=10)  # above the bars, under the title, never over a bar
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    fig.canvas.draw()
+    bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # what bbox_inches="tight" crops to
+    pixel = _pixel_mapper(fig, ax, bbox)
+    fig.savefig(path, dpi=DPI, bbox_inches=bbox)
     plt.close(fig)
+    return pixel

@@ -123,7 +123,12 @@ class MetricsLog:
 # ---------------------------------------------------------------- the loop
 def optimize(heads: HPHeads, loss: torch.Tensor, opt_s: torch.optim.Optimizer, opt_p: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, grad_clip: float, ema_m: float) -> None:
-    """One optimizer step on S and P, then the EMA update of S_m (§2, §5)."""
+    """The EMA update of S_m, then one optimizer step on S and P (§2, §5).
+
+    The reference updates S_m inside its training forward, i.e. from S's weights *before* this step's update
+    (and also when the scaler skips the step); doing it first here keeps that order.
+    """
+    ema_update(heads.S_m, heads.S, ema_m)  # §2: θ_m ← m·θ_m + (1−m)·θ, θ before the step
     opt_s.zero_grad(set_to_none=True)
     opt_p.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -132,7 +137,6 @@ def optimize(heads: HPHeads, loss: torch.Tensor, opt_s: torch.optim.Optimizer, o
     scaler.step(opt_s)
     scaler.step(opt_p)
     scaler.update()
-    ema_update(heads.S_m, heads.S, ema_m)  # §2: θ_m ← m·θ_m + (1−m)·θ
 
 
 def make_optimizers(heads: HPHeads, t_cfg: dict[str, Any]) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
@@ -197,7 +201,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
     in_dim = store.array("feat").shape[-1]
     heads = HPHeads(in_dim, t_cfg["head_dim"], t_cfg["dropout"]).to(device)
     opt_s, opt_p = make_optimizers(heads, t_cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2048, growth_interval=1000, enabled=amp)  # the reference's
     settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"], t_cfg["anchor_tile"] or None)
     backend = t_cfg["pool_backend"]
     probes = online_probes(ctx, config, store, device)

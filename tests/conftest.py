@@ -1,9 +1,16 @@
 """Shared test setup: never touch the network, keep torch small on a 2-core machine."""
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Never the user's Hugging Face / torch caches: a machine with DINO weights cached must test like CI (subprocesses
+# inherit this environment too).
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_var, None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hp-pipe-test-hf-")
+os.environ["TORCH_HOME"] = os.path.join(os.environ["HF_HOME"], "torch")
 
 
 import pytest  # noqa: E402

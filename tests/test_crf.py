@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import crf
-from pipeline.crf import CRF_PARAMS, crf_bench, crf_labels, dense_crf
+from pipeline.crf import crf_bench, crf_labels, dense_crf
 from pipeline.errors import UserError
 
 BLUE, ORANGE = (20, 30, 110), (250, 160, 30)
@@ -87,7 +87,7 @@ def test_calls_pydensecrf_like_the_reference(monkeypatch):
     unary = SpyCRF.calls[1][1]
     assert unary.dtype == np.float32 and unary.flags.c_contiguous and unary.shape == (3, 144)
     np.testing.assert_allclose(unary, -np.log(np.clip(p, 1e-5, 1.0)).reshape(3, -1), rtol=1e-5, atol=1e-5)
-    assert SpyCRF.calls[2][1] == dict(sxy=CRF_PARAMS["gaussian_sxy"], compat=CRF_PARAMS["gaussian_compat"])
+    assert SpyCRF.calls[2][1] == dict(sxy=1, compat=3)  # specs/HP.md §8: Gaussian sxy=1, compat=3
     bil = SpyCRF.calls[3][1]
     assert (bil["sxy"], bil["srgb"], bil["compat"]) == (67, 3, 4)
     rgbim = bil["rgbim"]
@@ -107,11 +107,20 @@ def test_parallel_schedulers_equal_serial():
     np.testing.assert_array_equal(crf_labels(images, logits, workers=2, scheduler="distributed"), serial)
 
 
-def test_bench_reports_identical_results():
-    report = crf_bench(n_images=2, size=32, workers=2, n_classes=4, repeats=1)
+def test_bench_sides_do_the_same_work_and_can_fail(monkeypatch):
+    import pipeline.crf as crf
+
+    report = crf_bench(n_images=2, size=32, workers=2, n_classes=4, repeats=2)
     assert report["identical"] is True
-    assert report["serial_images_per_s"] > 0 and report["parallel_images_per_s"] > 0
-    assert report["speedup"] == pytest.approx(report["serial_s"] / report["parallel_s"], rel=1e-9)
+    assert report["images_serial"] == report["images_parallel"] == 2 * 2  # both sides: every image, every repeat
+    real = crf.crf_labels
+
+    def broken(images, logits, workers=1, **kwargs):  # a parallel path that loses a label map's content
+        out = real(images, logits, workers=workers, **kwargs)
+        return out if workers == 1 else np.zeros_like(out)
+
+    monkeypatch.setattr(crf, "crf_labels", broken)
+    assert crf_bench(n_images=2, size=32, workers=2, n_classes=4, repeats=1)["identical"] is False
 
 
 def test_bad_inputs_are_named():

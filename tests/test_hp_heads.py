@@ -160,3 +160,24 @@ def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
     calls.clear()
     it = iter([drop_1, drop_2])
     torch.testing.assert_close(heads.S(f, lambda x: next(it)), expected)
+
+
+def test_ema_uses_the_weights_from_before_each_optimizer_step():
+    """The reference updates S_m inside the training forward, before the optimizer step (§2)."""
+    from pipeline.hp.model import HPHeads
+    from stages.train import make_optimizers, optimize
+
+    torch.manual_seed(0)
+    heads = HPHeads(6, 4)
+    opt_s, opt_p = make_optimizers(heads, {"lr": 0.1, "weight_decay": 0.0})
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    m, snapshots = 0.9, []
+    for _ in range(2):
+        snapshots.append({k: v.detach().clone() for k, v in heads.S.state_dict().items()})
+        loss = heads.P(heads.S(torch.randn(2, 6, 3, 3))).pow(3).sum()
+        optimize(heads, loss, opt_s, opt_p, scaler, grad_clip=10.0, ema_m=m)
+    s0, s1 = snapshots
+    for name, value in heads.S_m.state_dict().items():
+        # step 1: m·S_0 + (1−m)·S_0 = S_0; step 2: m·S_0 + (1−m)·S_1 (S_1 = after the first step)
+        torch.testing.assert_close(value, m * s0[name] + (1 - m) * s1[name], rtol=0, atol=1e-6)
+        assert not torch.allclose(s1[name], heads.S.state_dict()[name])  # S did move in step 2

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
@@ -139,8 +140,14 @@ def test_confusion_png_writes_and_checks_shape(tmp_path, extra):
     names = ["a", "b", "c"]
     confusion = np.arange(3 * (3 + extra)).reshape(3, 3 + extra)
     path = tmp_path / "c.png"
-    confusion_png(confusion, names, path, title="HP cluster")
-    assert _informative(_png(path))
+    pixel = confusion_png(confusion, names, path, title="HP cluster")
+    png = _png(path)
+    assert _informative(png)
+    blues = matplotlib.colormaps["Blues"]
+    for (i, j), fraction in np.ndenumerate(normalize_rows(confusion)):  # each cell's colour is its row fraction
+        r, c = pixel(j - 0.3, i - 0.3)  # a cell corner, away from the number printed at its centre
+        expected = np.round(np.asarray(blues(fraction)[:3]) * 255)
+        np.testing.assert_allclose(png[r, c], expected, atol=3, err_msg=f"cell {i},{j}")
     for bad in (np.zeros((3, 2)), np.zeros((2, 3)), np.zeros((3, 5)), np.zeros(9)):
         with pytest.raises(ValueError, match="matrix"):
             confusion_png(bad, names, tmp_path / "bad.png")
@@ -150,8 +157,18 @@ def test_confusion_png_writes_and_checks_shape(tmp_path, extra):
 def test_iou_bars_writes_and_checks_lengths(tmp_path):
     names = ["a", "b", "c"]
     path = tmp_path / "iou.png"
-    iou_bars({"DINO cluster": [10.0, None, 55.5], "HP cluster": [20.0, 5.0, 70.0]}, names, path, title="val")
-    assert _informative(_png(path))
+    rows = {"DINO cluster": [10.0, None, 55.5], "HP cluster": [20.0, 5.0, 70.0]}
+    pixel = iou_bars(rows, names, path, title="val")
+    png = _png(path)
+    assert _informative(png)
+    for k, (colour, values) in enumerate(zip(palette(len(rows)), rows.values(), strict=True)):
+        for cls, value in enumerate(values):
+            y = cls - 0.4 + (k + 0.5) * 0.8 / len(rows)
+            if value is None:
+                continue
+            for inside in (value / 2, value - 1.5):  # inside the bar, up to just before its end: its colour
+                np.testing.assert_allclose(png[pixel(inside, y)], colour, atol=3)
+            assert np.abs(png[pixel(value + 4, y)].astype(int) - colour).max() > 40  # past its end: not
     with pytest.raises(ValueError, match="HP cluster"):
         iou_bars({"HP cluster": [1.0, 2.0]}, names, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="%"):

@@ -1,8 +1,9 @@
 """HCL's parallel multi-level ViT (specs/HCL.md §1): the same frozen DINO weights run at several patch sizes.
 
-Each branch resizes DINO's patch-embedding kernel FlexiViT-style (pseudo-inverse resize, bias kept), resizes the
-position embeddings to its grid with DINO's own bicubic formula (`dino_interpolate_pos_embed`, the one the native
-`Backbone` forward uses, so the native branch is exactly `Backbone(...).feat`), then runs the blocks and final norm.
+Each branch resizes DINO's patch-embedding kernel FlexiViT-style (pseudo-inverse of a bicubic antialiased resize,
+bias kept), resizes the position embeddings to its grid with DINO's own bicubic formula (`dino_interpolate_pos_embed`,
+the one the native `Backbone` forward uses, so the native branch is exactly `Backbone(...).feat`), then runs the
+blocks and final norm.
 Branches are cached at their native grids; `concat_levels` builds the (levels + 1) * C input of the head on loading.
 """
 
@@ -26,9 +27,11 @@ PATCH_SIZES: dict[str, tuple[int, ...]] = {
     "vit_base_patch8_224.dino": (8, 16, 32, 56),
 }
 
-# Pseudo-inverse of a bilinear (no antialias) resize, as FlexiViT. Every HCL branch upsamples the kernel
-# (16 -> 32, 56; 8 -> 16, 32, 56), where antialiasing is a no-op, so this matches FlexiViT's jax bilinear resize.
-_INTERPOLATION, _ANTIALIAS = "bilinear", False
+# specs/HCL.md §1: pseudo-inverse of torch's bicubic, antialiased resize (align_corners False), as the reference's
+# `pi_resize_patch_embed`. Antialias matters even when upsampling: torch's antialiased bicubic is PIL's cubic
+# (a = -0.5), the plain one a = -0.75. Bilinear kernels differ from these by about half their magnitude.
+# Changing this changes every coarse branch: bump cache.schema.HCL_SCHEMA so stores written before are rebuilt.
+KERNEL_RESIZE = {"interpolation": "bicubic", "antialias": True}
 
 # model -> {patch: resized kernel}; weak keys so a dropped backbone frees its kernels.
 _KERNELS: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, Tensor]] = weakref.WeakKeyDictionary()
@@ -43,13 +46,14 @@ def patch_sizes(name: str) -> tuple[int, ...]:
 
 
 def resize_patch_kernel(weight: Tensor, size: int) -> Tensor:
-    """FlexiViT resize (C_out, C_in, p, p) -> (C_out, C_in, size, size): w' = pinv(B)^T w for the resize map B.
+    """FlexiViT resize (C_out, C_in, p, p) -> (C_out, C_in, size, size): w' = pinv(B)^T w for the resize map B
+    (bicubic, antialiased: specs/HCL.md §1).
 
-    Keeps <x, w> == <resize(x), w'> for every patch x when upsampling, so a resized image patch embeds as before.
+    Keeps <x, w> == <B x, w'> for every patch x when upsampling, so a patch resized by B embeds as before.
     """
     if weight.ndim != 4 or weight.shape[-1] != weight.shape[-2]:
         raise ValueError(f"expected a square conv kernel (C_out, C_in, p, p), got {tuple(weight.shape)}")
-    return resample_patch_embed(weight, [size, size], interpolation=_INTERPOLATION, antialias=_ANTIALIAS)
+    return resample_patch_embed(weight, [size, size], **KERNEL_RESIZE)
 
 
 def _kernel(model: torch.nn.Module, patch: int) -> Tensor:
