@@ -18,6 +18,9 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 2  # 2: crops in a random permutation (train), crop_order and source_image arrays
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
 DONE_HCL = "_done_hcl"  # the same, for the HCL arrays added to a finished store by `features --method hcl`
+# Version of the HCL arrays, in the store's "hcl" attributes and the features-<split>-hcl fingerprint; a store with
+# another is refused. 2: coarse branches with bicubic antialiased patch kernels (specs/HCL.md §1; 1 was bilinear).
+HCL_SCHEMA = 2
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
 IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash")
 

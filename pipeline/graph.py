@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cache.schema import SCHEMA_VERSION
+from cache.schema import HCL_SCHEMA, SCHEMA_VERSION
 from pipeline.config import Config, dataset_root, fingerprint, sections
 from pipeline.errors import UserError
 
@@ -72,12 +72,14 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     """stage -> (its config, its inputs {upstream: fingerprint}), in dependency order.
 
     Besides config sections, `prepare` depends on the list of source files and each
-    `features-<split>` stage on the URL of the store it writes and the store schema version.
+    `features-<split>` stage on the URL of the store it writes and the store schema version, each
+    `features-<split>-hcl` stage on the HCL arrays' version (cache.schema.HCL_SCHEMA).
     """
     extras: dict[str, dict[str, Any]] = {"prepare": {"sources": sources_fingerprint(config, workdir)}}
     for split in ("train", "val"):
         url = (stores or {}).get(split) or default_store_url(config, workdir, split)
         extras[f"features-{split}"] = {"store": url, "schema": SCHEMA_VERSION}  # a new layout rebuilds stores
+        extras[f"features-{split}-hcl"] = {"hcl_schema": HCL_SCHEMA}  # new HCL arrays (e.g. kernels) rebuild them
     from pipeline.hp.online_probes import online_probe_settings
 
     online = online_probe_settings(config)

@@ -131,6 +131,8 @@ def run_local(backbone, group, pending, directory, names, order, labelled, setti
         torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
         try:
             for chunk in pending:
+                if errors:  # the writer failed: stop decoding
+                    break
                 loads.put(load_chunk(group, chunk, directory, names, order, labelled, settings))
         except BaseException as exc:
             errors.append(exc)
@@ -152,7 +154,11 @@ def run_local(backbone, group, pending, directory, names, order, labelled, setti
     while (inputs := loads.get()) is not None and not errors:
         writes.put((inputs.chunk, chunk_arrays(backbone, inputs, settings)))
     writes.put(None)
-    threads[1].join()
+    if errors:  # unblock the loader (it may wait on a full queue) so that both threads end here
+        while loads.get() is not None:
+            pass
+    for t in threads:
+        t.join()
     if errors:
         raise errors[0]
 

@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import writer
-from cache.schema import DONE_HCL, HCLLayout
+from cache.reader import FeatureStore
+from cache.schema import DONE_HCL, HCL_SCHEMA, HCLLayout
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.graph import method_of, stage_dir, stage_plan
@@ -33,6 +34,10 @@ def hcl_arrays(store) -> list[str]:
     if not info.get("complete"):
         raise UserError(f"store {store.url} has no complete HCL arrays; run `hp-pipe features --method hcl` "
                         "for this dataset (or `hp-pipe train --method hcl`, which runs it)")
+    if info.get("hcl_schema", 1) != HCL_SCHEMA:  # e.g. 1: coarse branches from bilinear patch kernels
+        raise UserError(f"store {store.url} holds HCL arrays of version {info.get('hcl_schema', 1)}, this hp-pipe "
+                        f"reads version {HCL_SCHEMA} (patch kernels resized bicubic, antialiased: specs/HCL.md §1); "
+                        "rerun `hp-pipe features --method hcl` for this dataset (add --force if it says up to date)")
     return [n for n in store.names() if n.startswith("hcl_") or n == "fg_mask"]
 
 
@@ -85,7 +90,8 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         n, res = group["feat"].shape[0], int(group.attrs["resolution"])
         views = h["views"] if split == "train" else 0
         layout = HCLLayout(n, res, patch_sizes(backbone.name), backbone.embed_dim, views)
-        attrs = {"fingerprint": ctx.fingerprint, "patch_sizes": list(layout.patch_sizes), "views": views,
+        attrs = {"fingerprint": ctx.fingerprint, "hcl_schema": HCL_SCHEMA, "patch_sizes": list(layout.patch_sizes),
+                 "views": views,
                  "seed": h["seed"], "mask_mass": h["mask_mass"], "mask_min_size": h["mask_min_size"]}
         writer.add_arrays(group, layout, DONE_HCL, ATTRS, attrs, ctx.fresh, config["features"]["compressor"],
                           config["features"]["clevel"])
@@ -130,5 +136,7 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
 def run_for_method(config: Config, workdir: Path, split: str) -> dict[str, Any]:
     """The features stage the configured method reads: HCL's arrays for hcl (which runs the base stage first)."""
     if method_of(config) == "hcl":
-        return run(config, workdir, split)
+        manifest = run(config, workdir, split)
+        hcl_arrays(FeatureStore.open(manifest["outputs"]["store"]))  # refuses arrays another version wrote
+        return manifest
     return features.run(config, workdir, split)

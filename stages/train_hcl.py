@@ -22,7 +22,7 @@ from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.hcl.heads import HCLModel, build_model
-from pipeline.hcl.mogo import MemoryBank, kmeans_centroids
+from pipeline.hcl.mogo import MemoryBank, kmeans_centroids, kmeans_seed
 from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
 from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
@@ -37,7 +37,7 @@ def step_names(patch_sizes: tuple[int, ...]) -> list[str]:
 
 def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...], h_cfg: dict[str, Any],
               banks: dict[str, MemoryBank], epoch: int, generator: torch.Generator,
-              device: torch.device, log) -> dict[str, torch.Tensor]:
+              device: torch.device, log) -> dict[str, dict[str, torch.Tensor]]:
     """§3: sample tokens with the momentum head on the cached view-2 variants, then the banks' centroids."""
     sampled: dict[str, list[torch.Tensor]] = {"fg": [], "bg": []}
     batches = store.batches(step_names(patch_sizes), h_cfg["batch_size"])
@@ -53,8 +53,9 @@ def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...]
 
 
 def mogo_centroids(sampled: dict[str, list[torch.Tensor]], banks: dict[str, MemoryBank], epoch: int,
-                   h_cfg: dict[str, Any], log, source: str) -> dict[str, torch.Tensor]:
-    """§3.2-3: update each bank with this pass's tokens, k-means it -> {"fg", "bg"} unit centroids."""
+                   h_cfg: dict[str, Any], log, source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """§3.2-3: update each bank with this pass's tokens, k-means it (the epoch's own seed) -> {"fg", "bg"}, each
+    {"raw": centroids as clustered (they pick a(i)), "unit": their normalized copies (the logits)}."""
     centroids = {}
     for kind, parts in sampled.items():
         bank = banks[kind].update(torch.cat(parts), epoch)
@@ -64,8 +65,9 @@ def mogo_centroids(sampled: dict[str, list[torch.Tensor]], banks: dict[str, Memo
         k = min(h_cfg["clusters"], len(bank))
         if k < h_cfg["clusters"]:
             log(f"MoGo: only {len(bank)} {kind} tokens, so K = {k} instead of {h_cfg['clusters']}")
-        centroids[kind] = torch.from_numpy(kmeans_centroids(bank, k, h_cfg["kmeans_iterations"],
-                                                            h_cfg["kmeans_min_points"], h_cfg["seed"]))
+        raw, unit = kmeans_centroids(bank, k, h_cfg["kmeans_iterations"], h_cfg["kmeans_min_points"],
+                                     kmeans_seed(h_cfg["seed"], epoch))
+        centroids[kind] = {"raw": torch.from_numpy(raw), "unit": torch.from_numpy(unit)}
     return centroids
 
 
@@ -94,7 +96,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
     optimizer = torch.optim.AdamW(param_groups(model, h_cfg["weight_decay"]), lr=h_cfg["lr"])
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     banks = {"fg": MemoryBank(seed, h_cfg["bank_replace"]), "bg": MemoryBank(seed + 1, h_cfg["bank_replace"])}
-    centroids: dict[str, torch.Tensor] = {}
+    centroids: dict[str, dict[str, torch.Tensor]] = {}  # §3: {"fg", "bg"} -> {"raw", "unit"}, fixed per epoch
     clustered_epoch, mogo_seconds = -1, []
 
     t = 0
@@ -136,6 +138,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                 mogo_seconds.append(round(time.perf_counter() - m0, 3))
                 checkpoint()
             model.train()
+            on_device = {kind: {form: c.to(device) for form, c in forms.items()} for kind, forms in centroids.items()}
             lr = lr_at(epoch, h_cfg["lr"], h_cfg["lr_drop_epoch"], h_cfg["lr_drop"])  # §4: step schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -147,7 +150,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                 x2 = head_input(variant_levels(batch, patch_sizes, view2), patch_sizes, device)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     step = training_step(model, x1, x2, batch["fg_mask"].flatten(1).to(device),
-                                         centroids["fg"].to(device), centroids["bg"].to(device), h_cfg["tau"])
+                                         on_device["fg"], on_device["bg"], h_cfg["tau"])
                 if not torch.isfinite(step.loss):
                     raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
                                     f"(terms {step.terms}); the last good checkpoint {ckpt} is kept. "

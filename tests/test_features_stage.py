@@ -145,3 +145,70 @@ def test_local_cluster_equals_single_process(tmp_path, built):
     distributed = arrays_of(url)
     for name in reference:
         np.testing.assert_array_equal(distributed[name], reference[name], err_msg=name)
+
+
+@pytest.mark.parametrize("failing", ["writer", "loader"])
+def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
+    """A writer (or loader) that raises while chunks are queued ends run_local with that error, never a hang."""
+    import threading
+
+    class Boom(RuntimeError):
+        pass
+
+    computed = []
+
+    def load_chunk(group, chunk, *args):
+        if failing == "loader" and chunk == 2:
+            raise Boom(f"cannot decode chunk {chunk}")
+        return features.ChunkInputs(chunk, *([None] * (len(features.ChunkInputs._fields) - 1)))
+
+    def chunk_arrays(backbone, inputs, settings):
+        computed.append(inputs.chunk)
+        return {"feat": np.zeros((2, 1), np.float16)}
+
+    def write_chunk(group, chunk, data, *args):
+        raise Boom(f"disk full at chunk {chunk}")
+
+    monkeypatch.setattr(features, "load_chunk", load_chunk)
+    monkeypatch.setattr(features, "chunk_arrays", chunk_arrays)
+    if failing == "writer":
+        monkeypatch.setattr(features.writer, "write_chunk", write_chunk)
+    else:
+        monkeypatch.setattr(features.writer, "write_chunk", lambda *args: None)
+    raised = []
+
+    def run():
+        try:
+            features.run_local(None, None, list(range(12)), None, [], None, False, None,
+                               type("Progress", (), {"update": lambda self, n: None})())
+        except Boom as exc:
+            raised.append(exc)
+
+    before = threading.active_count()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)  # a hang detector, not a speed check: the stage returns within milliseconds
+    assert not thread.is_alive(), "run_local hung after a failing thread"
+    assert threading.active_count() == before  # its loader and writer threads ended too (none left blocked)
+    assert len(raised) == 1 and ("disk full" if failing == "writer" else "cannot decode") in str(raised[0])
+    assert len(computed) < 12  # it stopped early instead of computing every chunk
+
+
+def test_cached_views_are_the_backbone_on_the_seeded_photometric_transform(built):
+    """feat_aug[i, k] = backbone(reference transform of image i, torch seeded with the recorded view seed)."""
+    import torchvision.transforms as T
+
+    config, _, manifests = built
+    data = arrays_of(manifests["train"]["outputs"]["store"])
+    backbone = load_backbone("vit_small_patch16_224.dino", "random")
+    seed = config["features"]["seed"]
+    for i in (0, 7):
+        x = normalize(torch.from_numpy(data["image"][i : i + 1]))[0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((seed * 1_000_003 + i) * 97 + 0)  # (run seed, store index, view 0)
+            transform = T.Compose([T.ColorJitter(0.3, 0.3, 0.3, 0.1), T.RandomGrayscale(0.2),  # specs/HP.md §3
+                                   T.RandomApply([T.GaussianBlur((5, 5))], p=0.5)])
+            view = transform(x)  # the reference's quirk: on the normalized tensor
+        expected = backbone(view[None]).feat[0].numpy()
+        np.testing.assert_allclose(data["feat_aug"][i, 0].astype(np.float32), expected, atol=2e-2, rtol=1e-2)
+        assert np.abs(data["feat_aug"][i, 0].astype(np.float32) - data["feat"][i]).max() > 0.1  # not the plain crop

@@ -1,4 +1,4 @@
-"""HCL multi-level backbone and foreground mask: FlexiViT resize vs a direct pseudo-inverse, branches vs the
+"""HCL multi-level backbone and foreground mask: FlexiViT resize vs a float64 pseudo-inverse, branches vs the
 native Backbone, level concatenation, and the mask vs a naive sort/cumsum/flood-fill implementation."""
 
 from collections import deque
@@ -26,6 +26,11 @@ def _images(b: int, size: int, seed: int = 0) -> torch.Tensor:
     return normalize(torch.randint(0, 256, (b, size, size, 3), generator=g, dtype=torch.uint8))
 
 
+def _bicubic_aa(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize the reference's kernels invert (specs/HCL.md §1): torch bicubic, antialiased."""
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
 def _bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=False, align_corners=False)
 
@@ -33,25 +38,25 @@ def _bilinear(x: torch.Tensor, size: int) -> torch.Tensor:
 # --- kernel resize --------------------------------------------------------------------------------
 
 
-def _direct_flexi(w: torch.Tensor, size: int) -> np.ndarray:
-    """FlexiViT by hand: B's columns are the bilinear resizes of the p*p basis patches; w' = pinv(B)^T vec(w)."""
+def _direct_flexi(w: torch.Tensor, size: int, resize=_bicubic_aa) -> np.ndarray:
+    """FlexiViT by hand in float64: B's columns are the resizes of the p*p basis patches; w' = pinv(B)^T vec(w)."""
     c_out, c_in, p, _ = w.shape
-    cols = []
-    for i in range(p * p):
-        e = torch.zeros(p * p, dtype=torch.float64)
-        e[i] = 1.0
-        cols.append(_bilinear(e.view(1, 1, p, p), size).reshape(-1).numpy())
-    b = np.stack(cols, axis=1)  # (size*size, p*p)
+    basis = torch.eye(p * p, dtype=torch.float64).view(p * p, 1, p, p)
+    b = resize(basis, size).reshape(p * p, size * size).T.numpy()  # (size*size, p*p)
     flat = w.double().reshape(c_out * c_in, p * p).numpy()
     return (np.linalg.pinv(b).T @ flat.T).T.reshape(c_out, c_in, size, size)
 
 
-@pytest.mark.parametrize("size", [6, 2])
-def test_resize_patch_kernel_matches_direct_pseudo_inverse(size):
-    w = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize(("patch", "size"), [(4, 6), (4, 2), (16, 32), (16, 56), (8, 56)])
+def test_resize_patch_kernel_matches_float64_pseudo_inverse_of_bicubic_antialiased(patch, size):
+    """DINO-scale kernels (std 0.05) against the float64 pseudo-inverse to 1e-6; bilinear kernels are far off."""
+    w = 0.05 * torch.randn(4, 3, patch, patch, generator=torch.Generator().manual_seed(1))
     got = resize_patch_kernel(w, size)
-    assert got.shape == (2, 1, size, size)
-    np.testing.assert_allclose(got.double().numpy(), _direct_flexi(w, size), atol=1e-5)
+    assert got.shape == (4, 3, size, size) and got.dtype == w.dtype
+    want = _direct_flexi(w, size)
+    np.testing.assert_allclose(got.double().numpy(), want, atol=1e-6, rtol=0)
+    if size > patch:  # the old bilinear kernels differ by a good share of the kernel's magnitude
+        assert np.abs(_direct_flexi(w, size, _bilinear) - want).max() > 0.2 * np.abs(want).max()
 
 
 def test_resize_patch_kernel_preserves_patch_projection_when_upsampling():
@@ -60,7 +65,7 @@ def test_resize_patch_kernel_preserves_patch_projection_when_upsampling():
     x = torch.randn(5, 2, 4, 4, generator=g, dtype=torch.float64)
     w6 = resize_patch_kernel(w, 6).double()
     before = torch.einsum("nchw,ochw->no", x, w)
-    after = torch.einsum("nchw,ochw->no", _bilinear(x, 6), w6)
+    after = torch.einsum("nchw,ochw->no", _bicubic_aa(x, 6), w6)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
@@ -79,11 +84,12 @@ def test_native_branch_equals_backbone(backbone):
 
 
 def test_coarse_branch_sees_patchwise_upsampled_image_as_native(backbone):
-    """FlexiViT's promise end to end: each 32 px patch = bilinear 2x of a 16 px patch -> same tokens, because the
-    resized kernel preserves the projection, the bias is kept and the 4x4 grid gets the same position embeddings."""
+    """FlexiViT's promise end to end: each 32 px patch = bicubic antialiased 2x of a 16 px patch -> same tokens,
+    because the resized kernel preserves the projection, the bias is kept and the 4x4 grid gets the same position
+    embeddings."""
     images = _images(1, 64, seed=3)
     patches = images.unfold(2, 16, 16).unfold(3, 16, 16)  # (1, 3, 4, 4, 16, 16)
-    up = _bilinear(patches.permute(0, 2, 3, 1, 4, 5).reshape(16, 3, 16, 16), 32)
+    up = _bicubic_aa(patches.permute(0, 2, 3, 1, 4, 5).reshape(16, 3, 16, 16), 32)
     big = up.reshape(1, 4, 4, 3, 32, 32).permute(0, 3, 1, 4, 2, 5).reshape(1, 3, 128, 128)
     torch.testing.assert_close(big[..., 32:64, 96:128], up[7:8])  # patch (1, 3) landed in place
     native, native_cls, native_attn = branch_forward(backbone, images, 16)

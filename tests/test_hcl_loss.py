@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.hcl.heads import HCLModel
-from pipeline.hcl.loss import hcl_loss
-from pipeline.hcl.mogo import MemoryBank, kmeans_centroids, nearest, sample_tokens
+from pipeline.hcl.loss import hcl_loss, prototype_loss
+from pipeline.hcl.mogo import (
+    MAX_POINTS_PER_CENTROID,
+    MemoryBank,
+    kmeans_centroids,
+    kmeans_seed,
+    nearest_l2,
+    sample_tokens,
+)
+from pipeline.hcl.step import param_groups
 from pipeline.metrics import remap_confusion, scores
 from pipeline.overcluster import (
     many_to_one_match,
@@ -25,14 +33,26 @@ def _unit(*shape, seed):
     return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
 
 
-def _naive_proto(q, k, c, tau):
-    """Per token: nearest centroid of k_i by brute force, dense softmax over all centroids written out."""
+def _naive_proto(q, k, raw, tau):
+    """Per token: a(i) = the raw centroid nearest to k_i in L2 by brute force; dense softmax over the normalized
+    centroids written out (specs/HCL.md §4)."""
+    unit = [[x / math.sqrt(sum(y * y for y in c)) for x in c] for c in raw]
     terms = []
     for qi, ki in zip(q.tolist(), k.tolist(), strict=True):
-        a = max(range(len(c)), key=lambda j: sum(x * y for x, y in zip(ki, c[j], strict=True)))
-        e = [math.exp(sum(x * y for x, y in zip(qi, cj, strict=True)) / tau) for cj in c]
+        a = min(range(len(raw)), key=lambda j: sum((x - y) ** 2 for x, y in zip(ki, raw[j], strict=True)))
+        e = [math.exp(sum(x * y for x, y in zip(qi, cj, strict=True)) / tau) for cj in unit]
         terms.append(-math.log(e[a] / sum(e)))
     return sum(terms) / len(terms)
+
+
+def _forms(raw):
+    return {"raw": raw, "unit": F.normalize(raw, dim=-1)}
+
+
+def _raw(k, d, seed):
+    """Raw k-means-like centroids: means of unit vectors, so norms spread well below 1."""
+    g = torch.Generator().manual_seed(seed)
+    return _unit(k, d, seed=seed) * (0.2 + 0.8 * torch.rand(k, 1, generator=g, dtype=torch.float64))
 
 
 def test_hcl_loss_matches_naive():
@@ -40,10 +60,10 @@ def test_hcl_loss_matches_naive():
     q, k = _unit(2, 9, d, seed=1), _unit(2, 9, d, seed=2)
     pred = torch.randn(2, 9, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     fg = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)) > 0.5
-    c_fg, c_bg = _unit(5, d, seed=5), _unit(7, d, seed=6)
+    c_fg, c_bg = _raw(5, d, seed=5), _raw(7, d, seed=6)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    out = hcl_loss(q, k, pred, fg, c_fg, c_bg, tau)
+    out = hcl_loss(q, k, pred, fg, _forms(c_fg), _forms(c_bg), tau)
 
     qf, kf, m = q.detach().reshape(n, d), k.detach().reshape(n, d), fg.reshape(n)
     want_fg = _naive_proto(qf[m], kf[m], c_fg.tolist(), tau)
@@ -63,10 +83,27 @@ def test_hcl_loss_matches_naive():
     assert k.grad is None and q.grad is not None  # k is a target: no gradient into the momentum branch
 
 
-def test_nearest_equals_bruteforce():
-    q, c = _unit(200, 16, seed=7).float(), _unit(30, 16, seed=8).float()
-    np.testing.assert_array_equal(nearest(q, c), (q @ c.T).argmax(1).numpy())
-    np.testing.assert_array_equal(nearest(q.numpy(), c.numpy()), (q @ c.T).argmax(1).numpy())
+def test_nearest_l2_equals_bruteforce():
+    q, c = _unit(200, 16, seed=7).float(), _raw(30, 16, seed=8).float()
+    want = torch.cdist(q.double(), c.double()).argmin(1)
+    assert torch.equal(nearest_l2(q, c), want)
+    assert not torch.equal(want, (q @ F.normalize(c, dim=-1).T).argmax(1))  # the raw norms matter here
+
+
+def test_positive_is_the_l2_nearest_raw_centroid_not_the_ip_nearest_unit_one():
+    """specs/HCL.md §4: a(i) from the raw centroids in L2. Hand-made: c0 points at k but is short, c1 is a little
+    off k's direction but has unit norm, so IP-to-unit picks c0 and L2-to-raw picks c1."""
+    k = torch.tensor([[1.0, 0.0]])
+    raw = torch.tensor([[0.1, 0.0], [0.8, 0.6]])
+    unit = F.normalize(raw, dim=-1)
+    assert (k @ unit.T).argmax(1).item() == 0 and torch.cdist(k, raw).argmin(1).item() == 1  # they disagree
+    assert nearest_l2(k, raw).item() == 1
+    q = torch.tensor([[0.0, 1.0]])  # logits exp(0/τ), exp(0.6/τ): the positive's choice changes the loss
+    tau = 0.07
+    logits = torch.exp(q @ unit.T / tau)[0]
+    got = prototype_loss(q, k, raw, unit, tau)
+    assert got.item() == pytest.approx(-math.log(logits[1] / logits.sum()), rel=1e-6)
+    assert got.item() != pytest.approx(-math.log(logits[0] / logits.sum()), rel=1e-3)
 
 
 def test_many_to_one_match_hand_made():
@@ -109,11 +146,104 @@ def test_kmeans_centroids_recovers_separated_clusters():
     rng = np.random.default_rng(0)
     centres = np.eye(8, dtype=np.float32)[:4] * 10
     x = np.concatenate([c + 0.1 * rng.standard_normal((50, 8)).astype(np.float32) for c in centres])
-    c = kmeans_centroids(x, k=4, iterations=20, min_points=10, seed=0)
-    np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, atol=1e-5)
-    cos = (centres / 10) @ c.T
+    raw, unit = kmeans_centroids(x, k=4, iterations=20, min_points=10, seed=0)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(np.linalg.norm(raw, axis=1)), 10.0, rtol=0.01)  # raw: the cluster means
+    cos = (centres / 10) @ unit.T
     assert (cos.max(1) > 0.99).all() and sorted(cos.argmax(1)) == [0, 1, 2, 3]
-    np.testing.assert_array_equal(c, kmeans_centroids(x, k=4, iterations=20, min_points=10, seed=0))
+    again = kmeans_centroids(x, k=4, iterations=20, min_points=10, seed=0)
+    np.testing.assert_array_equal(raw, again[0])
+    np.testing.assert_array_equal(unit, again[1])
+
+
+def _lloyd(x: np.ndarray, init: np.ndarray, iterations: int) -> np.ndarray:
+    """Plain float64 Lloyd's k-means from given centroids: assign to the L2-nearest, move to the mean."""
+    c = init.astype(np.float64)
+    for _ in range(iterations):
+        a = ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).argmin(1)
+        c = np.stack([x[a == j].mean(0) for j in range(len(c))])
+    return c
+
+
+def test_kmeans_clusters_a_200k_bank_whole():
+    """specs/HCL.md §3: max_points_per_centroid = 10M, so a bank above 256·K points is not subsampled. faiss with
+    0 iterations gives its initial centroids; Lloyd's in float64 over all 200k points from there is the answer."""
+    import faiss
+
+    x = np.random.default_rng(0).standard_normal((200_000, 4)).astype(np.float32)
+    k, iterations, seed = 3, 4, kmeans_seed(7, 0)
+    init, _ = kmeans_centroids(x, k, iterations=0, min_points=1, seed=seed)
+    assert all((x == row).all(1).any() for row in init)  # initial centroids are bank points
+    raw, _ = kmeans_centroids(x, k, iterations=iterations, min_points=1, seed=seed)
+    want = _lloyd(x.astype(np.float64), init, iterations)
+    np.testing.assert_allclose(raw, want, atol=1e-4)
+    default = faiss.Kmeans(4, k, niter=iterations, seed=seed, min_points_per_centroid=1, verbose=False)
+    default.train(x)  # faiss's default max_points_per_centroid = 256: clusters 768 of the 200k points
+    assert np.abs(default.centroids - want).max() > 0.05
+    assert MAX_POINTS_PER_CENTROID * k >= 10 * len(x)
+
+
+def test_kmeans_seed_changes_per_epoch_and_reproduces():
+    seeds = [kmeans_seed(7, epoch) for epoch in range(10)]
+    assert len(set(seeds)) == 10 and seeds == [kmeans_seed(7, epoch) for epoch in range(10)]
+    assert kmeans_seed(8, 0) not in seeds and all(0 <= s < 2**31 for s in seeds)
+    x = np.random.default_rng(1).standard_normal((3000, 4)).astype(np.float32)
+    run = lambda epoch: kmeans_centroids(x, 5, iterations=3, min_points=1, seed=kmeans_seed(7, epoch))[0]  # noqa: E731
+    np.testing.assert_array_equal(run(1), run(1))  # a resumed epoch clusters exactly as before
+    assert not np.array_equal(run(0), run(1))  # another epoch starts from other points
+
+
+def test_head_init_trunc_normal_zero_bias_unit_norms_and_momentum_copy():
+    """specs/HCL.md §4: head and projector Linears trunc_normal(0.02) with zero biases, LayerNorms (1, 0); the
+    predictor keeps PyTorch's default init, as in the reference; the momentum copy starts equal."""
+    torch.manual_seed(0)
+    model = HCLModel(width=1536, dim=768, hidden=512, out_dim=64, num_heads=12)
+    linears = [m for part in (model.head, model.projector) for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 + 4 + 3  # embed; qkv, proj, fc1, fc2; projector MLP
+    for m in linears:
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+        assert m.weight.abs().max() <= 2.0
+    big = model.head.embed.weight.detach().double()  # 768 x 1536: 1.2M draws
+    assert big.mean().abs() < 1e-4 and big.std().item() == pytest.approx(0.02, rel=0.01)
+    assert big.abs().max() > 3 * 0.02  # truncated at ±2 absolute as the reference, not at ±2 std
+    fc1 = model.head.block.mlp.fc1.weight.detach().double()
+    assert fc1.std().item() == pytest.approx(0.02, rel=0.01)
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 4 and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in norms)
+    first = model.predictor.mlp[0]
+    bound = 1 / math.sqrt(first.in_features)  # PyTorch's default: kaiming_uniform(a=√5) = U(±1/√fan_in)
+    assert first.weight.abs().max() <= bound and first.weight.std().item() == pytest.approx(bound / math.sqrt(3),
+                                                                                           rel=0.05)
+    assert first.bias.abs().max() > 0
+    for online, momentum in ((model.head, model.momentum_head), (model.projector, model.momentum_projector)):
+        for (name, p), (_, pm) in zip(online.named_parameters(), momentum.named_parameters(), strict=True):
+            assert torch.equal(p, pm), name
+
+
+def test_every_trained_parameter_has_weight_decay():
+    """specs/HCL.md §4: AdamW weight decay 0.04 on all parameters, biases and norms included."""
+    model = HCLModel(width=48, dim=16, hidden=32, out_dim=8, num_heads=2)
+    groups = param_groups(model, 0.04)
+    assert all(g["weight_decay"] == 0.04 for g in groups)
+    grouped = [p for g in groups for p in g["params"]]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trained)
+    assert {id(p) for p in grouped} == {id(p) for p in trained}
+    assert any(p.ndim == 1 for p in grouped)  # biases and LayerNorm parameters decay too
+    momentum = {id(p) for part in (model.momentum_head, model.momentum_projector) for p in part.parameters()}
+    assert not momentum & {id(p) for p in grouped}
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    bias = model.head.norm_in.bias
+    with torch.no_grad():
+        bias.fill_(1.0)
+    bias.grad = torch.zeros_like(bias)
+    for p in trained:
+        if p is not bias:
+            p.grad = torch.zeros_like(p)
+    opt.step()  # zero gradient: only the decay moves it, by lr · wd
+    torch.testing.assert_close(bias.detach(), torch.full_like(bias, 1.0 - 1e-3 * 0.04))
 
 
 def test_momentum_update_formula():
@@ -182,9 +312,9 @@ def test_overcluster_maps_on_class_features_is_perfect_at_any_mask_size():
 def test_hcl_loss_stays_finite_and_float32_under_float16_autocast():
     """exp(q·c/τ) overflows float16 (e^14.3 > 65,504): the loss must not run in half precision."""
     q = torch.ones(4, 8) / math.sqrt(8)
-    centroids = q[:2].clone()  # q·c = 1 for both: exp(1/0.07) = 1.6e6 per term
+    centroids = {"raw": q[:2].half(), "unit": q[:2].half()}  # q·c = 1 for both: exp(1/0.07) = 1.6e6 per term
     mask = torch.tensor([True, True, False, False])
     with torch.autocast("cpu", dtype=torch.float16):
-        out = hcl_loss(q.half(), q.half(), q.half(), mask, centroids.half(), centroids.half(), tau=0.07)
+        out = hcl_loss(q.half(), q.half(), q.half(), mask, centroids, centroids, tau=0.07)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     assert out["fg"].item() == pytest.approx(math.log(2), abs=1e-3)  # two equal logits

@@ -91,12 +91,11 @@ def test_hcl_stage_resumes_unfinished_chunks_and_leaves_hp_arrays_alone(workdir)
 def test_schedule_groups_and_variants():
     assert [lr_at(e, 1e-4, 3, 0.1) for e in range(5)] == pytest.approx([1e-4] * 3 + [1e-5] * 2)
     model = build_model(48, {"dim": 16, "hidden": 32, "out_dim": 8, "heads": 2})
-    decay, no_decay = param_groups(model, 0.04)
+    (group,) = param_groups(model, 0.04)  # §4: one group, weight decay on all trained parameters
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.04
-    assert no_decay["weight_decay"] == 0.0
-    assert all(names[id(p)].endswith("bias") or "norm" in names[id(p)] for p in no_decay["params"])
-    assert not any(n.startswith("momentum") for n in (names[id(p)] for p in decay["params"] + no_decay["params"]))
+    assert group["weight_decay"] == 0.04
+    assert sorted(names[id(p)] for p in group["params"]) == sorted(n for n in names.values()
+                                                                   if not n.startswith("momentum"))
     first, second = two_variants(1000, 3, torch.Generator().manual_seed(0))
     assert (first != second).all() and set(first.tolist()) == {0, 1, 2} and set(second.tolist()) == {0, 1, 2}
 
@@ -111,8 +110,11 @@ def test_run_logs_schedule_and_clusters_once_per_epoch(workdir):
     assert [r["lr"] for r in records if r["epoch"] >= 2] == pytest.approx([1e-4] * 5)
     assert len(manifest["timings"]["mogo_seconds"]) == 3
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-    assert state["clustered_epoch"] == 2 and state["centroids"]["fg"].shape == (8, 16)
-    assert torch.allclose(state["centroids"]["fg"].norm(dim=1), torch.ones(8), atol=1e-5)
+    fg = state["centroids"]["fg"]  # §3: both forms kept, the raw ones for a(i), the unit ones for the logits
+    assert state["clustered_epoch"] == 2 and fg["raw"].shape == fg["unit"].shape == (8, 16)
+    assert torch.allclose(fg["unit"].norm(dim=1), torch.ones(8), atol=1e-5)
+    torch.testing.assert_close(fg["unit"], F.normalize(fg["raw"], dim=1))
+    assert (fg["raw"].norm(dim=1) < 0.999).any()  # means of unit keys: the raw centroids are not unit vectors
     assert (out / "curves.png").stat().st_size > 0 and manifest["outputs"]["random_init"] is True
 
 
@@ -141,7 +143,8 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
     for kind in ("fg", "bg"):
-        assert torch.equal(straight["centroids"][kind], resumed["centroids"][kind])
+        for form in ("raw", "unit"):
+            assert torch.equal(straight["centroids"][kind][form], resumed["centroids"][kind][form])
         assert np.array_equal(straight["banks"][kind]["data"], resumed["banks"][kind]["data"])
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
                           for line in path.read_text().splitlines()]
@@ -188,6 +191,33 @@ def test_evaluate_codes_are_the_online_head_on_concatenated_branches(workdir):
     assert over["seeds"] == 2 and over["miou_std"] >= 0 and 0 <= over["acc"] <= 100
     assert metrics["method"] == "hcl" and manifest["status"] == "complete"
     assert "± " in (rdir / "eval" / "report.md").read_text()
+
+
+def test_hcl_arrays_of_another_version_are_refused(workdir, monkeypatch):
+    """Stores written with the bilinear kernels (HCL schema 1, no `hcl_schema` attribute) are refused with the
+    command that rebuilds them, and a new HCL schema changes the features-<split>-hcl fingerprint."""
+    from cache.schema import HCL_SCHEMA
+    from pipeline import graph
+    from pipeline.config import fingerprint
+
+    config, store = tiny_config(), store_of(workdir)
+    assert store.attrs["hcl"]["hcl_schema"] == HCL_SCHEMA == 2
+    group = writer.open_group(store.url, mode="r+")
+    saved = dict(group.attrs["hcl"])
+    try:
+        group.attrs["hcl"] = {k: v for k, v in saved.items() if k != "hcl_schema"}  # as written before schema 2
+        with pytest.raises(UserError, match=r"version 1.*rerun `hp-pipe features --method hcl`.*--force"):
+            features_hcl.hcl_arrays(FeatureStore.open(store.url))
+        with pytest.raises(UserError, match="features --method hcl"):  # train reads the store: refused too
+            train_stage.run(config, workdir, "old-store")
+    finally:
+        group.attrs["hcl"] = saved
+    assert features_hcl.hcl_arrays(FeatureStore.open(store.url))
+    now = graph.stage_plan(config, workdir)["features-train-hcl"]
+    monkeypatch.setattr(graph, "HCL_SCHEMA", 1)
+    before = graph.stage_plan(config, workdir)["features-train-hcl"]
+    assert now[0]["hcl_schema"] == 2 and before[0]["hcl_schema"] == 1
+    assert fingerprint(*now) != fingerprint(*before)  # an old manifest is stale: the arrays are recomputed
 
 
 def test_hcl_needs_two_variants_and_a_known_method(workdir):

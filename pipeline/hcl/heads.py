@@ -14,6 +14,19 @@ from pipeline.hp.heads import ema_update
 SEG_DIM, HIDDEN_DIM, OUT_DIM, N_HEADS = 768, 2048, 256, 12
 
 
+def init_weights(module: nn.Module) -> None:
+    """§4's head initialization, on every submodule: Linear weights trunc_normal(std 0.02), biases 0; LayerNorm
+    weight 1, bias 0. Truncated at ±2 absolute (100 std), as the reference's and timm's trunc_normal_ default."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class OnlineHead(nn.Module):
     """Linear(width -> 768), LayerNorm, one ViT block (768-d, 12 heads), LayerNorm: the segmentation features."""
 
@@ -62,7 +75,12 @@ class Predictor(nn.Module):
 
 
 class HCLModel(nn.Module):
-    """Online head + projector + predictor, and an EMA copy of head + projector that gets no gradient."""
+    """Online head + projector + predictor, and an EMA copy of head + projector that gets no gradient.
+
+    Head and projector (the reference's SegHead: its Linear, LayerNorms, transformer block and projection MLP) get
+    `init_weights`; the predictor keeps PyTorch's default Linear init, as the reference's (built outside SegHead,
+    never re-initialized). The momentum copy is taken after the init, so it starts equal to the online branch.
+    """
 
     def __init__(self, width: int, dim: int = SEG_DIM, hidden: int = HIDDEN_DIM, out_dim: int = OUT_DIM,
                  num_heads: int = N_HEADS):
@@ -70,6 +88,8 @@ class HCLModel(nn.Module):
         self.head = OnlineHead(width, dim, num_heads)
         self.projector = Projector(dim, hidden, out_dim)
         self.predictor = Predictor(out_dim, hidden)
+        init_weights(self.head)
+        init_weights(self.projector)
         self.momentum_head = copy.deepcopy(self.head)
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in [*self.momentum_head.parameters(), *self.momentum_projector.parameters()]:

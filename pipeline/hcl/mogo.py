@@ -13,13 +13,13 @@ def _f32(x: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def nearest(queries: np.ndarray | torch.Tensor, centroids: np.ndarray | torch.Tensor) -> np.ndarray:
-    """argmax_j queries_i · centroids_j with a faiss inner-product index (unit vectors: nearest centroid)."""
-    q, c = _f32(queries), _f32(centroids)
-    index = faiss.IndexFlatIP(c.shape[1])
-    index.add(c)
-    _, idx = index.search(q, 1)
-    return idx[:, 0].astype(np.int64)
+def nearest_l2(queries: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """argmin_j ||queries_i - centroids_j||² (computed as ||c_j||² - 2 q_i·c_j), on the queries' device.
+
+    §4's a(i): the reference searches its trained faiss L2 index, which holds the raw k-means centroids.
+    """
+    c = centroids.to(queries)
+    return ((c * c).sum(1)[None, :] - 2.0 * queries @ c.T).argmin(1)
 
 
 def sample_tokens(tokens: torch.Tensor, mask: torch.Tensor, fraction: float,
@@ -68,11 +68,28 @@ class MemoryBank:
         return self.data
 
 
-def kmeans_centroids(x: np.ndarray, k: int = 500, iterations: int = 20, min_points: int = 100,
-                     seed: int = 0) -> np.ndarray:
-    """faiss k-means (L2) with a fixed seed; returns (k, d) L2-normalized centroids."""
-    x = _f32(x)
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, min_points_per_centroid=min_points, verbose=False)
-    km.train(x)
-    c = km.centroids.astype(np.float32)
+MAX_POINTS_PER_CENTROID = 10_000_000  # §3: the whole bank is clustered; faiss's default 256 subsamples above 256·K
+
+
+def kmeans_seed(seed: int, epoch: int) -> int:
+    """§3: a new k-means seed each epoch, derived from the run seed and the epoch (so a resumed run reuses it)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] >> 1)  # faiss takes a C int
+
+
+def unit_rows(c: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans_centroids(x: np.ndarray, k: int = 500, iterations: int = 20, min_points: int = 100,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """faiss k-means (L2) on the whole of `x` (never subsampled) -> (raw, unit) centroids, each (k, d) float32.
+
+    §3-§4: the raw centroids choose each token's positive a(i) (nearest in L2), their unit copies give the logits.
+    """
+    x = _f32(x)
+    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, min_points_per_centroid=min_points,
+                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, verbose=False)
+    km.train(x)
+    raw = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    return raw, unit_rows(raw).astype(np.float32)

@@ -6,6 +6,7 @@ from the `generator` passed in, so a run is reproducible from its saved RNG stat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +47,9 @@ def two_variants(batch: int, n_variants: int, generator: torch.Generator) -> tup
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices only, none on biases and norm parameters (§4)."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups (§4): one group, weight decay on every trained parameter, biases and norms included, as the
+    reference's AdamW(model.parameters()) does. The momentum copy gets no gradient, so AdamW would skip it anyway."""
+    return [{"params": [p for p in module.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
 def lr_at(epoch: int, lr: float, drop_epoch: int, drop: float) -> float:
@@ -65,9 +63,10 @@ class HCLStepOutput:
     terms: dict[str, float]
 
 
-def training_step(model: HCLModel, x1: Tensor, x2: Tensor, fg_mask: Tensor, fg_centroids: Tensor,
-                  bg_centroids: Tensor, tau: float) -> HCLStepOutput:
-    """x1, x2: (B, n, width) views 1 and 2; fg_mask (B, n). L = 0.5 (L_fg + L_bg) + 0.5 L_pred (§4)."""
+def training_step(model: HCLModel, x1: Tensor, x2: Tensor, fg_mask: Tensor, fg_centroids: Mapping[str, Tensor],
+                  bg_centroids: Mapping[str, Tensor], tau: float) -> HCLStepOutput:
+    """x1, x2: (B, n, width) views 1 and 2; fg_mask (B, n); centroids {"raw", "unit"} (§3).
+    L = 0.5 (L_fg + L_bg) + 0.5 L_pred (§4)."""
     q, pred_q, k = model(x1, x2)  # §4: q online on view 1, k momentum on view 2
     out = hcl_loss(q, k, pred_q, fg_mask, fg_centroids, bg_centroids, tau)
     terms = {name: float(v.detach()) for name, v in out.items()}
