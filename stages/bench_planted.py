@@ -27,9 +27,10 @@ from cache.reader import FeatureStore
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.encoders import load_encoder
-from pipeline.hp.loss import LossOutput, hp_loss
+from pipeline.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.hp.model import HPHeads
-from pipeline.planted import N_CLASSES, PlantedSettings, write_store
+from pipeline.hp.pool import PoolIndex, pick_patches
+from pipeline.planted import N_CLASSES, PlantedSettings, label_fractions, patch_labels, write_store
 from pipeline.runner import StageContext
 from stages import train as train_stage
 from stages.bench import report
@@ -94,13 +95,66 @@ def _codes(checkpoint: str, train: FeatureStore, val: FeatureStore) -> tuple[np.
     return train_codes.permute(0, 2, 3, 1).reshape(-1, train_codes.shape[1]).numpy(), list(val_codes)
 
 
-def _precision(checkpoint: str, store: FeatureStore, pool_size: int, images: int, seed: int) -> dict[str, float]:
-    """Positive precision of G and H (bench quality's measure) with the trained S_m and its last Pool_sp."""
+def _heads(checkpoint: str) -> tuple[HPHeads, torch.Tensor]:
+    """The trained heads (eval mode) and the run's last Pool_sp."""
     state = load_checkpoint(checkpoint)
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
-    heads.eval()
-    return positive_precision(store, pool_size, heads, state["pool_sp"], images=images, seed=seed)
+    return heads.eval(), state["pool_sp"]
+
+
+def positive_sources(x: torch.Tensor, r: torch.Tensor, patch_label: torch.Tensor, image: torch.Tensor,
+                     prefix: str) -> dict[str, float]:
+    """Where the hidden positives of unit `x` (criteria `r`, §5) come from: the anchor's own image or another,
+    and how often each kind shares the anchor's class. Patches of one image share the planted style, so own-image
+    positives can be of any class; only cross-image ones teach the head to ignore the style."""
+    mask = positive_masks(x, x, r, r, torch.arange(len(x)))
+    same = patch_label[:, None] == patch_label[None, :]
+    own = image[:, None] == image[None, :]
+    total = max(int(mask.sum()), 1)
+    pct = lambda m: round(100 * float(same[m].float().mean()), 1) if bool(m.any()) else float("nan")  # noqa: E731
+    return {f"{prefix}_own_image_share": round(100 * int((mask & own).sum()) / total, 1),
+            f"{prefix}_own_image_precision": pct(mask & own),
+            f"{prefix}_cross_image_precision": pct(mask & ~own),
+            f"{prefix}_cross_image_per_anchor": round(int((mask & ~own).sum()) / len(x), 1)}
+
+
+def code_geometry(x: torch.Tensor, patch_label: torch.Tensor, image: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean cosine of same-class patches of other images vs other-class patches of the same image: which one
+    the features (or codes) group by, the class or the image."""
+    sim = x @ x.T
+    same = patch_label[:, None] == patch_label[None, :]
+    own = image[:, None] == image[None, :]
+    return {f"{prefix}_cos_same_class_other_image": round(float(sim[same & ~own].mean()), 3),
+            f"{prefix}_cos_other_class_same_image": round(float(sim[~same & own].mean()), 3)}
+
+
+def diagnose(checkpoint: str, store: FeatureStore, pool_size: int, images: int, seed: int) -> dict[str, float]:
+    """Positive precision of G and H (bench quality's measure, with the trained S_m and its last Pool_sp), split
+    by the positives' source image, and the geometry of raw features and head codes, on `images` training images."""
+    heads, pool_sp = _heads(checkpoint)
+    out = positive_precision(store, pool_size, heads, pool_sp, images=images, seed=seed)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(store), min(len(store), images), replace=False))
+    feats = torch.from_numpy(store.gather("feat", idx)).float()  # (b, h, w, C)
+    b, h, w, c = feats.shape
+    labels = store.gather("label", idx)
+    patch_label = torch.from_numpy(np.stack([patch_labels(label_fractions(lab, h)) for lab in labels]).reshape(-1))
+    image = torch.arange(b).repeat_interleave(h * w)
+    f = torch.nn.functional.normalize(feats.reshape(-1, c), dim=1)
+    pool_images = np.sort(rng.choice(len(store), pool_size, replace=len(store) < pool_size))
+    pool_feats = torch.from_numpy(store.gather("feat", pool_images)).float().reshape(pool_size, -1, c)
+    pool_ag = torch.nn.functional.normalize(pick_patches(pool_feats, torch.Generator().manual_seed(seed)), dim=1)
+    with torch.no_grad():
+        as_rows = lambda t: torch.nn.functional.normalize(t, dim=1).flatten(2).transpose(1, 2).reshape(b * h * w, -1)  # noqa: E731
+        s_m = as_rows(heads.S_m(feats.permute(0, 3, 1, 2)))
+        s = as_rows(heads.codes(feats.permute(0, 3, 1, 2)))
+    out.update(positive_sources(f, PoolIndex(pool_ag, "torch").max_similarity(f), patch_label, image, "ghp"))
+    out.update(positive_sources(s_m, PoolIndex(pool_sp, "torch").max_similarity(s_m), patch_label, image,
+                                "task_specific"))
+    out.update(code_geometry(f, patch_label, image, "raw"))
+    out.update(code_geometry(s, patch_label, image, "head"))
+    return out
 
 
 def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
@@ -134,7 +188,7 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
                                "pipeline.hp.model.hp_loss, so the broken run would be a plain HP run")
     for name, checkpoint in runs.items():
         out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
-    out["precision"] = _precision(runs["head"], train, pool_size, bench.precision_images, seed)
+    out["precision"] = diagnose(runs["head"], train, pool_size, bench.precision_images, seed)
     out["iterations"] = (len(train) // config["train"]["batch_size"]) * config["train"]["epochs"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -157,8 +211,10 @@ def planted_quality(seeds: int, workdir: Path, as_json: bool, bench: PlantedBenc
         r = run_seed(bench, seed, workdir)
         p = r["precision"]
         print(f"[planted] seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HP head {r['head']['miou']:.2f}  "
-              f"broken loss {r['broken']['miou']:.2f}  | positive precision G {p['ghp_precision']:.1f}%  "
-              f"H {p['task_specific_precision']:.1f}% (chance {p['positives_chance']:.1f}%)  {r['seconds']:.0f}s",
+              f"broken loss {r['broken']['miou']:.2f}  | positive precision G {p['ghp_precision']:.1f}% "
+              f"({p['ghp_own_image_share']:.0f}% from the anchor's image, {p['ghp_own_image_precision']:.0f}% "
+              f"precise there, {p['ghp_cross_image_precision']:.0f}% across images)  H "
+              f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s",
               flush=True)
         results.append(r)
     per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken")}

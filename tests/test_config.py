@@ -60,12 +60,21 @@ def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
     from pipeline.hcl.multilevel import patch_sizes
 
     config = load_config(name)
-    assert patch_sizes(config["features"]["backbone"])  # HCL's branches exist for every preset's backbone
+    patch = 8 if "patch8" in config["features"]["backbone"] else 16
+    assert patch_sizes(config["features"]["backbone"]) == ((8, 16, 32, 56) if patch == 8 else (16, 32, 56))  # §1
     h = config["hcl"]
     assert (h["lr"], h["weight_decay"], h["tau"], h["ema_m"], h["sample_fraction"], h["bank_replace"]) == (
         1e-4, 0.04, 0.07, 0.996, 0.3, 0.5)  # specs/HCL.md §3-§4
     if name != "synthetic":  # the synthetic preset shrinks the head and K for a CPU
         assert (h["dim"], h["hidden"], h["out_dim"], h["heads"], h["clusters"]) == (768, 2048, 256, 12, 500)
+        from pipeline.hcl.heads import build_model  # what the trainer builds from the preset: the spec's shapes (§2)
+
+        model = build_model(1536, h)
+        assert [tuple(m.weight.shape) for m in model.projector.mlp if hasattr(m, "weight")] == [
+            (2048, 768), (2048, 2048), (256, 2048)]
+        predictor = [tuple(m.weight.shape) for m in model.predictor.mlp if hasattr(m, "weight")]
+        assert predictor == [(2048, 256), (256, 2048)]
+        assert model.head.block.attn.num_heads == 12 and tuple(model.head.embed.weight.shape) == (768, 1536)
         assert (h["epochs"], h["batch_size"], h["seed"], h["lr_drop_epoch"], h["lr_drop"]) == (10, 64, 7, 3, 0.1)
     assert load_config("voc")["train"]["method"] == "hcl"
 
