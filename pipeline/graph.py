@@ -73,7 +73,8 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
 
     Besides config sections, `prepare` depends on the list of source files and each
     `features-<split>` stage on the URL of the store it writes and the store schema version, each
-    `features-<split>-hcl` stage on the HCL arrays' version (cache.schema.HCL_SCHEMA).
+    `features-<split>-hcl` stage on the HCL arrays' version (cache.schema.HCL_SCHEMA); under
+    evaluate.protocol = paper, `train` also on the online probes' settings (it trains them, specs/HP.md §8).
     """
     extras: dict[str, dict[str, Any]] = {"prepare": {"sources": sources_fingerprint(config, workdir)}}
     for split in ("train", "val"):

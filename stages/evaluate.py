@@ -221,7 +221,7 @@ def protocol_settings(config: Config, protocol: str, crf: bool, online: dict[str
         linear = {"kind": "1x1 conv D -> n_classes, fitted after training", "optimizer": "Adam",
                   "lr": e_cfg["linear_lr"], "epochs": e_cfg["linear_epochs"], "batch_size": e_cfg["batch_size"],
                   "loss": "cross-entropy at label size (logits upsampled bilinearly)"}
-    probes = probes_of(config)
+    probes = probes_of(config) if protocol == "kmeans" or online is None else online["trained"]
     settings = {"name": protocol, "checkpoint": "last", "cluster_probe": cluster if "cluster" in probes else None,
                 "linear_probe": linear if "linear" in probes else None, "crf": {"enabled": crf}}
     if crf:
@@ -230,7 +230,8 @@ def protocol_settings(config: Config, protocol: str, crf: bool, online: dict[str
         settings["crf"].update(CRF_PARAMS, unary="softmax of the upsampled logits (cluster probe: 2·cos)",
                                image="uint8, BGR")
     if e_cfg["baselines"]:
-        settings["raw_features"] = ("k-means centroids and a linear probe fitted after training (protocol kmeans)"
+        settings["raw_features"] = (f"{e_cfg['cluster_method']} centroids and a linear probe fitted after training "
+                                    "(protocol kmeans)"
                                     + ("; the reference evaluates no raw features" if protocol == "paper" else ""))
     return settings
 

@@ -1,0 +1,225 @@
+"""Planted features (issue 9 §4): the generator does what it says, the broken loss is broken, the bench runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.hp.model as hp_model
+from cache.reader import FeatureStore
+from pipeline.datasets.synthetic import render_scene
+from pipeline.hp.loss import hp_loss
+from pipeline.hp.pool import PoolIndex
+from pipeline.lhp import WINDOW_OFFSETS, lhp_weights
+from pipeline.planted import (
+    N_CLASSES,
+    PlantedSettings,
+    generate,
+    label_fractions,
+    patch_labels,
+    world,
+    write_store,
+)
+from stages.bench_planted import PlantedBench, loss_replaced, run_seed, shuffled_positives
+from stages.bench_train import cluster_probe
+
+SMALL = dataclasses.replace(PlantedSettings(), grid=8)  # 64 px scenes: the bench's generator, smaller
+
+
+def naive_segments(patch_label: np.ndarray) -> np.ndarray:
+    """8-connected regions of one label by breadth-first search (independent of scipy.ndimage)."""
+    h, w = patch_label.shape
+    seg = np.full((h, w), -1)
+    next_id = 0
+    for y in range(h):
+        for x in range(w):
+            if seg[y, x] >= 0:
+                continue
+            seg[y, x] = next_id
+            queue = deque([(y, x)])
+            while queue:
+                cy, cx = queue.popleft()
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < h and 0 <= nx < w and seg[ny, nx] < 0 and \
+                                patch_label[ny, nx] == patch_label[y, x]:
+                            seg[ny, nx] = next_id
+                            queue.append((ny, nx))
+            next_id += 1
+    return seg
+
+
+def test_patch_label_is_the_majority_pixel_label():
+    _, label = render_scene(np.random.default_rng(3), 64)
+    got = patch_labels(label_fractions(label, 8))
+    for py in range(8):
+        for px in range(8):
+            block = label[py * 8:(py + 1) * 8, px * 8:(px + 1) * 8].ravel()
+            assert got[py, px] == np.bincount(block, minlength=N_CLASSES).argmax()
+
+
+def test_feature_is_prototype_mix_plus_one_style_per_image():
+    """Without noise, feat - Σ_c frac_c μ_c is the same vector at every patch of an image, inside the style subspace."""
+    s = dataclasses.replace(SMALL, noise=0.0)
+    p = generate(s, 0, "train", range(3))
+    protos, basis = world(s, 0)
+    for i in range(3):
+        mix = label_fractions(p.label[i], s.grid) @ protos
+        offset = p.feat[i] - mix
+        np.testing.assert_allclose(offset, np.broadcast_to(p.style[i], offset.shape), atol=1e-5)
+        np.testing.assert_allclose(basis @ (basis.T @ p.style[i]), p.style[i], atol=1e-5)  # in span(U)
+    assert np.linalg.norm(p.style[0] - p.style[1]) > 0.1  # images differ in style
+
+
+def test_without_the_style_patches_sit_at_their_class_prototype():
+    """With the bench's noise, pure patches minus their image's style are nearest to their own class prototype,
+    and the style is what makes one image's patches cluster together."""
+    p = generate(SMALL, 1, "train", range(12))
+    protos, _ = world(SMALL, 1)
+    fractions = np.stack([label_fractions(lab, SMALL.grid) for lab in p.label])
+    pure = fractions.max(-1) == 1.0
+    destyled = (p.feat - p.style[:, None, None, :])[pure]
+    nearest = np.linalg.norm(destyled[:, None, :] - protos[None], axis=-1).argmin(1)
+    assert (nearest == p.patch_label[pure]).mean() > 0.9
+    f = p.feat.reshape(12, -1, SMALL.dim)
+    f = f / np.linalg.norm(f, axis=-1, keepdims=True)
+    labels = p.patch_label.reshape(12, -1)
+    same_image_other_class, other_image_same_class = [], []
+    for i in range(12):
+        for j in range(12):
+            sim = f[i] @ f[j].T
+            same = labels[i][:, None] == labels[j][None, :]
+            if i == j:
+                same_image_other_class.append(sim[~same])
+            else:
+                other_image_same_class.append(sim[same])
+    assert np.concatenate(same_image_other_class).mean() > np.concatenate(other_image_same_class).mean()
+
+
+def test_views_move_the_style_only_a_little():
+    p = generate(SMALL, 0, "train", range(2), n_views=3)
+    _, basis = world(SMALL, 0)
+    assert p.feat_aug.shape == (2, 3, SMALL.grid, SMALL.grid, SMALL.dim)
+    shift = (p.feat_aug - p.feat[:, None]).mean(axis=(2, 3))  # (B, K, C): the view's style jitter + mean fresh noise
+    outside = shift - shift @ basis @ basis.T
+    assert np.abs(outside).max() < 0.02  # fresh noise averages out over the patches
+    assert 0 < np.linalg.norm(shift, axis=-1).max() < SMALL.style
+
+
+def test_planted_logits_favour_one_segment_and_lhp_is_the_projects():
+    p = generate(SMALL, 2, "train", range(4), with_lhp=True)
+    n = SMALL.grid ** 2
+    noise = []
+    for i in range(4):
+        seg = naive_segments(p.patch_label[i]).reshape(-1)
+        same = seg[:, None] == seg[None, :]
+        noise.append(p.attn_logits[i] - SMALL.attn_same * same)
+        # LHP of the planted logits puts more weight on same-segment neighbours than on others
+        lhp = p.lhp[i].reshape(n, 9)
+        weights_same, weights_other = [], []
+        for k, (dy, dx) in enumerate(WINDOW_OFFSETS):
+            for a in range(n):
+                y, x = divmod(a, SMALL.grid)
+                if (dy, dx) != (0, 0) and 0 <= y + dy < SMALL.grid and 0 <= x + dx < SMALL.grid:
+                    b = (y + dy) * SMALL.grid + x + dx
+                    (weights_same if seg[a] == seg[b] else weights_other).append(lhp[a, k])
+        if weights_other:
+            assert np.mean(weights_same) > 2 * np.mean(weights_other)
+    noise = np.concatenate([x.ravel() for x in noise])
+    assert abs(noise.mean()) < 0.03 and abs(noise.std() - 1) < 0.03  # the rest is unit Gaussian noise
+    expected = lhp_weights(torch.from_numpy(p.attn_logits), SMALL.grid, SMALL.grid, SMALL.lhp_sigma).numpy()
+    np.testing.assert_array_equal(p.lhp, expected)
+
+
+def test_store_is_a_valid_train_and_val_store(tmp_path):
+    url = write_store(str(tmp_path / "train.zarr"), SMALL, 0, "train", 10, n_views=2, chunk_size=4)
+    store = FeatureStore.open(url, expect={"split": "train", "dataset": "planted"})
+    g, c = SMALL.grid, SMALL.dim
+    assert store.array("feat").shape == (10, g, g, c) and store.array("feat_aug").shape == (10, 2, g, g, c)
+    assert store.array("lhp").shape == (10, g, g, 9) and store.array("label").shape == (10, 64, 64)
+    # image 6 regenerated alone (another chunking) gives the stored arrays: LHP from its own planted logits
+    alone = generate(SMALL, 0, "train", [6], n_views=2, with_lhp=True)
+    np.testing.assert_array_equal(store.read("feat", 6, 7), alone.feat.astype(np.float16))
+    np.testing.assert_array_equal(store.read("label", 6, 7), alone.label)
+    lhp = lhp_weights(torch.from_numpy(alone.attn_logits), g, g, SMALL.lhp_sigma).numpy().astype(np.float16)
+    np.testing.assert_array_equal(store.read("lhp", 6, 7), lhp)
+    val = FeatureStore.open(write_store(str(tmp_path / "val.zarr"), SMALL, 0, "val", 5, chunk_size=4))
+    assert "lhp" not in val.names() and "feat_aug" not in val.names()
+    assert not np.array_equal(val.read("label", 0, 1), store.read("label", 0, 1))  # val draws other scenes
+
+
+def test_removing_the_planted_style_is_the_known_answer():
+    """The probe scores the generator's answer (style removed) far above raw features: the bench has headroom."""
+    tr, va = generate(SMALL, 0, "train", range(40)), generate(SMALL, 0, "val", range(16))
+    probe = lambda f_tr, f_va: cluster_probe(  # noqa: E731
+        f_tr.reshape(-1, SMALL.dim), [torch.from_numpy(f).permute(2, 0, 1) for f in f_va], va.label, N_CLASSES)
+    raw = probe(tr.feat, va.feat)["miou"]
+    answer = probe(tr.feat - tr.style[:, None, None], va.feat - va.style[:, None, None])["miou"]
+    assert answer > raw + 10
+
+
+def test_broken_loss_permutes_the_positives_across_anchors():
+    """The broken loss is hp_loss on (f, s_m, r, r^m) permuted by one permutation of the batch's patches."""
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    f, s_m, z, z_mix = unit(2, 6, 5), unit(2, 6, 4), unit(2, 6, 4), unit(2, 6, 4)
+    r, r_m = torch.rand(2, 6, generator=g) * 0.5, torch.rand(2, 6, generator=g) * 0.5
+    u = torch.rand(6, 12, generator=g)
+    broken, calls = shuffled_positives(seed=3)
+    got = broken(f, s_m, z, z_mix, r, r_m, lam=0.5, tau=0.6, rho=0.3, u=u).loss
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(10_003))  # the loss's own draw
+    assert not torch.equal(perm, torch.arange(12)) and calls == [1]
+    shuffle = lambda x: x.reshape(12, *x.shape[2:])[perm].reshape(x.shape)  # noqa: E731
+    want = hp_loss(shuffle(f), shuffle(s_m), z, z_mix, shuffle(r), shuffle(r_m), lam=0.5, tau=0.6, rho=0.3, u=u).loss
+    assert torch.equal(got, want)
+    assert not torch.equal(got, hp_loss(f, s_m, z, z_mix, r, r_m, lam=0.5, tau=0.6, rho=0.3, u=u).loss)
+
+
+def test_loss_replaced_reaches_the_training_step_and_is_undone():
+    original = hp_model.hp_loss
+    broken, calls = shuffled_positives(seed=0)
+    heads = hp_model.HPHeads(5, 4)
+    pools = hp_model.Pools(PoolIndex(torch.nn.functional.normalize(torch.randn(3, 5), dim=1), "torch"),
+                           PoolIndex(torch.nn.functional.normalize(torch.randn(3, 4), dim=1), "torch"))
+    f = torch.randn(2, 5, 3, 3)
+    with loss_replaced(broken):
+        hp_model.training_step(heads, f, f, torch.ones(2, 3, 3, 9), pools, 0.0, hp_model.StepSettings(0.6, 0.5, 0.0))
+    assert calls == [1] and hp_model.hp_loss is original
+
+
+TINY = PlantedBench(n_train=48, n_val=8, chunk_size=8, precision_images=8, planted=SMALL,
+                    train={"head_dim": 32, "batch_size": 8, "epochs": 4, "pool_size": 48, "warmup": 2,
+                           "renew_interval": 3, "checkpoint_interval": 1000, "log_interval": 1000,
+                           "pool_backend": "torch"})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The bench on a tiny planted store (48 training scenes at 64 px, 24 iterations), without the broken run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield run_seed(TINY, 1, tmp_path_factory.mktemp("planted"), broken=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 §4 target not met: on the planted store HP's hidden positives come "
+                   "mostly from the anchor's own image (~80%, of any class), so the head learns the image style and "
+                   "scores below raw features (see the README section 'Quality with a known answer')")
+def test_tiny_planted_bench_head_beats_raw(tiny_run):
+    assert tiny_run["head"]["miou"] > tiny_run["raw"]["miou"]
+
+
+def test_tiny_planted_bench_explains_its_figure(tiny_run):
+    """The bench's own diagnosis: most of G's positives come from the anchor's image, and those are less precise
+    than the cross-image ones (the planted style makes other-class patches of one image look alike)."""
+    p = tiny_run["precision"]
+    assert p["ghp_own_image_share"] > 50
+    assert p["ghp_own_image_precision"] < p["ghp_cross_image_precision"]
+    assert 0 < tiny_run["raw"]["miou"] < 100 and tiny_run["iterations"] == (48 // 8) * 4
