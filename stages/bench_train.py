@@ -81,6 +81,24 @@ def loss_peak_bytes(batch: int, n: int, dim: int, seed: int = 0) -> int:
     return mode.peak
 
 
+def cycle_epochs(epoch_batches, iterations: int):
+    """(iteration, batch) for exactly `iterations` iterations, starting a new epoch (`epoch_batches(epoch)`)
+    whenever one runs out: the cache side of a bench does as many steps as the reference side, whatever the
+    store's size."""
+    i, epoch = 0, 0
+    while i < iterations:
+        empty = True
+        for batch in epoch_batches(epoch):
+            empty = False
+            yield i, batch
+            i += 1
+            if i == iterations:
+                return
+        if empty:
+            raise ValueError(f"epoch {epoch} has no batch: the bench store is smaller than one batch")
+        epoch += 1
+
+
 def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
           pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
     config = bench_config(images, resolution, backbone, weights, 1, 8, **{
@@ -109,12 +127,17 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         out = training_step(heads, f, f_aug, lhp, pools, lambda_at(i, 0, iterations), settings, generator)
         train_stage.optimize(heads, out.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
 
+    done = {"cache": [0, 0], "reference": [0, 0]}  # iterations and pool renewals each side actually did
+
     def from_cache() -> None:
-        batches = store.batches(["feat", "feat_aug", "lhp"], batch_size, shuffle_seed=0, drop_last=True)
-        for i, batch in zip(range(iterations), batches, strict=False):
+        epochs = lambda e: store.batches(["feat", "feat_aug", "lhp"], batch_size, shuffle_seed=e,  # noqa: E731
+                                         drop_last=True)
+        for i, batch in cycle_epochs(epochs, iterations):
             if renews_at(i, renew_interval):
                 pools.specific = PoolIndex(sample(True))
+                done["cache"][1] += 1
             head_step(i, *train_stage._step_inputs(batch, generator, torch.device("cpu")))
+            done["cache"][0] += 1
 
     def backbone_renewal() -> None:
         """The reference: a backbone pass over pool_size fresh images, then one patch each through S_m."""
@@ -131,6 +154,8 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         for i in range(iterations):
             if renews_at(i, renew_interval):
                 backbone_renewal()
+                done["reference"][1] += 1
+            done["reference"][0] += 1
             idx = rng.choice(len(decoded), batch_size, replace=False)
             x, v = model_inputs(decoded[idx], idx, views)
             out = model(x)
@@ -142,6 +167,8 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     for _ in range(repeats):  # side by side, alternating
         cache_s.append(_median_seconds(from_cache, 1))
         reference_s.append(_median_seconds(reference_way, 1))
+    if done["cache"] != done["reference"]:
+        raise RuntimeError(f"bench train: the sides did different work (iterations, renewals): {done}")
     renew_cache = _median_seconds(lambda: sample(True), repeats)
     renew_backbone = _median_seconds(backbone_renewal, repeats)
 
@@ -161,6 +188,9 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "backbone": backbone + (" [random-init]" if model.random_init else ""),
         "resolution": resolution, "batch_size": batch_size, "iterations": iterations,
         "pool_size": pool_size, "renew_interval": renew_interval,
+        # the work each side did over all repeats: equal by construction, reported so that a script can check it
+        "iterations_cache": done["cache"][0], "iterations_reference": done["reference"][0],
+        "renewals_cache": done["cache"][1], "renewals_reference": done["reference"][1],
         "cache_iterations_per_s": round(iterations / statistics.median(cache_s), 3),
         "reference_iterations_per_s": round(iterations / statistics.median(reference_s), 3),
         "ratio": round(statistics.median(r / c for c, r in zip(cache_s, reference_s, strict=True)), 2),

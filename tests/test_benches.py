@@ -1,0 +1,27 @@
+"""Benches time equal work on both sides of every ratio, and say how much each side did."""
+
+import pytest
+
+from pipeline.hp.schedule import renews_at
+from stages.bench_train import cycle_epochs
+
+
+def test_cache_side_runs_as_many_iterations_as_asked_across_epochs():
+    """A bench store smaller than the timed iterations: the cache side starts new epochs instead of stopping
+    (it once timed 4 cache iterations against 21 reference ones and reported a ratio of 132)."""
+    asked_epochs = []
+
+    def epoch(e):
+        asked_epochs.append(e)
+        return iter([f"e{e}b0", f"e{e}b1", f"e{e}b2", f"e{e}b3"])  # 4 batches per epoch (64 images / batch 16)
+
+    steps = list(cycle_epochs(epoch, 21))
+    assert [i for i, _ in steps] == list(range(21))
+    assert steps[4][1] == "e1b0" and steps[-1][1] == "e5b0" and asked_epochs == [0, 1, 2, 3, 4, 5]
+    renewals = sum(renews_at(i, 5) for i, _ in steps)
+    assert renewals == sum(renews_at(i, 5) for i in range(21))  # the reference side's count at the same interval
+
+
+def test_an_empty_epoch_is_an_error_not_an_endless_loop():
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        list(cycle_epochs(lambda e: iter([]), 3))
