@@ -273,3 +273,41 @@ def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys
     assert out["protocol_settings"]["name"] == "kmeans" and out["protocol_settings"]["crf"] == {"enabled": False}
     assert not np.allclose(np.load(run_dir / "probe-head" / "centroids.npy"), paper_centroids)  # refitted
     assert "evaluation protocol kmeans" in (evaluate.eval_dir(config, workdir, "hp") / "report.md").read_text()
+
+
+def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(evaluated):
+    """Every head and raw row of metrics.json (cluster, linear; CRF off and on) recomputed from the stored
+    centroids, linear probes, codes and labels with plain numpy (the CRF itself is the tested pipeline.crf)."""
+    from pipeline.crf import dense_crf
+    from tests.test_online_probes import bilinear_matrix
+
+    config, workdir, _ = evaluated
+    run_dir = train_stage.run_dir(config, workdir, "hp")
+    metrics = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    rows = {r["name"]: r for r in metrics["results"]}
+    val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
+                            ["outputs"]["store"])
+    labels = val.read("label", 0, len(val)).astype(np.int64)
+    images = val.read("image", 0, len(val))
+    sources = {"head": FeatureStore.open(str(run_dir / "codes" / "val.zarr")), "raw": val}
+    checked = 0
+    for kind, label in (("head", "HP"), ("raw", "DINO")):
+        codes = sources[kind].read("feat", 0, len(val)).astype(np.float64)
+        my, mx = bilinear_matrix(labels.shape[1], codes.shape[1]), bilinear_matrix(labels.shape[2], codes.shape[2])
+        up = np.einsum("Yi,nijd,Xj->nYXd", my, codes, mx)  # §8: codes upsampled bilinearly to the label size
+        centroids = np.load(run_dir / f"probe-{kind}" / "centroids.npy").astype(np.float64)
+        centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+        cos = np.einsum("nYXd,kd->nYXk", up / np.linalg.norm(up, axis=-1, keepdims=True), centroids)
+        linear = torch.load(run_dir / f"probe-{kind}" / "linear.pt", weights_only=True)["probe"]
+        w, b = linear["conv.weight"][:, :, 0, 0].double().numpy(), linear["conv.bias"].double().numpy()
+        logits = {"cluster": 2 * cos, "linear": np.einsum("nYXd,cd->nYXc", up, w) + b}  # §8: 2·cos as logits
+        for probe, z in logits.items():
+            crf_pred = np.stack([dense_crf(images[i], z[i].transpose(2, 0, 1).astype(np.float32)).argmax(0)
+                                 for i in range(len(z))])
+            for pred, suffix in ((z.argmax(-1), ""), (crf_pred, " + CRF")):
+                miou, acc = naive_scores(pred, labels, 8, hungarian=probe == "cluster")
+                row = rows[f"{label} {probe}{suffix}"]
+                assert row["miou"] == pytest.approx(miou, abs=0.02), row["name"]  # reported to 2 decimals
+                assert row["acc"] == pytest.approx(acc, abs=0.02), row["name"]
+                checked += 1
+    assert checked == 8
