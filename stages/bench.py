@@ -25,15 +25,18 @@ def report(figures: dict, as_json: bool) -> None:
         print(json.dumps(figures))
 
 
-def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size: int) -> float:
-    """The backbone alone on in-memory images: the same batches and passes as the stage makes."""
-    t0 = time.perf_counter()
+def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size: int) -> tuple[float, int]:
+    """The backbone alone on in-memory images: the same batches and passes as the stage makes.
+    Returns (seconds, forward passes per image summed over the images)."""
+    t0, passes = time.perf_counter(), 0
     for start in range(0, len(images), chunk_size):
         x = normalize(torch.from_numpy(np.ascontiguousarray(images[start : start + chunk_size])))
         backbone(x)
+        passes += len(x)
         if n_views:
             backbone(x.repeat_interleave(n_views, dim=0))
-    return time.perf_counter() - t0
+            passes += len(x) * n_views
+    return time.perf_counter() - t0, passes
 
 
 def bench_config(images: int, resolution: int, backbone: str, weights: str, n_views: int, chunk_size: int,
@@ -55,13 +58,18 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     names, labelled = prepare.read_prepared(directory)
     decoded, _ = prepare.load_prepared(directory, names, labelled)
     model = features_stage.resolve_backbone(config)
-    bare, stage = [], []
+    bare, stage, passes = [], [], {"bare": 0, "stage": 0}
     manifest = {}
     for _ in range(repeats):
-        bare.append(bare_forward_seconds(model, decoded, n_views, chunk_size))
+        seconds, done = bare_forward_seconds(model, decoded, n_views, chunk_size)
+        bare.append(seconds)
+        passes["bare"] += done
         manifest = features_stage.run(config, workdir, "train", force=True)
         stage.append(manifest["timings"]["extract_seconds"])
+        passes["stage"] += manifest["outputs"]["computed"] * (1 + n_views)
     n = len(names)
+    if passes["bare"] != passes["stage"]:
+        raise RuntimeError(f"bench features: the sides did different work (backbone passes): {passes}")
     fp16 = [name for name in ("feat", "feat_aug", "lhp", "cls_attn") if name in manifest["outputs"]["array_bytes"]]
     per_image = sum(manifest["outputs"]["array_bytes"][name] for name in fp16) / n
     raw = manifest["outputs"]["raw_fp16_feature_bytes"] / n
@@ -70,6 +78,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "backbone": backbone + (" [random-init]" if model.random_init else ""),
         "resolution": resolution,
         "forward_passes_per_image": 1 + n_views,
+        "passes_bare": passes["bare"], "passes_stage": passes["stage"],  # all repeats: equal, or the bench fails
         "bare_images_per_s": round(n / statistics.median(bare), 2),
         "stage_images_per_s": round(n / statistics.median(stage), 2),
         "ratio": round(statistics.median(b / s for b, s in zip(bare, stage, strict=True)), 3),

@@ -25,3 +25,15 @@ def test_cache_side_runs_as_many_iterations_as_asked_across_epochs():
 def test_an_empty_epoch_is_an_error_not_an_endless_loop():
     with pytest.raises(ValueError, match="smaller than one batch"):
         list(cycle_epochs(lambda e: iter([]), 3))
+
+
+def test_bare_side_of_bench_features_makes_the_stages_passes():
+    """Per image: one clean pass plus one per photometric view, batched by chunk, as the features stage does."""
+    import numpy as np
+
+    from stages.bench import bare_forward_seconds
+
+    seen = []
+    _, passes = bare_forward_seconds(lambda x: seen.append(len(x)), np.zeros((7, 8, 8, 3), np.uint8), 2, 3)
+    assert passes == 7 * (1 + 2) == sum(seen)
+    assert seen == [3, 6, 3, 6, 1, 2]  # chunks of 3, 3, 1 images; each with its views in one batch
