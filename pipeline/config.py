@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pipeline.config_rules import check_config
 from pipeline.errors import UserError
 
 Config = dict[str, dict[str, Any]]
@@ -43,6 +44,7 @@ def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config
         base.update(values)
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
+    check_config(config)
     return config
 
 

@@ -18,6 +18,8 @@ RANDOM_INIT_NOTE = ("**Random-initialized backbone: these numbers test the pipel
                     "method.**")
 RESULT_KEYS = ("name", "probe", "features", "crf", "miou", "acc")
 HEADER = ("result", "probe", "features", "CRF", "mIoU (%)", "Acc (%)")
+# overclustering rows also carry the HCL reference's "Acc" (specs/HCL.md §5); "Acc (%)" is pixel accuracy everywhere
+ACC_REF_HEADER = "HCL ref. Acc = Σtp/Σ(tp+fp+fn) (%)"
 
 
 def _cell(value: object) -> str:
@@ -44,9 +46,12 @@ def _row(cells: list[str] | tuple[str, ...]) -> str:
 
 def results_table(results: list[dict], paper: bool = False) -> list[str]:
     """Markdown table lines, one row per result; a missing key is named in a ValueError. A protocol column when
-    the rows name theirs; with `paper`, the paper's mIoU and Acc for the same features and probe."""
+    the rows name theirs; an `acc_ref` column when a row has one (overclustering: the HCL reference's "Acc");
+    with `paper`, the paper's mIoU and Acc for the same features and probe."""
     with_protocol = any("protocol" in r for r in results)
+    with_acc_ref = any("acc_ref" in r for r in results)
     header = list(HEADER[:4]) + (["protocol"] if with_protocol else []) + list(HEADER[4:])
+    header += [ACC_REF_HEADER] if with_acc_ref else []
     header += list(PAPER_HEADER) if paper else []
     lines = [_row(header), _row(["---"] * (4 + with_protocol) + ["---:"] * (len(header) - 4 - with_protocol))]
     for i, result in enumerate(results):
@@ -56,6 +61,7 @@ def results_table(results: list[dict], paper: bool = False) -> list[str]:
         cells = [_cell(result["name"]), _cell(result["probe"]), _cell(result["features"]), _cell(bool(result["crf"]))]
         cells += [_cell(result.get("protocol"))] if with_protocol else []
         cells += [_spread(result, "miou"), _spread(result, "acc")]
+        cells += [_spread(result, "acc_ref") if "acc_ref" in result else _cell(None)] if with_acc_ref else []
         cells += [_cell(result.get("paper_miou")), _cell(result.get("paper_acc"))] if paper else []
         lines.append(_row(cells))
     return lines

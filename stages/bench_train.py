@@ -301,11 +301,13 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
         probe = cluster_probe(patches.numpy(), list(val_codes), labels, n_classes)
         over = overcluster_maps(val_codes.permute(0, 2, 3, 1).numpy(), labels, n_classes, e_cfg["overcluster_k"],
                                 e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
-                                e_cfg["overcluster_size"])
+                                e_cfg["overcluster_size"], e_cfg["overcluster_iterations"],
+                                e_cfg["overcluster_restarts"])
         figures.update({f"{name}_miou": probe["miou"], f"{name}_acc": probe["acc"],
                         f"{name}_overcluster_miou": round(100 * over["miou_mean"], 2),
                         f"{name}_overcluster_miou_std": round(100 * over["miou_std"], 2),
-                        f"{name}_overcluster_acc": round(100 * over["acc_mean"], 2)})
+                        f"{name}_overcluster_pixel_acc": round(100 * over["pixel_acc_mean"], 2),
+                        f"{name}_overcluster_acc_ref": round(100 * over["acc_ref_mean"], 2)})
     figures["overcluster_k"] = over["k"]
     figures["hp_minus_raw_miou"] = round(figures["hp_miou"] - figures["raw_features_miou"], 2)
     figures["hcl_minus_raw_miou"] = round(figures["hcl_miou"] - figures["raw_features_miou"], 2)

@@ -343,17 +343,22 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
 def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
     """The overclustering protocol (specs/HCL.md §5) on one feature kind's val features, as a result row."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
+    for key in ("overcluster_iterations", "overcluster_restarts"):
+        if e_cfg[key] < 1:
+            raise UserError(f"evaluate.{key} must be at least 1, got {e_cfg[key]} (the reference's: iterations "
+                            "100, restarts 5)")
     features = store.read("feat", 0, len(store))  # float16: standardize_pca converts block by block
     out = overcluster_maps(features, val_images.read("label", 0, len(store)), n_classes, e_cfg["overcluster_k"],
                            e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
-                           e_cfg["overcluster_size"])
-    per_class = [[r["iou"][c] for r in out["per_seed"] if r["iou"][c] is not None] for c in range(n_classes)]
-    iou = [round(100 * float(np.mean(v)), 2) if v else None for v in per_class]  # mean over seeds
+                           e_cfg["overcluster_size"], e_cfg["overcluster_iterations"], e_cfg["overcluster_restarts"])
+    iou = [round(100 * float(np.mean([r["iou"][c] for r in out["per_seed"]])), 2) for c in range(n_classes)]
+    pct = {key: round(100 * out[key], 2) for key in out if key.endswith(("_mean", "_std"))}
+    # "acc" is pixel accuracy, as in every row; "acc_ref" the reference's "Acc" Σtp / Σ(tp + fp + fn)
     return {
         "name": f"{label} overcluster K={out['k']}", "features": kind, "probe": "overcluster",
-        "cluster_to_class": None, "crf": False, "miou": round(100 * out["miou_mean"], 2),
-        "acc": round(100 * out["acc_mean"], 2), "miou_std": round(100 * out["miou_std"], 2),
-        "acc_std": round(100 * out["acc_std"], 2), "seeds": len(out["per_seed"]), "iou": iou, "confusion": None,
+        "cluster_to_class": None, "crf": False, "miou": pct["miou_mean"], "miou_std": pct["miou_std"],
+        "acc": pct["pixel_acc_mean"], "acc_std": pct["pixel_acc_std"], "acc_ref": pct["acc_ref_mean"],
+        "acc_ref_std": pct["acc_ref_std"], "seeds": len(out["per_seed"]), "iou": iou, "confusion": None,
     }
 
 
@@ -456,8 +461,12 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
                 "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()
                                                                    if k != "enabled")) if crf else "off",
                 "overcluster": (f"standardize, PCA {e_cfg['overcluster_pca']}, k-means K = {e_cfg['overcluster_k']} "
-                                f"on the val patches, {e_cfg['overcluster_seeds']} seeds, many-to-one by precision, "
-                                f"masks at {e_cfg['overcluster_size']}x{e_cfg['overcluster_size']}; mean ± std")
+                                f"on the val patches, {e_cfg['overcluster_seeds']} seeds x "
+                                f"{e_cfg['overcluster_restarts']} restarts x {e_cfg['overcluster_iterations']} "
+                                f"iterations, many-to-one by precision, labels and cluster maps resized to "
+                                f"{e_cfg['overcluster_size']}x{e_cfg['overcluster_size']} (torch nearest, floor "
+                                "index); mIoU over all classes (absent ones score 0); Acc = pixel accuracy, "
+                                "acc_ref = the HCL reference's \"Acc\" Σtp / Σ(tp + fp + fn); mean ± std over seeds")
                 if e_cfg["overcluster"] else "off",
                 "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
             },

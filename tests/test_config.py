@@ -105,3 +105,36 @@ def test_presets_evaluate_with_the_paper_protocol_and_hold_its_numbers():
         rows = [r for r in load_config(name)["paper"]["results"]
                 if (r["backbone"], r["features"], r["probe"]) == (backbone, features, probe)]
         assert len(rows) == 1 and (rows[0]["acc"], rows[0].get("miou")) == (acc, miou), (name, backbone, probe)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("train.batch_size", "-4", "integer >= 1"), ("train.epochs", "0", "integer >= 1"),
+    ("features.chunk_size", "-8", "integer >= 1"), ("train.tau", "0", "(0, inf)"), ("train.tau", "nan", "finite"),
+    ("train.rho", "1.5", "[0, 1]"), ("train.dropout", "1", "[0, 1)"), ("hcl.bank_replace", "-0.1", "[0, 1]"),
+    ("train.method", "hpp", "one of hp, hcl"), ("evaluate.protocol", "stego", "one of paper, kmeans"),
+    ("hcl_features.views", "1", "integer >= 2"), ("train.lr", "inf", "finite"),
+])
+def test_out_of_range_values_are_refused_when_the_config_is_built(key, value, expected):
+    with pytest.raises(UserError) as info:
+        load_config("synthetic", {key: value})
+    message = str(info.value)
+    assert f"'{key}'" in message and expected in message and f"--set {key}=" in message
+
+
+def test_every_preset_is_within_range_and_boundaries_are_accepted():
+    for name in preset_names():
+        load_config(name)  # raises if a preset itself is out of range
+    config = load_config("synthetic", {"train.rho": "0", "train.dropout": "0", "train.warmup": "0",
+                                       "train.alpha": "0", "evaluate.extra_clusters": "0", "train.ema_m": "1"})
+    assert (config["train"]["rho"], config["train"]["ema_m"]) == (0.0, 1.0)
+
+
+def test_cli_range_errors_exit_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args in (["train", "--batch-size", "-4"], ["features", "--chunk-size", "0"], ["train", "--epochs", "-3"]):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, "--workdir", str(tmp_path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: config key") and "Traceback" not in proc.stderr
+        assert not (tmp_path / "synthetic").exists()  # refused before any work

@@ -38,13 +38,14 @@ def protocol_of(config: dict[str, dict[str, Any]]) -> str:
 
 
 def crf_enabled(config: dict[str, dict[str, Any]]) -> bool:
-    """`evaluate.crf`: true | false | auto (on under protocol paper, as the reference reports, off under kmeans)."""
+    """`evaluate.crf`: true | false | auto (on under protocol paper, as HP's reference reports, and for HCL runs,
+    whose linear probe is followed by dense CRF (specs/HCL.md §5); off for HP under kmeans)."""
     value = config["evaluate"]["crf"]
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
     if text == "auto":
-        return protocol_of(config) == "paper"
+        return protocol_of(config) == "paper" or config["train"]["method"] == "hcl"
     if text in ("true", "1", "yes", "on"):
         return True
     if text in ("false", "0", "no", "off"):
