@@ -80,9 +80,25 @@ def check_plain(value: Any, where: str = "state") -> None:
                     "data only (tensors, numbers, strings, lists, dicts) so that they load without running code")
 
 
+def non_finite(value: Any, where: str = "state") -> str | None:
+    """The first floating tensor holding NaN or inf, by its place in `value` (None when all are finite)."""
+    if isinstance(value, torch.Tensor):
+        return where if value.is_floating_point() and not bool(torch.isfinite(value).all()) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = non_finite(item, f"{where}.{key}")
+        if found:
+            return found
+    return None
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Plain data only, written to a temporary file and renamed: never torn, always loadable safely."""
+    """Plain, finite data only, written to a temporary file and renamed: never torn, never poisoned (a resumed run
+    must not start from NaN weights), always loadable without running code."""
     check_plain(state)
+    bad = non_finite(state)
+    if bad:
+        raise ValueError(f"refusing to write {path}: {bad} holds NaN or inf values")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 

@@ -419,6 +419,29 @@ def main() -> None:
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a runtime failure of the machine, not of the input: exit 1, still one line
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def os_error_message(exc: OSError) -> str:
+    """Disk full and other OS errors as one line naming the path; finished work is kept either way."""
+    import errno
+    import shutil
+
+    where = exc.filename or "(unknown path)"
+    if exc.errno == errno.ENOSPC:
+        free = ""
+        folder = Path(str(where)).parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MiB free there)"
+        except OSError:
+            pass
+        return (f"no space left on the device while writing {where}{free}; free some space and rerun the same "
+                "command: finished work is kept and the stage resumes")
+    return f"{exc.strerror or exc} ({where}); finished work is kept: fix the cause and rerun the same command"
 
 
 if __name__ == "__main__":

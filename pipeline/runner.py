@@ -48,11 +48,23 @@ def manifest_path(stage_dir: Path, name: str) -> Path:
 def read_manifest(stage_dir: Path, name: str) -> dict[str, Any] | None:
     path = manifest_path(stage_dir, name)
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
-        return None  # a torn manifest (should not happen: writes are atomic) counts as missing
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None  # a torn manifest (should not happen: writes are atomic)
+    if not _well_formed(manifest):
+        print(f"[{name}] warning: {path} is not a valid manifest (corrupt or edited); the stage counts as not run",
+              file=sys.stderr, flush=True)
+        return None
+    return manifest
+
+
+def _well_formed(manifest: Any) -> bool:
+    """The shape every reader of a manifest relies on."""
+    return (isinstance(manifest, dict) and isinstance(manifest.get("status"), str)
+            and isinstance(manifest.get("fingerprint"), str) and isinstance(manifest.get("outputs", {}), dict)
+            and isinstance(manifest.get("config", {}), dict) and isinstance(manifest.get("inputs", {}), dict))
 
 
 @dataclass
@@ -128,7 +140,10 @@ def run_stage(
         manifest["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         manifest["error"] = f"{type(exc).__name__}: {exc}"
         manifest["timings"] = {"seconds": round(time.perf_counter() - t0, 3)}
-        atomic_write_text(path, json.dumps(manifest, indent=2))
+        try:
+            atomic_write_text(path, json.dumps(manifest, indent=2))
+        except OSError:
+            pass  # e.g. the disk is full: the original error is the one to report; the manifest stays "running"
         raise
     summary = outputs.pop("summary", None)
     manifest.update(

@@ -91,6 +91,14 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch
         torch.cuda.set_rng_state(state["rng"]["cuda"])
 
 
+def kept_checkpoint(ckpt: Path) -> str:
+    """What a stopped run leaves to resume from, said as it is."""
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        return f"the last good checkpoint {ckpt} (iteration {state['iteration']}) is kept"
+    return f"no checkpoint was written yet ({ckpt} does not exist): a rerun starts from the beginning"
+
+
 def log_resume(ctx: StageContext, state: dict[str, Any], ckpt: Path, total: int) -> None:
     ctx.log(f"resuming from {ckpt} at iteration {state['iteration']} of {total}")
     if state.get("threads") not in (None, torch.get_num_threads()):
@@ -255,11 +263,9 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                     out_step = training_step(heads, f, f_aug, lhp, pools, lam, settings, generator)
                 if not torch.isfinite(out_step.loss):
-                    raise UserError(
-                        f"training diverged: the loss is {out_step.loss.item()} at iteration {t} "
-                        f"(terms {out_step.terms}); the last good checkpoint {ckpt} is kept. "
-                        "Check the feature store, or lower train.lr"
-                    )
+                    raise UserError(f"training diverged: the loss is {out_step.loss.item()} at iteration {t} "
+                                    f"(terms {out_step.terms}); {kept_checkpoint(ckpt)}. "
+                                    "Check the feature store, or lower train.lr")
                 optimize(heads, out_step.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
                 if probes is not None:  # §8: the probes' own Adam steps on this batch's detached codes
                     out_step.terms.update(probes.step(out_step.codes, batch.get("label")))

@@ -26,7 +26,16 @@ from pipeline.hcl.mogo import MemoryBank, kmeans_centroids, kmeans_seed
 from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
 from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
-from stages.train import MetricsLog, backbone_identity, log_resume, plan_run, restore_rng, rng_states, run_outputs
+from stages.train import (
+    MetricsLog,
+    backbone_identity,
+    kept_checkpoint,
+    log_resume,
+    plan_run,
+    restore_rng,
+    rng_states,
+    run_outputs,
+)
 
 MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
 
@@ -153,7 +162,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
                                          on_device["fg"], on_device["bg"], h_cfg["tau"])
                 if not torch.isfinite(step.loss):
                     raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
-                                    f"(terms {step.terms}); the last good checkpoint {ckpt} is kept. "
+                                    f"(terms {step.terms}); {kept_checkpoint(ckpt)}. "
                                     "Check the feature store, or lower hcl.lr")
                 optimize(model, step.loss, optimizer, scaler, h_cfg["ema_m"])
                 t += 1

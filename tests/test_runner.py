@@ -74,3 +74,56 @@ def test_hcl_train_and_evaluate_read_the_hcl_arrays_stage(tmp_path):
     assert set(hp["train"][1]) == {"features-train"} and set(hcl["train"][1]) == {"features-train-hcl"}
     assert set(hcl["evaluate"][1]) == {"train", "features-val-hcl"}
     assert "hcl" in hcl["train"][0] and "hcl" not in hp["train"][0]
+
+
+@pytest.mark.parametrize("content", ['[]', '{"status": 3}', '{"status": "complete", "fingerprint": "x", '
+                                     '"outputs": "oops"}', "\udcff"])
+def test_a_manifest_of_the_wrong_shape_counts_as_not_run(tmp_path, capsys, content):
+    calls = []
+    run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls))
+    (tmp_path / "stages" / "s.json").write_text(content, errors="surrogateescape")
+    assert read_manifest(tmp_path, "s") is None
+    assert "not a valid manifest" in capsys.readouterr().err
+    run_stage(tmp_path, "s", {"a": 1}, {}, _body(calls))  # recomputed, no AttributeError
+    assert len(calls) == 2 and read_manifest(tmp_path, "s")["status"] == "complete"
+
+
+def test_atomic_write_leaves_no_temporary_file_when_the_write_fails(tmp_path):
+    import errno
+
+    from pipeline.files import atomic_write, atomic_write_text
+
+    atomic_write_text(tmp_path / "kept.txt", "finished work")
+
+    def full_disk(tmp):
+        tmp.write_text("half a fi")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "kept.txt", full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.txt"]  # no stray temporary
+    assert (tmp_path / "kept.txt").read_text() == "finished work"  # the old file is intact
+
+
+def test_disk_full_is_one_error_line_with_exit_1(tmp_path):
+    """The whole CLI with every file write failing as on a full disk: one line naming the path, exit 1."""
+    import subprocess
+    import sys
+
+    script = (
+        "import errno, os, sys\n"
+        "import pipeline.files as files\n"
+        "def replace(src, dst):\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', str(dst))\n"
+        "files.os.replace = replace\n"
+        "from pipeline.cli import main\n"
+        f"sys.argv = ['hp-pipe', 'prepare', '--workdir', {str(tmp_path)!r}, '--set', 'dataset.n_train=1',"
+        " '--set', 'dataset.n_val=1', '--set', 'dataset.size=32']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no space left" in lines[0] and str(tmp_path) in lines[0] and "MiB free" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary left anywhere

@@ -118,6 +118,32 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch)
     assert iteration == 3
 
 
+def test_nan_before_any_checkpoint_says_there_is_none(workdir, monkeypatch):
+    config = tiny_config(**{"train.checkpoint_interval": "100"})
+    real_step = train_stage.training_step
+
+    def poisoned(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_stage, "training_step", poisoned)
+    with pytest.raises(UserError, match="iteration 0.*no checkpoint was written yet") as info:
+        train_stage.run(config, workdir, "nan-early")
+    assert "last good" not in str(info.value)
+    assert not (train_stage.run_dir(config, workdir, "nan-early") / "checkpoints" / "last.pt").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
+    from pipeline.checkpoints import save_checkpoint
+
+    weights = torch.ones(3)
+    weights[1] = float("inf")
+    with pytest.raises(ValueError, match=r"state\.heads\.w holds NaN or inf"):
+        save_checkpoint(tmp_path / "last.pt", {"iteration": 2, "heads": {"w": weights}, "rng": torch.zeros(4)})
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
     config = tiny_config(**{"train.renew_interval": "2", "train.epochs": "2", "dataset.n_train": "4"})
     renewals = []
