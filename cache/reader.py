@@ -87,17 +87,19 @@ class FeatureStore:
         prefetch: int = 2,
         drop_last: bool = False,
         start_batch: int = 0,
+        keep: np.ndarray | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of torch tensors (plus "index"), read in whole chunks by a background thread.
 
         Without a seed the order is the store's. With one, the chunk order is shuffled and
         samples are shuffled within a buffer of `buffer_chunks` chunks: large sequential reads,
         a well-mixed order, and the same order for the same seed. `start_batch` skips that many
-        batches without reading them (resuming mid-epoch).
+        batches without reading them (resuming mid-epoch). `keep` (bool per sample) leaves the
+        other samples out (e.g. HCL's one crop per image and epoch); chunks are still read whole.
         """
         arrays = [self.array(n) for n in names]
-        plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last)
-        plan = skip_batches(plan, start_batch)
+        plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last, keep)
+        plan = skip_batches(plan, start_batch)  # also with 0: buffers without a batch travel with the next one
         return _prefetched(_read_batches(arrays, names, plan), prefetch)
 
     def gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
@@ -126,15 +128,26 @@ def skip_batches(plan: list[tuple[list[int], list[np.ndarray]]], n: int) -> list
         if batches[k:]:
             out.append((sorted(set(dropped_chunks) | set(chunks)), batches[k:]))
             dropped_chunks = []
-        else:
+        elif batches:  # its batches took the leftovers before it: only its own samples can be left over
             dropped_chunks = chunks
+        else:  # a buffer without a batch passes all leftovers on, its own and those before it
+            dropped_chunks = sorted(set(dropped_chunks) | set(chunks))
     return out
 
 
 def batch_plan(
-    n: int, chunk_size: int, batch_size: int, seed: int | None, buffer_chunks: int, drop_last: bool
+    n: int, chunk_size: int, batch_size: int, seed: int | None, buffer_chunks: int, drop_last: bool,
+    keep: np.ndarray | None = None,
 ) -> list[tuple[list[int], np.ndarray]]:
-    """[(chunks to read, sample indices of each batch within them)] — the data order, as plain data."""
+    """[(chunks to read, sample indices of each batch within them)] — the data order, as plain data.
+
+    `keep` (bool per sample): only those samples are batched; a chunk without one is not read. Without it the
+    plan is exactly the one it always was (resumed runs depend on that).
+    """
+    if keep is not None:
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (n,):
+            raise ValueError(f"keep has shape {keep.shape}, expected ({n},)")
     n_chunks = -(-n // chunk_size)
     buffer_chunks = max(buffer_chunks, -(-batch_size // chunk_size))  # a buffer holds >= one batch
     rng = np.random.default_rng(seed) if seed is not None else None
@@ -144,6 +157,9 @@ def batch_plan(
     for b in range(0, n_chunks, buffer_chunks):
         chunks = sorted(int(c) for c in chunk_order[b : b + buffer_chunks])
         idx = np.concatenate([np.arange(c * chunk_size, min((c + 1) * chunk_size, n)) for c in chunks])
+        if keep is not None:
+            idx = idx[keep[idx]]
+            chunks = sorted({int(c) for c in idx // chunk_size})  # chunks without a kept sample are never read
         if rng is not None:
             idx = rng.permutation(idx)
         idx = np.concatenate([carry, idx])
@@ -157,7 +173,8 @@ def batch_plan(
 
 
 def _read_batches(arrays, names, plan) -> Iterator[dict[str, torch.Tensor]]:
-    """Decode each planned chunk once; a batch may also use the previous buffer's leftovers."""
+    """Decode each planned chunk once; a batch may also use the previous buffer's leftovers (`skip_batches` has
+    merged every buffer without a batch into the next one)."""
     size = arrays[0].chunks[0]
     previous: dict[int, dict[str, np.ndarray]] = {}
     for chunks, batches in plan:

@@ -8,6 +8,9 @@ Sample order (schema 2): a training store holds its crops in a seeded random per
 (cache/order.py, specs/HP.md §7), evaluation stores in the dataset's order; `crop_order` (sample -> prepared
 crop index) and `source_image` (sample -> source image index) say which crop each sample is. Every array,
 `image` and `label` included, follows that order.
+
+HCL has stores of its own (`HCLLayout`, attribute kind = "hcl"), with its own geometry (specs/HCL.md §4-§5): they
+are written from the source images, never from HP's prepared crops.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from dataclasses import dataclass
 
 SCHEMA_VERSION = 2  # 2: crops in a random permutation (train), crop_order and source_image arrays
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
-DONE_HCL = "_done_hcl"  # the same, for the HCL arrays added to a finished store by `features --method hcl`
-# Version of the HCL arrays, in the store's "hcl" attributes and the features-<split>-hcl fingerprint; a store with
-# another is refused. 2: coarse branches with bicubic antialiased patch kernels (specs/HCL.md §1; 1 was bilinear).
-HCL_SCHEMA = 2
+# Version of HCL's stores, in their attributes and the features-<split>-hcl fingerprint; a store of another version
+# is refused. 3: HCL's own stores (its crops, views and evaluation geometry, specs/HCL.md §4-§5), no longer arrays
+# added to HP's five-crop stores; 2: those arrays with bicubic antialiased patch kernels (§1); 1: bilinear kernels.
+HCL_SCHEMA = 3
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
-IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash")
+# `kind` ("hcl", "codes"; absent for HP's stores) keeps HCL's stores and HP's apart even at one URL.
+IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash", "kind")
 
 
 @dataclass(frozen=True)
@@ -77,34 +81,44 @@ def patch_grid(resolution: int, patch: int) -> int:
 
 @dataclass(frozen=True)
 class HCLLayout:
-    """The HCL arrays added to a store (specs/HCL.md §1): each branch at its native grid, CLS, foreground mask.
+    """An HCL store (specs/HCL.md §1, §4, §5): every branch at its native grid, the CLS token, and the pixels.
 
-    The finest branch of the plain crop is the store's `feat` (the same forward), so it is not stored twice.
-    `hcl_aug_*` hold `n_views` photometric variants of the crop with every branch (training split only).
+    Training (`train`): sample s = (image slot j, crop r) with s = j·R + r, the plain crop at `resolution` with its
+    foreground mask, `n_views` photometric variants through every branch, and where the crop lies in its source
+    image. Evaluation: one sample per image, the whole image at `resolution`, no mask, no variants.
     """
 
     n_samples: int
     resolution: int
     patch_sizes: tuple[int, ...]  # finest first
     embed_dim: int
-    n_views: int
+    n_views: int  # photometric variants per crop (0 for evaluation stores)
+    labelled: bool
+    train: bool
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
         c, finest = self.embed_dim, self.patch_sizes[0]
         grids = {p: patch_grid(self.resolution, p) for p in self.patch_sizes}
-        arrays = {f"hcl_p{p}": ((grids[p], grids[p], c), "float16") for p in self.patch_sizes[1:]}
+        arrays = {"feat": ((grids[finest], grids[finest], c), "float16")}  # the finest branch of the plain crop
+        arrays.update({f"hcl_p{p}": ((grids[p], grids[p], c), "float16") for p in self.patch_sizes[1:]})
         arrays["hcl_cls"] = ((c,), "float16")
-        arrays["fg_mask"] = ((grids[finest], grids[finest]), "bool")
+        if self.train:
+            arrays["fg_mask"] = ((grids[finest], grids[finest]), "bool")
+        for p in self.patch_sizes if self.n_views else ():
+            arrays[f"hcl_aug_p{p}"] = ((self.n_views, grids[p], grids[p], c), "float16")
         if self.n_views:
-            for p in self.patch_sizes:
-                arrays[f"hcl_aug_p{p}"] = ((self.n_views, grids[p], grids[p], c), "float16")
             arrays["hcl_aug_cls"] = ((self.n_views, c), "float16")
+        arrays["image"] = ((self.resolution, self.resolution, 3), "uint8")
+        if self.labelled:
+            arrays["label"] = ((self.resolution, self.resolution), "uint8")
+        arrays["source_image"] = ((), "int32")  # sample -> index of its image in the dataset's split
+        if self.train:
+            arrays["crop_box"] = ((3,), "int32")  # [top, left, side] of the square crop, in source pixels
         return arrays
 
     def native_fp16_bytes_per_sample(self) -> int:
-        """Every branch at its native grid, the finest included (it is the store's `feat`)."""
-        g = patch_grid(self.resolution, self.patch_sizes[0])
-        return fp16_bytes(self.arrays()) + 2 * g * g * self.embed_dim
+        """Every branch at its native grid (plain crop and variants), as stored."""
+        return fp16_bytes(self.arrays())
 
     def concatenated_fp16_bytes_per_sample(self) -> int:
         """The same crops (plain + variants) cached as the head's concatenated (levels + 1)·C input instead."""

@@ -42,7 +42,7 @@ def open_group(url: str, mode: str) -> zarr.Group | None:
 
 def create_store(
     url: str,
-    layout: Layout | CodesLayout,
+    layout: Layout | CodesLayout | HCLLayout,
     chunk_size: int,
     attrs: dict[str, Any],
     fresh: bool,
@@ -93,20 +93,6 @@ def _create_arrays(group: zarr.Group, layout: Layout | CodesLayout | HCLLayout, 
                        overwrite=True)
 
 
-def add_arrays(group: zarr.Group, layout: HCLLayout, done: str, attrs_key: str, attrs: dict[str, Any], fresh: bool,
-               compressor: str = "zstd", clevel: int = 3) -> None:
-    """Add a family of arrays to a finished store, with its own done flags and its attributes under `attrs_key`.
-
-    The store's own arrays are never touched. The family is (re)created when `fresh`, when it is missing, or when
-    its recorded fingerprint differs; otherwise its finished chunks are kept and the caller resumes.
-    """
-    old = group.attrs.get(attrs_key) or {}
-    if not fresh and done in group and old.get("fingerprint") == attrs["fingerprint"]:
-        return
-    group.attrs[attrs_key] = {**attrs, "complete": False}
-    _create_arrays(group, layout, group.attrs["chunk_size"], done, compressor, clevel)
-
-
 def finished_chunks(group: zarr.Group, done_name: str = DONE) -> np.ndarray:
     """Boolean flags per chunk; a flag torn by a kill mid-write reads as unfinished."""
     done = group[done_name]
@@ -140,3 +126,8 @@ def write_chunk(group: zarr.Group, chunk: int, data: dict[str, np.ndarray], done
 
 def mark_complete(group: zarr.Group) -> None:
     group.attrs["complete"] = True
+
+
+def stored_bytes(group: zarr.Group) -> dict[str, int]:
+    """Compressed bytes per array, as the store reports them."""
+    return {name: int(group[name].nbytes_stored()) for name in group.array_keys()}

@@ -26,23 +26,12 @@ def photometric_transform() -> T.Compose:
     ])
 
 
-def hcl_photometric_transform() -> T.Compose:
-    """HCL's variants (specs/HCL.md §4): ColorJitter(0.3, 0.3, 0.3, 0.1) with p = 0.8, blur σ ∈ [0.1, 2] with
-    p = 0.5, no grayscale. The reference blurs with PIL (radius σ, no kernel size); 13 taps cover ±3σ at σ = 2."""
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1)], p=0.8),
-        T.RandomApply([T.GaussianBlur(13, sigma=(0.1, 2.0))], p=0.5),
-    ])
-
-
-PHOTOMETRIC = {"hp": photometric_transform, "hcl": hcl_photometric_transform}
-
-
-def photometric_view(image: torch.Tensor, seed: int, on_normalized: bool = True, method: str = "hp") -> torch.Tensor:
+def photometric_view(image: torch.Tensor, seed: int, on_normalized: bool = True) -> torch.Tensor:
     """One augmented copy of a normalized (3,H,W) image; deterministic in `seed`, caller's RNG untouched.
 
     on_normalized=True applies the transforms to the normalized tensor (HP's reference quirk);
-    False applies them to the [0,1] image and normalizes the result again (what HCL does).
+    False applies them to the [0,1] image and normalizes the result again. (HCL's variants are made on PIL images
+    at 448 px with their own ops: pipeline/hcl/views.py.)
     """
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3,H,W) image, got {tuple(image.shape)}")
@@ -51,7 +40,7 @@ def photometric_view(image: torch.Tensor, seed: int, on_normalized: bool = True,
     std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transform = PHOTOMETRIC[method]()
+        transform = photometric_transform()
         if on_normalized:
             return transform(image)
         return (transform(image * std + mean) - mean) / std

@@ -39,7 +39,7 @@ Weights = Annotated[
     str | None,
     typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a DINO checkpoint file."),
 ]
-Method = Annotated[str | None, typer.Option(help="hp or hcl (train.method); hcl adds HCL's arrays to the stores.")]
+Method = Annotated[str | None, typer.Option(help="hp or hcl (train.method); hcl has stores of its own.")]
 RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
                                              "is <workdir>/<dataset>/runs/<run>.")]
 TrustWeights = Annotated[
@@ -121,7 +121,8 @@ def features(
     set_: Sets = None,
     force: Force = False,
 ) -> None:
-    """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: plus HCL's arrays)."""
+    """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: HCL's own stores, made from
+    the source images with HCL's crops and views; HP's prepare and stores are not needed)."""
     from pipeline.graph import method_of
     from stages import features as stage
     from stages import features_hcl
@@ -135,9 +136,8 @@ def features(
         raise UserError("--scheduler distributed needs --address tls://HOST:PORT (or tcp://) of a dask scheduler")
     set_tls_files(tls_ca_file, tls_cert, tls_key)
     for s in splits:
-        stage.run(config, workdir, s, store, force, scheduler, address, workers)
-        if method_of(config) == "hcl":
-            features_hcl.run(config, workdir, s, store, force, scheduler, address, workers)
+        run = features_hcl.run if method_of(config) == "hcl" else stage.run
+        run(config, workdir, s, store, force, scheduler, address, workers)
 
 
 @app.command()
@@ -270,13 +270,15 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
     sdir = stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
+    stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
     print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
     rows = []
     plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m, trust_weights),
                            workdir, stores) for m in METHODS}
     for name, (stage_config, inputs) in plans[method_of(config)].items():
-        if name.endswith("-hcl") and method_of(config) != "hcl" and read_manifest(sdir, name) is None:
-            continue  # HCL's arrays: shown once built, or when the config is an HCL one
+        hcl_stage, hp_stage = name.endswith("-hcl"), name in ("prepare", "features-train", "features-val")
+        if (hcl_stage if method_of(config) != "hcl" else hp_stage) and read_manifest(sdir, name) is None:
+            continue  # the other method's stores: shown once built, or when the config is that method's
         if name not in ("train", "evaluate"):
             rows.append((name, stage_config, inputs))
             continue
@@ -297,10 +299,10 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
         print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")
 
 
-def _recorded_store(sdir: Path, split: str) -> str | None:
+def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:
     from pipeline.runner import read_manifest
 
-    manifest = read_manifest(sdir, f"features-{split}") or {}
+    manifest = read_manifest(sdir, f"features-{split}{suffix}") or {}
     return manifest.get("config", {}).get("store")
 
 
@@ -335,7 +337,7 @@ def bench_features(
 
 @bench_app.command("train")
 def bench_train(
-    images: Annotated[int, typer.Option(help="Training crops in the bench cache.")] = 40,
+    images: Annotated[int, typer.Option(help="Training crops in the bench cache (HP), source images (HCL).")] = 40,
     resolution: Annotated[int, typer.Option(help="Crop size in pixels.")] = 224,
     backbone: Backbone = "vit_small_patch16_224.dino",
     weights: Weights = "auto",
@@ -373,8 +375,8 @@ def bench_quality(
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
     set_: Sets = None,
-    planted: Annotated[bool, typer.Option(help="Planted features with a known answer (no backbone): HP head vs "
-                                               "raw features vs a deliberately broken loss.")] = False,
+    planted: Annotated[bool, typer.Option("--planted", help="Planted features with a known answer (no backbone): "
+                                               "HP head vs raw features vs a deliberately broken loss.")] = False,
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:

@@ -69,6 +69,9 @@ RULES: dict[str, Rule] = {
                                            "overcluster_size", "overcluster_iterations", "overcluster_restarts")},
     "evaluate.extra_clusters": COUNT, "evaluate.pictures": COUNT, "evaluate.seed": COUNT,
     "evaluate.linear_lr": POSITIVE_REAL, "evaluate.cluster_lr": POSITIVE_REAL,
+    "evaluate.linear_optimizer": one_of("auto", "adam", "sgd"), "evaluate.linear_sgd_lr": POSITIVE_REAL,
+    "evaluate.linear_sgd_momentum": number(0, 1, high_open=True), "evaluate.linear_sgd_weight_decay": NON_NEGATIVE,
+    "evaluate.linear_sgd_drop_epoch": COUNT,
 }
 
 

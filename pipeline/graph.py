@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.schema import HCL_SCHEMA, SCHEMA_VERSION
-from pipeline.config import Config, dataset_root, fingerprint, sections
+from pipeline.config import Config, fingerprint, sections
 from pipeline.errors import UserError
 
 # stage -> (config sections it reads, stages it reads from)
@@ -18,8 +18,9 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dataset", "prepare"), ()),
     "features-train": (("dataset", "prepare", "features"), ("prepare",)),
     "features-val": (("dataset", "prepare", "features"), ("prepare",)),
-    "features-train-hcl": (("hcl_features",), ("features-train",)),
-    "features-val-hcl": (("hcl_features",), ("features-val",)),
+    # HCL's own stores (specs/HCL.md §4-§5): read the source images themselves, never HP's prepare or features
+    "features-train-hcl": (("dataset", "hcl_features"), ()),
+    "features-val-hcl": (("dataset", "hcl_features"), ()),
     "train": (("train",), ("features-train",)),
     "evaluate": (("evaluate", "paper"), ("train", "features-val")),  # [paper]: the numbers the report compares with
 }
@@ -32,6 +33,9 @@ METHOD_STAGES: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
     },
 }
 METHODS = tuple(METHOD_STAGES)
+# the keys of [features] that HCL's stores depend on (the backbone and how chunks are stored); HP's views, LHP and
+# store order (n_views, lhp_sigma, seed, ...) are not among them, nor trust_weights (it changes no value)
+HCL_FEATURE_KEYS = ("backbone", "weights", "amp", "chunk_size", "compressor", "clevel")
 
 
 def method_of(config: Config) -> str:
@@ -53,34 +57,55 @@ def default_store_url(config: Config, workdir: Path, split: str) -> str:
     return str(stage_dir(config, workdir) / "features" / f"{split}-{backbone}-{res}.zarr")
 
 
-def sources_fingerprint(config: Config, workdir: Path) -> str:
-    """Which source files each split lists: adding or removing an image makes `prepare` stale."""
-    from pipeline.datasets import open_dataset
+def hcl_store_url(config: Config, workdir: Path, split: str) -> str:
+    """HCL's own store per (dataset, split, backbone, resolution): its geometry is not HP's (specs/HCL.md §4-§5)."""
+    h = config["hcl_features"]
+    res = h["resolution" if split == "train" else "val_resolution"]
+    backbone = config["features"]["backbone"]
+    return str(stage_dir(config, workdir) / "features" / f"hcl-{split}-{backbone}-{res}.zarr")
 
-    options = {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
+
+def source_lists(config: Config, workdir: Path) -> dict[str, list[str]] | None:
+    """The source files each split lists (None when the dataset cannot be read: the stage itself will say why)."""
+    from pipeline.datasets import open_split
+
     try:
         listing = {}
         for split in ("train", "val"):
-            dataset = open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **options)
+            dataset = open_split(config, workdir, split)
             listing[split] = [dataset.source(i) for i in range(len(dataset))]
-        return fingerprint(listing)
+        return listing
     except UserError:
-        return "unreadable"  # `prepare` itself will say what is wrong
+        return None
+
+
+def sources_fingerprint(config: Config, workdir: Path) -> str:
+    """Which source files each split lists: adding or removing an image makes `prepare` stale."""
+    listing = source_lists(config, workdir)
+    return fingerprint(listing) if listing is not None else "unreadable"
 
 
 def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = None) -> dict[str, tuple[dict, dict]]:
     """stage -> (its config, its inputs {upstream: fingerprint}), in dependency order.
 
     Besides config sections, `prepare` depends on the list of source files and each
-    `features-<split>` stage on the URL of the store it writes and the store schema version, each
-    `features-<split>-hcl` stage on the HCL arrays' version (cache.schema.HCL_SCHEMA); under
-    evaluate.protocol = paper, `train` also on the online probes' settings (it trains them, specs/HP.md §8).
+    `features-<split>` stage on the URL of the store it writes and the store schema version; each
+    `features-<split>-hcl` stage (HCL's own store, read from the source images) on its split's source files, the
+    URL of its store (`stores["hcl-<split>"]`), the backbone keys of [features] and the HCL store version
+    (cache.schema.HCL_SCHEMA); under evaluate.protocol = paper, `train` also on the online probes' settings (it
+    trains them, specs/HP.md §8).
     """
-    extras: dict[str, dict[str, Any]] = {"prepare": {"sources": sources_fingerprint(config, workdir)}}
+    listing = source_lists(config, workdir)
+    extras: dict[str, dict[str, Any]] = {
+        "prepare": {"sources": fingerprint(listing) if listing is not None else "unreadable"}}
     for split in ("train", "val"):
         url = (stores or {}).get(split) or default_store_url(config, workdir, split)
         extras[f"features-{split}"] = {"store": url, "schema": SCHEMA_VERSION}  # a new layout rebuilds stores
-        extras[f"features-{split}-hcl"] = {"hcl_schema": HCL_SCHEMA}  # new HCL arrays (e.g. kernels) rebuild them
+        extras[f"features-{split}-hcl"] = {  # a new HCL store version (e.g. geometry, kernels) rebuilds them
+            "store": (stores or {}).get(f"hcl-{split}") or hcl_store_url(config, workdir, split),
+            "hcl_schema": HCL_SCHEMA,
+            "features": {k: config["features"][k] for k in HCL_FEATURE_KEYS},
+            "sources": fingerprint(listing[split]) if listing is not None else "unreadable"}
     from pipeline.hp.online_probes import online_probe_settings
 
     online = online_probe_settings(config)

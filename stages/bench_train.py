@@ -269,7 +269,9 @@ def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | Non
 
 
 def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
-    """Raw features, HP and HCL on the same cache: cluster probe (Hungarian) and overclustering on val."""
+    """Raw features, HP and HCL: cluster probe (Hungarian) and overclustering on val. HP and its raw-feature row
+    read HP's stores, HCL and its raw-feature row (`raw_features_hcl`) HCL's own (its crops and its whole-image val
+    geometry, specs/HCL.md §4-§5): each method is compared with raw features of its own geometry."""
     from pipeline.encoders import load_encoder
     from pipeline.overcluster import overcluster_maps
     from stages import features_hcl
@@ -279,23 +281,27 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
     hcl_config = {**config, "train": {**config["train"], "method": "hcl"}}
     manifest = train_stage.run(hp_config, workdir, "quality")
     hcl_manifest = train_stage.run(hcl_config, workdir, "quality-hcl")
-    val = FeatureStore.open(features_hcl.run(hcl_config, workdir, "val")["outputs"]["store"])
+    val = FeatureStore.open(features_stage.run(hp_config, workdir, "val")["outputs"]["store"])
     store = FeatureStore.open(manifest["outputs"]["store"])
+    hcl_val = FeatureStore.open(features_hcl.run(hcl_config, workdir, "val")["outputs"]["store"])
+    hcl_store = FeatureStore.open(hcl_manifest["outputs"]["store"])
+    stores = {"raw_features": (store, val), "hp": (store, val), "raw_features_hcl": (hcl_store, hcl_val),
+              "hcl": (hcl_store, hcl_val)}
     state = load_checkpoint(manifest["outputs"]["checkpoint"])
     heads = HPHeads(state["in_dim"], state["head_dim"])
     heads.load_state_dict(state["heads"])
     heads.eval()
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
-    labels = val.read("label", 0, len(val))
-    codes = {"raw_features": (torch.from_numpy(store.read("feat", 0, len(store))).float().permute(0, 3, 1, 2),
-                              torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))}
+    raw = lambda s: torch.from_numpy(s.read("feat", 0, len(s))).float().permute(0, 3, 1, 2)  # noqa: E731
+    codes = {name: tuple(raw(s) for s in stores[name]) for name in ("raw_features", "raw_features_hcl")}
     for name, m in (("hp", manifest), ("hcl", hcl_manifest)):
         encoder = load_encoder(m["outputs"]["checkpoint"])
-        codes[name] = tuple(encode_range(encoder, s, 0, len(s), 16) for s in (store, val))
+        codes[name] = tuple(encode_range(encoder, s, 0, len(s), 16) for s in stores[name])
     figures = {"dataset": config["dataset"]["name"], "backbone": config["features"]["backbone"]
                + (" [random-init]" if store.random_init else ""), "val_images": len(val)}
     rng = np.random.default_rng(0)
     for name, (train_codes, val_codes) in codes.items():
+        labels = stores[name][1].read("label", 0, len(stores[name][1]))
         patches = train_codes.permute(0, 2, 3, 1).reshape(-1, train_codes.shape[1])
         patches = patches[rng.choice(len(patches), min(max_patches, len(patches)), replace=False)]
         probe = cluster_probe(patches.numpy(), list(val_codes), labels, n_classes)
@@ -310,7 +316,8 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
                         f"{name}_overcluster_acc_ref": round(100 * over["acc_ref_mean"], 2)})
     figures["overcluster_k"] = over["k"]
     figures["hp_minus_raw_miou"] = round(figures["hp_miou"] - figures["raw_features_miou"], 2)
-    figures["hcl_minus_raw_miou"] = round(figures["hcl_miou"] - figures["raw_features_miou"], 2)
+    figures["hcl_minus_raw_miou"] = round(figures["hcl_miou"] - figures["raw_features_hcl_miou"], 2)
+    figures["hcl_val_resolution"] = hcl_val.attrs["resolution"]  # whole images, HP's val: prepare.val_resolution
     figures.update(positive_precision(store, config["train"]["pool_size"], heads, state["pool_sp"]))
     figures["train_iterations"] = manifest["outputs"]["iterations"]
     figures["hcl_train_iterations"] = hcl_manifest["outputs"]["iterations"]

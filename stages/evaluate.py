@@ -110,13 +110,42 @@ def fit_clusters(store: FeatureStore, k: int, method: str, max_patches: int, see
     return CLUSTER_METHODS[method](patches, k, seed=seed)
 
 
-def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], path: Path, log) -> LinearProbe:
-    """Adam(1e-3) cross-entropy on the training codes and labels (§8), checkpointed every epoch."""
+def linear_optimizer(config: Config) -> dict[str, Any]:
+    """The fitted linear probe's optimizer (`evaluate.linear_optimizer`), as data: Adam(linear_lr) for HP (specs/HP.md
+    §8); for HCL runs the HCL reference's linear fine-tuning, SGD with momentum and weight decay, lr x 0.1 from
+    `lr_drop_epoch` (0-based) on (specs/HCL.md §5)."""
+    e_cfg = config["evaluate"]
+    name = str(e_cfg["linear_optimizer"]).strip().lower()
+    if name == "auto":
+        name = "sgd" if method_of(config) == "hcl" else "adam"
+    if name == "adam":
+        return {"optimizer": "Adam", "lr": e_cfg["linear_lr"]}
+    if name == "sgd":
+        return {"optimizer": "SGD", "lr": e_cfg["linear_sgd_lr"], "momentum": e_cfg["linear_sgd_momentum"],
+                "weight_decay": e_cfg["linear_sgd_weight_decay"], "lr_drop_epoch": e_cfg["linear_sgd_drop_epoch"],
+                "lr_drop": 0.1}
+    raise UserError(f"evaluate.linear_optimizer must be adam, sgd or auto, got '{e_cfg['linear_optimizer']}' (auto: "
+                    "Adam for HP, the HCL reference's SGD for train.method = hcl)")
+
+
+def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], path: Path, log,
+                 optimizer_settings: dict[str, Any] | None = None) -> LinearProbe:
+    """Cross-entropy on the training codes and labels, checkpointed every epoch; Adam(linear_lr) (§8) unless
+    `optimizer_settings` (from `linear_optimizer`) say otherwise."""
     torch.manual_seed(e_cfg["seed"])
     probe = LinearProbe(store.array("feat").shape[-1], n_classes)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=e_cfg["linear_lr"])
+    opt = optimizer_settings or {"optimizer": "Adam", "lr": e_cfg["linear_lr"]}
+    if opt["optimizer"] == "SGD":
+        optimizer = torch.optim.SGD(probe.parameters(), lr=opt["lr"], momentum=opt["momentum"],
+                                    weight_decay=opt["weight_decay"])
+        settings = {"seed": e_cfg["seed"], "batch_size": e_cfg["batch_size"], **opt}
+        if 0 < e_cfg["linear_epochs"] <= opt["lr_drop_epoch"]:
+            log(f"linear probe: SGD ends before its lr drop at epoch {opt['lr_drop_epoch']} (0-based; "
+                f"evaluate.linear_epochs = {e_cfg['linear_epochs']}): its last weights are from lr {opt['lr']}")
+    else:  # the settings Adam checkpoints were always written with
+        optimizer = torch.optim.Adam(probe.parameters(), lr=opt["lr"])
+        settings = {"seed": e_cfg["seed"], "linear_lr": opt["lr"], "batch_size": e_cfg["batch_size"]}
     first = 0
-    settings = {k: e_cfg[k] for k in ("seed", "linear_lr", "batch_size")}
     state = load_checkpoint(path) if path.exists() else None
     if state and (state.get("settings") != settings or state["epoch"] > e_cfg["linear_epochs"]):
         log("linear probe: its settings changed, training it again")
@@ -128,6 +157,9 @@ def train_linear(store: FeatureStore, n_classes: int, e_cfg: dict[str, Any], pat
         first = state["epoch"]
         log(f"linear probe: resuming after epoch {first}")
     for epoch in range(first, e_cfg["linear_epochs"]):
+        if opt.get("lr_drop_epoch"):  # the reference's step schedule, set from the epoch so that resume agrees
+            for group in optimizer.param_groups:
+                group["lr"] = opt["lr"] * (opt["lr_drop"] if epoch >= opt["lr_drop_epoch"] else 1.0)
         batches = store.batches(["feat", "label"], e_cfg["batch_size"], shuffle_seed=e_cfg["seed"] + epoch)
         for batch in tqdm(batches, desc=f"linear probe epoch {epoch + 1}", leave=False):
             loss = linear_probe_loss(probe, batch["feat"].float().permute(0, 3, 1, 2), batch["label"], n_classes)
@@ -161,7 +193,7 @@ def run_probes(ctx: StageContext, config: Config, store: FeatureStore, out: Path
         else:
             if ctx.forced:
                 (out / "linear.pt").unlink(missing_ok=True)
-            train_linear(store, n_classes, e_cfg, out / "linear.pt", ctx.log)
+            train_linear(store, n_classes, e_cfg, out / "linear.pt", ctx.log, linear_optimizer(config))
             outputs["linear"] = str(out / "linear.pt")
     return outputs
 
@@ -218,8 +250,12 @@ def protocol_settings(config: Config, protocol: str, crf: bool, online: dict[str
         cluster = {"kind": e_cfg["cluster_method"], "centroids": k, "seed": e_cfg["seed"],
                    "fitted_on": f"up to {e_cfg['cluster_patches']} patches of the finished head's training codes",
                    "assignment": assignment}
-        linear = {"kind": "1x1 conv D -> n_classes, fitted after training", "optimizer": "Adam",
-                  "lr": e_cfg["linear_lr"], "epochs": e_cfg["linear_epochs"], "batch_size": e_cfg["batch_size"],
+        _, h, w, _ = train_store.array("feat").shape
+        label_size = "x".join(map(str, train_store.array("label").shape[1:])) if "label" in train_store.names() else "-"
+        linear = {"kind": "1x1 conv D -> n_classes, fitted after training", **linear_optimizer(config),
+                  "epochs": e_cfg["linear_epochs"], "batch_size": e_cfg["batch_size"],
+                  "resolution": f"{train_store.attrs.get('resolution')} px training crops as cached ({h}x{w} "
+                                f"features, labels {label_size}), no augmentation",
                   "loss": "cross-entropy at label size (logits upsampled bilinearly)"}
     probes = probes_of(config) if protocol == "kmeans" or online is None else online["trained"]
     settings = {"name": protocol, "checkpoint": "last", "cluster_probe": cluster if "cluster" in probes else None,
@@ -343,10 +379,6 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
 def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
     """The overclustering protocol (specs/HCL.md §5) on one feature kind's val features, as a result row."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
-    for key in ("overcluster_iterations", "overcluster_restarts"):
-        if e_cfg[key] < 1:
-            raise UserError(f"evaluate.{key} must be at least 1, got {e_cfg[key]} (the reference's: iterations "
-                            "100, restarts 5)")
     features = store.read("feat", 0, len(store))  # float16: standardize_pca converts block by block
     out = overcluster_maps(features, val_images.read("label", 0, len(store)), n_classes, e_cfg["overcluster_k"],
                            e_cfg["overcluster_pca"], tuple(range(e_cfg["overcluster_seeds"])),
@@ -365,6 +397,7 @@ def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, co
 # ---------------------------------------------------------------- the stages
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     probes_of(config)  # a typo fails before any work
+    linear_optimizer(config)
     method = method_of(config)
     protocol = protocol_of(config)
     if protocol == "paper" and method != "hp":
@@ -408,6 +441,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         kinds["raw"] = (train_store.url, val_store.url)
     probe_cfg = {k: e_cfg[k] for k in ("probes", "cluster_method", "extra_clusters", "cluster_patches",
                                        "linear_epochs", "linear_lr", "batch_size", "seed")}
+    probe_cfg["linear_optimizer"] = linear_optimizer(config)
     probe_outputs = {}
     for kind, (train_url, _) in kinds.items():
         probe_inputs = {**inputs, f"codes-{run}": fingerprint(codes)} if kind == "head" else inputs
@@ -455,7 +489,9 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
                                     if protocol == "paper" else " (probes fitted after training)"),
                 "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
                 "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
-                "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size",
+                "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size"
+                + (f" ({val_store.attrs['geometry']['resize']})" if "resize" in val_store.attrs.get("geometry", {})
+                   else ""),  # HCL's store: the whole image, specs/HCL.md §5
                 "val_images": len(val_store),
                 **probe_lines(settings),
                 "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()

@@ -12,9 +12,6 @@ a pure function of (crop count, crops per image, features.seed): every process a
 
 from __future__ import annotations
 
-import functools
-import queue
-import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,42 +23,16 @@ from tqdm import tqdm
 from cache import writer
 from cache.order import store_order
 from cache.schema import Layout
-from pipeline.backbone import Backbone, load_backbone
-from pipeline.cluster import dask_client
+from cache.writer import stored_bytes
+from pipeline.backbone import Backbone
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
 from pipeline.graph import default_store_url, stage_dir, stage_plan
 from pipeline.plots import feature_preview
 from pipeline.runner import StageContext, manifest_path, run_stage
+from pipeline.workers import overlapped, resolve_backbone, run_dask
 from stages import prepare
-
-RANDOM_INIT_WARNING = (
-    "WARNING: random-initialized backbone (no DINO weights): these features are NOT DINO features; "
-    "use them to test the pipeline, not to judge the method"
-)
-
-
-def resolve_backbone(config: Config, device: str = "cpu") -> Backbone:
-    """The configured backbone, loaded once per process (both splits, every chunk a dask worker runs)."""
-    f = config["features"]
-    return _load(f["backbone"], f["weights"], device, f["trust_weights"])
-
-
-@functools.lru_cache(maxsize=2)
-def _load(name: str, weights: str, device: str, trust: bool) -> Backbone:
-    """`weights = "auto"` falls back to random init, loudly."""
-    if weights != "auto":
-        backbone = load_backbone(name, weights, device, trust=trust)
-    else:
-        try:
-            backbone = load_backbone(name, "pretrained", device)
-        except UserError as exc:
-            print(f"[features] {exc}\n[features] weights=auto: falling back to a random-initialized backbone")
-            backbone = load_backbone(name, "random", device)
-    if backbone.random_init:
-        print(RANDOM_INIT_WARNING, flush=True)
-    return backbone
 
 
 def sample_order(config: Config, split: str, n_crops: int) -> tuple[np.ndarray, np.ndarray]:
@@ -123,44 +94,13 @@ def chunk_arrays(backbone: Backbone, inputs: ChunkInputs, settings: ExtractSetti
 # ---------------------------------------------------------------- local: read | compute | write overlap
 def run_local(backbone, group, pending, directory, names, order, labelled, settings, progress) -> None:
     """Decode chunk i+1 and write chunk i-1 while the backbone computes chunk i."""
-    loads: queue.Queue = queue.Queue(maxsize=2)
-    writes: queue.Queue = queue.Queue(maxsize=2)
-    errors: list[BaseException] = []
 
-    def load() -> None:
-        torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
-        try:
-            for chunk in pending:
-                if errors:  # the writer failed: stop decoding
-                    break
-                loads.put(load_chunk(group, chunk, directory, names, order, labelled, settings))
-        except BaseException as exc:
-            errors.append(exc)
-        loads.put(None)
+    def write(chunk: int, data: dict[str, np.ndarray]) -> None:
+        writer.write_chunk(group, chunk, data)
+        progress.update(len(data["feat"]))
 
-    def write() -> None:
-        while (item := writes.get()) is not None:
-            if errors:
-                continue  # after a failure keep draining (unwritten): the producer must never block on a full queue
-            try:
-                writer.write_chunk(group, *item)
-                progress.update(len(item[1]["feat"]))
-            except BaseException as exc:
-                errors.append(exc)
-
-    threads = [threading.Thread(target=load, daemon=True), threading.Thread(target=write, daemon=True)]
-    for t in threads:
-        t.start()
-    while (inputs := loads.get()) is not None and not errors:
-        writes.put((inputs.chunk, chunk_arrays(backbone, inputs, settings)))
-    writes.put(None)
-    if errors:  # unblock the loader (it may wait on a full queue) so that both threads end here
-        while loads.get() is not None:
-            pass
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    overlapped(pending, lambda chunk: load_chunk(group, chunk, directory, names, order, labelled, settings),
+               lambda inputs: (inputs.chunk, chunk_arrays(backbone, inputs, settings)), write)
 
 
 # ---------------------------------------------------------------- dask: chunk ranges over workers
@@ -178,16 +118,6 @@ def worker_chunk(url: str, config: Config, split: str, directory: str, names: li
     data = chunk_arrays(backbone, inputs, settings)
     writer.write_chunk(group, chunk, data)
     return len(data["feat"])
-
-
-def run_dask(task, args: tuple, pending: list[int], progress, address: str | None, workers: int) -> None:
-    """`task(*args, chunk)` for every pending chunk on dask workers; each returns the samples it wrote."""
-    from dask.distributed import as_completed
-
-    with dask_client(address, workers) as client:
-        futures = [client.submit(task, *args, c, pure=False) for c in pending]
-        for future in as_completed(futures):
-            progress.update(future.result())
 
 
 # ---------------------------------------------------------------- the stage
@@ -277,8 +207,3 @@ def run(
                         f"{manifest['outputs'].get('store')!r}, but this run's store is {url}: refused (an edited "
                         "manifest cannot redirect hp-pipe to another store). Rerun with --force")
     return manifest
-
-
-def stored_bytes(group) -> dict[str, int]:
-    """Compressed bytes per array, as the store reports them."""
-    return {name: int(group[name].nbytes_stored()) for name in group.array_keys()}

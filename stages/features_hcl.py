@@ -1,13 +1,27 @@
-"""`features --method hcl`: add HCL's arrays (specs/HCL.md §1, §4) to a finished feature store.
+"""`features --method hcl`: HCL's own stores (specs/HCL.md §1, §4, §5), written from the dataset's source images.
 
-Its own stage (`features-<split>-hcl`) with its own done flags, reading the crops and the CLS attention the store
-already holds: HP's arrays are never recomputed or touched, and one store serves both methods. Resumable per
-chunk like the features stage; upsampling and concatenation of the branches happen when loading.
+HCL does not train on HP's five-crops nor evaluate on HP's crops: its stages (`features-<split>-hcl`) read the source
+images themselves (never `prepare` or HP's stores) and write one zarr group per split (pipeline/graph.py
+`hcl_store_url`), with the geometry of pipeline/hcl/views.py:
+
+- training: sample s = (image slot j, crop r), s = j·R + r, R = hcl_features.crops square crops per image (each
+  its own scale and offset), each with the plain view and V = hcl_features.views photometric variants through every
+  patch-size branch, its foreground mask, pixels, label, source image and crop box. Image slots hold the source
+  images in a seeded permutation (hcl_features.seed), so that chunks hold unrelated images like HP's store;
+- evaluation: one sample per image, the whole image resized to hcl_features.val_resolution, every branch, no mask
+  and no variants.
+
+Resumable per chunk with the ordinary `_done` flags; each chunk is computed and written by one writer, locally
+(decode | backbone | write overlapped) or on dask workers. Crops and variants are seeded by (hcl_features.seed,
+source image, crop, variant): a chunk is the same whoever computes it.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +29,140 @@ import numpy as np
 from tqdm import tqdm
 
 from cache import writer
+from cache.order import crop_permutation
 from cache.reader import FeatureStore
-from cache.schema import DONE_HCL, HCL_SCHEMA, HCLLayout
+from cache.schema import HCL_SCHEMA, HCLLayout
+from pipeline.backbone import Backbone
 from pipeline.config import Config
+from pipeline.datasets import SegmentationDataset, open_split
+from pipeline.datasets.base import IGNORE
 from pipeline.errors import UserError
-from pipeline.graph import method_of, stage_dir, stage_plan
+from pipeline.graph import hcl_store_url, method_of, stage_dir, stage_plan
 from pipeline.hcl.extract import hcl_chunk
 from pipeline.hcl.multilevel import patch_sizes
-from pipeline.runner import StageContext, run_stage
-from stages import features
+from pipeline.hcl.views import crop_box, draw_photometric, train_views, val_view
+from pipeline.runner import StageContext, manifest_path, run_stage
+from pipeline.workers import overlapped, resolve_backbone, run_dask
 
-ATTRS = "hcl"  # the family's attributes in the store: fingerprint, patch sizes, views, complete
-
-
-def hcl_arrays(store) -> list[str]:
-    """The HCL arrays a FeatureStore holds, after checking they are complete (a clear message otherwise)."""
-    info = store.attrs.get(ATTRS) or {}
-    if not info.get("complete"):
-        raise UserError(f"store {store.url} has no complete HCL arrays; run `hp-pipe features --method hcl` "
-                        "for this dataset (or `hp-pipe train --method hcl`, which runs it)")
-    if info.get("hcl_schema", 1) != HCL_SCHEMA:  # e.g. 1: coarse branches from bilinear patch kernels
-        raise UserError(f"store {store.url} holds HCL arrays of version {info.get('hcl_schema', 1)}, this hp-pipe "
-                        f"reads version {HCL_SCHEMA} (patch kernels resized bicubic, antialiased: specs/HCL.md §1); "
-                        "rerun `hp-pipe features --method hcl` for this dataset (add --force if it says up to date)")
-    return [n for n in store.names() if n.startswith("hcl_") or n == "fg_mask"]
+SPLITS = ("train", "val")
+REBUILD = "rerun `hp-pipe features --method hcl` for this dataset (add --force if it says up to date)"
 
 
-def compute_chunk(group, backbone, chunk: int, views: int, h: dict[str, Any]) -> int:
-    """Compute and write one chunk's HCL arrays, then its flag; returns the samples written."""
-    start, stop = writer.chunk_range(group, chunk)
-    data = hcl_chunk(backbone, group["image"][start:stop], group["cls_attn"][start:stop], np.arange(start, stop),
-                     views, h["seed"], h["mask_mass"], h["mask_min_size"])
-    writer.write_chunk(group, chunk, data, DONE_HCL)
-    return stop - start
+@dataclass(frozen=True)
+class Geometry:
+    """What one split's store holds per image (specs/HCL.md §4-§5), from [hcl_features]."""
+
+    split: str
+    crops: int  # R samples per image (1 for evaluation)
+    views: int  # V photometric variants per crop (0 for evaluation)
+    crop_resolution: int  # where the photometric ops run (training)
+    resolution: int  # side of the stored views
+    seed: int
+
+    @property
+    def train(self) -> bool:
+        return self.split == "train"
 
 
-def worker_chunk(url: str, config: Config, views: int, chunk: int) -> int:
-    """Runs on a dask worker: the backbone is loaded once per process; disjoint chunks, one writer each."""
+def geometry(config: Config, split: str) -> Geometry:
+    """The split's geometry; HCL needs >= 2 crops and >= 2 variants to train (§4)."""
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'")
+    h = config["hcl_features"]
+    for key in ("crops", "views"):
+        if split == "train" and h[key] < 2:
+            what = "crops per image (one is drawn per epoch)" if key == "crops" else "photometric variants per crop"
+            raise UserError(f"hcl_features.{key} = {h[key]}: HCL needs at least two {what} "
+                            f"(specs/HCL.md §4); use --set hcl_features.{key}=2")
+    if split == "train":
+        return Geometry(split, h["crops"], h["views"], h["crop_resolution"], h["resolution"], h["seed"])
+    return Geometry(split, 1, 0, 0, h["val_resolution"], h["seed"])
+
+
+def image_order(n_images: int, geo: Geometry) -> np.ndarray:
+    """Image slot -> source image: a seeded permutation for training (chunks of unrelated images), else identity."""
+    return crop_permutation(n_images, geo.seed).astype(np.int32) if geo.train else np.arange(n_images, dtype=np.int32)
+
+
+def hcl_arrays(store: FeatureStore) -> list[str]:
+    """The HCL arrays of an HCL store of this version; anything else is refused with the command that rebuilds it."""
+    attrs = store.attrs
+    if attrs.get("kind") != "hcl":
+        old = attrs.get("hcl") or {}
+        if old:  # HCL arrays added to one of HP's stores (HCL schema 1-2)
+            raise UserError(f"store {store.url} holds HCL arrays of version {old.get('hcl_schema', 1)} added to HP's "
+                            f"five-crop store; this hp-pipe reads HCL's own stores (version {HCL_SCHEMA}: its own "
+                            f"crops, views and evaluation geometry, specs/HCL.md §4-§5): {REBUILD}")
+        raise UserError(f"store {store.url} is not an HCL store: {REBUILD}")
+    if attrs.get("hcl_schema") != HCL_SCHEMA:
+        raise UserError(f"store {store.url} is an HCL store of version {attrs.get('hcl_schema')}, this hp-pipe reads "
+                        f"version {HCL_SCHEMA}: {REBUILD}")
+    return [n for n in store.names() if n.startswith("hcl_") or n in ("feat", "fg_mask")]
+
+
+# ---------------------------------------------------------------- one chunk
+def load_chunk(dataset: SegmentationDataset, geo: Geometry, order: np.ndarray, labelled: bool, start: int,
+               stop: int) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """Decode the chunk's source images (each once) and make its views: (plain views, variants, other arrays)."""
+    decoded: dict[int, Any] = {}
+    plain, variants, labels, sources, boxes = [], [], [], [], []
+    for s in range(start, stop):
+        slot, r = divmod(s, geo.crops)
+        i = int(order[slot])
+        if i not in decoded:
+            decoded[i] = dataset[i]
+        sample = decoded[i]
+        source_label = sample.label
+        if labelled and source_label is None:  # an unlabelled image in a partly labelled split: all ignored
+            source_label = np.full(sample.image.shape[:2], IGNORE, dtype=np.uint8)
+        if geo.train:
+            box = crop_box(*sample.image.shape[:2], geo.seed, i, r)
+            views = [draw_photometric(geo.seed, i, r, v) for v in range(geo.views)]
+            image, aug, label = train_views(sample.image, source_label if labelled else None, box, views,
+                                            geo.crop_resolution, geo.resolution)
+            variants.append(aug)
+            boxes.append(box)
+        else:
+            image, label = val_view(sample.image, source_label if labelled else None, geo.resolution)
+        plain.append(image)
+        labels.append(label)
+        sources.append(i)
+    arrays = {"image": np.stack(plain), "source_image": np.asarray(sources, dtype=np.int32)}
+    if labelled:
+        arrays["label"] = np.stack(labels)
+    if geo.train:
+        arrays["crop_box"] = np.asarray(boxes, dtype=np.int32)
+    return arrays["image"], np.stack(variants) if geo.train else None, arrays
+
+
+def chunk_arrays(backbone: Backbone, geo: Geometry, h: dict[str, Any], images: np.ndarray,
+                 variants: np.ndarray | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Everything one store chunk holds."""
+    out = hcl_chunk(backbone, images, variants, geo.train, h["mask_mass"], h["mask_min_size"])
+    out.update(arrays)
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _listed(dataset_section: str, workdir: str, split: str) -> SegmentationDataset:
+    """The split's file list, scanned once per worker process (not once per chunk)."""
+    return open_split({"dataset": json.loads(dataset_section)}, Path(workdir), split)
+
+
+def worker_chunk(url: str, config: Config, workdir: str, split: str, chunk: int) -> int:
+    """Runs on a dask worker: the backbone is loaded once per process; the image order is recomputed (a pure
+    function of the config); disjoint chunks, one writer each."""
     import torch
 
     torch.set_num_threads(1)
+    geo = geometry(config, split)
     group = writer.open_group(url, mode="r+")
-    return compute_chunk(group, features.resolve_backbone(config), chunk, views, config["hcl_features"])
+    dataset = _listed(json.dumps(config["dataset"], sort_keys=True), workdir, split)
+    start, stop = writer.chunk_range(group, chunk)
+    inputs = load_chunk(dataset, geo, image_order(len(dataset), geo), "label" in group, start, stop)
+    data = chunk_arrays(resolve_backbone(config), geo, config["hcl_features"], *inputs)
+    writer.write_chunk(group, chunk, data)
+    return stop - start
 
 
 def mask_preview(group, path: Path, title: str, k: int = 4) -> Path:
@@ -73,70 +179,109 @@ def mask_preview(group, path: Path, title: str, k: int = 4) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the stage
 def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False,
         scheduler: str = "local", address: str | None = None, workers: int = 2) -> dict[str, Any]:
-    base = features.run(config, workdir, split, store, scheduler=scheduler, address=address, workers=workers)
-    url = base["outputs"]["store"]
+    """Build (or resume, or find up to date) HCL's store of `split`."""
+    geo = geometry(config, split)
+    if scheduler not in ("local", "local-cluster", "distributed"):
+        raise UserError(f"--scheduler must be local, local-cluster or distributed, got '{scheduler}'")
+    url = store or hcl_store_url(config, workdir, split)
     name = f"features-{split}-hcl"
-    stage_config, inputs = stage_plan(config, workdir, {split: url})[name]
-    h = config["hcl_features"]
-    if split == "train" and h["views"] < 2:
-        raise UserError(f"hcl_features.views = {h['views']}: HCL needs two photometric variants per crop "
-                        "(--set hcl_features.views=2)")
+    sdir = stage_dir(config, workdir)
+    stage_config, inputs = stage_plan(config, workdir, {f"hcl-{split}": url})[name]
+    h, f = config["hcl_features"], config["features"]
 
     def body(ctx: StageContext) -> dict[str, Any]:
-        backbone = features.resolve_backbone(config)
-        group = writer.open_group(url, mode="r+")
-        n, res = group["feat"].shape[0], int(group.attrs["resolution"])
-        views = h["views"] if split == "train" else 0
-        layout = HCLLayout(n, res, patch_sizes(backbone.name), backbone.embed_dim, views)
-        attrs = {"fingerprint": ctx.fingerprint, "hcl_schema": HCL_SCHEMA, "patch_sizes": list(layout.patch_sizes),
-                 "views": views,
-                 "seed": h["seed"], "mask_mass": h["mask_mass"], "mask_min_size": h["mask_min_size"]}
-        writer.add_arrays(group, layout, DONE_HCL, ATTRS, attrs, ctx.fresh, config["features"]["compressor"],
-                          config["features"]["clevel"])
-        done = writer.finished_chunks(group, DONE_HCL)
+        dataset = open_split(config, workdir, split)
+        n_images = len(dataset)
+        if not n_images:
+            raise UserError(f"dataset {config['dataset']['name']} has no {split} images")
+        labelled = any(item.label is not None for item in dataset.items)  # listed label files, none decoded
+        backbone = resolve_backbone(config)
+        key = "resolution" if geo.train else "val_resolution"
+        if geo.resolution % backbone.patch_size:
+            raise UserError(f"hcl_features.{key} = {geo.resolution} is not a multiple of the patch size "
+                            f"{backbone.patch_size} of {backbone.name}; use --set hcl_features.{key}=N")
+        sizes = patch_sizes(backbone.name)
+        order = image_order(n_images, geo)
+        layout = HCLLayout(n_images * geo.crops, geo.resolution, sizes, backbone.embed_dim, geo.views, labelled,
+                           geo.train)
+        attrs = {
+            "kind": "hcl", "hcl_schema": HCL_SCHEMA, "dataset": config["dataset"]["name"], "split": split,
+            "backbone": backbone.name, "patch_size": backbone.patch_size, "resolution": geo.resolution,
+            "weights": backbone.weights, "weights_hash": backbone.weights_hash, "random_init": backbone.random_init,
+            "fingerprint": ctx.fingerprint, "n_classes": config["dataset"]["n_classes"],
+            "class_names": list(dataset.class_names), "patch_sizes": list(sizes), "images": n_images,
+            "crops": geo.crops, "views": geo.views,
+            "geometry": {**{k: h[k] for k in ("seed", "mask_mass", "mask_min_size")}, **(
+                {"crop_resolution": geo.crop_resolution, "crop": "square, 0.8-1.0 of the short side (specs/HCL.md §4)",
+                 "sample": "slot j, crop r at j * crops + r; slots hold the images in a seeded permutation"}
+                if geo.train else {"resize": "whole image, bilinear (labels nearest), aspect not kept (§5)"})},
+            "samples": [dataset.sample_name(int(i)) for i in order],  # the image of each slot
+        }
+        group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
+        done = writer.finished_chunks(group)
         pending = [int(c) for c in np.flatnonzero(~done)]
-        if done.any():
-            ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already have their HCL arrays")
+        finished = int(sum(np.diff(writer.chunk_range(group, int(c)))[0] for c in np.flatnonzero(done)))
+        if finished:
+            ctx.log(f"resuming: {int(done.sum())} of {done.size} chunks already in {url}")
         t0 = time.perf_counter()
-        finished = n - sum(np.diff(writer.chunk_range(group, c))[0] for c in pending)
-        with tqdm(total=n, initial=finished, desc=name, unit="img") as progress:
+        n = layout.n_samples
+        with tqdm(total=n, initial=finished, desc=name, unit="crop" if geo.train else "img") as progress:
             if scheduler == "local":
-                for chunk in pending:
-                    progress.update(compute_chunk(group, backbone, chunk, views, h))
+                def write(chunk: int, data: dict[str, np.ndarray]) -> None:
+                    writer.write_chunk(group, chunk, data)
+                    progress.update(len(data["feat"]))
+
+                overlapped(pending, lambda c: (c, load_chunk(dataset, geo, order, labelled,
+                                                             *writer.chunk_range(group, c))),
+                           lambda item: (item[0], chunk_arrays(backbone, geo, h, *item[1])), write)
             else:
-                features.run_dask(worker_chunk, (url, config, views), pending, progress,
-                                  address if scheduler == "distributed" else None, workers)
-        if not writer.finished_chunks(group, DONE_HCL).all():
-            raise RuntimeError(f"some HCL chunks of {url} were not written; rerun to finish them")
-        group.attrs[ATTRS] = {**attrs, "complete": True}
+                run_dask(worker_chunk, (url, config, str(workdir), split), pending, progress,
+                         address if scheduler == "distributed" else None, workers)
+        if not writer.finished_chunks(group).all():
+            raise RuntimeError(f"some chunks of {url} were not written; rerun to finish them")
+        writer.mark_complete(group)
         seconds = time.perf_counter() - t0
-        stored = sum(v for k, v in features.stored_bytes(group).items() if k in layout.arrays())
-        fg = float(np.mean(group["fg_mask"][:]))
-        preview = mask_preview(group, stage_dir(config, workdir) / "features" / f"{split}-foreground.png",
-                               f"{backbone.name} foreground masks{' [RANDOM-INIT]' if backbone.random_init else ''}")
+        stored = sum(writer.stored_bytes(group).values())
         note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
         native, concatenated = layout.native_fp16_bytes_per_sample(), layout.concatenated_fp16_bytes_per_sample()
-        return {
-            "store": url, "samples": n, "patch_sizes": list(layout.patch_sizes), "views": views,
-            "store_bytes": stored, "foreground_share": round(fg, 4), "random_init": backbone.random_init,
-            "preview": str(preview),
+        outputs: dict[str, Any] = {
+            "store": url, "images": n_images, "samples": n, "crops": geo.crops, "views": geo.views,
+            "resolution": geo.resolution, "patch_sizes": list(sizes), "computed": n - finished,
+            "store_bytes": stored, "random_init": backbone.random_init,
             "native_fp16_bytes_per_sample": native, "concatenated_fp16_bytes_per_sample": concatenated,
             "native_over_concatenated": round(native / concatenated, 3),
             "timings": {"extract_seconds": round(seconds, 3)},
-            "summary": f"HCL arrays for {n} samples (patches {'/'.join(map(str, layout.patch_sizes))}, {views} "
-                       f"variants, {fg:.0%} foreground), {stored / 2**20:.1f} MiB; native grids hold "
-                       f"{native / concatenated:.2f} of the concatenated form's bytes -> {url}{note}",
         }
+        what = (f"{n_images} images x {geo.crops} crops ({geo.views} variants each, {geo.resolution} px views)"
+                if geo.train else f"{n_images} whole images at {geo.resolution} px")
+        if geo.train:
+            fg = float(np.mean(group["fg_mask"][:]))
+            outputs["foreground_share"] = round(fg, 4)
+            outputs["preview"] = str(mask_preview(
+                group, sdir / "features" / f"hcl-{split}-foreground.png",
+                f"{backbone.name} foreground masks{' [RANDOM-INIT]' if backbone.random_init else ''}"))
+            what += f", {fg:.0%} foreground"
+        outputs["summary"] = (f"HCL {split} store: {what}, patches {'/'.join(map(str, sizes))}, "
+                              f"{stored / 2**20:.1f} MiB -> {url}{note}")
+        return outputs
 
-    return run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+    manifest = run_stage(sdir, name, stage_config, inputs, body, force)
+    if manifest["outputs"].get("store") != url:  # train and evaluate read the store named here
+        raise UserError(f"{manifest_path(sdir, name)} names the store {manifest['outputs'].get('store')!r}, but this "
+                        f"run's store is {url}: refused (an edited manifest cannot redirect hp-pipe to another "
+                        "store). Rerun with --force")
+    return manifest
 
 
 def run_for_method(config: Config, workdir: Path, split: str) -> dict[str, Any]:
-    """The features stage the configured method reads: HCL's arrays for hcl (which runs the base stage first)."""
+    """The features stage the configured method reads: HCL's own store for hcl, HP's otherwise."""
     if method_of(config) == "hcl":
         manifest = run(config, workdir, split)
-        hcl_arrays(FeatureStore.open(manifest["outputs"]["store"]))  # refuses arrays another version wrote
+        hcl_arrays(FeatureStore.open(manifest["outputs"]["store"]))  # refuses stores another version wrote
         return manifest
+    from stages import features  # HP's features stage (this module never needs it otherwise)
+
     return features.run(config, workdir, split)

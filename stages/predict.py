@@ -3,7 +3,8 @@
 Resize policy: each image is resized (bilinear) so that its shorter side is `prepare.val_resolution`
 (the evaluation resolution, 320 px by default), then centre-cropped by at most patch-1 pixels per side
 so both sides are multiples of the patch size; the logits are upsampled bilinearly back to the
-original image size, so the label PNG has the input's size. Clusters are mapped to classes with the
+original image size, so the label PNG has the input's size. HCL runs see their evaluation geometry instead: the
+whole image resized (bilinear) to `hcl_features.val_resolution` square. Clusters are mapped to classes with the
 Hungarian matching found at evaluation (raw cluster ids where there was none).
 """
 
@@ -95,7 +96,11 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
     paths = list_images(Path(source))
     for path in tqdm(paths, desc="predict", unit="img"):
         image = read_image(path)
-        resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"], backbone.patch_size)
+        if state.get("method") == "hcl":  # HCL's evaluation geometry (specs/HCL.md §5): the whole image, square
+            side = config["hcl_features"]["val_resolution"]
+            resized = cropped = (side, side)
+        else:
+            resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"], backbone.patch_size)
         x = F.interpolate(normalize(torch.from_numpy(image[None])), size=resized, mode="bilinear",
                           align_corners=False)
         top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import Config, dataset_root, fingerprint
-from pipeline.datasets import open_dataset
+from pipeline.datasets import dataset_options, open_split  # noqa: F401  (prepare.dataset_options: tests)
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_png, atomic_write_text
@@ -28,10 +28,6 @@ SPLITS = ("train", "val")
 
 def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
     return stage_dir(config, workdir) / "prepared" / split
-
-
-def dataset_options(config: Config) -> dict[str, Any]:
-    return {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
 
 
 def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
@@ -53,10 +49,6 @@ def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[st
 def crops_per_image(config: Config, split: str) -> int:
     """Crops `prepare` writes per source image; they are listed consecutively in samples.txt."""
     return 5 if split == "train" and config["prepare"]["five_crop"] else 1
-
-
-def open_split(config: Config, workdir: Path, split: str):
-    return open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
 
 
 def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dict[str, Any]:

@@ -164,13 +164,19 @@ class RunPlan:
     ckpt: Path
 
 
-def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStore, out: Path) -> RunPlan:
-    """Device, iterations (batch size and epochs from the method's `section`), a fresh run folder when asked."""
+def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStore, out: Path,
+             images: int | None = None) -> RunPlan:
+    """Device, iterations (batch size and epochs from the method's `section`), a fresh run folder when asked.
+
+    An epoch is one pass over the store's samples, or over `images` when given (HCL: one of each image's cached
+    crops per epoch, specs/HCL.md §4).
+    """
     device = pick_device(config["train"]["device"])
     batch_size = config[section]["batch_size"]
-    iters_per_epoch = len(store) // batch_size
+    per_epoch, what = (len(store), "training crops") if images is None else (images, "training images")
+    iters_per_epoch = per_epoch // batch_size
     if iters_per_epoch == 0:
-        raise UserError(f"{section}.batch_size = {batch_size} exceeds the {len(store)} training crops in "
+        raise UserError(f"{section}.batch_size = {batch_size} exceeds the {per_epoch} {what} in "
                         f"{store.url}; lower it with --set {section}.batch_size=N")
     if ctx.fresh and out.exists():
         shutil.rmtree(out)  # a changed config or --force: this run starts over
@@ -303,14 +309,13 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     method = method_of(config)
     run = run or method
     manifest = features_hcl.run_for_method(config, workdir, "train")
-    if method == "hcl":  # the store's fingerprint is the base features stage's, HCL's stage records it as input
-        trainer, needs = train_hcl.train, features_hcl.hcl_arrays
-        store_fingerprint = manifest["inputs"]["features-train"]
+    if method == "hcl":  # HCL's own store (specs/HCL.md §4)
+        trainer, needs, store_key = train_hcl.train, features_hcl.hcl_arrays, "hcl-train"
     else:
-        trainer, needs = train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")]
-        store_fingerprint = manifest["fingerprint"]
+        trainer, needs, store_key = train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")], "train"
+    store_fingerprint = manifest["fingerprint"]  # the store records the fingerprint of the stage that wrote it
     url = manifest["outputs"]["store"]
-    stage_config, inputs = stage_plan(config, workdir, {"train": url})["train"]
+    stage_config, inputs = stage_plan(config, workdir, {store_key: url})["train"]
     out = run_dir(config, workdir, run)
 
     def body(ctx: StageContext) -> dict[str, Any]:

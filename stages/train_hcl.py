@@ -1,11 +1,13 @@
 """`train --method hcl`: Hierarchical Context Learning's heads trained from the feature cache (specs/HCL.md §2-§4).
 
-Each epoch starts with MoGoClustering (§3): the momentum head runs over the training set's cached view-2 variants,
+An epoch is one pass over the images (§4): HCL's store holds R crops per image, and each epoch uses one of them per
+image, chosen from (hcl.seed, epoch) alone (pipeline/hcl/views.py `epoch_keep`), so a resumed run reads the same.
+Each epoch starts with MoGoClustering (§3): the momentum head runs over the epoch's crops' cached view-2 variants,
 30% of each image's foreground and background tokens refresh the two memory banks, and faiss k-means gives the
-centroids held fixed for the epoch. Then the steps: q online on view 1, k momentum on view 2, the loss of §4,
-AdamW with the step schedule, the momentum update. The run layout, checkpoints, metrics.jsonl, curves, resume and
-NaN guard are the HP trainer's; a checkpoint is also written right after each clustering, so a resumed run never
-clusters an epoch twice.
+centroids held fixed for the epoch. Then the steps on the same crops: q online on view 1, k momentum on view 2, the
+loss of §4, AdamW with the step schedule, the momentum update. The run layout, checkpoints, metrics.jsonl, curves,
+resume and NaN guard are the HP trainer's; a checkpoint is also written right after each clustering, so a resumed
+run never clusters an epoch twice.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -24,6 +27,7 @@ from pipeline.errors import UserError
 from pipeline.hcl.heads import HCLModel, build_model
 from pipeline.hcl.mogo import MemoryBank, kmeans_centroids, kmeans_seed
 from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, training_step, two_variants, variant_levels
+from pipeline.hcl.views import epoch_keep
 from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
 from stages.train import (
@@ -44,14 +48,20 @@ def step_names(patch_sizes: tuple[int, ...]) -> list[str]:
     return [*(f"hcl_aug_p{p}" for p in patch_sizes), "hcl_aug_cls", "fg_mask"]
 
 
+def epoch_crops(store: FeatureStore, seed: int, epoch: int) -> np.ndarray:
+    """Bool per store sample: the one crop of each image that `epoch` uses (§4)."""
+    return epoch_keep(int(store.attrs["images"]), int(store.attrs["crops"]), seed, epoch)
+
+
 def mogo_pass(model: HCLModel, store: FeatureStore, patch_sizes: tuple[int, ...], h_cfg: dict[str, Any],
               banks: dict[str, MemoryBank], epoch: int, generator: torch.Generator,
-              device: torch.device, log) -> dict[str, dict[str, torch.Tensor]]:
-    """§3: sample tokens with the momentum head on the cached view-2 variants, then the banks' centroids."""
+              device: torch.device, log, keep: np.ndarray | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """§3: sample tokens with the momentum head on the cached view-2 variants of the crops `keep` selects (the
+    epoch's crops), then the banks' centroids."""
     sampled: dict[str, list[torch.Tensor]] = {"fg": [], "bg": []}
-    batches = store.batches(step_names(patch_sizes), h_cfg["batch_size"])
-    for batch in tqdm(batches, total=-(-len(store) // h_cfg["batch_size"]), desc=f"MoGo epoch {epoch}",
-                      leave=False):
+    batches = store.batches(step_names(patch_sizes), h_cfg["batch_size"], keep=keep)
+    n = len(store) if keep is None else int(keep.sum())
+    for batch in tqdm(batches, total=-(-n // h_cfg["batch_size"]), desc=f"MoGo epoch {epoch}", leave=False):
         variant = torch.full((len(batch["index"]),), MOGO_VIEW)
         x2 = head_input(variant_levels(batch, patch_sizes, variant), patch_sizes, device)
         fg, bg = mogo_samples(model, x2, batch["fg_mask"].flatten(1).to(device), h_cfg["sample_fraction"],
@@ -92,11 +102,11 @@ def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimiz
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     t_cfg, h_cfg = config["train"], config["hcl"]
-    plan = plan_run(ctx, config, "hcl", store, out)
+    plan = plan_run(ctx, config, "hcl", store, out, images=int(store.attrs["images"]))  # §4: epoch = the images
     device, amp, iters_per_epoch, total, ckpt = plan.device, plan.amp, plan.iters_per_epoch, plan.total, plan.ckpt
     batch_size, seed = h_cfg["batch_size"], h_cfg["seed"]
 
-    patch_sizes = tuple(store.attrs["hcl"]["patch_sizes"])
+    patch_sizes = tuple(store.attrs["patch_sizes"])
     n_variants = store.array("hcl_aug_cls").shape[1]
     width = (len(patch_sizes) + 1) * store.array("feat").shape[-1]
     torch.manual_seed(seed)
@@ -139,10 +149,12 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
     with tqdm(total=total, initial=t, desc=ctx.name, unit="it", smoothing=0.05) as bar:
         while t < total:
             epoch, first = divmod(t, iters_per_epoch)
+            keep = epoch_crops(store, seed, epoch)  # §4: one crop per image, the same for MoGo and the steps
             if clustered_epoch != epoch:  # §3: once per epoch, before training on it
                 m0 = time.perf_counter()
                 model.eval()
-                centroids = mogo_pass(model, store, patch_sizes, h_cfg, banks, epoch, generator, device, ctx.log)
+                centroids = mogo_pass(model, store, patch_sizes, h_cfg, banks, epoch, generator, device, ctx.log,
+                                      keep)
                 clustered_epoch = epoch
                 mogo_seconds.append(round(time.perf_counter() - m0, 3))
                 checkpoint()
@@ -152,7 +164,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = store.batches(names, batch_size, shuffle_seed=seed * 1000 + epoch, drop_last=True,
-                                    buffer_chunks=t_cfg["buffer_chunks"], start_batch=first)
+                                    buffer_chunks=t_cfg["buffer_chunks"], start_batch=first, keep=keep)
             for batch in batches:
                 view1, view2 = two_variants(len(batch["index"]), n_variants, generator)
                 x1 = head_input(variant_levels(batch, patch_sizes, view1), patch_sizes, device)

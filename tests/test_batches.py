@@ -1,27 +1,22 @@
 """Training batches are i.i.d.-like over all crops (specs/HP.md §7): the store's permuted sample order, the plan's
-distinct images per batch against an independent closed form, and the order of every array (HP and HCL)."""
+distinct images per batch against an independent closed form, and the order of every array."""
 
 from fractions import Fraction
 from math import comb
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cache import writer
 from cache.order import crop_permutation, iid_distinct_images, plan_distinct_images, store_order
 from cache.reader import FeatureStore, batch_plan
 from cache.schema import SCHEMA_VERSION
-from pipeline.backbone import normalize
 from pipeline.config import load_config
 from pipeline.datasets import open_dataset
 from pipeline.datasets.geometry import five_crop
 from pipeline.errors import UserError
-from pipeline.hcl.extract import hcl_chunk
-from pipeline.runner import read_manifest
-from stages import features, features_hcl, prepare
+from stages import features, prepare
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "2", "dataset.size": "96",
@@ -161,32 +156,10 @@ def test_interrupted_features_stage_resumes_to_the_identical_store(built, tmp_pa
     manifest = features.run(config, workdir, "train")
     assert manifest["outputs"]["computed"] == 12  # 3 of 5 chunks of 4
     resumed = FeatureStore.open(url)
-    assert resumed.names() == sorted(n for n in reference.names() if not n.startswith(("hcl_", "fg_")))
+    assert resumed.names() == reference.names()  # HP's stores never hold HCL's arrays (HCL has its own stores)
     for name in resumed.names():
         np.testing.assert_array_equal(resumed.read(name, 0, 20), reference.read(name, 0, 20), err_msg=name)
     assert resumed.attrs["samples"] == reference.attrs["samples"]
-
-
-def test_hcl_arrays_follow_the_store_order(built):
-    """HCL's arrays of sample i are computed from prepared crop crop_order[i] (it reads the store's `image`)."""
-    config, workdir, stores = built
-    features_hcl.run(config, workdir, "train")
-    store = FeatureStore.open(stores["train"])
-    names, _ = prepare.read_prepared(prepare.prepared_dir(config, workdir, "train"))
-    picked = np.array([3, 10, 17])
-    crops = [names[i] for i in store.read("crop_order", 0, len(store))[picked]]
-    directory = Path(prepare.prepared_dir(config, workdir, "train"))
-    images = np.stack([np.asarray(Image.open(directory / "images" / f"{c}.png")) for c in crops])
-    backbone = features.resolve_backbone(config)
-    with torch.no_grad():
-        cls_attn = backbone(normalize(torch.from_numpy(images))).cls_attn.numpy()
-    h = config["hcl_features"]
-    direct = hcl_chunk(backbone, images, cls_attn, picked, h["views"], h["seed"], h["mask_mass"], h["mask_min_size"])
-    for name, values in direct.items():
-        if name != "fg_mask":  # from the store's float16 attention: compared in test_hcl_stage
-            np.testing.assert_allclose(store.gather(name, picked).astype(np.float32), values.astype(np.float32),
-                                       atol=2e-2, rtol=1e-2, err_msg=name)
-    assert read_manifest(workdir / "synthetic", "features-train-hcl")["status"] == "complete"
 
 
 def test_store_of_the_previous_schema_is_refused_with_the_rebuild_command(built, tmp_path):

@@ -216,3 +216,206 @@ def test_remove_small_uses_eight_connectivity():
     mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # diagonal chain: one component only with 8-connectivity
     mask[5, 4] = mask[5, 5] = True
     np.testing.assert_array_equal(remove_small(mask, 3), np.eye(6, dtype=bool) & (np.arange(6) < 3)[:, None])
+
+
+# --- HCL's own views (specs/HCL.md §4-§5, pipeline/hcl/views.py) -------------------------------------------------
+
+import torchvision.transforms.functional as TF  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from cache import writer  # noqa: E402
+from cache.reader import FeatureStore, batch_plan  # noqa: E402
+from cache.schema import CodesLayout  # noqa: E402
+from pipeline.hcl.views import (  # noqa: E402
+    Photometric,
+    apply_photometric,
+    crop_box,
+    draw_photometric,
+    epoch_crops,
+    epoch_keep,
+    train_views,
+    val_view,
+)
+
+DRAWS = 4000
+
+
+def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A colourful picture with sharp edges: smooth gradients plus bright blocks."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([40 + 150 * yy / h, 40 + 150 * xx / w, 200 - 120 * (yy + xx) / (h + w)], -1)
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        img[y:y + 8, x:x + 8] = rng.integers(0, 256, 3)
+    return img.astype(np.uint8)
+
+
+def test_crop_boxes_lie_in_the_image_with_the_reference_scale_and_offsets():
+    """§4: a square of int(s * short) with s ~ U[0.8, 1]; both offsets round((short - side) * u), as the reference."""
+    ratios = []
+    for k, (h, w) in enumerate([(375, 500), (500, 333), (64, 64), (97, 211)] * 50):
+        for r in range(2):
+            top, left, side = crop_box(h, w, 3, k, r)
+            short = min(h, w)
+            assert 0 <= top <= short - side and 0 <= left <= short - side  # within the image, and the reference's
+            assert top + side <= h and left + side <= w                  # offsets range over the short side
+            assert int(0.8 * short) <= side <= short
+            ratios.append(side / short)
+            assert crop_box(h, w, 3, k, r) == (top, left, side)  # reproducible from (seed, image, crop)
+    ratios = np.asarray(ratios)
+    assert abs(ratios.mean() - 0.9) < 0.01 and ratios.min() < 0.81 and ratios.max() > 0.99  # U[0.8, 1]
+    boxes = {crop_box(375, 500, 3, 7, r) for r in range(20)}
+    assert len(boxes) > 15  # each crop its own scale and offset
+    assert crop_box(375, 500, 4, 7, 0) != crop_box(375, 500, 3, 7, 0)  # the seed matters
+
+
+def test_photometric_draws_follow_the_spec():
+    """§4: four ops, each its own p = 0.8 coin (P(none) = 0.2^4, not one shared coin's 0.2), factors in range; blur
+    p = 0.5 with the reference's sigma = |0.1 + 3.8 (u - 0.5)|, i.e. in [0, 1.8] with doubled density below 0.1."""
+    draws = [draw_photometric(0, k, k % 3, k % 2) for k in range(DRAWS)]
+    factors = np.array([[np.nan if f is None else f for f in d.factors] for d in draws])
+    on = ~np.isnan(factors)
+    assert np.all(np.abs(on.mean(0) - 0.8) < 0.03)  # each op ~0.8
+    assert on.all(1).mean() == pytest.approx(0.8 ** 4, abs=0.03)  # independent coins
+    assert (~on).all(1).mean() < 0.01  # 0.2^4 = 0.0016; one shared coin would give 0.2
+    for j, (low, high) in enumerate([(0.7, 1.3)] * 3 + [(-0.1, 0.1)]):
+        values = factors[on[:, j], j]
+        assert low <= values.min() < low + 0.02 and high - 0.02 < values.max() <= high
+    sigma = np.array([np.nan if d.blur is None else d.blur for d in draws])
+    blurred = sigma[~np.isnan(sigma)]
+    assert len(blurred) / DRAWS == pytest.approx(0.5, abs=0.03)
+    assert blurred.min() >= 0 and blurred.max() <= 1.8 + 1e-9 and blurred.min() < 0.05 and blurred.max() > 1.75
+    assert (blurred <= 0.1).mean() == pytest.approx(0.2 / 1.9, abs=0.03)  # |σ| folds (−0.1, 0] onto [0, 0.1)
+    assert (blurred > 1.0).mean() == pytest.approx(0.8 / 1.9, abs=0.03)
+    assert draw_photometric(0, 5, 1, 1) == draw_photometric(0, 5, 1, 1) != draw_photometric(1, 5, 1, 1)
+
+
+def test_photometric_ops_run_in_the_fixed_order_and_blur_is_pil_gaussian():
+    image = Image.fromarray(_scene(48, 48))
+    params = Photometric((1.3, 0.6, 1.25, 0.07), 1.2)
+    expected = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(image, 1.3), 0.6), 1.25),
+                             0.07).filter(ImageFilter.GaussianBlur(1.2))
+    assert np.array_equal(np.asarray(apply_photometric(image, params)), np.asarray(expected))
+    swapped = TF.adjust_brightness(TF.adjust_contrast(image, 0.6), 1.3)  # contrast before brightness
+    only_two = np.asarray(apply_photometric(image, Photometric((1.3, 0.6, None, None), None)))
+    assert not np.array_equal(only_two, np.asarray(swapped))
+    assert np.array_equal(np.asarray(apply_photometric(image, Photometric((None,) * 4, None))), np.asarray(image))
+
+
+def test_no_variant_is_grayscale():
+    """§4: no grayscale op (the reference's is misspelt and never applies): every variant of a colourful crop keeps
+    its colour (saturation factors stay >= 0.7)."""
+    image = _scene(40, 40)
+    spreads = []
+    for k in range(300):
+        _, views, _ = train_views(image, None, (0, 0, 40), [draw_photometric(1, k, 0, 0)], 48, 24)
+        v = views[0].astype(int)
+        spreads.append(np.abs(v - v.mean(-1, keepdims=True)).mean())
+    plain = train_views(image, None, (0, 0, 40), [], 48, 24)[0].astype(int)
+    assert min(spreads) > 0.4 * np.abs(plain - plain.mean(-1, keepdims=True)).mean()
+
+
+def test_views_are_made_at_crop_resolution_and_pixel_aligned():
+    image, label = _scene(90, 120), np.arange(90 * 120, dtype=np.int64).reshape(90, 120) % 251
+    box = (5, 11, 76)
+    plain, views, lab = train_views(image, label.astype(np.uint8), box, [
+        Photometric((None,) * 4, None), Photometric((0.8, None, None, None), None), Photometric((None,) * 4, 1.5)],
+        96, 32)
+    assert plain.shape == (32, 32, 3) and views.shape == (3, 32, 32, 3) and lab.shape == (32, 32)
+    crop = Image.fromarray(image[5:81, 11:87]).resize((96, 96), Image.Resampling.BILINEAR)
+    assert np.array_equal(plain, np.asarray(crop.resize((32, 32), Image.Resampling.BILINEAR)))
+    assert np.array_equal(views[0], plain)  # every op off: the plain crop, pixel for pixel
+    darker = plain.astype(float) * 0.8  # linear (no clipping): commutes with the resizes up to rounding
+    assert np.abs(views[1] - darker).max() <= 2  # aligned: a one-pixel shift would leave the blocks' edges far off
+    assert np.abs(views[1] - np.roll(darker, 1, axis=1)).max() > 20
+    blurred_at_96 = np.asarray(crop.filter(ImageFilter.GaussianBlur(1.5)).resize((32, 32), Image.Resampling.BILINEAR))
+    assert np.array_equal(views[2], blurred_at_96)  # σ in pixels of the crop resolution (448 in the spec)
+    blurred_at_32 = np.asarray(Image.fromarray(plain).filter(ImageFilter.GaussianBlur(1.5)))
+    assert np.abs(views[2].astype(int) - blurred_at_32).max() > 5
+    idx = ((np.arange(32) + 0.5) * 76 / 32).astype(int)  # nearest, centre sampling
+    assert np.array_equal(lab, label[5:81, 11:87][idx[:, None], idx[None, :]].astype(np.uint8))
+
+
+def test_constant_image_variants_are_uniform_colour_changes_of_the_plain_crop():
+    image = np.full((50, 70, 3), (120, 60, 200), np.uint8)
+    plain, views, _ = train_views(image, None, crop_box(50, 70, 0, 0, 0),
+                                  [draw_photometric(0, 0, 0, v) for v in range(6)], 64, 16)
+    assert (plain == (120, 60, 200)).all()
+    for v in views:  # the same colour op everywhere, blur has nothing to blur: still constant
+        assert (v == v[0, 0]).all()
+
+
+def _naive_bilinear(image: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel-centre bilinear (cv2.INTER_LINEAR / torch align_corners=False), no antialiasing, float64."""
+    def axis(n: int):
+        src = np.maximum((np.arange(size) + 0.5) * n / size - 0.5, 0)
+        i0 = np.minimum(np.floor(src).astype(int), n - 1)
+        return i0, np.minimum(i0 + 1, n - 1), src - i0
+
+    (y0, y1, wy), (x0, x1, wx) = axis(image.shape[0]), axis(image.shape[1])
+    im = image.astype(np.float64)
+    top = im[y0][:, x0] * (1 - wx)[None, :, None] + im[y0][:, x1] * wx[None, :, None]
+    bottom = im[y1][:, x0] * (1 - wx)[None, :, None] + im[y1][:, x1] * wx[None, :, None]
+    return top * (1 - wy)[:, None, None] + bottom * wy[:, None, None]
+
+
+def test_val_view_is_the_whole_image_resized_bilinear_with_nearest_labels():
+    image = _scene(75, 100, seed=2)
+    label = (np.arange(75)[:, None] * 3 + np.arange(100)[None, :]).astype(np.uint8)
+    resized, lab = val_view(image, label, 64)
+    assert resized.shape == (64, 64, 3) and lab.shape == (64, 64)  # aspect not kept, no crop
+    assert np.abs(resized.astype(float) - _naive_bilinear(image, 64)).max() <= 1.0
+    rows, cols = (np.arange(64) * 75) // 64, (np.arange(64) * 100) // 64  # floor index, as cv2.INTER_NEAREST
+    assert np.array_equal(lab, label[rows[:, None], cols[None, :]])
+    assert lab[-1, -1] == label[73, 98] and lab[0, 0] == label[0, 0]  # floor(63 * 75 / 64), floor(63 * 100 / 64)
+
+
+def test_each_epoch_uses_one_crop_per_image_drawn_from_seed_and_epoch():
+    n, crops = 500, 3
+    choices = np.stack([epoch_crops(n, crops, 7, e) for e in range(10)])
+    assert choices.min() == 0 and choices.max() == crops - 1
+    assert np.array_equal(choices[4], epoch_crops(n, crops, 7, 4))  # pure: a resumed run draws the same
+    assert all((choices[e] != choices[e + 1]).mean() > 0.5 for e in range(9))  # a new crop every epoch, mostly
+    assert abs(choices.mean() - 1.0) < 0.05
+    assert not np.array_equal(epoch_crops(n, crops, 8, 0), choices[0])
+    keep = epoch_keep(n, crops, 7, 2)
+    assert keep.sum() == n and np.array_equal(np.flatnonzero(keep), np.arange(n) * crops + choices[2])
+
+
+def test_batch_plan_with_keep_batches_only_the_kept_samples():
+    n, chunk, batch = 48, 4, 5
+    keep = epoch_keep(n // 2, 2, 0, 1)
+    as_lists = lambda plan: [(chunks, [b.tolist() for b in batches]) for chunks, batches in plan]  # noqa: E731
+    assert as_lists(batch_plan(n, chunk, batch, 3, 2, False, np.ones(n, bool))) == as_lists(
+        batch_plan(n, chunk, batch, 3, 2, False))  # keeping everything is the plan without `keep`
+    plan = batch_plan(n, chunk, batch, 3, 2, False, keep)
+    seen = np.concatenate([b for _, batches in plan for b in batches])
+    assert sorted(seen.tolist()) == np.flatnonzero(keep).tolist()  # each kept sample exactly once, no other
+    dropped = batch_plan(n, chunk, batch, 3, 2, True, keep)
+    assert sum(len(bs) for _, bs in dropped) == keep.sum() // batch  # iterations = images // batch
+    sparse = np.zeros(n, bool)
+    sparse[[1, 30]] = True
+    assert sorted(c for chunks, _ in batch_plan(n, chunk, 2, 3, 1, False, sparse) for c in chunks) == [0, 7]
+
+
+def test_store_batches_with_keep_read_every_kept_sample_and_resume_exactly(tmp_path):
+    """Buffers of one chunk with one kept sample each make no batch of their own: their samples must still be read
+    (with the next buffer), and skipping batches on resume must give the same tail."""
+    n, chunk = 40, 4
+    group = writer.create_store(str(tmp_path / "s.zarr"), CodesLayout(n, 1, 1), chunk, {"fingerprint": "x"}, True)
+    for c in range(n // chunk):
+        writer.write_chunk(group, c, {"feat": np.arange(c * chunk, (c + 1) * chunk, dtype=np.float16)
+                                      .reshape(chunk, 1, 1, 1)})
+    writer.mark_complete(group)
+    store = FeatureStore.open(str(tmp_path / "s.zarr"))
+    keep = np.zeros(n, bool)
+    keep[np.arange(0, n, chunk) + np.arange(n // chunk) % chunk] = True  # one sample per chunk
+    read = lambda start: [b["feat"].flatten().tolist() for b in store.batches(  # noqa: E731
+        ["feat"], 3, shuffle_seed=5, buffer_chunks=1, drop_last=False, start_batch=start, keep=keep)]
+    full = read(0)
+    assert sorted(v for b in full for v in b) == np.flatnonzero(keep).tolist()
+    for b in store.batches(["feat"], 3, shuffle_seed=5, buffer_chunks=1, keep=keep):
+        assert b["feat"].flatten().tolist() == b["index"].tolist()  # each sample is itself
+    for start in range(1, len(full)):
+        assert read(start) == full[start:]

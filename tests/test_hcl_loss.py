@@ -272,16 +272,16 @@ def test_overcluster_perfect_features_full_accuracy():
     embed = rng.standard_normal((5, 16)).astype(np.float32)
     features = embed[np.minimum(labels, 4)]
     out = overcluster_scores(features, labels, n_classes=4, k=6, pca=8, seeds=(0, 1))
-    assert out["acc_mean"] == pytest.approx(1.0) and out["miou_mean"] == pytest.approx(1.0)
-    assert len(out["per_seed"]) == 2 and out["acc_std"] == pytest.approx(0.0)
+    assert out["pixel_acc_mean"] == pytest.approx(1.0) and out["miou_mean"] == pytest.approx(1.0)
+    assert len(out["per_seed"]) == 2 and out["pixel_acc_std"] == pytest.approx(0.0)
     noise = overcluster_scores(rng.standard_normal((600, 16)), labels, n_classes=4, k=6, pca=8, seeds=(0,))
-    assert noise["acc_mean"] < 0.6
+    assert noise["pixel_acc_mean"] < 0.6
 
 
-def test_nearest_resize_matches_torch_nearest_exact():
+def test_nearest_resize_matches_torch_nearest():  # floor index, as the reference resizes (specs/HCL.md §5)
     maps = np.random.default_rng(1).integers(0, 50, size=(3, 7, 9))
     for size in (4, 7, 100):
-        expected = F.interpolate(torch.from_numpy(maps)[:, None].double(), size=(size, size), mode="nearest-exact")
+        expected = F.interpolate(torch.from_numpy(maps)[:, None].double(), size=(size, size), mode="nearest")
         assert np.array_equal(nearest_resize(maps, size), expected[:, 0].long().numpy())
 
 
@@ -303,7 +303,7 @@ def test_overcluster_maps_on_class_features_is_perfect_at_any_mask_size():
     features = embed[labels]  # one vector per class: patch-level labels are recoverable exactly
     pixel_labels = np.repeat(np.repeat(labels, 8, axis=1), 8, axis=2)  # (4, 48, 48)
     out = overcluster_maps(features, pixel_labels, n_classes=3, k=5, pca=4, seeds=(0, 1), size=12)
-    assert out["acc_mean"] == pytest.approx(1.0) and out["miou_mean"] == pytest.approx(1.0)
+    assert out["pixel_acc_mean"] == pytest.approx(1.0) and out["miou_mean"] == pytest.approx(1.0)
     assert out["k"] == 5 and out["size"] == 12 and len(out["per_seed"]) == 2
     capped = overcluster_maps(features[:1, :2, :2], pixel_labels[:1], n_classes=3, k=500, pca=4, seeds=(0,))
     assert capped["k"] == 4  # K capped at the number of patches

@@ -57,11 +57,17 @@ def test_changed_config_invalidates_the_stage_and_later_stages(tmp_path):
     assert set(states.values()) == {"complete"}
     changed = load_config("cityscapes", {"prepare.crop_ratio": "0.4", "dataset.root": str(tmp_path)})
     states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(changed, tmp_path).items()}
-    assert set(states.values()) == {"stale"}  # prepare and everything downstream of it
+    hcl_stores = {"features-train-hcl", "features-val-hcl"}  # HCL's own stores never read HP's prepare/features
+    assert {n for n, state in states.items() if state == "stale"} == set(states) - hcl_stores
+    assert {states[n] for n in hcl_stores} == {"complete"}
     only_features = load_config("cityscapes", {"features.n_views": "1", "dataset.root": str(tmp_path)})
     states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features, tmp_path).items()}
     assert states == {"prepare": "complete", "features-train": "stale", "features-val": "stale", "train": "stale",
-                      "evaluate": "stale", "features-train-hcl": "stale", "features-val-hcl": "stale"}
+                      "evaluate": "stale", "features-train-hcl": "complete", "features-val-hcl": "complete"}
+    backbone = load_config("cityscapes", {"features.backbone": "vit_small_patch16_224.dino",
+                                          "dataset.root": str(tmp_path)})
+    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(backbone, tmp_path).items()}
+    assert {states[n] for n in hcl_stores} == {"stale"}  # but they do depend on the backbone
     only_hcl = load_config("cityscapes", {"hcl_features.views": "3", "dataset.root": str(tmp_path)})
     states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_hcl, tmp_path).items()}
     stale = {n for n, state in states.items() if state == "stale"}
@@ -72,6 +78,7 @@ def test_hcl_train_and_evaluate_read_the_hcl_arrays_stage(tmp_path):
     hp, hcl = (stage_plan(load_config("voc", {"train.method": m, "dataset.root": str(tmp_path)}), tmp_path)
                for m in ("hp", "hcl"))
     assert set(hp["train"][1]) == {"features-train"} and set(hcl["train"][1]) == {"features-train-hcl"}
+    assert hcl["features-train-hcl"][1] == {} and "prepare" not in hcl["features-train-hcl"][0]  # no HP upstream
     assert set(hcl["evaluate"][1]) == {"train", "features-val-hcl"}
     assert "hcl" in hcl["train"][0] and "hcl" not in hp["train"][0]
 

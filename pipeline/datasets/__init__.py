@@ -39,4 +39,17 @@ def open_dataset(name: str, root: str | Path, split: str, **options) -> Segmenta
     return cls(root, split, **options)
 
 
-__all__ = ["DATASETS", "Sample", "SegmentationDataset", "ensure_synthetic", "open_dataset"]
+def dataset_options(config: dict) -> dict:
+    """The reader's options from the [dataset] section (everything but its name and root)."""
+    return {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
+
+
+def open_split(config: dict, workdir: Path, split: str) -> SegmentationDataset:
+    """The configured dataset's `split` (what `prepare` and HCL's features stages read)."""
+    from pipeline.config import dataset_root
+
+    return open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
+
+
+__all__ = ["DATASETS", "Sample", "SegmentationDataset", "dataset_options", "ensure_synthetic", "open_dataset",
+           "open_split"]
