@@ -1,4 +1,4 @@
-"""The order of the samples in a store, and what it does to training batches (specs/HP.md §7).
+"""The order of the samples in a store, and what it does to training batches (docs/hp.md §7).
 
 The reference shuffles the whole crop list every epoch, so a batch of 64 holds about 64 different source
 images. The reader reads whole chunks and shuffles within a buffer of a few chunks; if crops were stored image

@@ -5,11 +5,11 @@ The first axis of every array is the sample; every array is chunked along it wit
 one worker writing chunk `c` of all arrays is that chunk's only writer.
 
 Sample order (schema 2): a training store holds its crops in a seeded random permutation of all prepared crops
-(cache/order.py, specs/HP.md §7), evaluation stores in the dataset's order; `crop_order` (sample -> prepared
+(cache/order.py, docs/hp.md §7), evaluation stores in the dataset's order; `crop_order` (sample -> prepared
 crop index) and `source_image` (sample -> source image index) say which crop each sample is. Every array,
 `image` and `label` included, follows that order.
 
-HCL has stores of its own (`HCLLayout`, attribute kind = "hcl"), with its own geometry (specs/HCL.md §4-§5): they
+HCL has stores of its own (`HCLLayout`, attribute kind = "hcl"), with its own geometry (docs/hcl.md §4-§5): they
 are written from the source images, never from HP's prepared crops.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 SCHEMA_VERSION = 2  # 2: crops in a random permutation (train), crop_order and source_image arrays
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
 # Version of HCL's stores, in their attributes and the features-<split>-hcl fingerprint; a store of another version
-# is refused. 3: HCL's own stores (its crops, views and evaluation geometry, specs/HCL.md §4-§5), no longer arrays
+# is refused. 3: HCL's own stores (its crops, views and evaluation geometry, docs/hcl.md §4-§5), no longer arrays
 # added to HP's five-crop stores; 2: those arrays with bicubic antialiased patch kernels (§1); 1: bilinear kernels.
 HCL_SCHEMA = 3
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
@@ -47,7 +47,7 @@ class Layout:
         return self.resolution // self.patch_size
 
     def arrays(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """name -> (per-sample shape, dtype); see DESIGN.md, "The cache"."""
+        """name -> (per-sample shape, dtype); see docs/cache.md."""
         g, c = self.grid, self.embed_dim
         arrays = {
             "feat": ((g, g, c), "float16"),
@@ -75,13 +75,13 @@ def fp16_bytes(arrays: dict[str, tuple[tuple[int, ...], str]]) -> int:
 
 
 def patch_grid(resolution: int, patch: int) -> int:
-    """Grid side of a branch: the image is resized to the nearest multiple of the patch (specs/HCL.md §1)."""
+    """Grid side of a branch: the image is resized to the nearest multiple of the patch (docs/hcl.md §1)."""
     return max(1, round(resolution / patch))
 
 
 @dataclass(frozen=True)
 class HCLLayout:
-    """An HCL store (specs/HCL.md §1, §4, §5): every branch at its native grid, the CLS token, and the pixels.
+    """An HCL store (docs/hcl.md §1, §4, §5): every branch at its native grid, the CLS token, and the pixels.
 
     Training (`train`): sample s = (image slot j, crop r) with s = j·R + r, the plain crop at `resolution` with its
     foreground mask, `n_views` photometric variants through every branch, and where the crop lies in its source

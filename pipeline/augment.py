@@ -1,4 +1,4 @@
-"""Photometric views for the consistency term (specs/HP.md §3), drawn once per (image, seed) into the cache.
+"""Photometric views for the consistency term (docs/hp.md §3), drawn once per (image, seed) into the cache.
 
 The transforms are the reference's own (torchvision v1, build.py of hynnsk/HP): ColorJitter(0.3, 0.3, 0.3,
 0.1), RandomGrayscale(0.2), RandomApply([GaussianBlur((5, 5))]) with RandomApply's default p = 0.5 and

@@ -91,7 +91,7 @@ def build_config(
 @app.command()
 def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
             set_: Sets = None, force: Force = False) -> None:
-    """Five-crop the training images and resize the validation images (specs/HP.md §7)."""
+    """Five-crop the training images and resize the validation images (docs/hp.md §7)."""
     from stages import prepare as stage
 
     stage.run(build_config(dataset, data_root, set_), workdir, force)

@@ -49,6 +49,7 @@ RULES: dict[str, Rule] = {
     "features.compressor": one_of("zstd", "lz4", "blosclz", "none"),
     "hcl_features.views": integer(2), "hcl_features.crops": integer(2), "hcl_features.mask_mass": OPEN_FRACTION,
     "hcl_features.mask_min_size": POSITIVE, "hcl_features.seed": COUNT,
+    **{f"hcl_features.{k}": POSITIVE for k in ("crop_resolution", "resolution", "val_resolution")},
     "train.method": one_of("hp", "hcl"), "train.device": one_of("auto", "cpu", "cuda"),
     "train.pool_backend": one_of("faiss", "torch"),
     **{f"train.{k}": POSITIVE for k in ("head_dim", "epochs", "batch_size", "pool_size", "renew_interval",

@@ -1,4 +1,4 @@
-"""Dense CRF refinement of segmentation logits (specs/HP.md §8), serial or spread over processes / dask.
+"""Dense CRF refinement of segmentation logits (docs/hp.md §8), serial or spread over processes / dask.
 
 What follows the reference `dense_crf` (STEGO src/crf.py; HP utils/seg_utils.py has the same function):
 - the image goes in as uint8 in BGR order (the reference flips its un-normalized RGB PIL array with [:, :, ::-1]),

@@ -1,7 +1,7 @@
 """A trained head as evaluation and prediction see it, whatever the method: inputs -> codes (B, dim, h, w).
 
-HP's codes are S(f) (specs/HP.md §8); HCL's are the online head's 768-d segmentation features on the concatenated
-branches (specs/HCL.md §2, §5). Each method registers how it reads its checkpoint.
+HP's codes are S(f) (docs/hp.md §8); HCL's are the online head's 768-d segmentation features on the concatenated
+branches (docs/hcl.md §2, §5). Each method registers how it reads its checkpoint.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""From a batch of images to the arrays of one store chunk (specs/HP.md §1, §3).
+"""From a batch of images to the arrays of one store chunk (docs/hp.md §1, §3).
 
 Pure computation: the caller reads images and writes the result. Everything random (the
 photometric views) is seeded by the sample's global index, so a chunk is the same whichever

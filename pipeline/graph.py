@@ -18,7 +18,7 @@ STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "prepare": (("dataset", "prepare"), ()),
     "features-train": (("dataset", "prepare", "features"), ("prepare",)),
     "features-val": (("dataset", "prepare", "features"), ("prepare",)),
-    # HCL's own stores (specs/HCL.md §4-§5): read the source images themselves, never HP's prepare or features
+    # HCL's own stores (docs/hcl.md §4-§5): read the source images themselves, never HP's prepare or features
     "features-train-hcl": (("dataset", "hcl_features"), ()),
     "features-val-hcl": (("dataset", "hcl_features"), ()),
     "train": (("train",), ("features-train",)),
@@ -51,14 +51,14 @@ def stage_dir(config: Config, workdir: Path) -> Path:
 
 
 def default_store_url(config: Config, workdir: Path, split: str) -> str:
-    """One store per (dataset, split, backbone, resolution), as DESIGN.md's cache section asks."""
+    """One store per (dataset, split, backbone, resolution), as docs/cache.md describes."""
     res = config["prepare"]["resolution" if split == "train" else "val_resolution"]
     backbone = config["features"]["backbone"]
     return str(stage_dir(config, workdir) / "features" / f"{split}-{backbone}-{res}.zarr")
 
 
 def hcl_store_url(config: Config, workdir: Path, split: str) -> str:
-    """HCL's own store per (dataset, split, backbone, resolution): its geometry is not HP's (specs/HCL.md §4-§5)."""
+    """HCL's own store per (dataset, split, backbone, resolution): its geometry is not HP's (docs/hcl.md §4-§5)."""
     h = config["hcl_features"]
     res = h["resolution" if split == "train" else "val_resolution"]
     backbone = config["features"]["backbone"]
@@ -93,7 +93,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     `features-<split>-hcl` stage (HCL's own store, read from the source images) on its split's source files, the
     URL of its store (`stores["hcl-<split>"]`), the backbone keys of [features] and the HCL store version
     (cache.schema.HCL_SCHEMA); under evaluate.protocol = paper, `train` also on the online probes' settings (it
-    trains them, specs/HP.md §8).
+    trains them, docs/hp.md §8).
     """
     listing = source_lists(config, workdir)
     extras: dict[str, dict[str, Any]] = {
@@ -109,7 +109,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     from pipeline.hp.online_probes import online_probe_settings
 
     online = online_probe_settings(config)
-    if online:  # protocol paper: the train stage also trains the evaluation probes (specs/HP.md §8)
+    if online:  # protocol paper: the train stage also trains the evaluation probes (docs/hp.md §8)
         extras["train"] = {"online_probes": online}
     plan: dict[str, tuple[dict, dict]] = {}
     for name, (names, upstream) in {**STAGES, **METHOD_STAGES[method_of(config)]}.items():

@@ -1,4 +1,4 @@
-"""Local hidden positives (specs/HP.md §1): per-patch 3x3 weights from the last block's attention logits.
+"""Local hidden positives (docs/hp.md §1): per-patch 3x3 weights from the last block's attention logits.
 
 Only the 3x3 window around each anchor is ever used, so we store (h, w, 9) instead of the n x n map.
 Window slot k holds the neighbour at offset WINDOW_OFFSETS[k] = (dy, dx), row-major over -1..1

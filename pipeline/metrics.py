@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix (specs/HP.md §8). Pure numpy, no I/O."""
+"""Segmentation metrics from one confusion matrix (docs/hp.md §8). Pure numpy, no I/O."""
 
 from __future__ import annotations
 

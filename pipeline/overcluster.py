@@ -1,4 +1,4 @@
-"""Overclustering evaluation (specs/HCL.md §5): PCA + k-means with many clusters, many-to-one matching. No I/O.
+"""Overclustering evaluation (docs/hcl.md §5): PCA + k-means with many clusters, many-to-one matching. No I/O.
 
 The protocol as the HCL reference's `overclustering_eval.py` runs it: standardize, PCA, faiss k-means with
 `niter` iterations and `nredo` restarts per seed (faiss's other defaults kept, so K = 500 trains on a subsample
@@ -60,7 +60,7 @@ def nearest_index(h: int, w: int, size: int) -> np.ndarray:
 
     Taken from torch itself (an interpolated arange, exact in float64), so the rule is torch's to the last
     rounding: row i reads input row min(floor(i * h / size), h - 1) (the scale as a float32), not the pixel-centre
-    rule of `nearest-exact`. The reference resizes both its labels and its cluster maps this way (specs/HCL.md §5).
+    rule of `nearest-exact`. The reference resizes both its labels and its cluster maps this way (docs/hcl.md §5).
     """
     grid = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
     return F.interpolate(grid, size=(size, size), mode="nearest").reshape(-1).long().numpy()
@@ -128,7 +128,7 @@ def overcluster_scores(features: np.ndarray, labels: np.ndarray, n_classes: int,
 def overcluster_maps(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int = 500, pca: int = 100,
                      seeds: tuple[int, ...] = (0, 1, 2, 3, 4), size: int = 100, iterations: int = 100,
                      restarts: int = 5) -> dict:
-    """The protocol of specs/HCL.md §5 on dense features (N, h, w, D) and labels (N, H, W).
+    """The protocol of docs/hcl.md §5 on dense features (N, h, w, D) and labels (N, H, W).
 
     k-means on every val patch; each image's cluster map and its label map are resized (torch nearest, floor
     index) to size x size and compared there. K is capped at the number of patches (reported as "k").

@@ -17,7 +17,7 @@ the store's resolution). Each patch's feature is
 The K photometric views (`feat_aug`) of an image re-draw a small part of its style and add a little
 fresh noise. The attention logits of every image are planted: `attn_same` for two patches of the same
 segment (8-connected region of one patch label) plus unit Gaussian noise, and the cached `lhp` array is
-computed from them by the project's own LHP function (`pipeline.lhp.lhp_weights`, specs/HP.md §1).
+computed from them by the project's own LHP function (`pipeline.lhp.lhp_weights`, docs/hp.md §1).
 
 Everything is a function of (settings, seed, split, image index); only `write_store` does I/O, through
 the cache's own writer, so the result is an ordinary train/val store for the trainer and the probes.
@@ -57,7 +57,7 @@ class PlantedSettings:
     view_style: float = 0.25  # a photometric view re-draws this share of the style offset
     view_noise: float = 0.1  # and adds fresh white noise of this norm
     attn_same: float = 2.0  # attention logit bonus for two patches of one segment
-    lhp_sigma: float = 28.0  # specs/HP.md §1
+    lhp_sigma: float = 28.0  # docs/hp.md §1
     scene_seed: int = 0  # the synthetic dataset's seed: which scenes the label maps come from
 
     @property
@@ -168,7 +168,7 @@ def generate(settings: PlantedSettings, seed: int, split: str, indices: range | 
     result = PlantedImages(**arrays)
     if with_lhp:
         logits = torch.from_numpy(result.attn_logits)
-        result.lhp = lhp_weights(logits, s.grid, s.grid, s.lhp_sigma).numpy()  # specs/HP.md §1
+        result.lhp = lhp_weights(logits, s.grid, s.grid, s.lhp_sigma).numpy()  # docs/hp.md §1
     return result
 
 

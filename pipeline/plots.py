@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))  # HP (specs/HP.md §5)
-HCL_CURVES = (("loss", "fg", "bg", "pred"), ("lr",))  # HCL (specs/HCL.md §4)
+CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))  # HP (docs/hp.md §5)
+HCL_CURVES = (("loss", "fg", "bg", "pred"), ("lr",))  # HCL (docs/hcl.md §4)
 
 
 def training_curves(records: list[dict[str, Any]], path: Path, title: str = "",

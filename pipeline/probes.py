@@ -1,4 +1,4 @@
-"""The cluster probe of specs/HP.md §8: spherical k-means (faiss) and cosine-argmax assignment. No I/O."""
+"""The cluster probe of docs/hp.md §8: spherical k-means (faiss) and cosine-argmax assignment. No I/O."""
 
 from __future__ import annotations
 

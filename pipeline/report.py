@@ -2,7 +2,7 @@
 
 Plain Markdown so it reads on GitHub, in an editor or a terminal; pictures are linked relative to the page so the
 run folder can be moved or archived as a whole. Where the preset holds the paper's numbers for the dataset
-(`[paper]`, specs/HP.md §8), each row shows the paper's number for the same backbone and probe beside it, and the
+(`[paper]`, docs/hp.md §8), each row shows the paper's number for the same backbone and probe beside it, and the
 page lists every way the run departs from the paper's setting, so that the distance to the paper reads at a glance.
 """
 
@@ -18,7 +18,7 @@ RANDOM_INIT_NOTE = ("**Random-initialized backbone: these numbers test the pipel
                     "method.**")
 RESULT_KEYS = ("name", "probe", "features", "crf", "miou", "acc")
 HEADER = ("result", "probe", "features", "CRF", "mIoU (%)", "Acc (%)")
-# overclustering rows also carry the HCL reference's "Acc" (specs/HCL.md §5); "Acc (%)" is pixel accuracy everywhere
+# overclustering rows also carry the HCL reference's "Acc" (docs/hcl.md §5); "Acc (%)" is pixel accuracy everywhere
 ACC_REF_HEADER = "HCL ref. Acc = Σtp/Σ(tp+fp+fn) (%)"
 
 
@@ -67,9 +67,9 @@ def results_table(results: list[dict], paper: bool = False) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------- the paper's numbers (specs/HP.md §8)
+# ---------------------------------------------------------------- the paper's numbers (docs/hp.md §8)
 PAPER_HEADER = ("paper mIoU (%)", "paper Acc (%)")
-PAPER_BATCH = 64  # specs/HP.md §5-§6: every preset of the paper trains with batch 64
+PAPER_BATCH = 64  # docs/hp.md §5-§6: every preset of the paper trains with batch 64
 
 
 def backbone_label(name: str) -> str:

@@ -4,7 +4,7 @@ The reference's iteration crops each image anew, makes two photometric views at 
 the frozen ViT at every patch size on both and derives the foreground mask from view 2's finest-branch attention,
 every step; so does its MoGoClustering pass over the training set (view 2 only). Here both sides run the same head,
 loss and optimizer, side by side in one process: the cache side reads HCL's store (one cached crop per image and
-epoch, specs/HCL.md §4), the live side makes the views with the same code the store was written with
+epoch, docs/hcl.md §4), the live side makes the views with the same code the store was written with
 (pipeline/hcl/views.py) from the decoded source images.
 """
 

@@ -1,4 +1,4 @@
-"""`bench train`'s data-order figures (specs/HP.md §7): distinct images per batch and reader throughput.
+"""`bench train`'s data-order figures (docs/hp.md §7): distinct images per batch and reader throughput.
 
 Distinct images are simulated from the plan alone (cache/order.py) at the real crop counts; throughput is
 measured on the bench store and on a copy of it laid out image by image (the layout before schema 2), read
@@ -22,7 +22,7 @@ from cache.reader import FeatureStore
 from pipeline.config import load_config
 
 # Training images per dataset: COCO-Stuff-27's curated train list (Coco164kFull_Stuff_Coarse.txt, as the
-# reference reads it; 49,629 images, the figure DESIGN.md's ~248k crops implies) and Cityscapes' train split.
+# reference reads it; 49,629 images, about 248k five-crops) and Cityscapes' train split.
 TRAIN_IMAGES = {"cocostuff27": 49_629, "cityscapes": 2_975}
 READ_NAMES = ("feat", "feat_aug", "lhp")  # what the HP trainer reads per step
 

@@ -2,7 +2,7 @@
 
 For each seed: a planted train and val store (`pipeline.planted`, no backbone), the HP heads trained on the
 train store by the project's own trainer (`stages.train.train`) with the synthetic preset's training settings
-(already scaled to a store of 200 crops), then the cluster probe of specs/HP.md §8 (k-means on training codes,
+(already scaled to a store of 200 crops), then the cluster probe of docs/hp.md §8 (k-means on training codes,
 cosine assignment at label size, Hungarian on the whole val set) on the head's codes and on the raw features.
 A second run of the same trainer with the hidden positives shuffled across anchors (a deliberately broken
 loss) shows the bench can fail: it must not beat raw features.

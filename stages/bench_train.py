@@ -204,7 +204,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "dense_NxN_float32_mib_by_batch": {b: round((b * n) ** 2 * 4 / 2**20, 1) for b in peaks},
         "threads": torch.get_num_threads(),
     }
-    # (e) data order (specs/HP.md §7): distinct images per batch at the real crop counts, reader speed before/after
+    # (e) data order (docs/hp.md §7): distinct images per batch at the real crop counts, reader speed before/after
     from stages.bench_order import distinct_images_figures, reader_figures
 
     figures.update(distinct_images_figures())
@@ -271,7 +271,7 @@ def positive_precision(store: FeatureStore, pool_size: int, heads: HPHeads | Non
 def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_000) -> None:
     """Raw features, HP and HCL: cluster probe (Hungarian) and overclustering on val. HP and its raw-feature row
     read HP's stores, HCL and its raw-feature row (`raw_features_hcl`) HCL's own (its crops and its whole-image val
-    geometry, specs/HCL.md §4-§5): each method is compared with raw features of its own geometry."""
+    geometry, docs/hcl.md §4-§5): each method is compared with raw features of its own geometry."""
     from pipeline.encoders import load_encoder
     from pipeline.overcluster import overcluster_maps
     from stages import features_hcl

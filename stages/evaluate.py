@@ -1,4 +1,4 @@
-"""`evaluate`: cluster and linear probes on the trained head's codes and on raw features (specs/HP.md §8).
+"""`evaluate`: cluster and linear probes on the trained head's codes and on raw features (docs/hp.md §8).
 
 Everything is read from the caches: the train and val feature stores and the run's checkpoint.
 The work is split into stages with their own manifests, each resumable and skipped when done:
@@ -111,9 +111,9 @@ def fit_clusters(store: FeatureStore, k: int, method: str, max_patches: int, see
 
 
 def linear_optimizer(config: Config) -> dict[str, Any]:
-    """The fitted linear probe's optimizer (`evaluate.linear_optimizer`), as data: Adam(linear_lr) for HP (specs/HP.md
+    """The fitted linear probe's optimizer (`evaluate.linear_optimizer`), as data: Adam(linear_lr) for HP (docs/hp.md
     §8); for HCL runs the HCL reference's linear fine-tuning, SGD with momentum and weight decay, lr x 0.1 from
-    `lr_drop_epoch` (0-based) on (specs/HCL.md §5)."""
+    `lr_drop_epoch` (0-based) on (docs/hcl.md §5)."""
     e_cfg = config["evaluate"]
     name = str(e_cfg["linear_optimizer"]).strip().lower()
     if name == "auto":
@@ -377,7 +377,7 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
 
 
 def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
-    """The overclustering protocol (specs/HCL.md §5) on one feature kind's val features, as a result row."""
+    """The overclustering protocol (docs/hcl.md §5) on one feature kind's val features, as a result row."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
     features = store.read("feat", 0, len(store))  # float16: standardize_pca converts block by block
     out = overcluster_maps(features, val_images.read("label", 0, len(store)), n_classes, e_cfg["overcluster_k"],
@@ -402,7 +402,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     protocol = protocol_of(config)
     if protocol == "paper" and method != "hp":
         raise UserError(f"evaluate.protocol = paper is HP's evaluation (probes trained online with the HP head, "
-                        f"specs/HP.md §8); {method.upper()} has its own: use --set evaluate.protocol=kmeans")
+                        f"docs/hp.md §8); {method.upper()} has its own: use --set evaluate.protocol=kmeans")
     online = online_probe_settings(config)
     crf = crf_enabled(config)
     run = run or method
@@ -485,13 +485,13 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         metrics = {
             "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
             "protocol": {
-                "name": protocol + (" (the reference's: probes trained online during training, specs/HP.md §8)"
+                "name": protocol + (" (the reference's: probes trained online during training, docs/hp.md §8)"
                                     if protocol == "paper" else " (probes fitted after training)"),
                 "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
                 "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
                 "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size"
                 + (f" ({val_store.attrs['geometry']['resize']})" if "resize" in val_store.attrs.get("geometry", {})
-                   else ""),  # HCL's store: the whole image, specs/HCL.md §5
+                   else ""),  # HCL's store: the whole image, docs/hcl.md §5
                 "val_images": len(val_store),
                 **probe_lines(settings),
                 "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()

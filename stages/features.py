@@ -5,7 +5,7 @@ and then flagged done. Locally, a reader thread decodes the next chunk and a wri
 compresses the previous one while the backbone runs; with dask, workers each load the backbone
 once and write disjoint chunks straight into the store.
 
-The training store holds the crops in a seeded random permutation (cache/order.py, specs/HP.md §7): sample i
+The training store holds the crops in a seeded random permutation (cache/order.py, docs/hp.md §7): sample i
 is prepared crop `crop_order[i]`, so the reader's chunk-buffer shuffle yields i.i.d.-like batches. The order is
 a pure function of (crop count, crops per image, features.seed): every process and every resumed run agrees.
 """

@@ -1,4 +1,4 @@
-"""`features --method hcl`: HCL's own stores (specs/HCL.md §1, §4, §5), written from the dataset's source images.
+"""`features --method hcl`: HCL's own stores (docs/hcl.md §1, §4, §5), written from the dataset's source images.
 
 HCL does not train on HP's five-crops nor evaluate on HP's crops: its stages (`features-<split>-hcl`) read the source
 images themselves (never `prepare` or HP's stores) and write one zarr group per split (pipeline/graph.py
@@ -50,7 +50,7 @@ REBUILD = "rerun `hp-pipe features --method hcl` for this dataset (add --force i
 
 @dataclass(frozen=True)
 class Geometry:
-    """What one split's store holds per image (specs/HCL.md §4-§5), from [hcl_features]."""
+    """What one split's store holds per image (docs/hcl.md §4-§5), from [hcl_features]."""
 
     split: str
     crops: int  # R samples per image (1 for evaluation)
@@ -73,7 +73,7 @@ def geometry(config: Config, split: str) -> Geometry:
         if split == "train" and h[key] < 2:
             what = "crops per image (one is drawn per epoch)" if key == "crops" else "photometric variants per crop"
             raise UserError(f"hcl_features.{key} = {h[key]}: HCL needs at least two {what} "
-                            f"(specs/HCL.md §4); use --set hcl_features.{key}=2")
+                            f"(docs/hcl.md §4); use --set hcl_features.{key}=2")
     if split == "train":
         return Geometry(split, h["crops"], h["views"], h["crop_resolution"], h["resolution"], h["seed"])
     return Geometry(split, 1, 0, 0, h["val_resolution"], h["seed"])
@@ -92,7 +92,7 @@ def hcl_arrays(store: FeatureStore) -> list[str]:
         if old:  # HCL arrays added to one of HP's stores (HCL schema 1-2)
             raise UserError(f"store {store.url} holds HCL arrays of version {old.get('hcl_schema', 1)} added to HP's "
                             f"five-crop store; this hp-pipe reads HCL's own stores (version {HCL_SCHEMA}: its own "
-                            f"crops, views and evaluation geometry, specs/HCL.md §4-§5): {REBUILD}")
+                            f"crops, views and evaluation geometry, docs/hcl.md §4-§5): {REBUILD}")
         raise UserError(f"store {store.url} is not an HCL store: {REBUILD}")
     if attrs.get("hcl_schema") != HCL_SCHEMA:
         raise UserError(f"store {store.url} is an HCL store of version {attrs.get('hcl_schema')}, this hp-pipe reads "
@@ -215,7 +215,7 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
             "class_names": list(dataset.class_names), "patch_sizes": list(sizes), "images": n_images,
             "crops": geo.crops, "views": geo.views,
             "geometry": {**{k: h[k] for k in ("seed", "mask_mass", "mask_min_size")}, **(
-                {"crop_resolution": geo.crop_resolution, "crop": "square, 0.8-1.0 of the short side (specs/HCL.md §4)",
+                {"crop_resolution": geo.crop_resolution, "crop": "square, 0.8-1.0 of the short side (docs/hcl.md §4)",
                  "sample": "slot j, crop r at j * crops + r; slots hold the images in a seeded permutation"}
                 if geo.train else {"resize": "whole image, bilinear (labels nearest), aspect not kept (§5)"})},
             "samples": [dataset.sample_name(int(i)) for i in order],  # the image of each slot

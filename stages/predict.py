@@ -96,7 +96,7 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
     paths = list_images(Path(source))
     for path in tqdm(paths, desc="predict", unit="img"):
         image = read_image(path)
-        if state.get("method") == "hcl":  # HCL's evaluation geometry (specs/HCL.md §5): the whole image, square
+        if state.get("method") == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square
             side = config["hcl_features"]["val_resolution"]
             resized = cropped = (side, side)
         else:

@@ -1,4 +1,4 @@
-"""`prepare`: the fixed geometry of specs/HP.md §7, done once, offline.
+"""`prepare`: the fixed geometry of docs/hp.md §7, done once, offline.
 
 Training images are five-cropped (ratio 0.5) and each crop resized (shorter side, nearest)
 and centre-cropped to `resolution`; validation images are resized and centre-cropped to
@@ -31,7 +31,7 @@ def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
 
 
 def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
-    """[(suffix, image crop, label crop)] with the geometry of specs/HP.md §7."""
+    """[(suffix, image crop, label crop)] with the geometry of docs/hp.md §7."""
     if split != "train":
         size = p["val_resolution"]
         return [("", resize_shorter_center_crop(image, size), None if label is None else

@@ -1,4 +1,4 @@
-"""`train`: the Hidden Positives heads trained from the feature cache alone (specs/HP.md §2-§5).
+"""`train`: the Hidden Positives heads trained from the feature cache alone (docs/hp.md §2-§5).
 
 The backbone never runs here: every input (features, photometric views, LHP weights) comes
 from the zarr store, and the task-specific pool is renewed from cached features through S_m.
@@ -169,7 +169,7 @@ def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStor
     """Device, iterations (batch size and epochs from the method's `section`), a fresh run folder when asked.
 
     An epoch is one pass over the store's samples, or over `images` when given (HCL: one of each image's cached
-    crops per epoch, specs/HCL.md §4).
+    crops per epoch, docs/hcl.md §4).
     """
     device = pick_device(config["train"]["device"])
     batch_size = config[section]["batch_size"]
@@ -309,7 +309,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     method = method_of(config)
     run = run or method
     manifest = features_hcl.run_for_method(config, workdir, "train")
-    if method == "hcl":  # HCL's own store (specs/HCL.md §4)
+    if method == "hcl":  # HCL's own store (docs/hcl.md §4)
         trainer, needs, store_key = train_hcl.train, features_hcl.hcl_arrays, "hcl-train"
     else:
         trainer, needs, store_key = train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")], "train"

@@ -1,4 +1,4 @@
-"""`train --method hcl`: Hierarchical Context Learning's heads trained from the feature cache (specs/HCL.md §2-§4).
+"""`train --method hcl`: Hierarchical Context Learning's heads trained from the feature cache (docs/hcl.md §2-§4).
 
 An epoch is one pass over the images (§4): HCL's store holds R crops per image, and each epoch uses one of them per
 image, chosen from (hcl.seed, epoch) alone (pipeline/hcl/views.py `epoch_keep`), so a resumed run reads the same.

@@ -1,4 +1,4 @@
-"""Training batches are i.i.d.-like over all crops (specs/HP.md §7): the store's permuted sample order, the plan's
+"""Training batches are i.i.d.-like over all crops (docs/hp.md §7): the store's permuted sample order, the plan's
 distinct images per batch against an independent closed form, and the order of every array."""
 
 from fractions import Fraction

@@ -3,7 +3,7 @@ import pytest
 from pipeline.config import fingerprint, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
 
-# specs/HP.md §6, transcribed independently of the preset files.
+# docs/hp.md §6, transcribed independently of the preset files.
 SPEC = {
     "cocostuff27": dict(head_dim=512, epochs=3, tau=0.8, alpha=0.05, rho=0.02, pool_size=2048, renew_interval=100,
                         ema_m=0.99, warmup=1000, backbone="vit_small_patch8_224.dino"),
@@ -64,7 +64,7 @@ def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
     assert patch_sizes(config["features"]["backbone"]) == ((8, 16, 32, 56) if patch == 8 else (16, 32, 56))  # §1
     h = config["hcl"]
     assert (h["lr"], h["weight_decay"], h["tau"], h["ema_m"], h["sample_fraction"], h["bank_replace"]) == (
-        1e-4, 0.04, 0.07, 0.996, 0.3, 0.5)  # specs/HCL.md §3-§4
+        1e-4, 0.04, 0.07, 0.996, 0.3, 0.5)  # docs/hcl.md §3-§4
     if name != "synthetic":  # the synthetic preset shrinks the head and K for a CPU
         assert (h["dim"], h["hidden"], h["out_dim"], h["heads"], h["clusters"]) == (768, 2048, 256, 12, 500)
         from pipeline.hcl.heads import build_model  # what the trainer builds from the preset: the spec's shapes (§2)
@@ -79,7 +79,7 @@ def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
     assert load_config("voc")["train"]["method"] == "hcl"
 
 
-# specs/HP.md §8 and the paper's Tables 1-3, transcribed independently of the preset files:
+# docs/hp.md §8 and the paper's Tables 1-3, transcribed independently of the preset files:
 # (dataset, backbone, features, probe) -> (Acc, mIoU); Potsdam-3 reports unsupervised Acc only.
 S8, S16, B8 = "vit_small_patch8_224.dino", "vit_small_patch16_224.dino", "vit_base_patch8_224.dino"
 PAPER = {

@@ -1,4 +1,4 @@
-"""Dense CRF (specs/HP.md §8): it denoises, it calls pydensecrf like the reference, parallel == serial."""
+"""Dense CRF (docs/hp.md §8): it denoises, it calls pydensecrf like the reference, parallel == serial."""
 
 import numpy as np
 import pytest
@@ -87,7 +87,7 @@ def test_calls_pydensecrf_like_the_reference(monkeypatch):
     unary = SpyCRF.calls[1][1]
     assert unary.dtype == np.float32 and unary.flags.c_contiguous and unary.shape == (3, 144)
     np.testing.assert_allclose(unary, -np.log(np.clip(p, 1e-5, 1.0)).reshape(3, -1), rtol=1e-5, atol=1e-5)
-    assert SpyCRF.calls[2][1] == dict(sxy=1, compat=3)  # specs/HP.md §8: Gaussian sxy=1, compat=3
+    assert SpyCRF.calls[2][1] == dict(sxy=1, compat=3)  # docs/hp.md §8: Gaussian sxy=1, compat=3
     bil = SpyCRF.calls[3][1]
     assert (bil["sxy"], bil["srgb"], bil["compat"]) == (67, 3, 4)
     rgbim = bil["rgbim"]

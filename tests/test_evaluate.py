@@ -162,7 +162,7 @@ def test_main_job_commands_end_to_end(tmp_path):
     assert [line.split()[1] for line in status.splitlines()[1:]] == ["complete"] * 5, status
 
 
-# ---------------------------------------------------------------- evaluate.protocol = paper (specs/HP.md §8)
+# ---------------------------------------------------------------- evaluate.protocol = paper (docs/hp.md §8)
 PAPER = {**{k: v for k, v in TINY.items() if k != "evaluate.crf"}, "evaluate.protocol": "paper",
          "evaluate.overcluster": "false"}  # crf = auto: on under the paper protocol
 PAPER_ROWS = [  # stand-ins for the paper's numbers, for the synthetic preset's backbone

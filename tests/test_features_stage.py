@@ -206,7 +206,7 @@ def test_cached_views_are_the_backbone_on_the_seeded_photometric_transform(built
         x = normalize(torch.from_numpy(data["image"][i : i + 1]))[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((seed * 1_000_003 + i) * 97 + 0)  # (run seed, store index, view 0)
-            transform = T.Compose([T.ColorJitter(0.3, 0.3, 0.3, 0.1), T.RandomGrayscale(0.2),  # specs/HP.md §3
+            transform = T.Compose([T.ColorJitter(0.3, 0.3, 0.3, 0.1), T.RandomGrayscale(0.2),  # docs/hp.md §3
                                    T.RandomApply([T.GaussianBlur((5, 5))], p=0.5)])
             view = transform(x)  # the reference's quirk: on the normalized tensor
         expected = backbone(view[None]).feat[0].numpy()

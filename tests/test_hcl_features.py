@@ -27,7 +27,7 @@ def _images(b: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def _bicubic_aa(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The resize the reference's kernels invert (specs/HCL.md §1): torch bicubic, antialiased."""
+    """The resize the reference's kernels invert (docs/hcl.md §1): torch bicubic, antialiased."""
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
@@ -218,7 +218,7 @@ def test_remove_small_uses_eight_connectivity():
     np.testing.assert_array_equal(remove_small(mask, 3), np.eye(6, dtype=bool) & (np.arange(6) < 3)[:, None])
 
 
-# --- HCL's own views (specs/HCL.md §4-§5, pipeline/hcl/views.py) -------------------------------------------------
+# --- HCL's own views (docs/hcl.md §4-§5, pipeline/hcl/views.py) -------------------------------------------------
 
 import torchvision.transforms.functional as TF  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402

@@ -1,6 +1,6 @@
-"""HCL's linear probe protocol (specs/HCL.md §5): a 1x1 conv on the frozen features, dense CRF on by default, and the
+"""HCL's linear probe protocol (docs/hcl.md §5): a 1x1 conv on the frozen features, dense CRF on by default, and the
 HCL reference's optimizer for its linear fine-tuning (SGD 0.1, momentum 0.9, weight decay 1e-4, lr x 0.1 from
-epoch 4), named with epochs and resolution in metrics.json; HP keeps Adam (specs/HP.md §8)."""
+epoch 4), named with epochs and resolution in metrics.json; HP keeps Adam (docs/hp.md §8)."""
 
 import numpy as np
 import pytest

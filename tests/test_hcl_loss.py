@@ -1,4 +1,4 @@
-"""HCL heads, loss, MoGoClustering and the overclustering protocol (specs/HCL.md §2-§5) vs naive computations."""
+"""HCL heads, loss, MoGoClustering and the overclustering protocol (docs/hcl.md §2-§5) vs naive computations."""
 
 import math
 
@@ -35,7 +35,7 @@ def _unit(*shape, seed):
 
 def _naive_proto(q, k, raw, tau):
     """Per token: a(i) = the raw centroid nearest to k_i in L2 by brute force; dense softmax over the normalized
-    centroids written out (specs/HCL.md §4)."""
+    centroids written out (docs/hcl.md §4)."""
     unit = [[x / math.sqrt(sum(y * y for y in c)) for x in c] for c in raw]
     terms = []
     for qi, ki in zip(q.tolist(), k.tolist(), strict=True):
@@ -91,7 +91,7 @@ def test_nearest_l2_equals_bruteforce():
 
 
 def test_positive_is_the_l2_nearest_raw_centroid_not_the_ip_nearest_unit_one():
-    """specs/HCL.md §4: a(i) from the raw centroids in L2. Hand-made: c0 points at k but is short, c1 is a little
+    """docs/hcl.md §4: a(i) from the raw centroids in L2. Hand-made: c0 points at k but is short, c1 is a little
     off k's direction but has unit norm, so IP-to-unit picks c0 and L2-to-raw picks c1."""
     k = torch.tensor([[1.0, 0.0]])
     raw = torch.tensor([[0.1, 0.0], [0.8, 0.6]])
@@ -167,7 +167,7 @@ def _lloyd(x: np.ndarray, init: np.ndarray, iterations: int) -> np.ndarray:
 
 
 def test_kmeans_clusters_a_200k_bank_whole():
-    """specs/HCL.md §3: max_points_per_centroid = 10M, so a bank above 256·K points is not subsampled. faiss with
+    """docs/hcl.md §3: max_points_per_centroid = 10M, so a bank above 256·K points is not subsampled. faiss with
     0 iterations gives its initial centroids; Lloyd's in float64 over all 200k points from there is the answer."""
     import faiss
 
@@ -195,7 +195,7 @@ def test_kmeans_seed_changes_per_epoch_and_reproduces():
 
 
 def test_head_init_trunc_normal_zero_bias_unit_norms_and_momentum_copy():
-    """specs/HCL.md §4: head and projector Linears trunc_normal(0.02) with zero biases, LayerNorms (1, 0); the
+    """docs/hcl.md §4: head and projector Linears trunc_normal(0.02) with zero biases, LayerNorms (1, 0); the
     predictor keeps PyTorch's default init, as in the reference; the momentum copy starts equal."""
     torch.manual_seed(0)
     model = HCLModel(width=1536, dim=768, hidden=512, out_dim=64, num_heads=12)
@@ -223,7 +223,7 @@ def test_head_init_trunc_normal_zero_bias_unit_norms_and_momentum_copy():
 
 
 def test_every_trained_parameter_has_weight_decay():
-    """specs/HCL.md §4: AdamW weight decay 0.04 on all parameters, biases and norms included."""
+    """docs/hcl.md §4: AdamW weight decay 0.04 on all parameters, biases and norms included."""
     model = HCLModel(width=48, dim=16, hidden=32, out_dim=8, num_heads=2)
     groups = param_groups(model, 0.04)
     assert all(g["weight_decay"] == 0.04 for g in groups)
@@ -278,7 +278,7 @@ def test_overcluster_perfect_features_full_accuracy():
     assert noise["pixel_acc_mean"] < 0.6
 
 
-def test_nearest_resize_matches_torch_nearest():  # floor index, as the reference resizes (specs/HCL.md §5)
+def test_nearest_resize_matches_torch_nearest():  # floor index, as the reference resizes (docs/hcl.md §5)
     maps = np.random.default_rng(1).integers(0, 50, size=(3, 7, 9))
     for size in (4, 7, 100):
         expected = F.interpolate(torch.from_numpy(maps)[:, None].double(), size=(size, size), mode="nearest")

@@ -1,4 +1,4 @@
-"""HP heads (specs/HP.md §2) and the LHP mix (§3) against hand computations."""
+"""HP heads (docs/hp.md §2) and the LHP mix (§3) against hand computations."""
 
 import copy
 

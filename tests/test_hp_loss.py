@@ -1,4 +1,4 @@
-"""L_hp (specs/HP.md §5) against a naive dense implementation written from the spec alone, plus the schedules."""
+"""L_hp (docs/hp.md §5) against a naive dense implementation written from the spec alone, plus the schedules."""
 
 import weakref
 

@@ -1,4 +1,4 @@
-"""Reference pools and the 1-NN criterion (specs/HP.md §4): faiss and torch against brute force."""
+"""Reference pools and the 1-NN criterion (docs/hp.md §4): faiss and torch against brute force."""
 
 import pytest
 import torch

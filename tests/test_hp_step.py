@@ -1,4 +1,4 @@
-"""One HP training step (pipeline/hp/model.py) against a naive float64 recomputation from specs/HP.md §2-§5.
+"""One HP training step (pipeline/hp/model.py) against a naive float64 recomputation from docs/hp.md §2-§5.
 
 The dropout masks are the only randomness a recomputation cannot know in advance: they are recorded through a
 hook on the heads' Dropout2d and replayed; the uniform contrast mask u comes from a clone of the step's generator.
@@ -14,7 +14,7 @@ from tests.test_hp_loss import naive_hp_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 B, C, D, H, W = 2, 6, 4, 3, 4
-OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # specs/HP.md §1: the 3x3 window, row-major
+OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # docs/hp.md §1: the 3x3 window, row-major
 
 
 def conv1x1(x, conv):

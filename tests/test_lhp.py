@@ -1,4 +1,4 @@
-"""LHP weights (specs/HP.md §1) against a naive per-row loop written from the spec."""
+"""LHP weights (docs/hp.md §1) against a naive per-row loop written from the spec."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""The paper protocol's online probes (specs/HP.md §8): losses, gradients and Adam steps against float64 naive
+"""The paper protocol's online probes (docs/hp.md §8): losses, gradients and Adam steps against float64 naive
 re-computations, RNG isolation from the head, plain-data state, and the protocol/CRF keys."""
 
 import numpy as np

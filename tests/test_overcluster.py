@@ -1,4 +1,4 @@
-"""The overclustering protocol (specs/HCL.md §5) against a naive recomputation of the HCL reference's evaluation:
+"""The overclustering protocol (docs/hcl.md §5) against a naive recomputation of the HCL reference's evaluation:
 standardize + PCA, faiss k-means (niter 100, nredo 5 per seed), torch-nearest (floor index) masks, many-to-one by
 precision, IoU over all classes, and its "Acc" Σtp / Σ(tp + fp + fn) beside pixel accuracy."""
 

@@ -54,7 +54,7 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
     assert (out / "curves.png").stat().st_size > 0
     assert manifest["outputs"]["iterations"] == 50 and manifest["outputs"]["random_init"] is True
     lambdas = [r["lambda"] for r in records]
-    # λ uses the iteration index t = 0..T-1 (specs/HP.md §5): 0 through t = warmup = 4, then (t - 4)/(50 - 4)
+    # λ uses the iteration index t = 0..T-1 (docs/hp.md §5): 0 through t = warmup = 4, then (t - 4)/(50 - 4)
     assert lambdas[:5] == [0.0] * 5
     assert lambdas[5] == pytest.approx(1 / 46, abs=1e-6) and lambdas[-1] == pytest.approx(45 / 46, abs=1e-6)
 
@@ -164,7 +164,7 @@ def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
 
 
 def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_head_alone(workdir):
-    """evaluate.protocol = paper (specs/HP.md §8): the probes' states are in the checkpoint, a killed run resumes
+    """evaluate.protocol = paper (docs/hp.md §8): the probes' states are in the checkpoint, a killed run resumes
     to bit-identical head and probes, and the head is the one a kmeans-protocol run trains."""
     extra = {"train.epochs": "6", "train.checkpoint_interval": "3", "evaluate.protocol": "paper"}
     config = tiny_config(**extra)

@@ -1,4 +1,4 @@
-"""The reference's offline geometry (specs/HP.md §7), reproduced on numpy arrays.
+"""The reference's offline geometry (docs/hp.md §7), reproduced on numpy arrays.
 
 Both follow torchvision's rounding exactly (`five_crop`, `Resize(int)` + `CenterCrop`), so crops
 made here line up pixel for pixel with the reference's cropped datasets.

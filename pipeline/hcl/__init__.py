@@ -1,1 +1,1 @@
-"""Hierarchical Context Learning (specs/HCL.md): heads, loss and MoGoClustering on a frozen feature cache."""
+"""Hierarchical Context Learning (docs/hcl.md): heads, loss and MoGoClustering on a frozen feature cache."""

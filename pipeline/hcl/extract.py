@@ -1,4 +1,4 @@
-"""From a chunk of HCL views to its store arrays (specs/HCL.md §1, §4). Pure computation, no I/O.
+"""From a chunk of HCL views to its store arrays (docs/hcl.md §1, §4). Pure computation, no I/O.
 
 Every branch of the plain views (the finest one is `feat`, the others `hcl_p<patch>`), the finest branch's CLS token,
 the foreground mask from the finest branch's CLS attention (training), and every branch of the photometric variants

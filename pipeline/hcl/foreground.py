@@ -1,4 +1,4 @@
-"""HCL's fixed foreground mask (specs/HCL.md §1) from the finest branch's last-block CLS->patch attention.
+"""HCL's fixed foreground mask (docs/hcl.md §1) from the finest branch's last-block CLS->patch attention.
 
 Mean over heads, Gaussian blur (kernel 7, sigma 0.6, reflect padding as torchvision's GaussianBlur; replicate on
 grids too small to reflect), keep the patches that together hold `mass` of the attention (DINO's cumulative-mass

@@ -1,4 +1,4 @@
-"""The trained heads of HCL (specs/HCL.md §2): online head, projector, predictor and their momentum copy."""
+"""The trained heads of HCL (docs/hcl.md §2): online head, projector, predictor and their momentum copy."""
 
 from __future__ import annotations
 

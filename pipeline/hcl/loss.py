@@ -1,4 +1,4 @@
-"""HCL's loss (specs/HCL.md §4): prototype cross-entropy per token kind plus the BYOL-style prediction term."""
+"""HCL's loss (docs/hcl.md §4): prototype cross-entropy per token kind plus the BYOL-style prediction term."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MoGoClustering (specs/HCL.md §3): token sampling, memory banks and the per-epoch k-means centroids. No I/O."""
+"""MoGoClustering (docs/hcl.md §3): token sampling, memory banks and the per-epoch k-means centroids. No I/O."""
 
 from __future__ import annotations
 

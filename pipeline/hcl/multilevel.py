@@ -1,4 +1,4 @@
-"""HCL's parallel multi-level ViT (specs/HCL.md §1): the same frozen DINO weights run at several patch sizes.
+"""HCL's parallel multi-level ViT (docs/hcl.md §1): the same frozen DINO weights run at several patch sizes.
 
 Each branch resizes DINO's patch-embedding kernel FlexiViT-style (pseudo-inverse of a bicubic antialiased resize,
 bias kept), resizes the position embeddings to its grid with DINO's own bicubic formula (`dino_interpolate_pos_embed`,
@@ -27,7 +27,7 @@ PATCH_SIZES: dict[str, tuple[int, ...]] = {
     "vit_base_patch8_224.dino": (8, 16, 32, 56),
 }
 
-# specs/HCL.md §1: pseudo-inverse of torch's bicubic, antialiased resize (align_corners False), as the reference's
+# docs/hcl.md §1: pseudo-inverse of torch's bicubic, antialiased resize (align_corners False), as the reference's
 # `pi_resize_patch_embed`. Antialias matters even when upsampling: torch's antialiased bicubic is PIL's cubic
 # (a = -0.5), the plain one a = -0.75. Bilinear kernels differ from these by about half their magnitude.
 # Changing this changes every coarse branch: bump cache.schema.HCL_SCHEMA so stores written before are rebuilt.
@@ -47,7 +47,7 @@ def patch_sizes(name: str) -> tuple[int, ...]:
 
 def resize_patch_kernel(weight: Tensor, size: int) -> Tensor:
     """FlexiViT resize (C_out, C_in, p, p) -> (C_out, C_in, size, size): w' = pinv(B)^T w for the resize map B
-    (bicubic, antialiased: specs/HCL.md §1).
+    (bicubic, antialiased: docs/hcl.md §1).
 
     Keeps <x, w> == <B x, w'> for every patch x when upsampling, so a patch resized by B embeds as before.
     """

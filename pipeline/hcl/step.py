@@ -1,4 +1,4 @@
-"""One HCL training step and one MoGoClustering sampling step on cached branches (specs/HCL.md §2-§4).
+"""One HCL training step and one MoGoClustering sampling step on cached branches (docs/hcl.md §2-§4).
 
 Pure computation: the caller reads batches, owns the optimizer and writes checkpoints. Every random choice comes
 from the `generator` passed in, so a run is reproducible from its saved RNG states.

@@ -1,4 +1,4 @@
-"""HCL's own geometry (specs/HCL.md §4, §5): training crops, photometric variants, the evaluation resize, and which
+"""HCL's own geometry (docs/hcl.md §4, §5): training crops, photometric variants, the evaluation resize, and which
 cached crop each epoch uses. Pure functions of their seeds, no I/O.
 
 Training, as the reference's data pipeline runs it (PIL images throughout, every op on uint8 pixels):

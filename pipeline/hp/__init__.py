@@ -1,4 +1,4 @@
-"""Hidden Positives (specs/HP.md §2-§5): heads, LHP mix, reference pools, schedules and the loss.
+"""Hidden Positives (docs/hp.md §2-§5): heads, LHP mix, reference pools, schedules and the loss.
 
 Pure tensor code, no I/O: the training stage (stages/train.py) wires these to the feature cache.
 """

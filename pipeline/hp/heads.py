@@ -1,4 +1,4 @@
-"""The trained heads of Hidden Positives (specs/HP.md §2) and the LHP mix (§3).
+"""The trained heads of Hidden Positives (docs/hp.md §2) and the LHP mix (§3).
 
 Module and parameter names follow the reference implementation (`cluster1`, `cluster2.0`, `cluster2.2`)
 so a reference segmentation-head state dict loads into `SegmentationHead` key for key.

@@ -1,4 +1,4 @@
-"""The hidden-positive contrastive loss L_hp (specs/HP.md §5).
+"""The hidden-positive contrastive loss L_hp (docs/hp.md §5).
 
 B rounds; round b takes the n anchors of image b against all N = B·n patches of the batch, so no N x N
 matrix ever exists. Autograd would still keep every round's n x N intermediates alive until backward
@@ -107,7 +107,7 @@ def hp_loss(
     generator: torch.Generator | None = None,
     anchor_tile: int | None = None,
 ) -> LossOutput:
-    """L_hp of specs/HP.md §5 for one batch.
+    """L_hp of docs/hp.md §5 for one batch.
 
     f (B, n, C) unit backbone features; s_m (B, n, D) unit EMA codes; z, z_mix (B, n, D) unit projections;
     r, r_m (B, n) pool criteria; u (n, N) the uniform contrast mask (drawn from `generator` when None);

@@ -1,4 +1,4 @@
-"""One Hidden Positives training step on cached backbone outputs (specs/HP.md §2-§5).
+"""One Hidden Positives training step on cached backbone outputs (docs/hp.md §2-§5).
 
 Pure computation: the caller reads batches from the store, owns the optimizers and writes
 checkpoints. Dropout draws from the global torch RNG; every other random choice comes from

@@ -1,4 +1,4 @@
-"""The paper's evaluation probes, trained online beside the head (specs/HP.md §8, the reference's `run.py`).
+"""The paper's evaluation probes, trained online beside the head (docs/hp.md §8, the reference's `run.py`).
 
 The reference trains its two evaluation probes in the same loop as the head, on the detached code `s = S(f)`
 of every training batch (the training crops' 28x28 grid at /8, the head's dropout on), each with its own Adam:
@@ -39,7 +39,7 @@ def protocol_of(config: dict[str, dict[str, Any]]) -> str:
 
 def crf_enabled(config: dict[str, dict[str, Any]]) -> bool:
     """`evaluate.crf`: true | false | auto (on under protocol paper, as HP's reference reports, and for HCL runs,
-    whose linear probe is followed by dense CRF (specs/HCL.md §5); off for HP under kmeans)."""
+    whose linear probe is followed by dense CRF (docs/hcl.md §5); off for HP under kmeans)."""
     value = config["evaluate"]["crf"]
     if isinstance(value, bool):
         return value

@@ -1,4 +1,4 @@
-"""Reference pools and their 1-nearest-neighbour criterion (specs/HP.md §4).
+"""Reference pools and their 1-nearest-neighbour criterion (docs/hp.md §4).
 
 r_i = max_p cos(x_i, Pool_p): the pool and the queries are unit vectors, so this is a max inner product.
 Two interchangeable backends: faiss (IndexFlatIP, on the GPU when faiss has GPU support) and plain torch.

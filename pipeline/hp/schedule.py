@@ -1,4 +1,4 @@
-"""When things happen during HP training: the λ ramp (specs/HP.md §5) and Pool_sp renewal (§4)."""
+"""When things happen during HP training: the λ ramp (docs/hp.md §5) and Pool_sp renewal (§4)."""
 
 from __future__ import annotations
 
