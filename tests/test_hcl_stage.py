@@ -386,3 +386,55 @@ def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, t
                                                                (64, 64)).argmax(1)[0].numpy()]
     live = np.asarray(Image.open(tmp_path / "out" / "val0.png"))
     assert (live == np.where(cached >= 0, cached, 255)).mean() > 0.95
+
+
+@pytest.mark.parametrize("kill_at", ["right-after-clustering", "mid-epoch"])
+def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
+    """A real SIGKILL of `hp-pipe train --method hcl`: right after an epoch's MoGoClustering was checkpointed (the
+    only checkpoints are the post-clustering ones) or between two steps; the resumed run equals a straight one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extra = {"train.checkpoint_interval": "100" if kill_at == "right-after-clustering" else "1"}
+    config = tiny_config(**extra)
+    run = f"killed-{kill_at}"
+    train_stage.run(config, workdir, f"straight-{kill_at}")
+    straight = torch.load(train_stage.run_dir(config, workdir, f"straight-{kill_at}") / "checkpoints" / "last.pt",
+                          weights_only=True)
+    sets = [arg for k, v in {**TINY, **extra}.items() for arg in ("--set", f"{k}={v}")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", run,
+         "--workdir", str(workdir), *sets],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
+    iters = IMAGES // BATCH
+    seen, deadline = None, time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if ckpt.exists():
+            try:
+                state = torch.load(ckpt, weights_only=True)
+            except Exception:  # being renamed into place
+                continue
+            after_clustering = state["clustered_epoch"] == 1 and state["iteration"] == iters
+            if after_clustering if kill_at == "right-after-clustering" else state["iteration"] == iters + 1:
+                child.send_signal(signal.SIGKILL)
+                seen = state["iteration"]
+                break
+        time.sleep(0.005)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert read_manifest(workdir / "synthetic", f"train-{run}")["status"] == "running"  # as a kill leaves it
+    assert torch.load(ckpt, weights_only=True)["iteration"] >= seen
+    train_stage.run(config, workdir, run)
+    resumed = torch.load(ckpt, weights_only=True)
+    assert resumed["iteration"] == straight["iteration"] == 3 * iters
+    assert len(resumed["mogo_seconds"]) == 3  # one clustering per epoch: the resumed run never clustered twice
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    for kind in ("fg", "bg"):
+        for form in ("raw", "unit"):
+            assert torch.equal(straight["centroids"][kind][form], resumed["centroids"][kind][form])
+        assert torch.equal(straight["banks"][kind]["data"], resumed["banks"][kind]["data"])
