@@ -80,6 +80,29 @@ def test_crafted_backbone_weights_are_refused(tmp_path):
     assert_refused(proc, marker, str(weights), "open", "--trust-weights")
 
 
+class Opaque:  # any harmless Python object a third-party training script may pickle beside its weights
+    pass
+
+
+def test_trust_weights_unpickles_only_when_asked_and_is_recorded(tmp_path):
+    """--trust-weights is the one way to load a checkpoint that needs Python classes; the manifest records it."""
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        state = timm.create_model("vit_small_patch16_224", num_classes=0).state_dict()
+    weights = tmp_path / "their-run.pth"
+    torch.save({"model": state, "trainer": Opaque()}, weights)
+    args = ["features", "--split", "val", "--weights", str(weights), *SETS]
+    refused = hp(*args, workdir=tmp_path / "w")
+    assert refused.returncode == 2 and "Opaque" in refused.stderr and "--trust-weights" in refused.stderr
+    trusted = hp(*args, "--trust-weights", workdir=tmp_path / "w")
+    assert trusted.returncode == 0, trusted.stderr
+    manifest = json.loads(manifest_path(tmp_path / "w" / "synthetic", "features-val").read_text())
+    assert manifest["config"]["features"]["trust_weights"] is True
+    assert manifest["outputs"]["weights"] == f"file:{weights}" and manifest["outputs"]["random_init"] is False
+
+
 @pytest.mark.parametrize("target", ["run-checkpoint", "probe"])
 def test_crafted_run_files_are_refused_by_evaluate_and_predict(evaluated, tmp_path, target):
     config, workdir = evaluated
