@@ -101,7 +101,7 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
             resized = cropped = (side, side)
         else:
             resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"], backbone.patch_size)
-        x = F.interpolate(normalize(torch.from_numpy(image[None])), size=resized, mode="bilinear",
+        x = F.interpolate(normalize(torch.from_numpy(image[None].copy())), size=resized, mode="bilinear",
                           align_corners=False)
         top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
         x = x[..., top:top + cropped[0], left:left + cropped[1]]

@@ -87,4 +87,4 @@ def test_training_step_matches_a_naive_recomputation():
     expected = l_hp + settings.alpha * consistency
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.codes.double(), s, rtol=1e-5, atol=1e-6)  # what the online probes see
-    assert out.terms["consistency"] == pytest.approx(float(consistency), rel=1e-5)
+    assert out.terms["consistency"] == pytest.approx(float(consistency.detach()), rel=1e-5)
