@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline import paths
 from pipeline.cluster import set_tls_files
 from pipeline.config import Config, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
@@ -246,11 +247,10 @@ def report(
     import json
 
     from pipeline.report import write_report
-    from stages.evaluate import eval_dir
 
     config = build_config(dataset, data_root, method=method)
     run = run or config["train"]["method"]
-    out = eval_dir(config, workdir, run)
+    out = paths.eval_dir(config, workdir, run)
     path = out / "metrics.json"
     if not path.exists():
         raise UserError(f"no {path}: run `hp-pipe evaluate --dataset {dataset} --run {run}` first")
@@ -264,11 +264,11 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
            backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
            trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None) -> None:
     """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
-    from pipeline.graph import METHODS, method_of, stage_dir, stage_plan
+    from pipeline.graph import METHODS, method_of, stage_plan
     from pipeline.runner import read_manifest, stage_state
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
-    sdir = stage_dir(config, workdir)
+    sdir = paths.stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
     print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.schema import HCL_SCHEMA, SCHEMA_VERSION
+from pipeline import paths
 from pipeline.config import Config, fingerprint, sections
 from pipeline.errors import UserError
 
@@ -43,26 +44,6 @@ def method_of(config: Config) -> str:
     if method not in METHOD_STAGES:
         raise UserError(f"train.method must be one of {', '.join(METHODS)}, got '{method}'")
     return method
-
-
-def stage_dir(config: Config, workdir: Path) -> Path:
-    """Where a dataset's stage outputs and manifests live."""
-    return Path(workdir) / config["dataset"]["name"]
-
-
-def default_store_url(config: Config, workdir: Path, split: str) -> str:
-    """One store per (dataset, split, backbone, resolution), as docs/cache.md describes."""
-    res = config["prepare"]["resolution" if split == "train" else "val_resolution"]
-    backbone = config["features"]["backbone"]
-    return str(stage_dir(config, workdir) / "features" / f"{split}-{backbone}-{res}.zarr")
-
-
-def hcl_store_url(config: Config, workdir: Path, split: str) -> str:
-    """HCL's own store per (dataset, split, backbone, resolution): its geometry is not HP's (docs/hcl.md §4-§5)."""
-    h = config["hcl_features"]
-    res = h["resolution" if split == "train" else "val_resolution"]
-    backbone = config["features"]["backbone"]
-    return str(stage_dir(config, workdir) / "features" / f"hcl-{split}-{backbone}-{res}.zarr")
 
 
 def source_lists(config: Config, workdir: Path) -> dict[str, list[str]] | None:
@@ -99,10 +80,10 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     extras: dict[str, dict[str, Any]] = {
         "prepare": {"sources": fingerprint(listing) if listing is not None else "unreadable"}}
     for split in ("train", "val"):
-        url = (stores or {}).get(split) or default_store_url(config, workdir, split)
+        url = (stores or {}).get(split) or paths.store_url(config, workdir, split)
         extras[f"features-{split}"] = {"store": url, "schema": SCHEMA_VERSION}  # a new layout rebuilds stores
         extras[f"features-{split}-hcl"] = {  # a new HCL store version (e.g. geometry, kernels) rebuilds them
-            "store": (stores or {}).get(f"hcl-{split}") or hcl_store_url(config, workdir, split),
+            "store": (stores or {}).get(f"hcl-{split}") or paths.hcl_store_url(config, workdir, split),
             "hcl_schema": HCL_SCHEMA,
             "features": {k: config["features"][k] for k in HCL_FEATURE_KEYS},
             "sources": fingerprint(listing[split]) if listing is not None else "unreadable"}

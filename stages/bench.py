@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import paths
 from pipeline.backbone import normalize
 from pipeline.config import load_config
-from pipeline.graph import stage_dir
 from stages import features as features_stage
 from stages import prepare
 
@@ -54,7 +54,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     config = bench_config(images, resolution, backbone, weights, n_views, chunk_size)
     workdir = Path(workdir) / "bench-features"
     prepare.run(config, workdir)
-    directory = prepare.prepared_dir(config, workdir, "train")
+    directory = paths.prepared_dir(config, workdir, "train")
     names, labelled = prepare.read_prepared(directory)
     decoded, _ = prepare.load_prepared(directory, names, labelled)
     model = features_stage.resolve_backbone(config)
@@ -87,6 +87,6 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "raw_fp16_feature_bytes_per_image": round(raw),
         "store_vs_raw_fp16": round(per_image / raw, 3),
         "threads": torch.get_num_threads(),
-        "stage_dir": str(stage_dir(config, workdir)),
+        "stage_dir": str(paths.stage_dir(config, workdir)),
     }
     report(figures, as_json)

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.reader import FeatureStore
+from pipeline import paths
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
@@ -118,7 +119,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     sample = lambda specific: train_stage.sample_pool(  # noqa: E731
         store, heads, pool_size, specific, rng, generator, torch.device("cpu"))
     pools = Pools(PoolIndex(sample(False)), PoolIndex(sample(True)))
-    directory = prepare.prepared_dir(config, workdir, "train")
+    directory = paths.prepared_dir(config, workdir, "train")
     names, _ = prepare.read_prepared(directory)
     decoded, _ = prepare.load_prepared(directory, names, False)
     views = ExtractSettings(n_views=1)
@@ -335,7 +336,7 @@ def evaluate(config: Config, workdir: Path, run: str, crf_images: int, crf_size:
     crf = crf_bench(crf_images, crf_size, workers)
     config["evaluate"]["crf"] = True
     evaluate_stage.run(config, workdir, run, force=True)
-    sdir = evaluate_stage.stage_dir(config, workdir)
+    sdir = paths.stage_dir(config, workdir)
     steps = [f"codes-{run}", f"probe-head-{run}", f"probe-raw-{run}", f"evaluate-{run}"]
     seconds = {s: (read_manifest(sdir, s) or {}).get("timings", {}).get("seconds") for s in steps}
     figures = {

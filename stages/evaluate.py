@@ -32,12 +32,13 @@ from tqdm import tqdm
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
+from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config, fingerprint
 from pipeline.encoders import Encoder, load_encoder
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_npy, atomic_write_text
-from pipeline.graph import method_of, stage_dir, stage_plan
+from pipeline.graph import method_of, stage_plan
 from pipeline.hp.online_probes import crf_enabled, online_probe_settings, protocol_of
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.overcluster import overcluster_maps
@@ -52,10 +53,6 @@ RAW = "DINO"  # the row name of raw backbone features (the papers' naming); head
 
 def kind_label(kind: str, method: str) -> str:
     return RAW if kind == "raw" else method.upper()
-
-
-def eval_dir(config: Config, workdir: Path, run: str) -> Path:
-    return train_stage.run_dir(config, workdir, run) / "eval"
 
 
 def probes_of(config: Config) -> list[str]:
@@ -409,7 +406,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     label = kind_label("head", method)
     train_manifest = train_stage.run(config, workdir, run)
     val_manifest = features_hcl.run_for_method(config, workdir, "val")
-    sdir, rdir = stage_dir(config, workdir), train_stage.run_dir(config, workdir, run)
+    sdir, rdir = paths.stage_dir(config, workdir), paths.run_dir(config, workdir, run)
     e_cfg = config["evaluate"]
     train_store = FeatureStore.open(train_manifest["outputs"]["store"])
     val_store = FeatureStore.open(val_manifest["outputs"]["store"])
@@ -427,7 +424,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         encoder = load_encoder(checkpoint)
         urls = {}
         for split, source in splits.items():
-            url = str(rdir / "codes" / f"{split}.zarr")
+            url = str(paths.codes_dir(rdir) / f"{split}.zarr")
             write_codes(encoder, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
             urls[split] = url
         counts = " and ".join(f"{len(source)} {split}" for split, source in splits.items())
@@ -447,10 +444,11 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         probe_inputs = {**inputs, f"codes-{run}": fingerprint(codes)} if kind == "head" else inputs
         if kind == "head" and online:  # protocol paper (§8): the probes trained online, from the checkpoint
             kind_cfg = {"run": run, "protocol": protocol, **online}
-            body = partial(export_online_probes, checkpoint=checkpoint, out=rdir / "probe-head")
+            body = partial(export_online_probes, checkpoint=checkpoint, out=paths.probe_dir(rdir, "head"))
         else:
             kind_cfg = {"run": run, **probe_cfg}
-            body = partial(run_probes, config=config, store=FeatureStore.open(train_url), out=rdir / f"probe-{kind}")
+            body = partial(run_probes, config=config, store=FeatureStore.open(train_url),
+                           out=paths.probe_dir(rdir, kind))
         probe_outputs[kind] = run_stage(sdir, f"probe-{kind}-{run}", kind_cfg, probe_inputs, body, force)["outputs"]
         for key in ("centroids", "linear"):  # files the val pass loads: never outside the work folder
             if key in probe_outputs[kind]:
@@ -461,7 +459,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     stage_config, plan_inputs = stage_plan(config, workdir)["evaluate"]
 
     def evaluate_body(ctx: StageContext) -> dict[str, Any]:
-        out = eval_dir(config, workdir, run)
+        out = paths.eval_dir(config, workdir, run)
         out.mkdir(parents=True, exist_ok=True)
         keep = min(e_cfg["pictures"], len(val_store))
         t0 = time.perf_counter()

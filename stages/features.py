@@ -24,11 +24,12 @@ from cache import writer
 from cache.order import store_order
 from cache.schema import Layout
 from cache.writer import stored_bytes
+from pipeline import paths
 from pipeline.backbone import Backbone
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.extract import ExtractSettings, extract_chunk, model_inputs
-from pipeline.graph import default_store_url, stage_dir, stage_plan
+from pipeline.graph import stage_plan
 from pipeline.plots import feature_preview
 from pipeline.runner import StageContext, manifest_path, run_stage
 from pipeline.workers import overlapped, resolve_backbone, run_dask
@@ -134,12 +135,12 @@ def run(
     if split not in prepare.SPLITS:
         raise UserError(f"--split must be one of {', '.join(prepare.SPLITS)}, got '{split}'")
     prepare.run(config, workdir)
-    url = store or default_store_url(config, workdir, split)
+    url = store or paths.store_url(config, workdir, split)
     name = f"features-{split}"
     stage_config, inputs = stage_plan(config, workdir, {split: url})[name]
 
     def body(ctx: StageContext) -> dict[str, Any]:
-        directory = str(prepare.prepared_dir(config, workdir, split))
+        directory = str(paths.prepared_dir(config, workdir, split))
         names, labelled = prepare.read_prepared(directory)
         order = sample_order(config, split, len(names))
         backbone = resolve_backbone(config)
@@ -181,7 +182,7 @@ def run(
             raise RuntimeError(f"some chunks of {url} were not written; rerun to finish them")
         writer.mark_complete(group)
         seconds = time.perf_counter() - t0
-        preview = stage_dir(config, workdir) / "features" / f"{split}-preview.png"
+        preview = paths.stage_dir(config, workdir) / "features" / f"{split}-preview.png"
         preview.parent.mkdir(parents=True, exist_ok=True)
         k = min(4, len(names))
         feature_preview(group["image"][:k], group["feat"][:k], group["cls_attn"][:k], preview,
@@ -201,9 +202,9 @@ def run(
                        f"{1 + settings.n_views} backbone passes each), {stored / 2**20:.1f} MiB -> {url}{note}",
         }
 
-    manifest = run_stage(stage_dir(config, workdir), name, stage_config, inputs, body, force)
+    manifest = run_stage(paths.stage_dir(config, workdir), name, stage_config, inputs, body, force)
     if manifest["outputs"].get("store") != url:  # every later stage reads (and HCL writes) the store named here
-        raise UserError(f"{manifest_path(stage_dir(config, workdir), name)} names the store "
+        raise UserError(f"{manifest_path(paths.stage_dir(config, workdir), name)} names the store "
                         f"{manifest['outputs'].get('store')!r}, but this run's store is {url}: refused (an edited "
                         "manifest cannot redirect hp-pipe to another store). Rerun with --force")
     return manifest

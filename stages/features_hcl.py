@@ -32,12 +32,13 @@ from cache import writer
 from cache.order import crop_permutation
 from cache.reader import FeatureStore
 from cache.schema import HCL_SCHEMA, HCLLayout
+from pipeline import paths
 from pipeline.backbone import Backbone
 from pipeline.config import Config
 from pipeline.datasets import SegmentationDataset, open_split
 from pipeline.datasets.base import IGNORE
 from pipeline.errors import UserError
-from pipeline.graph import hcl_store_url, method_of, stage_dir, stage_plan
+from pipeline.graph import method_of, stage_plan
 from pipeline.hcl.extract import hcl_chunk
 from pipeline.hcl.multilevel import patch_sizes
 from pipeline.hcl.views import crop_box, draw_photometric, train_views, val_view
@@ -186,9 +187,9 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
     geo = geometry(config, split)
     if scheduler not in ("local", "local-cluster", "distributed"):
         raise UserError(f"--scheduler must be local, local-cluster or distributed, got '{scheduler}'")
-    url = store or hcl_store_url(config, workdir, split)
+    url = store or paths.hcl_store_url(config, workdir, split)
     name = f"features-{split}-hcl"
-    sdir = stage_dir(config, workdir)
+    sdir = paths.stage_dir(config, workdir)
     stage_config, inputs = stage_plan(config, workdir, {f"hcl-{split}": url})[name]
     h, f = config["hcl_features"], config["features"]
 

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline import paths
 from pipeline.backbone import normalize
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
@@ -28,7 +29,6 @@ from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
 from pipeline.plots import blend
 from pipeline.probes import LinearProbe, cosine_scores
-from stages import evaluate
 from stages import features as features_stage
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -62,7 +62,7 @@ def read_image(path: Path) -> np.ndarray:
 def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,
         crf: bool) -> dict[str, Any]:
     run = run or config["train"]["method"]
-    metrics_path = evaluate.eval_dir(config, workdir, run) / "metrics.json"
+    metrics_path = paths.eval_dir(config, workdir, run) / "metrics.json"
     if not metrics_path.exists():
         raise UserError(f"no {metrics_path}: run `hp-pipe evaluate --dataset {config['dataset']['name']} "
                         f"--run {run}` first (predict uses its fitted probes)")
@@ -71,8 +71,8 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
                None)
     if row is None:
         raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
-    rdir = evaluate.train_stage.run_dir(config, workdir, run)
-    checkpoint = rdir / "checkpoints" / "last.pt"
+    rdir = paths.run_dir(config, workdir, run)
+    checkpoint = paths.checkpoint_path(rdir)
     encoder = load_encoder(str(checkpoint))
     backbone = features_stage.resolve_backbone(config)
     state = load_checkpoint(checkpoint)
@@ -83,18 +83,19 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
                         "--weights as for training")
     n_classes = config["dataset"]["n_classes"]
     if probe == "cluster":
-        centroids = torch.from_numpy(np.load(rdir / "probe-head" / "centroids.npy"))  # the run layout, no file's path
+        # the run layout, never a path read from a file
+        centroids = torch.from_numpy(np.load(paths.probe_dir(rdir, "head") / "centroids.npy"))
         mapping = np.asarray(row["cluster_to_class"])
         score = lambda codes, size: 2 * cosine_scores(codes, centroids, size)  # noqa: E731  (§8: 2·cos)
     else:
         linear = LinearProbe(encoder.dim, n_classes)
-        linear.load_state_dict(load_checkpoint(rdir / "probe-head" / "linear.pt")["probe"])
+        linear.load_state_dict(load_checkpoint(paths.probe_dir(rdir, "head") / "linear.pt")["probe"])
         mapping = np.arange(n_classes)
         score = lambda codes, size: linear(codes, size)  # noqa: E731
-    out = Path(out or evaluate.eval_dir(config, workdir, run) / "predictions")
+    out = Path(out or paths.eval_dir(config, workdir, run) / "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    paths = list_images(Path(source))
-    for path in tqdm(paths, desc="predict", unit="img"):
+    images = list_images(Path(source))
+    for path in tqdm(images, desc="predict", unit="img"):
         image = read_image(path)
         if state.get("method") == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square
             side = config["hcl_features"]["val_resolution"]
@@ -118,6 +119,6 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
         Image.fromarray(labels).save(out / f"{path.stem}.png")
         Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
     note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
-    print(f"[predict] {len(paths)} images -> {out} (label PNGs and overlays){note}")
-    return {"out": str(out), "images": len(paths)}
+    print(f"[predict] {len(images)} images -> {out} (label PNGs and overlays){note}")
+    return {"out": str(out), "images": len(images)}
 

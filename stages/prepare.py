@@ -15,19 +15,16 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipeline import paths
 from pipeline.config import Config, dataset_root, fingerprint
 from pipeline.datasets import dataset_options, open_split  # noqa: F401  (prepare.dataset_options: tests)
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_png, atomic_write_text
-from pipeline.graph import stage_dir, stage_plan
+from pipeline.graph import stage_plan
 from pipeline.runner import StageContext, run_stage
 
 SPLITS = ("train", "val")
-
-
-def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
-    return stage_dir(config, workdir) / "prepared" / split
 
 
 def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
@@ -54,7 +51,7 @@ def crops_per_image(config: Config, split: str) -> int:
 def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dict[str, Any]:
     """Crops of every sample not yet prepared under the same geometry; finished crops are kept."""
     dataset = open_split(config, workdir, split)
-    out = prepared_dir(config, workdir, split)
+    out = paths.prepared_dir(config, workdir, split)
     geometry = fingerprint(config["dataset"], config["prepare"])
     marker = out / "geometry.txt"
     if out.exists() and (force or not marker.exists() or marker.read_text().strip() != geometry):
@@ -93,9 +90,9 @@ def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
     def body(ctx: StageContext) -> dict[str, Any]:
         outputs = {split: prepare_split(config, workdir, split, force) for split in SPLITS}
         counts = ", ".join(f"{s}: {o['samples']} crops from {o['source_images']} images" for s, o in outputs.items())
-        return {**outputs, "summary": f"{counts} -> {stage_dir(config, workdir) / 'prepared'}"}
+        return {**outputs, "summary": f"{counts} -> {paths.stage_dir(config, workdir) / 'prepared'}"}
 
-    return run_stage(stage_dir(config, workdir), "prepare", stage_config, inputs, body, force)
+    return run_stage(paths.stage_dir(config, workdir), "prepare", stage_config, inputs, body, force)
 
 
 def read_prepared(directory: str | Path) -> tuple[list[str], bool]:

@@ -21,17 +21,17 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
-from pipeline.graph import method_of, stage_dir, stage_plan
+from pipeline.graph import method_of, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
-from pipeline.paths import run_name
 from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext, run_stage
 from stages import features_hcl
@@ -49,10 +49,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = cuda, but no CUDA device is available; use --set train.device=cpu")
     return torch.device(name)
-
-
-def run_dir(config: Config, workdir: Path, run: str) -> Path:
-    return stage_dir(config, workdir) / "runs" / run_name(run)
 
 
 # ---------------------------------------------------------------- pools (§4)
@@ -182,7 +178,7 @@ def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStor
         shutil.rmtree(out)  # a changed config or --force: this run starts over
     out.mkdir(parents=True, exist_ok=True)
     return RunPlan(device, bool(config["train"]["amp"]) and device.type == "cuda", iters_per_epoch,
-                   iters_per_epoch * config[section]["epochs"], out / "checkpoints" / "last.pt")
+                   iters_per_epoch * config[section]["epochs"], paths.checkpoint_path(out))
 
 
 def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: FeatureStore, out: Path, steps: int,
@@ -316,11 +312,12 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     store_fingerprint = manifest["fingerprint"]  # the store records the fingerprint of the stage that wrote it
     url = manifest["outputs"]["store"]
     stage_config, inputs = stage_plan(config, workdir, {store_key: url})["train"]
-    out = run_dir(config, workdir, run)
+    out = paths.run_dir(config, workdir, run)
 
     def body(ctx: StageContext) -> dict[str, Any]:
         store = FeatureStore.open(url, expect={"split": "train", "fingerprint": store_fingerprint})
         needs(store)  # a clear message when the store lacks what the method needs
         return trainer(ctx, config, store, out)
 
-    return run_stage(stage_dir(config, workdir), f"train-{run}", {**stage_config, "run": run}, inputs, body, force)
+    sdir = paths.stage_dir(config, workdir)
+    return run_stage(sdir, f"train-{run}", {**stage_config, "run": run}, inputs, body, force)

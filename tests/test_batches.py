@@ -12,6 +12,7 @@ from cache import writer
 from cache.order import crop_permutation, iid_distinct_images, plan_distinct_images, store_order
 from cache.reader import FeatureStore, batch_plan
 from cache.schema import SCHEMA_VERSION
+from pipeline import paths
 from pipeline.config import load_config
 from pipeline.datasets import open_dataset
 from pipeline.datasets.geometry import five_crop
@@ -107,7 +108,7 @@ def test_train_store_holds_the_crops_in_a_permuted_order(built):
     n = len(store)
     assert n == 20 and sorted(crop_order.tolist()) == list(range(n))
     assert not np.array_equal(crop_order, np.arange(n))
-    directory = prepare.prepared_dir(config, workdir, "train")
+    directory = paths.prepared_dir(config, workdir, "train")
     names, _ = prepare.read_prepared(directory)
     dataset = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
     images, labels = store.read("image", 0, n), store.read("label", 0, n)
@@ -131,7 +132,7 @@ def test_val_store_keeps_the_dataset_order(built):
     store = FeatureStore.open(stores["val"])
     np.testing.assert_array_equal(store.read("crop_order", 0, len(store)), np.arange(2))
     np.testing.assert_array_equal(store.read("source_image", 0, len(store)), np.arange(2))
-    names, _ = prepare.read_prepared(prepare.prepared_dir(config, workdir, "val"))
+    names, _ = prepare.read_prepared(paths.prepared_dir(config, workdir, "val"))
     assert store.attrs["samples"] == names
 
 
@@ -151,7 +152,7 @@ def test_interrupted_features_stage_resumes_to_the_identical_store(built, tmp_pa
     with pytest.raises(RuntimeError, match="killed"):
         features.run(config, workdir, "train")
     monkeypatch.setattr(writer, "write_chunk", real)
-    url = features.default_store_url(config, workdir, "train")
+    url = paths.store_url(config, workdir, "train")
     assert writer.finished_chunks(writer.open_group(url, "r")).sum() == 2
     manifest = features.run(config, workdir, "train")
     assert manifest["outputs"]["computed"] == 12  # 3 of 5 chunks of 4

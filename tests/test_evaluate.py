@@ -9,11 +9,11 @@ import torch
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
+from pipeline import paths
 from pipeline.config import load_config
 from pipeline.hp.model import HPHeads
 from pipeline.metrics import confusion_matrix, scores
 from stages import evaluate
-from stages import train as train_stage
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
@@ -36,7 +36,7 @@ def evaluated(tmp_path_factory):
 
 def test_metrics_json_has_every_row_and_the_protocol(evaluated):
     config, workdir, manifest = evaluated
-    out = evaluate.eval_dir(config, workdir, "hp")
+    out = paths.eval_dir(config, workdir, "hp")
     metrics = json.loads((out / "metrics.json").read_text())
     names = {r["name"] for r in metrics["results"]}
     for features in ("DINO", "HP"):
@@ -52,7 +52,7 @@ def test_metrics_json_has_every_row_and_the_protocol(evaluated):
 
 def test_codes_store_holds_the_head_output(evaluated):
     config, workdir, _ = evaluated
-    run_dir = train_stage.run_dir(config, workdir, "hp")
+    run_dir = paths.run_dir(config, workdir, "hp")
     codes = FeatureStore.open(str(run_dir / "codes" / "val.zarr"))
     val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
                             ["outputs"]["store"])
@@ -82,7 +82,7 @@ def test_evaluate_resumes_the_linear_probe(evaluated, capsys):
     out = capsys.readouterr().out
     assert "[codes-hp] up to date" in out  # the codes are not recomputed for a probe setting
     assert "resuming after epoch 2" in out  # the probe continues from its checkpoint
-    probe = torch.load(train_stage.run_dir(config, workdir, "hp") / "probe-head" / "linear.pt", weights_only=True)
+    probe = torch.load(paths.run_dir(config, workdir, "hp") / "probe-head" / "linear.pt", weights_only=True)
     assert probe["epoch"] == 3
 
 
@@ -119,7 +119,7 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     from stages import predict
 
     config, workdir, _ = evaluated
-    metrics = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    metrics = json.loads((paths.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
     val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
                             ["outputs"]["store"])
     folder = tmp_path / "in"
@@ -131,7 +131,7 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     assert odd.shape == (70, 90) and set(np.unique(odd)) <= set(range(8)) | {255}
     assert (tmp_path / "out" / "odd_overlay.png").exists()
     # the live path (backbone -> head -> probe) agrees with the evaluation's cached path on a val image
-    codes = FeatureStore.open(str(train_stage.run_dir(config, workdir, "hp") / "codes" / "val.zarr"))
+    codes = FeatureStore.open(str(paths.run_dir(config, workdir, "hp") / "codes" / "val.zarr"))
     row = next(r for r in metrics["results"] if r["name"] == "HP cluster")
     centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
     f = torch.from_numpy(codes.read("feat", 0, 1)).float().permute(0, 3, 1, 2)
@@ -183,7 +183,7 @@ def paper_evaluated(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("paper")
     config = paper_config()
     evaluate.run(config, workdir, "hp")
-    return config, workdir, json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    return config, workdir, json.loads((paths.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
 
 
 def naive_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int, hungarian: bool) -> tuple[float, float]:
@@ -218,7 +218,7 @@ def test_paper_protocol_metrics_equal_a_recomputation_from_the_stored_probes(pap
     assert settings["crf"]["enabled"] is True and settings["crf"]["iterations"] == 10
     assert {(r["features"], r["protocol"]) for r in metrics["results"]} == {("head", "paper"), ("raw", "kmeans")}
 
-    run_dir = train_stage.run_dir(config, workdir, "hp")
+    run_dir = paths.run_dir(config, workdir, "hp")
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["online_probes"]
     centroids = np.load(run_dir / "probe-head" / "centroids.npy").astype(np.float64)
     clusters = state["clusters"].double().numpy()
@@ -247,9 +247,9 @@ def test_paper_protocol_metrics_equal_a_recomputation_from_the_stored_probes(pap
 
 def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys):
     config, workdir, metrics = paper_evaluated
-    run_dir = train_stage.run_dir(config, workdir, "hp")
+    run_dir = paths.run_dir(config, workdir, "hp")
     assert (run_dir / "codes" / "val.zarr").exists() and not (run_dir / "codes" / "train.zarr").exists()
-    report = (evaluate.eval_dir(config, workdir, "hp") / "report.md").read_text()
+    report = (paths.eval_dir(config, workdir, "hp") / "report.md").read_text()
     assert "## Compared with the paper" in report and "a test's numbers" in report
     assert "random-initialized backbone weights" in report and "head width D = 32 (the paper: 256)" in report
     assert "batch 4 (the paper: 64)" in report and "training epochs" not in report  # 2 epochs, as the stand-in
@@ -269,10 +269,10 @@ def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys
     paper_centroids = np.load(run_dir / "probe-head" / "centroids.npy")
     kmeans = paper_config(**{"evaluate.protocol": "kmeans"})
     evaluate.run(kmeans, workdir, "hp")
-    out = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    out = json.loads((paths.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
     assert out["protocol_settings"]["name"] == "kmeans" and out["protocol_settings"]["crf"] == {"enabled": False}
     assert not np.allclose(np.load(run_dir / "probe-head" / "centroids.npy"), paper_centroids)  # refitted
-    assert "evaluation protocol kmeans" in (evaluate.eval_dir(config, workdir, "hp") / "report.md").read_text()
+    assert "evaluation protocol kmeans" in (paths.eval_dir(config, workdir, "hp") / "report.md").read_text()
 
 
 def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(evaluated):
@@ -282,8 +282,8 @@ def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(eval
     from tests.test_online_probes import bilinear_matrix
 
     config, workdir, _ = evaluated
-    run_dir = train_stage.run_dir(config, workdir, "hp")
-    metrics = json.loads((evaluate.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
+    run_dir = paths.run_dir(config, workdir, "hp")
+    metrics = json.loads((paths.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
     rows = {r["name"]: r for r in metrics["results"]}
     val = FeatureStore.open(json.loads((workdir / "synthetic" / "stages" / "features-val.json").read_text())
                             ["outputs"]["store"])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cache.reader import FeatureStore
 from cache.writer import finished_chunks, open_group
+from pipeline import paths
 from pipeline.backbone import load_backbone, normalize
 from pipeline.config import load_config
 from pipeline.lhp import lhp_weights
@@ -84,7 +85,7 @@ def test_prepared_crops_follow_the_five_crop_geometry(built):
 
     source = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
     sample = source[0]
-    directory = prepare.prepared_dir(config, workdir, "train")
+    directory = paths.prepared_dir(config, workdir, "train")
     crop = np.asarray(Image.open(directory / "labels" / f"{sample.name}_1.png"))  # top-right quarter
     quarter = sample.label[:48, 48:]  # 96 px image, ratio 0.5 -> 48 px crops, already at 48: no resize
     np.testing.assert_array_equal(crop, quarter)
@@ -115,7 +116,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     child = subprocess.Popen([*CLI, *args, "--workdir", str(workdir)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = features.default_store_url(config, workdir, "train")
+    url = paths.store_url(config, workdir, "train")
     done_dir = Path(url) / "_done" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
@@ -127,7 +128,7 @@ def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
     assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     partial = finished_chunks(open_group(url, "r"))
     assert 0 < partial.sum() < partial.size
-    assert read_manifest(features.stage_dir(config, workdir), "features-train")["status"] == "running"
+    assert read_manifest(paths.stage_dir(config, workdir), "features-train")["status"] == "running"
     manifest = features.run(config, workdir, "train")
     assert manifest["outputs"]["computed"] < manifest["outputs"]["samples"]  # finished chunks were kept
     resumed = arrays_of(url)

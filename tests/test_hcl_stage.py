@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
+from pipeline import paths
 from pipeline.backbone import normalize
 from pipeline.config import load_config
 from pipeline.datasets import open_split
 from pipeline.errors import UserError
-from pipeline.graph import hcl_store_url
 from pipeline.hcl.foreground import foreground_mask
 from pipeline.hcl.heads import build_model
 from pipeline.hcl.multilevel import branch_forward
@@ -72,7 +72,7 @@ def test_a_fresh_workdir_gets_hcl_stores_without_hp_prepare_or_features(workdir)
         "hcl-train-vit_small_patch16_224.dino-64.zarr", "hcl-val-vit_small_patch16_224.dino-64.zarr"]
     for split in ("train", "val"):
         store = store_of(workdir, split)
-        assert store.url == hcl_store_url(config, workdir, split) and store.attrs["kind"] == "hcl"
+        assert store.url == paths.hcl_store_url(config, workdir, split) and store.attrs["kind"] == "hcl"
         assert features_hcl.hcl_arrays(store)
     preview = read_manifest(sdir, "features-train-hcl")["outputs"]["preview"]
     assert preview.endswith("hcl-train-foreground.png") and os.path.getsize(preview) > 0
@@ -190,7 +190,7 @@ def test_an_epoch_is_one_pass_over_the_images_with_one_crop_each(workdir, monkey
         assert sorted(i for c in mogo for i in c[2]) == kept  # MoGo: every image once, its epoch crop
         assert all(np.array_equal(c[1], keep) for c in steps) and len(steps) == IMAGES // BATCH
         assert sorted(i for c in steps for i in c[2]) == kept  # the steps: the same crops, each once
-    out = train_stage.run_dir(config, workdir, "hcl")
+    out = paths.run_dir(config, workdir, "hcl")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(1, 7))  # 4 images / 2 = 2 per epoch, 3 epochs
     assert {r["lr"] for r in records if r["epoch"] < 2} == {1e-3}
@@ -208,7 +208,7 @@ def test_an_epoch_is_one_pass_over_the_images_with_one_crop_each(workdir, monkey
 def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     config = tiny_config()
     train_stage.run(config, workdir, "straight")
-    straight = torch.load(train_stage.run_dir(config, workdir, "straight") / "checkpoints" / "last.pt",
+    straight = torch.load(paths.run_dir(config, workdir, "straight") / "checkpoints" / "last.pt",
                           weights_only=True)
     real_step, calls = train_hcl.training_step, []
 
@@ -224,7 +224,7 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     monkeypatch.setattr(train_hcl, "training_step", real_step)
     assert read_manifest(workdir / "synthetic", "train-resumed")["status"] == "interrupted"
     train_stage.run(config, workdir, "resumed")
-    out = train_stage.run_dir(config, workdir, "resumed")
+    out = paths.run_dir(config, workdir, "resumed")
     resumed = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert resumed["iteration"] == straight["iteration"] == 6
     for name, value in straight["model"].items():
@@ -235,7 +235,7 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
         assert np.array_equal(straight["banks"][kind]["data"], resumed["banks"][kind]["data"])
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
                           for line in path.read_text().splitlines()]
-    assert strip(out / "metrics.jsonl") == strip(train_stage.run_dir(config, workdir, "straight") / "metrics.jsonl")
+    assert strip(out / "metrics.jsonl") == strip(paths.run_dir(config, workdir, "straight") / "metrics.jsonl")
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(workdir, monkeypatch):
@@ -250,13 +250,13 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(workdir, monkeyp
     monkeypatch.setattr(train_hcl, "training_step", nan_step)
     with pytest.raises(UserError, match="diverged.*hcl.lr"):
         train_stage.run(config, workdir, "nan")
-    assert (train_stage.run_dir(config, workdir, "nan") / "checkpoints" / "last.pt").exists()  # the post-MoGo one
+    assert (paths.run_dir(config, workdir, "nan") / "checkpoints" / "last.pt").exists()  # the post-MoGo one
 
 
 def test_evaluate_reads_hcl_stores_and_codes_are_the_online_head(workdir):
     config = tiny_config()
     manifest = evaluate.run(config, workdir)
-    rdir = train_stage.run_dir(config, workdir, "hcl")
+    rdir = paths.run_dir(config, workdir, "hcl")
     state = torch.load(rdir / "checkpoints" / "last.pt", weights_only=True)
     model = build_model(state["width"], state["hcl"])
     model.load_state_dict(state["model"])
@@ -373,7 +373,7 @@ def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, t
 
     config = tiny_config()
     evaluate.run(config, workdir)  # up to date after the evaluate test; computed here when run alone
-    rdir = train_stage.run_dir(config, workdir, "hcl")
+    rdir = paths.run_dir(config, workdir, "hcl")
     metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
     val = store_of(workdir, "val")
     (tmp_path / "in").mkdir()
@@ -401,7 +401,7 @@ def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
     config = tiny_config(**extra)
     run = f"killed-{kill_at}"
     train_stage.run(config, workdir, f"straight-{kill_at}")
-    straight = torch.load(train_stage.run_dir(config, workdir, f"straight-{kill_at}") / "checkpoints" / "last.pt",
+    straight = torch.load(paths.run_dir(config, workdir, f"straight-{kill_at}") / "checkpoints" / "last.pt",
                           weights_only=True)
     sets = [arg for k, v in {**TINY, **extra}.items() for arg in ("--set", f"{k}={v}")]
     child = subprocess.Popen(
@@ -409,7 +409,7 @@ def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
          "--workdir", str(workdir), *sets],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
+    ckpt = paths.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
     iters = IMAGES // BATCH
     seen, deadline = None, time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
@@ -418,8 +418,11 @@ def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
                 state = torch.load(ckpt, weights_only=True)
             except Exception:  # being renamed into place
                 continue
-            after_clustering = state["clustered_epoch"] == 1 and state["iteration"] == iters
-            if after_clustering if kill_at == "right-after-clustering" else state["iteration"] == iters + 1:
+            # a post-clustering checkpoint of epoch 1 or 2 (the only kind written with checkpoint_interval 100), or
+            # any checkpoint between two steps of epochs 1-2
+            after_clustering = state["clustered_epoch"] >= 1 and state["iteration"] == state["clustered_epoch"] * iters
+            mid_epoch = iters < state["iteration"] < 3 * iters and state["iteration"] % iters
+            if after_clustering if kill_at == "right-after-clustering" else mid_epoch:
                 child.send_signal(signal.SIGKILL)
                 seen = state["iteration"]
                 break

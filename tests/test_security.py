@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cache.reader import FeatureStore
+from pipeline import paths
 from pipeline.checkpoints import check_plain, load_checkpoint, save_checkpoint
 from pipeline.cluster import client_security, dask_client
 from pipeline.config import load_config
@@ -106,11 +107,11 @@ def test_trust_weights_unpickles_only_when_asked_and_is_recorded(tmp_path):
 @pytest.mark.parametrize("target", ["run-checkpoint", "probe"])
 def test_crafted_run_files_are_refused_by_evaluate_and_predict(evaluated, tmp_path, target):
     config, workdir = evaluated
-    rdir = train_stage.run_dir(config, workdir, "hp")
+    rdir = paths.run_dir(config, workdir, "hp")
     path = rdir / "checkpoints" / "last.pt" if target == "run-checkpoint" else rdir / "probe-head" / "linear.pt"
     # evaluate reads the run checkpoint when it recomputes the codes (--force), the probe when it resumes it
     stage, again = ("codes-hp", ["--force"]) if target == "run-checkpoint" else ("probe-head-hp", [])
-    mpath = manifest_path(train_stage.stage_dir(config, workdir), stage)
+    mpath = manifest_path(paths.stage_dir(config, workdir), stage)
     original, manifest = path.read_bytes(), mpath.read_text()
     marker = tmp_path / "pwned"
     try:  # a run folder copied from someone else: same layout, one file crafted
@@ -131,9 +132,9 @@ def test_crafted_run_files_are_refused_by_evaluate_and_predict(evaluated, tmp_pa
 
 def test_crafted_checkpoint_is_refused_on_resume(evaluated, tmp_path):
     config, workdir = evaluated
-    sdir = train_stage.stage_dir(config, workdir)
+    sdir = paths.stage_dir(config, workdir)
     mpath = manifest_path(sdir, "train-hp")
-    ckpt = train_stage.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt"
+    ckpt = paths.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt"
     saved = mpath.read_text(), ckpt.read_bytes()
     marker = tmp_path / "pwned"
     try:
@@ -148,11 +149,11 @@ def test_crafted_checkpoint_is_refused_on_resume(evaluated, tmp_path):
 
 def test_manifest_pointing_outside_the_work_folder_is_refused(evaluated, tmp_path):
     config, workdir = evaluated
-    mpath = manifest_path(train_stage.stage_dir(config, workdir), "train-hp")
+    mpath = manifest_path(paths.stage_dir(config, workdir), "train-hp")
     saved = mpath.read_text()
     outside = tmp_path / "elsewhere" / "last.pt"
     outside.parent.mkdir()
-    outside.write_bytes((train_stage.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt").read_bytes())
+    outside.write_bytes((paths.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt").read_bytes())
     try:
         manifest = json.loads(saved)
         manifest["outputs"]["checkpoint"] = str(workdir / ".." / outside.parent.name / "last.pt")
@@ -165,7 +166,7 @@ def test_manifest_pointing_outside_the_work_folder_is_refused(evaluated, tmp_pat
 
 def test_manifest_naming_another_store_is_refused(evaluated, tmp_path):
     config, workdir = evaluated
-    mpath = manifest_path(train_stage.stage_dir(config, workdir), "features-train")
+    mpath = manifest_path(paths.stage_dir(config, workdir), "features-train")
     saved = mpath.read_text()
     try:
         manifest = json.loads(saved)
@@ -180,7 +181,7 @@ def test_manifest_naming_another_store_is_refused(evaluated, tmp_path):
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ""])
 def test_run_names_cannot_leave_the_runs_folder(name, tmp_path):
     with pytest.raises(UserError, match="not a plain name"):
-        train_stage.run_dir(load_config("synthetic"), tmp_path, name)
+        paths.run_dir(load_config("synthetic"), tmp_path, name)
 
 
 def test_checkpoints_hold_plain_data_only(tmp_path):
@@ -198,7 +199,7 @@ def test_checkpoints_hold_plain_data_only(tmp_path):
 
 def test_run_checkpoints_load_with_weights_only(evaluated):
     config, workdir = evaluated
-    state = torch.load(train_stage.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt", weights_only=True)
+    state = torch.load(paths.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt", weights_only=True)
     assert state["backbone"]["backbone"] == "vit_small_patch16_224.dino" and state["config"] == config
 
 

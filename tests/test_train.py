@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from stages import features
@@ -38,14 +39,14 @@ def workdir(tmp_path_factory):
 
 
 def final_weights(config, workdir, run):
-    ckpt = torch.load(train_stage.run_dir(config, workdir, run) / "checkpoints" / "last.pt", weights_only=True)
+    ckpt = torch.load(paths.run_dir(config, workdir, run) / "checkpoints" / "last.pt", weights_only=True)
     return ckpt["heads"], ckpt["iteration"]
 
 
 def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
     config = tiny_config(**{"train.epochs": "10", "train.lr": "0.002"})
     manifest = train_stage.run(config, workdir, "learn")
-    out = train_stage.run_dir(config, workdir, "learn")
+    out = paths.run_dir(config, workdir, "learn")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == list(range(1, 51))
     first = sum(r["loss"] for r in records[:10]) / 10
@@ -71,7 +72,7 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
         # the same thread count as this process: float reductions, and so the last bits, depend on it
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = train_stage.run_dir(config, workdir, "killed") / "checkpoints" / "last.pt"
+    ckpt = paths.run_dir(config, workdir, "killed") / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         if ckpt.exists():
@@ -87,7 +88,7 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
     assert resumed_iterations == iterations
     for key in reference:
         assert torch.equal(resumed[key], reference[key]), key
-    log = (train_stage.run_dir(config, workdir, "killed") / "metrics.jsonl").read_text().splitlines()
+    log = (paths.run_dir(config, workdir, "killed") / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in log] == list(range(1, iterations + 1))
 
 
@@ -131,7 +132,7 @@ def test_nan_before_any_checkpoint_says_there_is_none(workdir, monkeypatch):
     with pytest.raises(UserError, match="iteration 0.*no checkpoint was written yet") as info:
         train_stage.run(config, workdir, "nan-early")
     assert "last good" not in str(info.value)
-    assert not (train_stage.run_dir(config, workdir, "nan-early") / "checkpoints" / "last.pt").exists()
+    assert not (paths.run_dir(config, workdir, "nan-early") / "checkpoints" / "last.pt").exists()
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
@@ -172,7 +173,7 @@ def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_
     assert manifest["config"]["online_probes"]["probes"] == ["cluster", "linear"]  # part of the fingerprint
     assert manifest["outputs"]["online_probes"]["iterations"] == 30
     assert manifest["outputs"]["online_probes"]["linear_iterations"] == 30  # the train store has labels
-    straight = torch.load(train_stage.run_dir(config, workdir, "paper-straight") / "checkpoints" / "last.pt",
+    straight = torch.load(paths.run_dir(config, workdir, "paper-straight") / "checkpoints" / "last.pt",
                           weights_only=True)
     assert straight["online_probes"]["clusters"].shape == (8, 32)  # synthetic: 8 classes, head_dim 32
 
@@ -182,7 +183,7 @@ def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_
          "--workdir", str(workdir), *sets],
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = train_stage.run_dir(config, workdir, "paper-killed") / "checkpoints" / "last.pt"
+    ckpt = paths.run_dir(config, workdir, "paper-killed") / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and child.poll() is None:
         if ckpt.exists():
@@ -206,7 +207,7 @@ def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_
         for index, moments in a[opt]["state"].items():
             for name, value in moments.items():
                 assert torch.equal(value, b[opt]["state"][index][name]), (opt, index, name)
-    logs = [[json.loads(line) for line in (train_stage.run_dir(config, workdir, run) / "metrics.jsonl")
+    logs = [[json.loads(line) for line in (paths.run_dir(config, workdir, run) / "metrics.jsonl")
              .read_text().splitlines()] for run in ("paper-straight", "paper-killed")]
     assert [(r["cluster_probe"], r["linear_probe"]) for r in logs[0]] == \
         [(r["cluster_probe"], r["linear_probe"]) for r in logs[1]]
