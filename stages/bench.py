@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import paths
+from pipeline import paths, prepared
 from pipeline.backbone import normalize
 from pipeline.config import load_config
 from stages import features as features_stage
@@ -55,8 +55,8 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     workdir = Path(workdir) / "bench-features"
     prepare.run(config, workdir)
     directory = paths.prepared_dir(config, workdir, "train")
-    names, labelled = prepare.read_prepared(directory)
-    decoded, _ = prepare.load_prepared(directory, names, labelled)
+    names, labelled = prepared.read_prepared(directory)
+    decoded, _ = prepared.load_prepared(directory, names, labelled)
     model = features_stage.resolve_backbone(config)
     bare, stage, passes = [], [], {"bare": 0, "stage": 0}
     manifest = {}

@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.reader import FeatureStore
-from pipeline import paths
+from pipeline import paths, prepared
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
@@ -24,7 +24,6 @@ from pipeline.lhp import lhp_weights
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.probes import assign, spherical_kmeans
 from stages import features as features_stage
-from stages import prepare
 from stages import train as train_stage
 from stages.bench import bench_config, report
 
@@ -120,8 +119,8 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         store, heads, pool_size, specific, rng, generator, torch.device("cpu"))
     pools = Pools(PoolIndex(sample(False)), PoolIndex(sample(True)))
     directory = paths.prepared_dir(config, workdir, "train")
-    names, _ = prepare.read_prepared(directory)
-    decoded, _ = prepare.load_prepared(directory, names, False)
+    names, _ = prepared.read_prepared(directory)
+    decoded, _ = prepared.load_prepared(directory, names, False)
     views = ExtractSettings(n_views=1)
 
     def head_step(i: int, f, f_aug, lhp) -> None:

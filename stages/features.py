@@ -24,7 +24,7 @@ from cache import writer
 from cache.order import store_order
 from cache.schema import Layout
 from cache.writer import stored_bytes
-from pipeline import paths
+from pipeline import paths, prepared
 from pipeline.backbone import Backbone
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -38,7 +38,7 @@ from stages import prepare
 
 def sample_order(config: Config, split: str, n_crops: int) -> tuple[np.ndarray, np.ndarray]:
     """(crop_order, source_image) of the split's store: permuted for training, the dataset's order otherwise."""
-    cpi = prepare.crops_per_image(config, split)
+    cpi = prepared.crops_per_image(config, split)
     if n_crops % cpi:
         raise UserError(f"prepared/{split}/samples.txt lists {n_crops} crops, not {cpi} per image; "
                         "rerun `hp-pipe prepare --force`")
@@ -77,7 +77,7 @@ def load_chunk(group, chunk: int, directory: str, names: list[str], order: tuple
     start, stop = writer.chunk_range(group, chunk)
     crop_order, source_image = order
     picked = crop_order[start:stop]
-    images, labels = prepare.load_prepared(directory, [names[i] for i in picked], labelled)
+    images, labels = prepared.load_prepared(directory, [names[i] for i in picked], labelled)
     ids = {"crop_order": picked.copy(), "source_image": source_image[start:stop].copy()}
     return ChunkInputs(chunk, images, labels, *model_inputs(images, np.arange(start, stop), settings), ids)
 
@@ -141,7 +141,7 @@ def run(
 
     def body(ctx: StageContext) -> dict[str, Any]:
         directory = str(paths.prepared_dir(config, workdir, split))
-        names, labelled = prepare.read_prepared(directory)
+        names, labelled = prepared.read_prepared(directory)
         order = sample_order(config, split, len(names))
         backbone = resolve_backbone(config)
         settings = settings_for(config, split)

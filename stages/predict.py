@@ -29,7 +29,7 @@ from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
 from pipeline.plots import blend
 from pipeline.probes import LinearProbe, cosine_scores
-from stages import features as features_stage
+from pipeline.workers import resolve_backbone
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -74,7 +74,7 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
     rdir = paths.run_dir(config, workdir, run)
     checkpoint = paths.checkpoint_path(rdir)
     encoder = load_encoder(str(checkpoint))
-    backbone = features_stage.resolve_backbone(config)
+    backbone = resolve_backbone(config)
     state = load_checkpoint(checkpoint)
     trained_on = state.get("backbone") or FeatureStore.open(state["store"]).attrs
     if trained_on["weights_hash"] != backbone.weights_hash or trained_on["backbone"] != backbone.name:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from pipeline import paths
@@ -22,6 +21,7 @@ from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_png, atomic_write_text
 from pipeline.graph import stage_plan
+from pipeline.prepared import crops_per_image
 from pipeline.runner import StageContext, run_stage
 
 SPLITS = ("train", "val")
@@ -41,11 +41,6 @@ def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[st
          None if lb is None else resize_shorter_center_crop(lb, size))
         for k, (im, lb) in enumerate(zip(images, labels, strict=True))
     ]
-
-
-def crops_per_image(config: Config, split: str) -> int:
-    """Crops `prepare` writes per source image; they are listed consecutively in samples.txt."""
-    return 5 if split == "train" and config["prepare"]["five_crop"] else 1
 
 
 def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dict[str, Any]:
@@ -93,21 +88,3 @@ def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
         return {**outputs, "summary": f"{counts} -> {paths.stage_dir(config, workdir) / 'prepared'}"}
 
     return run_stage(paths.stage_dir(config, workdir), "prepare", stage_config, inputs, body, force)
-
-
-def read_prepared(directory: str | Path) -> tuple[list[str], bool]:
-    """The sample names (in store order) and whether labels exist, as `prepare` wrote them."""
-    directory = Path(directory)
-    names = (directory / "samples.txt").read_text().split()
-    labelled = (directory / "labelled.txt").read_text().strip() == "1"
-    return names, labelled
-
-
-def load_prepared(directory: str | Path, names: list[str], labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stack the prepared images (and labels) of `names`."""
-    directory = Path(directory)
-    images = np.stack([np.asarray(Image.open(directory / "images" / f"{n}.png").convert("RGB")) for n in names])
-    labels = None
-    if labelled:
-        labels = np.stack([np.asarray(Image.open(directory / "labels" / f"{n}.png")) for n in names])
-    return images, labels

@@ -9,10 +9,7 @@ resumes from its checkpoint to the same final weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +22,24 @@ from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_text
 from pipeline.graph import method_of, stage_plan
 from pipeline.hp.heads import ema_update
 from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
-from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext, run_stage
-from stages import features_hcl
-
-
-def backbone_identity(store: FeatureStore) -> dict[str, str]:
-    """What a checkpoint records of the features it was trained on: `predict` checks its live backbone against
-    it without needing the store (a run folder may be copied without its features)."""
-    return {k: store.attrs[k] for k in ("backbone", "weights", "weights_hash")}
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = cuda, but no CUDA device is available; use --set train.device=cpu")
-    return torch.device(name)
+from pipeline.trainer import (
+    MetricsLog,
+    backbone_identity,
+    kept_checkpoint,
+    log_resume,
+    plan_run,
+    restore_rng,
+    rng_states,
+    run_outputs,
+)
+from stages import features_hcl, train_hcl
 
 
 # ---------------------------------------------------------------- pools (§4)
@@ -74,56 +65,6 @@ def online_probes(ctx: StageContext, config: Config, store: FeatureStore, device
 
 
 # ---------------------------------------------------------------- checkpoints
-def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every torch RNG a run draws from (numpy ones are the caller's)."""
-    return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-
-
-def restore_rng(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["generator"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-
-
-def kept_checkpoint(ckpt: Path) -> str:
-    """What a stopped run leaves to resume from, said as it is."""
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
-        return f"the last good checkpoint {ckpt} (iteration {state['iteration']}) is kept"
-    return f"no checkpoint was written yet ({ckpt} does not exist): a rerun starts from the beginning"
-
-
-def log_resume(ctx: StageContext, state: dict[str, Any], ckpt: Path, total: int) -> None:
-    ctx.log(f"resuming from {ckpt} at iteration {state['iteration']} of {total}")
-    if state.get("threads") not in (None, torch.get_num_threads()):
-        ctx.log(f"note: the run started with {state['threads']} torch threads, it resumes with "
-                f"{torch.get_num_threads()}: float reductions may differ in the last bits")
-
-
-class MetricsLog:
-    """metrics.jsonl, cut back to the checkpoint's iteration on resume so it never holds a line twice."""
-
-    def __init__(self, path: Path, keep_until: int):
-        self.path = path
-        self.records = []
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
-                if record["iteration"] <= keep_until:
-                    self.records.append(record)
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-
-    def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 # ---------------------------------------------------------------- the loop
 def optimize(heads: HPHeads, loss: torch.Tensor, opt_s: torch.optim.Optimizer, opt_p: torch.optim.Optimizer,
              scaler: torch.amp.GradScaler, grad_clip: float, ema_m: float) -> None:
@@ -147,56 +88,6 @@ def make_optimizers(heads: HPHeads, t_cfg: dict[str, Any]) -> tuple[torch.optim.
     """AdamW for S, Adam for P (§5)."""
     opt_s = torch.optim.AdamW(heads.S.parameters(), lr=t_cfg["lr"], weight_decay=t_cfg["weight_decay"])
     return opt_s, torch.optim.Adam(heads.P.parameters(), lr=t_cfg["lr"])
-
-
-@dataclass
-class RunPlan:
-    """What every trainer settles before its first step."""
-
-    device: torch.device
-    amp: bool
-    iters_per_epoch: int
-    total: int
-    ckpt: Path
-
-
-def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStore, out: Path,
-             images: int | None = None) -> RunPlan:
-    """Device, iterations (batch size and epochs from the method's `section`), a fresh run folder when asked.
-
-    An epoch is one pass over the store's samples, or over `images` when given (HCL: one of each image's cached
-    crops per epoch, docs/hcl.md §4).
-    """
-    device = pick_device(config["train"]["device"])
-    batch_size = config[section]["batch_size"]
-    per_epoch, what = (len(store), "training crops") if images is None else (images, "training images")
-    iters_per_epoch = per_epoch // batch_size
-    if iters_per_epoch == 0:
-        raise UserError(f"{section}.batch_size = {batch_size} exceeds the {per_epoch} {what} in "
-                        f"{store.url}; lower it with --set {section}.batch_size=N")
-    if ctx.fresh and out.exists():
-        shutil.rmtree(out)  # a changed config or --force: this run starts over
-    out.mkdir(parents=True, exist_ok=True)
-    return RunPlan(device, bool(config["train"]["amp"]) and device.type == "cuda", iters_per_epoch,
-                   iters_per_epoch * config[section]["epochs"], paths.checkpoint_path(out))
-
-
-def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: FeatureStore, out: Path, steps: int,
-                seconds: float, label: str, curves=CURVES, **timings: Any) -> dict[str, Any]:
-    """Curves, then the stage's outputs and one-line summary (shared by the methods)."""
-    random_init = " [random-init backbone]" if store.random_init else ""
-    training_curves(log.records, out / "curves.png", title=f"{ctx.name} ({label}){random_init}", curves=curves)
-    last = log.records[-1] if log.records else {}
-    rate = steps / seconds if seconds > 0 else 0.0
-    return {
-        "method": label.lower(), "run_dir": str(out), "checkpoint": str(plan.ckpt), "iterations": plan.total,
-        "iterations_per_epoch": plan.iters_per_epoch, "final": last, "store": store.url,
-        "random_init": store.random_init, "device": str(plan.device),
-        "timings": {"train_seconds": round(seconds, 3), **timings},
-        "summary": f"{label}: {plan.total} iterations ({rate:.2f} it/s), final loss "
-                   f"{last.get('loss', float('nan')):.4f} -> {out}"
-                   + (" [RANDOM-INIT backbone features]" if store.random_init else ""),
-    }
 
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
@@ -300,8 +191,6 @@ def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, dev
 
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train the configured method (train.method) into run `run` (default: the method's name)."""
-    from stages import train_hcl  # imports this module
-
     method = method_of(config)
     run = run or method
     manifest = features_hcl.run_for_method(config, workdir, "train")

@@ -30,7 +30,7 @@ from pipeline.hcl.step import head_input, lr_at, mogo_samples, param_groups, tra
 from pipeline.hcl.views import epoch_keep
 from pipeline.plots import HCL_CURVES
 from pipeline.runner import StageContext
-from stages.train import (
+from pipeline.trainer import (
     MetricsLog,
     backbone_identity,
     kept_checkpoint,

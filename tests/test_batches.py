@@ -12,7 +12,7 @@ from cache import writer
 from cache.order import crop_permutation, iid_distinct_images, plan_distinct_images, store_order
 from cache.reader import FeatureStore, batch_plan
 from cache.schema import SCHEMA_VERSION
-from pipeline import paths
+from pipeline import paths, prepared
 from pipeline.config import load_config
 from pipeline.datasets import open_dataset
 from pipeline.datasets.geometry import five_crop
@@ -109,7 +109,7 @@ def test_train_store_holds_the_crops_in_a_permuted_order(built):
     assert n == 20 and sorted(crop_order.tolist()) == list(range(n))
     assert not np.array_equal(crop_order, np.arange(n))
     directory = paths.prepared_dir(config, workdir, "train")
-    names, _ = prepare.read_prepared(directory)
+    names, _ = prepared.read_prepared(directory)
     dataset = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
     images, labels = store.read("image", 0, n), store.read("label", 0, n)
     assert store.attrs["samples"] == [names[i] for i in crop_order]
@@ -132,7 +132,7 @@ def test_val_store_keeps_the_dataset_order(built):
     store = FeatureStore.open(stores["val"])
     np.testing.assert_array_equal(store.read("crop_order", 0, len(store)), np.arange(2))
     np.testing.assert_array_equal(store.read("source_image", 0, len(store)), np.arange(2))
-    names, _ = prepare.read_prepared(paths.prepared_dir(config, workdir, "val"))
+    names, _ = prepared.read_prepared(paths.prepared_dir(config, workdir, "val"))
     assert store.attrs["samples"] == names
 
 

@@ -11,6 +11,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from pipeline import prepared
 from pipeline.datasets import DATASETS, ensure_synthetic, open_dataset
 from pipeline.datasets.cocostuff import FINE_TO_COARSE
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
@@ -162,9 +163,9 @@ def test_potsdam_preset_prepares_one_crop_per_tile(tmp_path):
     config = load_config("potsdam", {"dataset.root": str(tmp_path / "potsdam")})
     outputs = prepare.run(config, tmp_path / "work")["outputs"]
     assert outputs["train"]["samples"] == outputs["train"]["source_images"] == 2
-    names, labelled = prepare.read_prepared(outputs["train"]["dir"])
+    names, labelled = prepared.read_prepared(outputs["train"]["dir"])
     assert names == ["0", "1"] and labelled
-    images, labels = prepare.load_prepared(outputs["train"]["dir"], names, labelled)
+    images, labels = prepared.load_prepared(outputs["train"]["dir"], names, labelled)
     for name, image, label in zip(names, images, labels, strict=True):
         rgb, raw = written[name]
         np.testing.assert_array_equal(image, resize_shorter_center_crop(rgb, 224))  # the whole tile, no crop
