@@ -263,7 +263,15 @@ def report(
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
            trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None) -> None:
-    """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing."""
+    """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing. Writes nothing."""
+    from pipeline.datasets.synthetic import read_only
+
+    with read_only():
+        _status(dataset, workdir, data_root, backbone, weights, random_init, trust_weights, method, set_)
+
+
+def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | None, weights: str | None,
+            random_init: bool, trust_weights: bool, method: str | None, set_: list[str] | None) -> None:
     from pipeline.graph import METHODS, method_of, stage_plan
     from pipeline.runner import read_manifest, stage_state
 

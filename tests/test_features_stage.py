@@ -91,6 +91,22 @@ def test_prepared_crops_follow_the_five_crop_geometry(built):
     np.testing.assert_array_equal(crop, quarter)
 
 
+def tree_state(root):
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))}
+
+
+def test_status_writes_nothing(built, tmp_path):
+    _, workdir, _ = built
+    before = tree_state(workdir)
+    sets = sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])
+    assert hp("status", "--dataset", "synthetic", *sets, workdir=workdir).returncode == 0
+    assert tree_state(workdir) == before  # not a file touched in a finished workdir
+    fresh = tmp_path / "fresh"
+    out = hp("status", "--dataset", "synthetic", *sets, workdir=fresh).stdout
+    assert not fresh.exists()  # a fresh workdir: no synthetic data generated, no folder created
+    assert [line.split()[1] for line in out.splitlines()[1:]] == ["missing"] * 5
+
+
 def test_second_run_skips_and_status_reports_complete(built, capsys):
     config, workdir, manifests = built
     again = features.run(config, workdir, "train")

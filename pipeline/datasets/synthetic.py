@@ -8,8 +8,11 @@ occlusion are random. Generation is deterministic: image i of a split depends on
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,18 @@ VERSION = 1   # bump when the drawing code changes: existing folders then regene
 CLASS_NAMES = ["sky", "water", "grass", "road", "building", "tree", "car", "person"]
 SKY, WATER, GRASS, ROAD, BUILDING, TREE, CAR, PERSON = range(len(CLASS_NAMES))
 MARKER = "synthetic.json"
+# False while a read-only command (`hp-pipe status`) looks at the dataset: nothing is generated or created then
+GENERATE: contextvars.ContextVar[bool] = contextvars.ContextVar("GENERATE", default=True)
+
+
+@contextlib.contextmanager
+def read_only() -> Iterator[None]:
+    """Within this block a synthetic dataset that does not exist yet is reported as missing, not generated."""
+    token = GENERATE.set(False)
+    try:
+        yield
+    finally:
+        GENERATE.reset(token)
 SPLIT_CODES = {"train": 0, "val": 1}
 
 SKY_PALETTES = [((60, 120, 210), (170, 205, 240)), ((150, 155, 165), (205, 205, 210)),
@@ -56,6 +71,8 @@ def ensure_synthetic(root: Path, n_train: int, n_val: int, size: int, seed: int)
     marker = root / MARKER
     if _marker_matches(marker, params):
         return root
+    if not GENERATE.get():
+        raise UserError(f"the synthetic dataset under {root} is not generated yet (any stage generates it)")
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:   # concurrent callers (workers) generate once
         fcntl.flock(lock, fcntl.LOCK_EX)
