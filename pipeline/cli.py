@@ -18,6 +18,7 @@ from pipeline.cluster import set_tls_files
 from pipeline.config import Config, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
 
+HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
 app = typer.Typer(
     help="hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache.\n\n"
     "Stages: prepare -> features -> train -> evaluate. Each skips itself when up to date and resumes when "
@@ -25,15 +26,32 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: wrapped, never cut with "…", no <bool> metavars on flags
+    context_settings=HELP,
 )
 bench_app = typer.Typer(help="Benchmarks (figures as one JSON object on the last line with --json).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, rich_markup_mode=None, context_settings=HELP)
 app.add_typer(bench_app, name="bench")
+
+def _version(value: bool) -> None:
+    if value:
+        import pipeline
+
+        print(f"hp-pipe {pipeline.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache."""
+
 
 Dataset = Annotated[str, typer.Option("--dataset", "-d", help=f"Preset: {', '.join(preset_names())}.")]
 Workdir = Annotated[Path, typer.Option(help="Where stage outputs and manifests go.", envvar="HP_PIPE_WORKDIR")]
 DataRoot = Annotated[str | None, typer.Option(help="Dataset folder (default: <workdir>/data/<dataset>).")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "
+                                                             "(repeat for several keys).")]
 Force = Annotated[bool, typer.Option(help="Recompute even when up to date.")]
 Backbone = Annotated[str | None, typer.Option(help="timm DINO ViT, e.g. vit_small_patch16_224.dino.")]
 Weights = Annotated[
@@ -316,13 +334,10 @@ def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:
 
 @app.command("config")
 def show_config(dataset: Dataset = "synthetic", set_: Sets = None) -> None:
-    """Print the resolved config (preset + overrides) as TOML-like text."""
-    config = build_config(dataset, None, set_)
-    for section, values in config.items():
-        print(f"[{section}]")
-        for key, value in values.items():
-            print(f"{key} = {value!r}")
-        print()
+    """Print the resolved config (preset + overrides) as TOML that can be pasted into a preset."""
+    from pipeline.config import to_toml
+
+    print(to_toml(build_config(dataset, None, set_)), end="")
 
 
 @bench_app.command("features")

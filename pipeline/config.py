@@ -94,6 +94,27 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def toml_value(value: Any) -> str:
+    """One value in TOML syntax (strings as JSON strings are valid TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def to_toml(config: Config) -> str:
+    """The whole config as TOML: `tomllib.loads(to_toml(c)) == c`."""
+    return "".join(f"[{section}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()) + "\n"
+                   for section, values in config.items())
+
+
 def fingerprint(*parts: Any) -> str:
     """Stable short hash of plain data (dicts are key-sorted)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()

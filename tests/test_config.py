@@ -138,3 +138,28 @@ def test_cli_range_errors_exit_2_with_one_line(tmp_path):
                               capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("error: config key") and "Traceback" not in proc.stderr
         assert not (tmp_path / "synthetic").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_printed_config_is_toml_that_loads_back_to_the_same_config(name):
+    import tomllib
+
+    from pipeline.config import to_toml
+
+    config = load_config(name, {"train.tau": "0.75", "dataset.root": 'C:\\data "x"'})
+    assert tomllib.loads(to_toml(config)) == config
+
+
+def test_cli_conventions():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and version.output.startswith("hp-pipe ")
+    for command in ([], ["features"], ["train"], ["evaluate"], ["predict"], ["status"], ["bench", "train"]):
+        short, long = runner.invoke(app, [*command, "-h"]), runner.invoke(app, [*command, "--help"])
+        assert short.exit_code == 0 and short.output == long.output
+        assert "<bool>" not in short.output and "…" not in short.output
+    assert "repeat" in runner.invoke(app, ["train", "-h"]).output  # --set says it can be given several times
