@@ -16,6 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipeline.files import atomic_write  # noqa: E402
 
 CURVES = (("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",))  # HP (docs/hp.md §5)
 HCL_CURVES = (("loss", "fg", "bg", "pred"), ("lr",))  # HCL (docs/hcl.md §4)
@@ -97,6 +100,20 @@ def palette(n: int) -> np.ndarray:
             chosen.append(pick)
             dist = np.minimum(dist, ((grid - pick) ** 2).sum(1))
     return np.array(chosen, np.uint8).reshape(n, 3)
+
+
+def save_label_png(labels: np.ndarray, n_classes: int, path: Path) -> None:
+    """Class ids as a palette PNG: the pixel values stay the ids (0..n-1, 255 = ignore) and every viewer shows
+    them in the class colours of the overlays (ignore in black)."""
+    table = np.zeros((256, 3), np.uint8)
+    table[:n_classes] = palette(n_classes)
+
+    def write(tmp: Path) -> None:
+        image = Image.fromarray(np.asarray(labels, np.uint8), mode="P")
+        image.putpalette(table.flatten().tolist())
+        image.save(tmp, format="PNG")
+
+    atomic_write(path, write)
 
 
 def colorize(labels: np.ndarray, n: int) -> np.ndarray:

@@ -482,6 +482,8 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         settings = protocol_settings(config, protocol, crf, probe_outputs["head"].get("online"), train_store)
         metrics = {
             "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
+            "class_names": val_store.attrs.get("class_names")
+            or [str(c) for c in range(config["dataset"]["n_classes"])],
             "protocol": {
                 "name": protocol + (" (the reference's: probes trained online during training, docs/hp.md §8)"
                                     if protocol == "paper" else " (probes fitted after training)"),

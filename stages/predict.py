@@ -27,7 +27,8 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
-from pipeline.plots import blend
+from pipeline.files import atomic_write_text
+from pipeline.plots import blend, palette, save_label_png
 from pipeline.probes import LinearProbe, cosine_scores
 from pipeline.workers import resolve_backbone
 
@@ -116,9 +117,15 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
         else:
             pred = logits.argmax(1)[0].numpy()
         labels = np.where(mapping[pred] >= 0, mapping[pred], 255).astype(np.uint8)
-        Image.fromarray(labels).save(out / f"{path.stem}.png")
+        save_label_png(labels, n_classes, out / f"{path.stem}.png")
         Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
+    names = metrics.get("class_names") or [f"class {c}" for c in range(n_classes)]
+    legend = {"classes": [{"id": c, "name": name, "rgb": rgb.tolist()}
+                          for c, (name, rgb) in enumerate(zip(names, palette(n_classes), strict=True))],
+              "ignore": {"id": 255, "rgb": [0, 0, 0]}, "probe": probe, "crf": crf, "run": run,
+              "random_init_backbone": backbone.random_init}
+    atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))
     note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
-    print(f"[predict] {len(images)} images -> {out} (label PNGs and overlays){note}")
+    print(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
     return {"out": str(out), "images": len(images)}
 

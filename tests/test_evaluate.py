@@ -130,6 +130,17 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     odd = np.asarray(Image.open(tmp_path / "out" / "odd.png"))
     assert odd.shape == (70, 90) and set(np.unique(odd)) <= set(range(8)) | {255}
     assert (tmp_path / "out" / "odd_overlay.png").exists()
+    # label PNGs are palette PNGs: ids as pixel values, class colours (those of the overlays) in the colour table
+    from pipeline.plots import palette
+
+    label_png = Image.open(tmp_path / "out" / "odd.png")
+    assert label_png.mode == "P"
+    table = np.asarray(label_png.getpalette(), np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(table[:8], palette(8))
+    assert table[255].tolist() == [0, 0, 0]
+    legend = json.loads((tmp_path / "out" / "legend.json").read_text())
+    assert [c["name"] for c in legend["classes"]] == metrics["class_names"] and len(metrics["class_names"]) == 8
+    assert legend["classes"][3]["rgb"] == palette(8)[3].tolist() and legend["random_init_backbone"] is True
     # the live path (backbone -> head -> probe) agrees with the evaluation's cached path on a val image
     codes = FeatureStore.open(str(paths.run_dir(config, workdir, "hp") / "codes" / "val.zarr"))
     row = next(r for r in metrics["results"] if r["name"] == "HP cluster")
