@@ -119,7 +119,7 @@ def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), dat
 @app.command()
 def features(
     dataset: Dataset = "synthetic",
-    split: Annotated[str, typer.Option(help="train, val, or all.")] = "all",
+    split: Annotated[str, typer.Option(help="train, val or all.")] = "all",
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
     store: Annotated[str | None, typer.Option(help="Store URL: a path or any fsspec URL (one split).")] = None,
@@ -148,6 +148,8 @@ def features(
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
+    if split not in ("train", "val", "all"):
+        raise UserError(f"--split must be train, val or all, got '{split}'")
     splits = ["train", "val"] if split == "all" else [split]
     if store and len(splits) > 1:
         raise UserError("--store names one store: pass --split train or --split val with it")
@@ -215,6 +217,8 @@ def evaluate(
 
     sets = list(set_ or [])
     if probe:
+        if probe not in ("cluster", "linear", "all"):
+            raise UserError(f"--probe must be cluster, linear or all, got '{probe}'")
         sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
     if crf is not None:
         sets.append(f"evaluate.crf={crf}")
@@ -248,7 +252,7 @@ def predict(
     from stages import predict as stage
 
     if probe not in ("cluster", "linear"):
-        raise UserError(f"--probe must be cluster or linear, got '{probe}'")
+        raise UserError(f"--probe must be cluster or linear, got '{probe}'")  # predict: one probe at a time
     config = build_config(dataset, None, set_, backbone, weights, random_init, method, trust_weights)
     stage.run(config, workdir, run, source, out, probe, crf)
 
@@ -259,14 +263,13 @@ def report(
     run: RunName = None,
     method: Method = None,
     workdir: Workdir = Path("work"),
-    data_root: DataRoot = None,
 ) -> None:
     """Write report.md (table + pictures) from the run's metrics.json."""
     import json
 
     from pipeline.report import write_report
 
-    config = build_config(dataset, data_root, method=method)
+    config = build_config(dataset, method=method)
     run = run or config["train"]["method"]
     out = paths.eval_dir(config, workdir, run)
     path = out / "metrics.json"

@@ -163,3 +163,9 @@ def test_cli_conventions():
         assert short.exit_code == 0 and short.output == long.output
         assert "<bool>" not in short.output and "…" not in short.output
     assert "repeat" in runner.invoke(app, ["train", "-h"]).output  # --set says it can be given several times
+    assert "--data-root" not in runner.invoke(app, ["report", "-h"]).output  # only options that apply
+    for args, words in ((["features", "--split", "x"], "train, val or all"),
+                        (["evaluate", "--probe", "x"], "cluster, linear or all")):
+        result = runner.invoke(app, args)
+        assert isinstance(result.exception, UserError) and words in str(result.exception)  # the help's wording
+        assert words in runner.invoke(app, [args[0], "-h"]).output
