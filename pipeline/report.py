@@ -72,6 +72,18 @@ PAPER_HEADER = ("paper mIoU (%)", "paper Acc (%)")
 PAPER_BATCH = 64  # docs/hp.md §5-§6: every preset of the paper trains with batch 64
 
 
+def console_summary(results: list[dict], files: dict[str, str | Path], random_init: bool) -> str:
+    """What `evaluate` prints at the end: a short aligned table of the rows and where every output is."""
+    width = max([len("result"), *(len(r["name"]) for r in results)])
+    lines = [f"{'result':{width}}  {'mIoU':>6}  {'Acc':>6}"]
+    lines += [f"{r['name']:{width}}  {r['miou']:6.1f}  {r['acc']:6.1f}" for r in results]
+    if random_init:
+        lines.append("random-initialized backbone: these numbers test the pipeline, not the method "
+                     "(README: 'Quality with a known answer')")
+    lines += [f"{name}: {path}" for name, path in files.items()]
+    return "\n".join(lines)
+
+
 def backbone_label(name: str) -> str:
     """timm's name as papers write it: vit_small_patch8_224.dino -> ViT-S/8 (DINO)."""
     m = re.match(r"vit_(tiny|small|base|large)_patch(\d+)", name)

@@ -513,10 +513,13 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
             "pictures": pictures,
         }
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        from pipeline.report import write_report
+        from pipeline.report import console_summary, write_report
 
         write_report(metrics, pictures, out / "report.md")
-        best = ", ".join(f"{r['name']} {r['miou']:.1f} mIoU / {r['acc']:.1f} Acc" for r in rows)
+        files = {"metrics": out / "metrics.json", "report": out / "report.md", **pictures}
+        print(console_summary(rows, files, train_store.random_init), flush=True)
+        head = next((r for r in rows if r["features"] == "head" and not r["crf"]), None)
+        best = f"{head['name']} {head['miou']:.1f} mIoU / {head['acc']:.1f} Acc" if head else "no head row"
         note = " [RANDOM-INIT backbone]" if train_store.random_init else ""
         return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md"), "results": rows and
                 [{k: r[k] for k in ("name", "miou", "acc")} for r in rows], "random_init": train_store.random_init,

@@ -271,3 +271,19 @@ def test_report_puts_the_paper_numbers_beside_the_rows(tmp_path):
     assert rows[2] == ["DINO cluster", "cluster", "raw", "no", "–", "12.3", "40.1", "–", "–"]
     assert rows[3] == ["HP linear", "linear", "head", "yes", "paper", "45.7", "78.9", "42.7", "75.6"]
     assert text.index("## Compared with the paper") < text.index("## Results")
+
+
+def test_console_summary_is_a_short_aligned_table_with_every_file():
+    from pipeline.report import console_summary
+
+    rows = [{"name": "HP cluster", "miou": 19.654, "acc": 40.7}, {"name": "DINO linear + CRF", "miou": 8.0,
+                                                                  "acc": 100.0}]
+    text = console_summary(rows, {"metrics": "runs/hp/eval/metrics.json", "overlays": "runs/hp/eval/overlays.png"},
+                           random_init=True)
+    lines = text.splitlines()
+    assert lines[0].split() == ["result", "mIoU", "Acc"]
+    assert lines[1].split()[-2:] == ["19.7", "40.7"] and lines[2].split()[-2:] == ["8.0", "100.0"]
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned columns
+    assert max(len(line) for line in lines) < 120
+    assert "random-initialized backbone" in text and "overlays: runs/hp/eval/overlays.png" in lines
+    assert "random" not in console_summary(rows, {}, random_init=False)
