@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cache.reader import FeatureStore
 from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, fingerprint
 from pipeline.errors import UserError
 from pipeline.graph import method_of, stage_plan
 from pipeline.hp.heads import ema_update
@@ -28,7 +28,7 @@ from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, traini
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
-from pipeline.runner import StageContext, run_stage
+from pipeline.runner import StageContext, changed_keys, read_manifest, run_stage
 from pipeline.trainer import (
     MetricsLog,
     backbone_identity,
@@ -209,4 +209,19 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         return trainer(ctx, config, store, out)
 
     sdir = paths.stage_dir(config, workdir)
+    if not force:
+        refuse_to_replace(sdir, run, {**stage_config, "run": run}, inputs, paths.checkpoint_path(out))
     return run_stage(sdir, f"train-{run}", {**stage_config, "run": run}, inputs, body, force)
+
+
+def refuse_to_replace(sdir: Path, run: str, stage_config: dict[str, Any], inputs: dict[str, str], ckpt: Path) -> None:
+    """A run trained (or started) with other settings is never replaced silently: its checkpoint, probes and
+    evaluation would go with it. The user picks a new run name or says --force."""
+    old = read_manifest(sdir, f"train-{run}")
+    if old is None or old.get("fingerprint") == fingerprint(stage_config, inputs) or not ckpt.exists():
+        return
+    keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
+                        {"config": stage_config, "inputs": inputs})
+    raise UserError(f"run '{run}' exists with other settings ({', '.join(keys) or 'inputs'} differ): training now "
+                    f"would replace it and its evaluation. Use --run NEW to train a new run beside it, repeat the "
+                    f"run's own options (--set ...), or pass --force to replace it")

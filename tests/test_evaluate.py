@@ -11,9 +11,11 @@ from cache.reader import FeatureStore
 from cache.schema import CodesLayout
 from pipeline import paths
 from pipeline.config import load_config
+from pipeline.errors import UserError
 from pipeline.hp.model import HPHeads
 from pipeline.metrics import confusion_matrix, scores
 from stages import evaluate
+from stages import train as train_stage
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
@@ -279,6 +281,10 @@ def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys
         assert f"[{stage}] up to date" in out, stage
     paper_centroids = np.load(run_dir / "probe-head" / "centroids.npy")
     kmeans = paper_config(**{"evaluate.protocol": "kmeans"})
+    with pytest.raises(UserError, match=r"run 'hp' exists with other settings .*--run NEW.*--force"):
+        evaluate.run(kmeans, workdir, "hp")  # the run's training changes with the protocol: never replaced silently
+    assert paths.checkpoint_path(run_dir).exists() and (paths.eval_dir(config, workdir, "hp") / "metrics.json").exists()
+    train_stage.run(kmeans, workdir, "hp", force=True)
     evaluate.run(kmeans, workdir, "hp")
     out = json.loads((paths.eval_dir(config, workdir, "hp") / "metrics.json").read_text())
     assert out["protocol_settings"]["name"] == "kmeans" and out["protocol_settings"]["crf"] == {"enabled": False}

@@ -13,6 +13,7 @@ import torch
 from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.runner import read_manifest
 from stages import features
 from stages import train as train_stage
 
@@ -90,6 +91,21 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
         assert torch.equal(resumed[key], reference[key]), key
     log = (paths.run_dir(config, workdir, "killed") / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in log] == list(range(1, iterations + 1))
+
+
+def test_a_run_is_never_replaced_silently_by_other_settings(workdir):
+    config = tiny_config(**{"train.epochs": "1"})
+    train_stage.run(config, workdir, "kept")
+    ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, "kept"))
+    before = ckpt.read_bytes()
+    changed = tiny_config(**{"train.epochs": "1", "train.tau": "0.7"})
+    with pytest.raises(UserError, match=r"run 'kept' exists with other settings \(config\.train\.tau differ\)"):
+        train_stage.run(changed, workdir, "kept")
+    assert ckpt.read_bytes() == before  # nothing replaced, nothing deleted
+    assert read_manifest(paths.stage_dir(config, workdir), "train-kept")["status"] == "complete"
+    train_stage.run(changed, workdir, "kept-tau-0.7")  # the first way out: a new run beside it
+    train_stage.run(changed, workdir, "kept", force=True)  # the second: replace it on purpose
+    assert ckpt.read_bytes() != before
 
 
 def test_finished_run_is_skipped(workdir, capsys):
