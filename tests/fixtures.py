@@ -109,3 +109,37 @@ def make_voc(root: Path, train=("2007_000032", "2007_000039"), val=("2007_000033
         (sets / "train_aug.txt").write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n"
                                                     for i in aug))
     return written
+
+
+def kill_training_when(workdir: Path, run: str, sets: dict, ckpt: Path, should_kill, timeout: float = 180) -> dict:
+    """Start `hp-pipe train --run RUN` in a subprocess (same torch thread count as this process, so that float
+    reductions match) and SIGKILL it as soon as its checkpoint satisfies `should_kill(state)`; return that state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    args = [arg for key, value in sets.items() for arg in ("--set", f"{key}={value}")]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", run,
+         "--workdir", str(workdir), *args],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if ckpt.exists():
+            try:
+                state = torch.load(ckpt, weights_only=True)
+            except Exception:  # being renamed into place
+                continue
+            if should_kill(state):
+                child.send_signal(signal.SIGKILL)
+                seen = state
+                break
+        time.sleep(0.005)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return seen

@@ -27,6 +27,7 @@ from pipeline.runner import read_manifest
 from pipeline.workers import resolve_backbone
 from stages import evaluate, features_hcl, train_hcl
 from stages import train as train_stage
+from tests.fixtures import kill_training_when
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "2", "dataset.size": "96",
@@ -392,11 +393,6 @@ def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, t
 def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
     """A real SIGKILL of `hp-pipe train --method hcl`: right after an epoch's MoGoClustering was checkpointed (the
     only checkpoints are the post-clustering ones) or between two steps; the resumed run equals a straight one."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
     epochs = 6  # a long enough run for the poll below to see the checkpoint it waits for, even on a fast machine
     extra = {"train.checkpoint_interval": "100" if kill_at == "right-after-clustering" else "1",
              "hcl.epochs": str(epochs)}
@@ -405,32 +401,16 @@ def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
     train_stage.run(config, workdir, f"straight-{kill_at}")
     straight = torch.load(paths.run_dir(config, workdir, f"straight-{kill_at}") / "checkpoints" / "last.pt",
                           weights_only=True)
-    sets = [arg for k, v in {**TINY, **extra}.items() for arg in ("--set", f"{k}={v}")]
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", run,
-         "--workdir", str(workdir), *sets],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = paths.run_dir(config, workdir, run) / "checkpoints" / "last.pt"
+    ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, run))
     iters = IMAGES // BATCH
-    seen, deadline = None, time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if ckpt.exists():
-            try:
-                state = torch.load(ckpt, weights_only=True)
-            except Exception:  # being renamed into place
-                continue
-            # a post-clustering checkpoint of a later epoch (the only kind written with checkpoint_interval 100),
-            # or any checkpoint between two steps of epoch 1 or later
-            after_clustering = state["clustered_epoch"] >= 1 and state["iteration"] == state["clustered_epoch"] * iters
-            mid_epoch = iters < state["iteration"] < epochs * iters and state["iteration"] % iters
-            if after_clustering if kill_at == "right-after-clustering" else mid_epoch:
-                child.send_signal(signal.SIGKILL)
-                seen = state["iteration"]
-                break
-        time.sleep(0.005)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+    def should_kill(state):  # a post-clustering checkpoint of a later epoch (the only kind written with
+        # checkpoint_interval 100), or any checkpoint between two steps of epoch 1 or later
+        after_clustering = state["clustered_epoch"] >= 1 and state["iteration"] == state["clustered_epoch"] * iters
+        mid_epoch = iters < state["iteration"] < epochs * iters and state["iteration"] % iters
+        return after_clustering if kill_at == "right-after-clustering" else mid_epoch
+
+    seen = kill_training_when(workdir, run, {**TINY, **extra}, ckpt, should_kill)["iteration"]
     assert read_manifest(workdir / "synthetic", f"train-{run}")["status"] == "running"  # as a kill leaves it
     assert torch.load(ckpt, weights_only=True)["iteration"] >= seen
     train_stage.run(config, workdir, run)

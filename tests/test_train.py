@@ -1,11 +1,6 @@
 """The train stage on a tiny synthetic cache: learning, exact resume, NaN guard, pool renewal."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +11,7 @@ from pipeline.errors import UserError
 from pipeline.runner import read_manifest
 from stages import features
 from stages import train as train_stage
+from tests.fixtures import kill_training_when
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "1", "dataset.size": "128",
@@ -65,25 +61,9 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
     config = tiny_config(**{"train.epochs": "6", "train.checkpoint_interval": "3"})
     train_stage.run(config, workdir, "straight")
     reference, iterations = final_weights(config, workdir, "straight")
-    sets = sum((["--set", f"{k}={v}"] for k, v in {**TINY, "train.epochs": "6",
-                                                    "train.checkpoint_interval": "3"}.items()), [])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", "killed",
-         "--workdir", str(workdir), *sets],
-        # the same thread count as this process: float reductions, and so the last bits, depend on it
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = paths.run_dir(config, workdir, "killed") / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)
-            if 0 < state["iteration"] < iterations:
-                child.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, "killed"))
+    kill_training_when(workdir, "killed", {**TINY, "train.epochs": "6", "train.checkpoint_interval": "3"}, ckpt,
+                       lambda state: 0 < state["iteration"] < iterations)
     train_stage.run(config, workdir, "killed")
     resumed, resumed_iterations = final_weights(config, workdir, "killed")
     assert resumed_iterations == iterations
@@ -193,23 +173,8 @@ def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_
                           weights_only=True)
     assert straight["online_probes"]["clusters"].shape == (8, 32)  # synthetic: 8 classes, head_dim 32
 
-    sets = sum((["--set", f"{k}={v}"] for k, v in {**TINY, **extra}.items()), [])
-    child = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", "--dataset", "synthetic", "--run", "paper-killed",
-         "--workdir", str(workdir), *sets],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = paths.run_dir(config, workdir, "paper-killed") / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if ckpt.exists():
-            state = torch.load(ckpt, weights_only=True)
-            if 0 < state["iteration"] < 30:
-                child.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.02)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, "paper-killed"))
+    kill_training_when(workdir, "paper-killed", {**TINY, **extra}, ckpt, lambda state: 0 < state["iteration"] < 30)
     train_stage.run(config, workdir, "paper-killed")
     resumed = torch.load(ckpt, weights_only=True)
     for key in straight["heads"]:
