@@ -283,24 +283,30 @@ def report(
 @app.command()
 def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
            backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
-           trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None) -> None:
-    """Show each stage's state for a dataset: complete, stale, interrupted, failed or missing. Writes nothing."""
+           trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None,
+           json_: Annotated[bool, typer.Option("--json", help="The states as a JSON list.")] = False) -> None:
+    """Show each stage's state for a dataset: complete, incomplete (an output is gone), stale, interrupted,
+    failed or missing. Writes nothing."""
     from pipeline.datasets.synthetic import read_only
 
     with read_only():
-        _status(dataset, workdir, data_root, backbone, weights, random_init, trust_weights, method, set_)
+        _status(dataset, workdir, data_root, backbone, weights, random_init, trust_weights, method, set_, json_)
 
 
 def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | None, weights: str | None,
-            random_init: bool, trust_weights: bool, method: str | None, set_: list[str] | None) -> None:
+            random_init: bool, trust_weights: bool, method: str | None, set_: list[str] | None,
+            as_json: bool = False) -> None:
+    import json
+
     from pipeline.graph import METHODS, method_of, stage_plan
-    from pipeline.runner import read_manifest, stage_state
+    from pipeline.runner import missing_outputs, read_manifest, stage_state
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
     sdir = paths.stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
-    print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
+    if not as_json:
+        print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
     rows = []
     plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m, trust_weights),
                            workdir, stores) for m in METHODS}
@@ -317,15 +323,23 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
             recorded = train_manifest.get("config", {}).get("train", {}).get("method")
             run_config, run_inputs = plans.get(recorded or method_of(config), plans["hp"])[name]
             rows.append((r, {**run_config, "run": r.removeprefix(f"{name}-")}, run_inputs))
+    report = []
     for name, stage_config, inputs in rows:
         manifest = read_manifest(sdir, name) or {}
         state = stage_state(sdir, name, stage_config, inputs)
         outputs = manifest.get("outputs", {})
         where = (outputs.get("metrics") or outputs.get("run_dir") or outputs.get("store") or outputs.get("dir")
                  or (outputs.get("train", {}) or {}).get("dir", ""))
+        missing = missing_outputs(manifest) if state == "incomplete" else []
         seconds = manifest.get("timings", {}).get("seconds", "")
+        report.append({"stage": name, "state": state, "finished": manifest.get("finished"), "seconds": seconds or None,
+                       "output": where or None, "missing": missing, "random_init": bool(outputs.get("random_init"))})
         flag = " [random-init]" if outputs.get("random_init") else ""
-        print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}")
+        note = f"  missing: {', '.join(missing)}" if missing else ""
+        if not as_json:
+            print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}{note}")
+    if as_json:
+        print(json.dumps(report, indent=2))
 
 
 def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:

@@ -93,6 +93,21 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
+OUTPUT_KEYS = ("store", "checkpoint", "metrics", "report", "run_dir", "dir", "train", "val", "centroids", "linear")
+
+
+def missing_outputs(manifest: dict[str, Any]) -> list[str]:
+    """The stage's recorded local output paths that no longer exist: a manifest alone never proves a stage done."""
+    missing = []
+    for key in OUTPUT_KEYS:
+        value = manifest.get("outputs", {}).get(key)
+        if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
+            continue  # not a path, or a remote store (checked when it is opened)
+        if not Path(value.removeprefix("file://")).exists():
+            missing.append(value)
+    return missing
+
+
 def run_stage(
     stage_dir: Path,
     name: str,
@@ -108,10 +123,13 @@ def run_stage(
     """
     fp = fingerprint(config, inputs)
     old = read_manifest(stage_dir, name)
-    if old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force:
+    gone = missing_outputs(old) if old else []
+    if old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force and not gone:
         note = " [built with a RANDOM-INIT backbone]" if old.get("outputs", {}).get("random_init") else ""
         print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes{note}", flush=True)
         return old
+    if gone and old.get("fingerprint") == fp:
+        print(f"[{name}] complete, but {', '.join(gone)} no longer exists: recomputing", flush=True)
     fresh = force
     if old and old.get("fingerprint") != fp:
         keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
@@ -159,10 +177,12 @@ def run_stage(
 
 
 def stage_state(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    """One word for `hp-pipe status`: missing | complete | stale | running | interrupted | failed."""
+    """One word for `hp-pipe status`: missing | complete | incomplete | stale | running | interrupted | failed."""
     manifest = read_manifest(stage_dir, name)
     if manifest is None:
         return "missing"
     if manifest.get("fingerprint") != fingerprint(config, inputs):
         return "stale"
+    if manifest.get("status") == "complete" and missing_outputs(manifest):
+        return "incomplete"  # complete once, but an output has been deleted since
     return manifest.get("status", "missing")

@@ -328,3 +328,27 @@ def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(eval
                 assert row["acc"] == pytest.approx(acc, abs=0.02), row["name"]
                 checked += 1
     assert checked == 8
+
+
+def test_a_deleted_output_makes_the_stage_incomplete_and_it_is_recomputed(evaluated, capsys):
+    """A manifest alone never proves a stage done: metrics.json deleted -> `status` says incomplete and names it,
+    and the next `evaluate` recomputes it instead of saying "up to date"."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    config, workdir, _ = evaluated
+    evaluate.run(config, workdir, "hp")  # the fixture's settings again (other tests of this module change them)
+    metrics = paths.eval_dir(config, workdir, "hp") / "metrics.json"
+    metrics.unlink()
+    sets = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
+    result = CliRunner().invoke(app, ["status", "--json", "--workdir", str(workdir), *sets])
+    assert result.exit_code == 0, result.output
+    states = {row["stage"]: row for row in json.loads(result.output[result.output.index("["):])}
+    assert states["evaluate-hp"]["state"] == "incomplete" and states["evaluate-hp"]["missing"] == [str(metrics)]
+    assert states["train-hp"]["state"] == "complete" and states["train-hp"]["missing"] == []
+    capsys.readouterr()
+    evaluate.run(config, workdir, "hp")
+    out = capsys.readouterr().out
+    assert "no longer exists: recomputing" in out and metrics.exists()
+    assert "[train-hp] up to date" in out and "[codes-hp] up to date" in out  # only the stage that lost its output

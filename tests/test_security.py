@@ -5,6 +5,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -156,7 +157,7 @@ def test_manifest_pointing_outside_the_work_folder_is_refused(evaluated, tmp_pat
     outside.write_bytes((paths.run_dir(config, workdir, "hp") / "checkpoints" / "last.pt").read_bytes())
     try:
         manifest = json.loads(saved)
-        manifest["outputs"]["checkpoint"] = str(workdir / ".." / outside.parent.name / "last.pt")
+        manifest["outputs"]["checkpoint"] = str(workdir / os.path.relpath(outside, workdir))  # "../..": exists
         mpath.write_text(json.dumps(manifest))
         with pytest.raises(UserError, match="outside the work folder"):
             evaluate.run(config, workdir, "hp", force=True)
@@ -170,7 +171,9 @@ def test_manifest_naming_another_store_is_refused(evaluated, tmp_path):
     saved = mpath.read_text()
     try:
         manifest = json.loads(saved)
-        manifest["outputs"]["store"] = str(tmp_path / "someone-elses.zarr")
+        other = tmp_path / "someone-elses.zarr"  # a real store elsewhere (a missing one is simply rebuilt)
+        shutil.copytree(manifest["outputs"]["store"], other)
+        manifest["outputs"]["store"] = str(other)
         mpath.write_text(json.dumps(manifest))
         with pytest.raises(UserError, match="cannot redirect"):
             train_stage.run(config, workdir, "hp")
