@@ -16,9 +16,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pipeline.config import Config
 from pipeline.errors import UserError
-
-Config = dict  # a config: {section: {key: value}} (pipeline.config.Config; not imported, to keep this module a leaf)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-Config = dict  # {section: {key: value}}
+from pipeline.config import Config
 
 
 def crops_per_image(config: Config, split: str) -> int:

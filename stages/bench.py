@@ -13,6 +13,7 @@ import torch
 from pipeline import paths, prepared
 from pipeline.backbone import normalize
 from pipeline.config import load_config
+from pipeline.workers import resolve_backbone
 from stages import features as features_stage
 from stages import prepare
 
@@ -57,7 +58,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     directory = paths.prepared_dir(config, workdir, "train")
     names, labelled = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, labelled)
-    model = features_stage.resolve_backbone(config)
+    model = resolve_backbone(config)
     bare, stage, passes = [], [], {"bare": 0, "stage": 0}
     manifest = {}
     for _ in range(repeats):

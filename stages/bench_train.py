@@ -23,6 +23,7 @@ from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.lhp import lhp_weights
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.probes import assign, spherical_kmeans
+from pipeline.workers import resolve_backbone
 from stages import features as features_stage
 from stages import train as train_stage
 from stages.bench import bench_config, report
@@ -107,7 +108,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     workdir = Path(workdir) / "bench-train"
     manifest = features_stage.run(config, workdir, "train")
     store = FeatureStore.open(manifest["outputs"]["store"])
-    model = features_stage.resolve_backbone(config)
+    model = resolve_backbone(config)
     t_cfg = config["train"]
     torch.manual_seed(0)
     generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
