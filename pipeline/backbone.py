@@ -5,8 +5,8 @@ the position embedding is resized with DINO's own bicubic formula (the +0.1 offs
 differs slightly), and the last block's attention logits are recovered from a hook on its fused `qkv`
 projection (timm's fused attention never materialises them).
 
-Weights never hang offline: the pretrained path first tries the local Hugging Face cache with the hub
-forced offline, then checks whether the network is reachable before attempting a real download.
+Weights never hang offline: the pretrained path looks in the local Hugging Face cache with the hub's own
+`try_to_load_from_cache`, and downloads (`hf_hub_download`) only when HF_HUB_OFFLINE is not set.
 """
 
 from __future__ import annotations
@@ -15,10 +15,6 @@ import contextlib
 import hashlib
 import math
 import os
-import socket
-import threading
-import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +36,6 @@ BACKBONES: tuple[str, ...] = tuple(_SPECS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-HF_HOST = ("huggingface.co", 443)
 _ALTERNATIVES = (
     "Use --weights FILE (a local DINO checkpoint, e.g. dino_deitsmall16_pretrain.pth) "
     "or --random-init (untrained backbone, for testing only)"
@@ -182,60 +177,62 @@ def _random_model(name: str) -> torch.nn.Module:
         return _create(name, pretrained=False)
 
 
-@contextlib.contextmanager
-def _hf_offline() -> Iterator[None]:
-    """Force huggingface_hub offline (env var and its import-time constant) so only the cache is used."""
-    import huggingface_hub.constants as hf_constants
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now (the hub reads it once, at import)."""
+    import huggingface_hub
 
-    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        hf_constants.HF_HUB_OFFLINE = old_const
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return env or huggingface_hub.is_offline_mode()
 
 
-def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def _hub_location(name: str) -> tuple[str, tuple[str, ...]]:
+    """The Hugging Face repo and candidate file names timm itself would download for `name`."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"timm has no Hugging Face weights for {name}. {_ALTERNATIVES}")
+    files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+    return cfg.hf_hub_id, files
 
 
-def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
-    """TCP connect probe in a daemon thread, so a hanging DNS lookup cannot block us either."""
-    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        if os.environ.get(var):  # downloads go through the proxy: probe that instead
-            url = urllib.parse.urlsplit(os.environ[var])
-            if url.hostname:
-                host, port = url.hostname, url.port or 8080
-            break
-    ok: list[bool] = []
+def hub_weights_file(name: str) -> Path:
+    """The weights file of `name`: from the local Hugging Face cache, else downloaded (never when offline).
 
-    def probe() -> None:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
-            ok.append(True)
+    The cache is looked up with the hub's own `try_to_load_from_cache`, so an offline machine with cached
+    weights never touches the network and one without fails at once instead of retrying.
+    """
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
 
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 1.0)
-    return bool(ok)
+    repo, files = _hub_location(name)
+    for filename in files:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+    if _offline():
+        raise UserError(f"cannot download DINO weights for {name} (offline: HF_HUB_OFFLINE is set and "
+                        f"{repo} is not in the Hugging Face cache). {_ALTERNATIVES}")
+    for filename in files:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except EntryNotFoundError:
+            continue
+        except Exception as e:  # network, auth, disk: one message with the hub's reason
+            raise UserError(f"downloading DINO weights for {name} from {repo} failed ({e}). Set "
+                            f"HF_HUB_OFFLINE=1 on machines without network. {_ALTERNATIVES}") from e
+    raise UserError(f"{repo} has none of {', '.join(files)}. {_ALTERNATIVES}")
 
 
 def _pretrained_model(name: str) -> torch.nn.Module:
-    try:
-        with _hf_offline():
-            return _create(name, pretrained=True)  # local HF cache only: fast hit or fast miss
-    except Exception:  # any cache miss or corrupt cache entry: decide about downloading below
-        pass
-    if _env_offline() or not _reachable(*HF_HOST):
-        raise UserError(f"cannot download DINO weights for {name} (offline). {_ALTERNATIVES}")
-    try:
-        return _create(name, pretrained=True)
+    import timm
+
+    path = hub_weights_file(name)
+    try:  # timm converts the file with the model's own filter, exactly as for its own download
+        return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
     except Exception as e:
-        raise UserError(f"downloading DINO weights for {name} failed ({e}). {_ALTERNATIVES}") from e
+        raise UserError(f"the cached weights {path} for {name} do not load ({e}); delete the file so it is "
+                        f"downloaded again. {_ALTERNATIVES}") from e
 
 
 def _read_checkpoint(path: Path, trust: bool) -> object:

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from pipeline import backbone as bbmod
 from pipeline.backbone import (
     BACKBONES,
     IMAGENET_MEAN,
@@ -226,21 +225,54 @@ def test_pretrained_offline_fails_fast(monkeypatch, tmp_path):
     assert "--weights" in str(err.value) and "--random-init" in str(err.value) and NAME in str(err.value)
 
 
-def test_pretrained_unreachable_never_tries_download(monkeypatch, tmp_path):
+def test_pretrained_download_failure_is_one_message(monkeypatch, tmp_path):
+    import huggingface_hub
+
     _isolate_hf_cache(monkeypatch, tmp_path)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    probed = []
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    asked = []
 
-    def unreachable(host: str, port: int, timeout: float = 3.0) -> bool:
-        probed.append((host, port))
-        return False
+    def no_network(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        raise ConnectionError("Name or service not known")
 
-    monkeypatch.setattr(bbmod, "_reachable", unreachable)
-    start = time.monotonic()
-    with pytest.raises(UserError, match="offline.*--weights.*--random-init"):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    with pytest.raises(UserError, match="Name or service not known.*HF_HUB_OFFLINE.*--weights.*--random-init"):
         load_backbone(NAME, "pretrained")
-    assert time.monotonic() - start < 20
-    assert probed == [("huggingface.co", 443)]
+    assert asked == [("timm/" + NAME, "model.safetensors")]  # the repo timm itself would download from
+
+
+def test_pretrained_offline_never_downloads(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    _isolate_hf_cache(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("download attempted"))
+    with pytest.raises(UserError, match="offline"):
+        load_backbone(NAME, "pretrained")
+
+
+def test_pretrained_loads_from_the_hub_cache_offline(monkeypatch, tmp_path):
+    """Weights placed in the Hugging Face cache layout load offline, and they are those weights."""
+    from safetensors.torch import save_file
+
+    _isolate_hf_cache(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        source = timm.create_model(NAME, pretrained=False, num_classes=0)
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    repo = tmp_path / "hf" / ("models--timm--" + NAME)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    save_file(weights, str(snapshot / "model.safetensors"))
+    backbone = load_backbone(NAME, "pretrained")
+    assert backbone.weights == "timm-pretrained"
+    assert state_dict_hash(backbone.model.state_dict()) == state_dict_hash(weights)
+    assert state_dict_hash(weights) != state_dict_hash(load_backbone(NAME, "random").model.state_dict())
 
 
 def test_image_size_must_be_patch_multiple(random_bb):
