@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from pipeline import paths
-from pipeline.cluster import set_tls_files
+from pipeline.dask_client import set_tls_files
 from pipeline.config import Config, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
 

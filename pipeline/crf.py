@@ -27,7 +27,7 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 import pydensecrf.utils as dcrf_utils
 
-from pipeline.cluster import dask_client
+from pipeline.dask_client import dask_client
 from pipeline.errors import UserError
 
 CRF_PARAMS = dict(iterations=10, gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3,

@@ -18,7 +18,7 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.hcl.heads import HCLModel, build_model
 from pipeline.hcl.multilevel import multilevel_features
 from pipeline.hcl.step import head_input, plain_levels
-from pipeline.hp.model import HPHeads
+from pipeline.hp.step import HPHeads
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.backbone import Backbone, load_backbone
-from pipeline.cluster import dask_client
+from pipeline.dask_client import dask_client
 from pipeline.config import Config
 from pipeline.errors import UserError
 

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-import pipeline.hp.model as hp_model
+import pipeline.hp.step as hp_model
 from cache.reader import FeatureStore
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
 from pipeline.hp.loss import LossOutput, hp_loss, positive_masks
-from pipeline.hp.model import HPHeads
+from pipeline.hp.step import HPHeads
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.planted import N_CLASSES, PlantedSettings, label_fractions, patch_labels, write_store
 from pipeline.runner import StageContext
@@ -186,7 +186,7 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
             runs["broken"] = trained("broken")
         if not calls[0]:
             raise RuntimeError("the broken loss was never called: the trainer no longer reaches "
-                               "pipeline.hp.model.hp_loss, so the broken run would be a plain HP run")
+                               "pipeline.hp.step.hp_loss, so the broken run would be a plain HP run")
     for name, checkpoint in runs.items():
         out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
     out["precision"] = diagnose(runs["head"], train, pool_size, bench.precision_images, seed)

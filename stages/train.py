@@ -24,7 +24,7 @@ from pipeline.config import Config, fingerprint
 from pipeline.errors import UserError
 from pipeline.graph import method_of, stage_plan
 from pipeline.hp.heads import ema_update
-from pipeline.hp.model import HPHeads, Pools, StepSettings, pool_entries, training_step
+from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at

@@ -12,7 +12,7 @@ from cache.schema import CodesLayout
 from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.hp.model import HPHeads
+from pipeline.hp.step import HPHeads
 from pipeline.metrics import confusion_matrix, scores
 from stages import evaluate
 from stages import train as train_stage

@@ -136,7 +136,7 @@ def test_lhp_mix_refuses_mismatched_weights():
 
 def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
     """The reference computes cluster1(drop(f)) + cluster2(drop(f)): two masks per head call (§2)."""
-    from pipeline.hp.model import HPHeads, Pools, StepSettings, training_step
+    from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
     from pipeline.hp.pool import PoolIndex
 
     torch.manual_seed(0)
@@ -164,7 +164,7 @@ def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
 
 def test_ema_uses_the_weights_from_before_each_optimizer_step():
     """The reference updates S_m inside the training forward, before the optimizer step (§2)."""
-    from pipeline.hp.model import HPHeads
+    from pipeline.hp.step import HPHeads
     from stages.train import make_optimizers, optimize
 
     torch.manual_seed(0)

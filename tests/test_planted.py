@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.hp.model as hp_model
+import pipeline.hp.step as hp_model
 from cache.reader import FeatureStore
 from pipeline.datasets.synthetic import render_scene
 from pipeline.hp.loss import hp_loss
