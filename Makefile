@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install install-gpu run prepare features train evaluate report status bench test lint clean
+.PHONY: install install-gpu run prepare features train evaluate report tensorboard status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,11 @@ train: install
 evaluate: install
 	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 
-report: install
-	$(HP) report --dataset $(DATASET) --workdir $(WORKDIR)
+report: install   ## report.md and the self-contained report.html of the run's evaluation
+	$(HP) report --dataset $(DATASET) --workdir $(WORKDIR) --html
+
+tensorboard: install   ## every run of DATASET side by side (hp-pipe itself never starts a server)
+	$(BIN)/tensorboard --logdir $(WORKDIR)/$(DATASET)/runs $(ARGS)
 
 status: install
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)

@@ -1,10 +1,15 @@
-"""Reading a feature store: checked on open, torch batches with a prefetch thread, dask arrays."""
+"""Reading a feature store: checked on open, torch batches with a prefetch thread, dask arrays.
+
+Every chunk read is checked (cache/integrity.py): its checksum codec on decoding, its values against the
+digest recorded when it was written. A chunk that fails stops the reader with one line naming the array,
+the chunk, the store and the fix (`CorruptChunk`), never a codec traceback or silently wrong data.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dask.array as da
@@ -12,7 +17,16 @@ import numpy as np
 import torch
 import zarr
 
-from cache.schema import SCHEMA_VERSION
+from cache.integrity import (
+    DIGEST,
+    ChunkError,
+    CorruptChunk,
+    check_values,
+    read_chunk,
+    read_records,
+    record_arrays,
+)
+from cache.schema import FEATURE_DTYPES, QUANTIZED, RECORDS, SCHEMA_VERSION, scale_array
 from cache.writer import describe, finished_chunks, open_group
 from pipeline.errors import UserError
 
@@ -24,6 +38,11 @@ class FeatureStore:
         self.url = url
         self.group = group
         self.attrs: dict[str, Any] = dict(group.attrs)
+        self._digests: dict[str, np.ndarray] | None = None  # name -> recorded digest per chunk, read on first use
+        self._arrays: dict[str, zarr.Array] = {}
+        # int8 stores (docs/cache.md, "Compact cache"): these arrays are decoded back to float16 in read_chunk
+        self.quantized = ({n for n in QUANTIZED if scale_array(n) in record_arrays(group)}
+                          if self.attrs.get("feature_dtype") == "int8" else set())
 
     @classmethod
     def open(cls, url: str, expect: dict[str, Any] | None = None) -> FeatureStore:
@@ -37,12 +56,21 @@ class FeatureStore:
                 f"store {url} has schema version {attrs.get('schema_version')}, this hp-pipe reads "
                 f"{SCHEMA_VERSION}; rebuild it with `hp-pipe features --force`"
             )
+        if attrs.get("bad_chunks"):
+            bad = attrs["bad_chunks"]
+            fix = ("rerun `hp-pipe evaluate --force` for its run to rewrite the codes" if attrs.get("kind") == "codes"
+                   else "run `hp-pipe features` (same options as when the store was built) to recompute them")
+            raise UserError(f"store {url} has {len(bad)} damaged chunk(s) found by `hp-pipe verify` "
+                            f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}); {fix}")
         if not attrs.get("complete"):
             done = finished_chunks(group)
             raise UserError(
                 f"store {url} is incomplete ({int(done.sum())} of {done.size} chunks); "
                 "rerun `hp-pipe features` to finish it"
             )
+        if attrs.get("feature_dtype", "float16") not in FEATURE_DTYPES:
+            raise UserError(f"store {url} holds its features as {attrs.get('feature_dtype')!r}, this hp-pipe "
+                            f"reads {' or '.join(FEATURE_DTYPES)}; rebuild it with `hp-pipe features --force`")
         for key, want in (expect or {}).items():
             if attrs.get(key) != want:
                 raise UserError(
@@ -53,7 +81,7 @@ class FeatureStore:
         return cls(url, group)
 
     def __len__(self) -> int:
-        return self.group["feat"].shape[0]
+        return self.array("feat").shape[0]
 
     @property
     def random_init(self) -> bool:
@@ -64,19 +92,72 @@ class FeatureStore:
         return int(self.attrs["chunk_size"])
 
     def array(self, name: str) -> zarr.Array:
+        """The zarr array `name`, opened once (every chunk read goes through here)."""
+        if name in self._arrays:
+            return self._arrays[name]
         if name not in self.group:
-            raise UserError(f"store {self.url} has no array '{name}' (it has: {', '.join(self.names())})")
-        return self.group[name]
+            fix = (" (deleted?): run `hp-pipe features` (same options as when the store was built) to recompute it"
+                   if name in record_arrays(self.group) else "")
+            raise UserError(f"store {self.url} has no array '{name}' (it has: {', '.join(self.names())}){fix}")
+        self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def digests(self) -> dict[str, np.ndarray]:
+        """name -> the digest recorded for each chunk (one read of the records, on first use)."""
+        if self._digests is None:
+            if RECORDS not in self.group:
+                raise UserError(f"store {self.url} has no chunk records ('{RECORDS}' is missing), so its chunks cannot "
+                                "be checked: run `hp-pipe features` (same options as when the store was built) to "
+                                "recompute them")
+            records = read_records(self.group)
+            self._digests = {name: records[:, i, DIGEST] for i, name in enumerate(record_arrays(self.group))}
+        return self._digests
+
+    def dtype(self, name: str) -> np.dtype:
+        """What reads of `name` return: float16 for an int8 array with scales, else the array's own dtype."""
+        return np.dtype(np.float16) if name in self.quantized else self.array(name).dtype
+
+    def read_chunk(self, name: str, chunk: int) -> np.ndarray:
+        """Chunk `chunk` of array `name`, decoded and checked against its checksum and recorded digest.
+
+        The one place arrays are decoded: an int8 array is handed back as float16 q·s (cache/quant.py) from its
+        chunk and its scales' chunk, each checked; every other array exactly as stored.
+        """
+        if name in self.quantized:
+            return dequantize_f16(self._stored_chunk(name, chunk), self._stored_chunk(scale_array(name), chunk))
+        return self._stored_chunk(name, chunk)
+
+    def _stored_chunk(self, name: str, chunk: int) -> np.ndarray:
+        array = self.array(name)
+        recorded = self.digests().get(name)
+        try:
+            if recorded is None:
+                raise ChunkError("no record")
+            values = read_chunk(array, chunk)
+            check_values(values, int(recorded[chunk]))
+        except ChunkError as exc:
+            raise CorruptChunk(self.url, name, chunk, str(exc), self.attrs.get("kind")) from None
+        return values
 
     def names(self) -> list[str]:
         return sorted(k for k in self.group.array_keys() if not k.startswith("_"))
 
     def dask(self, name: str) -> da.Array:
         """The array as a lazy dask array chunked like the store (for out-of-core work)."""
-        return da.from_zarr(self.array(name))
+        import dask
+
+        array, size = self.array(name), self.chunk_size
+        blocks = [da.from_delayed(dask.delayed(self.read_chunk)(name, c), (min(size, len(self) - c * size),
+                                  *array.shape[1:]), self.dtype(name)) for c in range(array.cdata_shape[0])]
+        return da.concatenate(blocks, axis=0)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        return self.array(name)[start:stop]
+        """Samples [start, stop) of `name`, read chunk by chunk (each checked)."""
+        start, stop = max(0, start), min(stop, len(self))
+        size, array = self.chunk_size, self.array(name)
+        parts = [self.read_chunk(name, c)[max(start - c * size, 0) : stop - c * size]
+                 for c in range(start // size, -(-stop // size))]
+        return np.concatenate(parts) if parts else np.empty((0, *array.shape[1:]), self.dtype(name))
 
     def batches(
         self,
@@ -97,22 +178,35 @@ class FeatureStore:
         batches without reading them (resuming mid-epoch). `keep` (bool per sample) leaves the
         other samples out (e.g. HCL's one crop per image and epoch); chunks are still read whole.
         """
-        arrays = [self.array(n) for n in names]
+        for n in names:
+            self.array(n)  # a missing array or records: refused here, not in the prefetch thread
+            if n in self.quantized:
+                self.array(scale_array(n))
+        self.digests()
         plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last, keep)
         plan = skip_batches(plan, start_batch)  # also with 0: buffers without a batch travel with the next one
-        return _prefetched(_read_batches(arrays, names, plan), prefetch)
+        return _prefetched(_read_batches(self.read_chunk, self.chunk_size, names, plan), prefetch)
 
     def gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
         """Samples `indices` (any order, repeats allowed), decoding each chunk they touch once."""
         array = self.array(name)
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), *array.shape[1:]), dtype=array.dtype)
+        out = np.empty((len(indices), *array.shape[1:]), dtype=self.dtype(name))
         size = self.chunk_size
         for chunk in np.unique(indices // size):
-            block = array.blocks[int(chunk)]
+            block = self.read_chunk(name, int(chunk))
             hits = np.flatnonzero(indices // size == chunk)
             out[hits] = block[indices[hits] - chunk * size]
         return out
+
+
+def dequantize_f16(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """cache.quant.dequantize rounded to float16, in numpy: the product is exact in float32 (8 x 11 bits), so this
+    is that float32 q·s rounded once. numpy, not torch: a reader thread must not wake torch's intra-op pool while
+    training uses it (on a busy CPU that made reads 20x slower here)."""
+    out = np.empty(q.shape, np.float16)
+    np.multiply(q, scale.astype(np.float32)[..., None], out=out, casting="unsafe")  # float32 loop, cast once
+    return out
 
 
 def skip_batches(plan: list[tuple[list[int], list[np.ndarray]]], n: int) -> list[tuple[list[int], list[np.ndarray]]]:
@@ -172,13 +266,13 @@ def batch_plan(
     return plan
 
 
-def _read_batches(arrays, names, plan) -> Iterator[dict[str, torch.Tensor]]:
-    """Decode each planned chunk once; a batch may also use the previous buffer's leftovers (`skip_batches` has
-    merged every buffer without a batch into the next one)."""
-    size = arrays[0].chunks[0]
+def _read_batches(read_chunk: Callable[[str, int], np.ndarray], size: int, names: Sequence[str],
+                  plan) -> Iterator[dict[str, torch.Tensor]]:
+    """Decode (and check) each planned chunk once; a batch may also use the previous buffer's leftovers
+    (`skip_batches` has merged every buffer without a batch into the next one)."""
     previous: dict[int, dict[str, np.ndarray]] = {}
     for chunks, batches in plan:
-        current = {c: {n: a.blocks[c] for n, a in zip(names, arrays, strict=True)} for c in chunks}
+        current = {c: {n: read_chunk(n, c) for n in names} for c in chunks}
         available = {**previous, **current}
         for idx in batches:
             out = {n: torch.from_numpy(np.stack([available[i // size][n][i % size] for i in idx])) for n in names}

@@ -16,17 +16,32 @@ are written from the source images, never from HP's prepared crops.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-SCHEMA_VERSION = 2  # 2: crops in a random permutation (train), crop_order and source_image arrays
+# 3: a crc32c checksum codec on every array and a record (stored size, digest) per chunk (cache/integrity.py);
+# 2: crops in a random permutation (train), crop_order and source_image arrays
+SCHEMA_VERSION = 3
 DONE = "_done"  # one flag per chunk, set after all of that chunk's arrays are written
+RECORDS = "_records"  # per chunk and array: (stored bytes, crc32c of the values), written just before the flag
 # Version of HCL's stores, in their attributes and the features-<split>-hcl fingerprint; a store of another version
-# is refused. 3: HCL's own stores (its crops, views and evaluation geometry, docs/hcl.md §4-§5), no longer arrays
+# is refused. 4: checksummed chunks with per-chunk records (schema 3); 3: HCL's own stores (its crops, views and
+# evaluation geometry, docs/hcl.md §4-§5), no longer arrays
 # added to HP's five-crop stores; 2: those arrays with bicubic antialiased patch kernels (§1); 1: bilinear kernels.
-HCL_SCHEMA = 3
+HCL_SCHEMA = 4
 # Attributes that say what a store *is*; a store whose identity differs is a different store.
 # `kind` ("hcl", "codes"; absent for HP's stores) keeps HCL's stores and HP's apart even at one URL.
 IDENTITY_KEYS = ("schema_version", "dataset", "split", "backbone", "patch_size", "resolution", "weights_hash", "kind")
+# `features.dtype` (docs/cache.md, "Compact cache"): how HP's float feature arrays are held. With "int8" each of
+# QUANTIZED is stored as int8 beside `<name>_scale`, one float16 scale per patch vector (cache/quant.py); the
+# store's `feature_dtype` attribute says which (absent: float16), and the reader hands back float16 either way.
+# HCL's stores and head-code stores stay float16.
+FEATURE_DTYPES = ("float16", "int8")
+QUANTIZED = ("feat", "feat_aug")
+
+
+def scale_array(name: str) -> str:
+    """The array holding the per-patch scales of the int8 array `name`."""
+    return f"{name}_scale"
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,7 @@ class Layout:
     n_views: int  # photometric views (0 for evaluation splits)
     with_lhp: bool
     labelled: bool
+    dtype: str = "float16"  # of `feat` and `feat_aug`: "float16" or "int8" (+ a float16 scale per patch)
 
     @property
     def grid(self) -> int:
@@ -62,11 +78,20 @@ class Layout:
             arrays["lhp"] = ((g, g, 9), "float16")
         if self.labelled:
             arrays["label"] = ((self.resolution, self.resolution), "uint8")
+        if self.dtype == "int8":
+            for name in QUANTIZED:
+                if name in arrays:
+                    shape = arrays[name][0]
+                    arrays[name] = (shape, "int8")
+                    arrays[scale_array(name)] = (shape[:-1], "float16")
+        elif self.dtype != "float16":
+            raise ValueError(f"feature dtype {self.dtype!r}: expected one of {', '.join(FEATURE_DTYPES)}")
         return arrays
 
     def raw_fp16_bytes_per_sample(self) -> int:
-        """Bytes of one sample's backbone outputs held as plain fp16 (the benchmark's yardstick)."""
-        return fp16_bytes(self.arrays())
+        """Bytes of one sample's backbone outputs held as plain fp16 (the benchmark's yardstick, whatever the
+        store's own dtype)."""
+        return fp16_bytes(replace(self, dtype="float16").arrays())
 
 
 def fp16_bytes(arrays: dict[str, tuple[tuple[int, ...], str]]) -> int:

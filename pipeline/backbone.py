@@ -106,11 +106,20 @@ class Backbone:
         self.model.to(device)
         return self
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 under amp (fp16 on a GPU without bf16), on the CPU as on CUDA: the CPU runs the GPU's path."""
+        if not self.amp:
+            return None
+        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not (self.amp and self.device.type == "cuda"):
+        dtype = self.autocast_dtype
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> BackboneOutput:
@@ -203,7 +212,7 @@ def hub_weights_file(name: str) -> Path:
     weights never touches the network and one without fails at once instead of retrying.
     """
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     repo, files = _hub_location(name)
     for filename in files:
@@ -216,6 +225,9 @@ def hub_weights_file(name: str) -> Path:
     for filename in files:
         try:
             return Path(hf_hub_download(repo, filename))
+        except LocalEntryNotFoundError as e:  # the hub could not be reached (a subclass of the one below)
+            raise UserError(f"cannot download DINO weights for {name}: the Hugging Face hub cannot be reached "
+                            f"({e}). Set HF_HUB_OFFLINE=1 on machines without network. {_ALTERNATIVES}") from e
         except EntryNotFoundError:
             continue
         except Exception as e:  # network, auth, disk: one message with the hub's reason
@@ -314,7 +326,8 @@ def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", a
 
     trust: unpickle a checkpoint file fully (it may run code): the user's explicit --trust-weights only.
 
-    amp: run under bfloat16 (float16 where unsupported) autocast, on CUDA only; outputs stay float32.
+    amp: run under bfloat16 autocast (float16 on a GPU without bf16), on CUDA and on the CPU alike; outputs
+    stay float32.
     """
     backbone_spec(name)
     if weights == "pretrained":

@@ -14,9 +14,11 @@ from typing import Annotated
 import typer
 
 from pipeline import paths
-from pipeline.dask_client import set_tls_files
 from pipeline.config import Config, load_config, parse_sets, preset_names
+from pipeline.dask_client import set_tls_files
 from pipeline.errors import UserError
+from pipeline.locks import LockHeld
+from pipeline.runs import RunSettings
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
 app = typer.Typer(
@@ -88,6 +90,32 @@ def build_config(
     **features: object,
 ) -> Config:
     """The preset, then --set pairs, then dedicated options (which win)."""
+    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, **features)
+    config = load_config(dataset, overrides)
+    _say_folder_settings(config, overrides)
+    return config
+
+
+def build_run_config(dataset: str, workdir: Path, run: str | None, data_root: str | None = None,
+                     sets: list[str] | None = None, backbone: str | None = None, weights: str | None = None,
+                     random_init: bool = False, method: str | None = None,
+                     trust_weights: bool = False) -> RunSettings:
+    """For a command that reads a run (evaluate, predict, report, status): the preset, then the run's recorded
+    training settings (runs/<run>/config.toml, pipeline/runs.py), then the command line's explicit settings."""
+    from pipeline.runs import for_run
+
+    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights)
+    settings = for_run(dataset, overrides, workdir, run)
+    _say_folder_settings(settings.config, overrides)
+    if settings.note():
+        print(f"[run] {settings.note()}", file=sys.stderr, flush=True)
+    return settings
+
+
+def cli_overrides(data_root: str | None = None, sets: list[str] | None = None, backbone: str | None = None,
+                  weights: str | None = None, random_init: bool = False, method: str | None = None,
+                  trust_weights: bool = False, **features: object) -> dict[str, object]:
+    """What the command line sets explicitly, as "section.key": value (--set pairs, then dedicated options)."""
     overrides: dict[str, object] = dict(parse_sets(sets))
     if method:
         overrides["train.method"] = method
@@ -104,7 +132,14 @@ def build_config(
     if trust_weights:
         overrides["features.trust_weights"] = True
     overrides.update({f"features.{k}": v for k, v in features.items() if v is not None})
-    return load_config(dataset, overrides)
+    return overrides
+
+
+def _say_folder_settings(config: Config, overrides: dict[str, object]) -> None:
+    from pipeline.datasets.folder import small_data_settings
+
+    for line in small_data_settings(config, set(overrides)):  # a small `folder`: settings from its size, said once
+        print(f"[folder] {line}", file=sys.stderr, flush=True)
 
 
 @app.command()
@@ -159,6 +194,39 @@ def features(
     for s in splits:
         run = features_hcl.run if method_of(config) == "hcl" else stage.run
         run(config, workdir, s, store, force, scheduler, address, workers)
+
+
+@app.command()
+def verify(
+    dataset: Dataset = "synthetic",
+    split: Annotated[str, typer.Option(help="train, val or all.")] = "all",
+    workdir: Workdir = Path("work"),
+    data_root: DataRoot = None,
+    store: Annotated[str | None, typer.Option(help="Store URL: a path or any fsspec URL (any hp-pipe store, "
+                                              "codes included).")] = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    n_views: Annotated[int | None, typer.Option(help="Photometric views per training crop.")] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Samples per chunk (= backbone batch).")] = None,
+    method: Method = None,
+    threads: Annotated[int, typer.Option(help="Chunks read at a time.")] = 8,
+    set_: Sets = None,
+) -> None:
+    """Read every chunk of the feature stores (the options of `features` locate them) and check its checksum and
+    recorded digest. Exit 0 when all verify, 1 naming the bad chunks, which are recorded in the store so that the
+    next `hp-pipe features` recomputes exactly them."""
+    from pipeline.graph import method_of
+    from stages import verify as stage
+
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method,
+                          n_views=n_views, chunk_size=chunk_size)
+    if split not in ("train", "val", "all"):
+        raise UserError(f"--split must be train, val or all, got '{split}'")
+    splits = ["train", "val"] if split == "all" else [split]
+    where = paths.hcl_store_url if method_of(config) == "hcl" else paths.store_url
+    urls = [store] if store else [where(config, workdir, s) for s in splits]
+    raise typer.Exit(stage.run(urls, paths.stage_dir(config, workdir), max(1, threads)))
 
 
 @app.command()
@@ -222,9 +290,11 @@ def evaluate(
         sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
     if crf is not None:
         sets.append(f"evaluate.crf={crf}")
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method, trust_weights)
+    # the run's training settings come from its record: options given to train are never repeated
+    settings = build_run_config(dataset, workdir, run, data_root, sets, backbone, weights, random_init, method,
+                                trust_weights)
     set_tls_files(tls_ca_file, tls_cert, tls_key)  # for evaluate.crf_address = tls://...
-    stage.run(config, workdir, run, force)
+    stage.run(settings.config, workdir, settings.run, force)
 
 
 @app.command()
@@ -253,8 +323,9 @@ def predict(
 
     if probe not in ("cluster", "linear"):
         raise UserError(f"--probe must be cluster or linear, got '{probe}'")  # predict: one probe at a time
-    config = build_config(dataset, None, set_, backbone, weights, random_init, method, trust_weights)
-    stage.run(config, workdir, run, source, out, probe, crf)
+    settings = build_run_config(dataset, workdir, run, None, set_, backbone, weights, random_init, method,
+                                trust_weights)  # the backbone and geometry the run was trained with
+    stage.run(settings.config, workdir, settings.run, source, out, probe, crf)
 
 
 @app.command()
@@ -263,14 +334,17 @@ def report(
     run: RunName = None,
     method: Method = None,
     workdir: Workdir = Path("work"),
+    html: Annotated[bool, typer.Option("--html", help="Also write report.html: one self-contained page (pictures "
+                                       "embedded, opens offline) with the settings, results, per-class IoU, "
+                                       "curves and a grid of validation predictions.")] = False,
 ) -> None:
-    """Write report.md (table + pictures) from the run's metrics.json."""
+    """Write report.md (table + pictures) from the run's metrics.json; with --html also report.html."""
     import json
 
     from pipeline.report import write_report
 
-    config = build_config(dataset, method=method)
-    run = run or config["train"]["method"]
+    settings = build_run_config(dataset, workdir, run, method=method)
+    config, run = settings.config, settings.run
     out = paths.eval_dir(config, workdir, run)
     path = out / "metrics.json"
     if not path.exists():
@@ -278,6 +352,13 @@ def report(
     metrics = json.loads(path.read_text())
     write_report(metrics, metrics.get("pictures", {}), out / "report.md")
     print(f"[report] {out / 'report.md'}")
+    if html:
+        from pipeline.html_report import write_html_report
+        from pipeline.runner import read_manifest
+
+        trained = read_manifest(paths.stage_dir(config, workdir), f"train-{run}") or {}
+        page = write_html_report(metrics, out, out / "report.html", workdir, trained.get("config"))
+        print(f"[report] {page}")
 
 
 @app.command()
@@ -285,8 +366,9 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
            backbone: Backbone = None, weights: Weights = None, random_init: RandomInit = False,
            trust_weights: TrustWeights = False, method: Method = None, set_: Sets = None,
            json_: Annotated[bool, typer.Option("--json", help="The states as a JSON list.")] = False) -> None:
-    """Show each stage's state for a dataset: complete, incomplete (an output is gone), stale, interrupted,
-    failed or missing. Writes nothing."""
+    """Show each stage's state for a dataset: complete, incomplete (an output is gone), stale, running (with the
+    runner holding its lock), interrupted, failed or missing; each run as its recorded settings say. Writes
+    nothing."""
     from pipeline.datasets.synthetic import read_only
 
     with read_only():
@@ -296,20 +378,28 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
 def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | None, weights: str | None,
             random_init: bool, trust_weights: bool, method: str | None, set_: list[str] | None,
             as_json: bool = False) -> None:
+    import copy
     import json
 
+    from cache.writer import store_problems
     from pipeline.graph import METHODS, method_of, stage_plan
-    from pipeline.runner import missing_outputs, read_manifest, stage_state
+    from pipeline.runner import missing_outputs, read_manifest, runner_of, stage_state
+    from pipeline.runs import for_run
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
+    # the dataset's stages as the default run (named after the method) recorded them, the command line on top
+    overrides = cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights)
+    config = for_run(dataset, overrides, workdir, None).config
     sdir = paths.stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
     if not as_json:
         print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
-    rows = []
-    plans = {m: stage_plan(build_config(dataset, data_root, set_, backbone, weights, random_init, m, trust_weights),
-                           workdir, stores) for m in METHODS}
+    rows, run_plans = [], {}
+    plans = {}
+    for m in METHODS:
+        method_config = copy.deepcopy(config)
+        method_config["train"]["method"] = m
+        plans[m] = stage_plan(method_config, workdir, stores)
     for name, (stage_config, inputs) in plans[method_of(config)].items():
         hcl_stage, hp_stage = name.endswith("-hcl"), name in ("prepare", "features-train", "features-val")
         if (hcl_stage if method_of(config) != "hcl" else hp_stage) and read_manifest(sdir, name) is None:
@@ -319,10 +409,17 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
             continue
         runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method_of(config)}"]
         for r in runs:
-            train_manifest = read_manifest(sdir, "train-" + r.removeprefix(f"{name}-")) or {}
-            recorded = train_manifest.get("config", {}).get("train", {}).get("method")
-            run_config, run_inputs = plans.get(recorded or method_of(config), plans["hp"])[name]
-            rows.append((r, {**run_config, "run": r.removeprefix(f"{name}-")}, run_inputs))
+            run_name = r.removeprefix(f"{name}-")
+            if run_name not in run_plans:  # the run's recorded settings (runs/<run>/config.toml), read only
+                run_plans[run_name] = _recorded_run_plan(dataset, workdir, run_name, stores, data_root, set_,
+                                                         backbone, weights, random_init, trust_weights)
+            planned = run_plans[run_name]
+            if planned is None:  # a run without a record: the command line's settings, in the run's method
+                train_manifest = read_manifest(sdir, f"train-{run_name}") or {}
+                recorded = train_manifest.get("config", {}).get("train", {}).get("method")
+                planned = plans.get(recorded or method_of(config), plans["hp"])
+            run_config, run_inputs = planned[name]
+            rows.append((r, {**run_config, "run": run_name}, run_inputs))
     report = []
     for name, stage_config, inputs in rows:
         manifest = read_manifest(sdir, name) or {}
@@ -331,15 +428,34 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
         where = (outputs.get("metrics") or outputs.get("run_dir") or outputs.get("store") or outputs.get("dir")
                  or (outputs.get("train", {}) or {}).get("dir", ""))
         missing = missing_outputs(manifest) if state == "incomplete" else []
+        if state == "complete" and name.startswith("features-") and outputs.get("store"):
+            missing = store_problems(outputs["store"])  # the cheap check features runs before "up to date"
+            state = "incomplete" if missing else state
         seconds = manifest.get("timings", {}).get("seconds", "")
         report.append({"stage": name, "state": state, "finished": manifest.get("finished"), "seconds": seconds or None,
                        "output": where or None, "missing": missing, "random_init": bool(outputs.get("random_init"))})
         flag = " [random-init]" if outputs.get("random_init") else ""
         note = f"  missing: {', '.join(missing)}" if missing else ""
+        runner = runner_of(sdir, name) if state == "running" else None
+        report[-1]["runner"] = runner
+        note += f"  by {runner}" if runner else ""
         if not as_json:
             print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}{note}")
     if as_json:
         print(json.dumps(report, indent=2))
+
+
+def _recorded_run_plan(dataset: str, workdir: Path, run: str, stores: dict[str, str | None], data_root: str | None,
+                       set_: list[str] | None, backbone: str | None, weights: str | None, random_init: bool,
+                       trust_weights: bool) -> dict[str, tuple[dict, dict]] | None:
+    """A run's stage plan from its recorded settings and the command line's explicit ones (its own method, whatever
+    --method says); None when the run has no record."""
+    from pipeline.graph import stage_plan
+    from pipeline.runs import for_run
+
+    overrides = cli_overrides(data_root, set_, backbone, weights, random_init, None, trust_weights)
+    settings = for_run(dataset, overrides, workdir, run)
+    return stage_plan(settings.config, workdir, stores) if settings.record else None
 
 
 def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:
@@ -418,14 +534,19 @@ def bench_quality(
     planted: Annotated[bool, typer.Option("--planted", help="Planted features with a known answer (no backbone): "
                                                "HP head vs raw features vs a deliberately broken loss.")] = False,
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
+    method: Annotated[str, typer.Option(help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at "
+                                             "the start, middle and end of training).")] = "hp",
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering.
-    With --planted: the HP head vs raw features on planted features (README, "Quality with a known answer")."""
+    With --planted: HP (or HCL) vs raw features on planted features (README, "Quality with a known answer")."""
     if planted:
         from stages import bench_planted
 
-        bench_planted.planted_quality(seeds, workdir, json_)
+        if method not in ("hp", "hcl"):
+            raise UserError(f"--method must be hp or hcl, got '{method}'")
+        run = bench_planted.planted_hcl_quality if method == "hcl" else bench_planted.planted_quality
+        run(seeds, workdir, json_)
         return
     from stages import bench_train
 
@@ -451,16 +572,25 @@ def bench_evaluate(
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 2; Ctrl-C keeps finished work."""
+    """Entry point: user errors print one line and exit 2; runtime failures (a stage or store locked by another
+    runner, disk full, other OS errors) one line and exit 1; Ctrl-C keeps finished work, exit 130."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    interrupted = "\ninterrupted: finished work is kept; rerun the same command to resume"
     try:
         app()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except LockHeld as exc:  # another live runner: not bad input, and nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
-        print("\ninterrupted: finished work is kept; rerun the same command to resume", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer turns Ctrl-C inside a command into exit 130 before it reaches us
+            print(interrupted, file=sys.stderr)
+        raise
     except OSError as exc:  # a runtime failure of the machine, not of the input: exit 1, still one line
         print(f"error: {os_error_message(exc)}", file=sys.stderr)
         sys.exit(1)

@@ -8,6 +8,7 @@ per key; keys a preset does not have are skipped.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,31 @@ def one_of(*choices: str) -> Rule:
     return lambda v: None if v in choices else f"one of {', '.join(choices)}"
 
 
+def boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "true or false"
+
+
+def auto_or_boolean(v: Any) -> str | None:
+    return None if isinstance(v, bool) or v in ("auto", "true", "false") else "true, false or auto"
+
+
+def device_name(v: Any) -> str | None:
+    ok = v in ("auto", "cpu", "cuda") or (isinstance(v, str) and re.fullmatch(r"cuda:\d+", v) is not None)
+    return None if ok else "auto, cpu, cuda or cuda:N"
+
+
+def batch_fits_chunks(config: dict[str, dict[str, Any]]) -> None:
+    """features.batch_size (crops per forward) must divide chunk_size or be a multiple of it: chunks are written
+    whole, so a batch is a slice of one chunk or several whole chunks."""
+    f = config.get("features", {})
+    batch, chunk = f.get("batch_size", 0), f.get("chunk_size")
+    if not batch or not isinstance(chunk, int) or chunk < 1 or chunk % batch == 0 or batch % chunk == 0:
+        return
+    raise UserError(f"config key 'features.batch_size' = {batch} must divide features.chunk_size = {chunk} or be a "
+                    f"multiple of it (chunks are written whole); fix it with --set features.batch_size="
+                    f"{chunk * max(1, batch // chunk)} (or 0: one chunk per forward)")
+
+
 POSITIVE, COUNT = integer(1), integer(0)
 POSITIVE_REAL, NON_NEGATIVE = number(0, low_open=True), number(0)
 FRACTION, OPEN_FRACTION = number(0, 1), number(0, 1, low_open=True)
@@ -47,6 +73,9 @@ RULES: dict[str, Rule] = {
     "features.n_views": POSITIVE, "features.chunk_size": POSITIVE, "features.clevel": integer(0),
     "features.lhp_sigma": POSITIVE_REAL, "features.seed": COUNT,
     "features.compressor": one_of("zstd", "lz4", "blosclz", "none"),
+    "features.device": device_name, "features.amp": auto_or_boolean,
+    "features.workers": COUNT, "features.batch_size": COUNT,  # batch_size 0: one chunk per forward
+    "features.dtype": one_of("float16", "int8"),  # docs/cache.md, "Compact cache"
     "hcl_features.views": integer(2), "hcl_features.crops": integer(2), "hcl_features.mask_mass": OPEN_FRACTION,
     "hcl_features.mask_min_size": POSITIVE, "hcl_features.seed": COUNT,
     **{f"hcl_features.{k}": POSITIVE for k in ("crop_resolution", "resolution", "val_resolution")},
@@ -73,6 +102,7 @@ RULES: dict[str, Rule] = {
     "evaluate.linear_optimizer": one_of("auto", "adam", "sgd"), "evaluate.linear_sgd_lr": POSITIVE_REAL,
     "evaluate.linear_sgd_momentum": number(0, 1, high_open=True), "evaluate.linear_sgd_weight_decay": NON_NEGATIVE,
     "evaluate.linear_sgd_drop_epoch": COUNT,
+    "run.tensorboard": boolean,
 }
 
 
@@ -87,6 +117,7 @@ def check_config(config: dict[str, dict[str, Any]]) -> None:
         if expected:
             raise UserError(f"config key '{key}' must be {expected}, got {value!r}; "
                             f"fix it with --set {key}=VALUE (or in the preset)")
+    batch_fits_chunks(config)
     for section, values in config.items():  # any other float: finite (NaN and inf are never meant)
         for name, value in values.items():
             if isinstance(value, float) and not math.isfinite(value):

@@ -37,6 +37,20 @@ METHODS = tuple(METHOD_STAGES)
 # the keys of [features] that HCL's stores depend on (the backbone and how chunks are stored); HP's views, LHP and
 # store order (n_views, lhp_sigma, seed, ...) are not among them, nor trust_weights (it changes no value)
 HCL_FEATURE_KEYS = ("backbone", "weights", "amp", "chunk_size", "compressor", "clevel")
+# [features] keys that change where and how fast a store is computed, not what it holds: outside every fingerprint
+# (decode workers give bit-identical stores; device and batch size change only float rounding), so a store written
+# on a GPU is reused on the CPU. `amp` enters as the forward's resolved dtype (float32 | bfloat16 | float16).
+EXTRACTION_ONLY_KEYS = ("device", "workers", "batch_size")
+
+
+def features_fingerprint(config: Config) -> dict[str, Any]:
+    """[features] as the feature stages' fingerprints read it: `amp = "auto"` on a GPU (bf16) and on the CPU (fp32)
+    are told apart, so a store written with autocast is never taken for one written without (and the reverse)."""
+    from pipeline.workers import extraction_numerics
+
+    f = {k: v for k, v in config["features"].items() if k not in EXTRACTION_ONLY_KEYS}
+    f["amp"] = extraction_numerics(config)
+    return f
 
 
 def method_of(config: Config) -> str:
@@ -77,6 +91,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     trains them, docs/hp.md §8).
     """
     listing = source_lists(config, workdir)
+    features_key = features_fingerprint(config)
     extras: dict[str, dict[str, Any]] = {
         "prepare": {"sources": fingerprint(listing) if listing is not None else "unreadable"}}
     for split in ("train", "val"):
@@ -85,7 +100,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
         extras[f"features-{split}-hcl"] = {  # a new HCL store version (e.g. geometry, kernels) rebuilds them
             "store": (stores or {}).get(f"hcl-{split}") or paths.hcl_store_url(config, workdir, split),
             "hcl_schema": HCL_SCHEMA,
-            "features": {k: config["features"][k] for k in HCL_FEATURE_KEYS},
+            "features": {k: features_key[k] for k in HCL_FEATURE_KEYS},
             "sources": fingerprint(listing[split]) if listing is not None else "unreadable"}
     from pipeline.hp.online_probes import online_probe_settings
 
@@ -95,6 +110,8 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     plan: dict[str, tuple[dict, dict]] = {}
     for name, (names, upstream) in {**STAGES, **METHOD_STAGES[method_of(config)]}.items():
         stage_config = {**sections(config, *names), **extras.get(name, {})}
+        if "features" in names:
+            stage_config["features"] = features_key
         inputs = {up: fingerprint(*plan[up]) for up in upstream}
         plan[name] = (stage_config, inputs)
     return plan

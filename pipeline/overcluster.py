@@ -97,10 +97,29 @@ def _summary(per_seed: list[dict]) -> dict:
     return {**out, "per_seed": per_seed}
 
 
+FAISS_MIN_POINTS = 39  # faiss's default min_points_per_centroid: below it, it warns on every train call
+
+
+def few_points_note(points: int, k: int, asked: int) -> str | None:
+    """One line saying the overclustering figures mean little, when K had to be capped at the number of patches
+    or faiss gets fewer than FAISS_MIN_POINTS patches per cluster; None otherwise."""
+    if k >= asked and points >= FAISS_MIN_POINTS * k:
+        return None
+    capped = f"K capped at {k} (evaluate.overcluster_k = {asked})" if k < asked else f"K = {k}"
+    return (f"overclustering: {capped} on only {points} val patches (k-means wants at least {FAISS_MIN_POINTS} "
+            "per cluster): the overcluster rows are not meaningful on a val set this small")
+
+
 def kmeans_assign(x: np.ndarray, k: int, seed: int, iterations: int, restarts: int) -> np.ndarray:
     """faiss k-means (`niter` = iterations, `nredo` = restarts, the best of the restarts kept), then every row's
-    nearest centroid (L2)."""
-    km = faiss.Kmeans(x.shape[1], k, niter=int(iterations), nredo=int(restarts), seed=int(seed), verbose=False)
+    nearest centroid (L2).
+
+    faiss's `min_points_per_centroid` only decides whether it prints "WARNING clustering ... please provide at
+    least" (once per call, so seeds x feature kinds times per evaluation); it is lowered to 1 when there are few
+    points, which changes no result, and `few_points_note` says it once instead."""
+    quiet = {"min_points_per_centroid": 1} if len(x) < FAISS_MIN_POINTS * k else {}
+    km = faiss.Kmeans(x.shape[1], k, niter=int(iterations), nredo=int(restarts), seed=int(seed), verbose=False,
+                      **quiet)
     km.train(x)
     return km.index.search(x, 1)[1][:, 0]
 
@@ -131,14 +150,16 @@ def overcluster_maps(features: np.ndarray, labels: np.ndarray, n_classes: int, k
     """The protocol of docs/hcl.md §5 on dense features (N, h, w, D) and labels (N, H, W).
 
     k-means on every val patch; each image's cluster map and its label map are resized (torch nearest, floor
-    index) to size x size and compared there. K is capped at the number of patches (reported as "k").
+    index) to size x size and compared there. K is capped at the number of patches (reported as "k"); "note" is
+    `few_points_note`'s line (None when there are enough patches).
     """
     n, h, w, d = features.shape
-    k = min(k, n * h * w)
+    asked, k = k, min(k, n * h * w)
     x = standardize_pca(features.reshape(-1, d), pca)
     target = nearest_resize(np.asarray(labels), size)
     per_seed = []
     for seed in seeds:
         assign = nearest_resize(kmeans_assign(x, k, seed, iterations, restarts).reshape(n, h, w), size)
         per_seed.append(_scored(assign, target, k, n_classes, seed))
-    return {**_summary(per_seed), "k": k, "size": size, "iterations": int(iterations), "restarts": int(restarts)}
+    return {**_summary(per_seed), "k": k, "size": size, "iterations": int(iterations), "restarts": int(restarts),
+            "note": few_points_note(n * h * w, k, asked)}

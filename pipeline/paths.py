@@ -4,6 +4,7 @@
     prepared/<split>/                     prepare's crops (HP)
     features/<split>-<backbone>-<res>.zarr, features/hcl-<split>-<backbone>-<res>.zarr   the stores
     runs/<run>/checkpoints/last.pt        a run: checkpoint, metrics.jsonl, curves.png,
+    runs/<run>/config.toml                the run's settings, recorded when it was created (pipeline/runs.py)
     runs/<run>/codes/, probe-<kind>/, eval/     codes, probes, metrics.json, report.md, pictures
 
 Paths read from files (manifests, metrics.json, checkpoints) are data, not orders: a manifest or a run folder
@@ -65,6 +66,11 @@ def run_dir(config: Config, workdir: Path, run: str) -> Path:
 
 def checkpoint_path(run_folder: Path) -> Path:
     return Path(run_folder) / "checkpoints" / "last.pt"
+
+
+def run_config_path(run_folder: Path) -> Path:
+    """The run's settings as TOML, written when the run is created; evaluate, predict, report and status read it."""
+    return Path(run_folder) / "config.toml"
 
 
 def codes_dir(run_folder: Path) -> Path:

@@ -34,7 +34,7 @@ import torch
 from scipy import ndimage
 
 from cache import writer
-from cache.schema import Layout
+from cache.schema import HCL_SCHEMA, HCLLayout, Layout
 from pipeline.config import fingerprint
 from pipeline.datasets.synthetic import CLASS_NAMES, SPLIT_CODES, render_scene
 from pipeline.lhp import lhp_weights
@@ -197,11 +197,131 @@ def write_store(url: str, settings: PlantedSettings, seed: int, split: str, n: i
     for chunk in range(-(-n // chunk_size)):
         start, stop = writer.chunk_range(group, chunk)
         p = generate(settings, seed, split, range(start, stop), views, train)
+        ids = np.arange(start, stop, dtype=np.int32)  # one sample per scene, scenes drawn independently (i.i.d.)
         data = {"feat": p.feat.astype(np.float16), "image": p.image, "label": p.label,
-                "cls_attn": np.zeros((stop - start, 1, settings.grid, settings.grid), np.float16)}
+                "cls_attn": np.zeros((stop - start, 1, settings.grid, settings.grid), np.float16),
+                "crop_order": ids, "source_image": ids}
         if train:
             data["feat_aug"] = p.feat_aug.astype(np.float16)
             data["lhp"] = p.lhp.astype(np.float16)
+        writer.write_chunk(group, chunk, data)
+    writer.mark_complete(group)
+    return url
+
+
+# ---------------------------------------------------------------- HCL's multi-level stores (docs/hcl.md §1, §4)
+# HCL reads one ViT at several patch sizes (16/32/56 px for a /16 backbone, docs/hcl.md §1). The planted analogue:
+# the same scene, prototypes, style and noise settings at the coarser grids (patch sizes ×1, ×2, ×3.5).
+HCL_LEVELS = (1.0, 2.0, 3.5)
+# HCL's foreground mask comes from the CLS attention (salient objects); planted: the objects set on the scene's
+# stuff (building, tree, car, person), by majority label at the finest grid.
+HCL_THINGS = ("building", "tree", "car", "person")
+
+
+def hcl_patch_sizes(settings: PlantedSettings) -> tuple[int, ...]:
+    """Branch patch sizes, finest first: (8, 16, 28) for 8 px patches."""
+    return tuple(int(round(settings.patch * k)) for k in HCL_LEVELS)
+
+
+@dataclass
+class PlantedHCL:
+    """Arrays of an HCL store's samples (sample s = image j, crop r at s = j·crops + r), store dtypes not applied."""
+
+    image: np.ndarray  # (S, R, R, 3) uint8
+    label: np.ndarray  # (S, R, R) uint8
+    source_image: np.ndarray  # (S,) int32
+    levels: dict[int, np.ndarray]  # patch size -> (S, g, g, C): the plain crop's branches
+    cls: np.ndarray  # (S, C)
+    fg_mask: np.ndarray  # (S, g, g) bool at the finest grid
+    aug: dict[int, np.ndarray] | None = None  # patch size -> (S, V, g, g, C)
+    aug_cls: np.ndarray | None = None  # (S, V, C)
+
+
+def _white(rng: np.random.Generator, shape: tuple[int, ...], norm: float) -> np.ndarray:
+    """White Gaussian noise whose vectors (last axis) have expected norm `norm`."""
+    return rng.standard_normal(shape).astype(np.float32) * np.float32(norm / np.sqrt(shape[-1]))
+
+
+def generate_hcl(settings: PlantedSettings, seed: int, split: str, images: range | list[int], crops: int = 1,
+                 n_views: int = 0) -> PlantedHCL:
+    """HCL's planted samples of `images`: every branch is the prototype mix of its own grid plus the image's style
+    (the very offset `generate` gives the image) plus smooth noise drawn on that grid; the CLS token is the image's
+    class mix plus the style plus white noise. The planted scene has no geometry to crop, so the R "crops" of an
+    image are the whole scene with their own noise draws (crop box = the whole image); a variant re-draws part of the
+    style and adds fresh noise on every branch, as `generate`'s views do."""
+    s = settings
+    protos, basis = world(s, seed)
+    sizes = hcl_patch_sizes(s)
+    things = [CLASS_NAMES.index(name) for name in HCL_THINGS]
+    out: dict[str, list[Any]] = {"image": [], "label": [], "source_image": [], "cls": [], "fg_mask": [], "aug_cls": []}
+    levels: dict[int, list[np.ndarray]] = {p: [] for p in sizes}
+    aug: dict[int, list[np.ndarray]] = {p: [] for p in sizes}
+    for i in images:
+        scene = np.random.default_rng(np.random.SeedSequence([s.scene_seed, SPLIT_CODES[split], i]))
+        image, label = render_scene(scene, s.resolution)
+        style_rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], i, 1]))
+        style = basis @ style_rng.standard_normal(s.style_rank).astype(np.float32) * (s.style / np.sqrt(s.style_rank))
+        mixes = {p: (label_fractions(label, round(s.resolution / p)) @ protos).astype(np.float32) for p in sizes}
+        whole = label_fractions(label, 1)[0, 0]
+        finest = patch_labels(label_fractions(label, s.grid))
+        for r in range(crops):
+            rng = np.random.default_rng(np.random.SeedSequence([seed, SPLIT_CODES[split], i, 2, r]))
+            plain = {p: mixes[p] + style + smooth_noise(rng, mixes[p].shape[0], s.dim, s.noise_smooth, s.noise)
+                     for p in sizes}
+            cls = (whole @ protos).astype(np.float32) + style + _white(rng, (s.dim,), s.noise)
+            for p in sizes:
+                levels[p].append(plain[p])
+            out["image"].append(image)
+            out["label"].append(label)
+            out["source_image"].append(i)
+            out["cls"].append(cls)
+            out["fg_mask"].append(np.isin(finest, things))
+            if n_views:
+                views: dict[int, list[np.ndarray]] = {p: [] for p in sizes}
+                view_cls = []
+                for _ in range(n_views):  # a photometric variant: part of the style re-drawn, fresh noise everywhere
+                    jitter = basis @ rng.standard_normal(s.style_rank).astype(np.float32)
+                    jitter *= s.view_style * s.style / np.sqrt(s.style_rank)
+                    for p in sizes:
+                        views[p].append(plain[p] + jitter + _white(rng, plain[p].shape, s.view_noise))
+                    view_cls.append(cls + jitter + _white(rng, cls.shape, s.view_noise))
+                for p in sizes:
+                    aug[p].append(np.stack(views[p]))
+                out["aug_cls"].append(np.stack(view_cls))
+    return PlantedHCL(
+        image=np.stack(out["image"]), label=np.stack(out["label"]),
+        source_image=np.asarray(out["source_image"], np.int32), levels={p: np.stack(v) for p, v in levels.items()},
+        cls=np.stack(out["cls"]), fg_mask=np.stack(out["fg_mask"]),
+        aug={p: np.stack(v) for p, v in aug.items()} if n_views else None,
+        aug_cls=np.stack(out["aug_cls"]) if n_views else None)
+
+
+def write_hcl_store(url: str, settings: PlantedSettings, seed: int, split: str, n_images: int, crops: int = 2,
+                    n_views: int = 2, chunk_size: int = 16) -> str:
+    """A complete planted HCL store at `url` (train: R crops with V variants each and the foreground mask; val: one
+    plain sample per image), readable by HCL's trainer and encoder like the features stage's own stores."""
+    train = split == "train"
+    crops, views = (crops, n_views) if train else (1, 0)
+    sizes = hcl_patch_sizes(settings)
+    layout = HCLLayout(n_images * crops, settings.resolution, sizes, settings.dim, views, True, train)
+    attrs = store_attrs(settings, seed, split, n_images, views)
+    attrs.update({"kind": "hcl", "hcl_schema": HCL_SCHEMA, "patch_sizes": list(sizes), "images": n_images,
+                  "crops": crops, "views": views, "samples": [f"{split}_{i:05d}" for i in range(n_images)],
+                  "fingerprint": fingerprint(attrs["planted"], "hcl", split, n_images, crops, views)})
+    group = writer.create_store(url, layout, chunk_size, attrs, fresh=True)
+    for chunk in range(-(-layout.n_samples // chunk_size)):
+        start, stop = writer.chunk_range(group, chunk)
+        first, last = start // crops, -(-stop // crops)  # the images whose samples the chunk holds
+        p = generate_hcl(settings, seed, split, range(first, last), crops, views)
+        rows = slice(start - first * crops, stop - first * crops)
+        data = {"feat": p.levels[sizes[0]][rows], "hcl_cls": p.cls[rows], "image": p.image[rows],
+                "label": p.label[rows], "source_image": p.source_image[rows]}
+        data.update({f"hcl_p{q}": p.levels[q][rows] for q in sizes[1:]})
+        if train:
+            data["fg_mask"] = p.fg_mask[rows]
+            data.update({f"hcl_aug_p{q}": p.aug[q][rows] for q in sizes})
+            data["hcl_aug_cls"] = p.aug_cls[rows]
+            data["crop_box"] = np.tile(np.array([0, 0, settings.resolution], np.int32), (stop - start, 1))
         writer.write_chunk(group, chunk, data)
     writer.mark_complete(group)
     return url

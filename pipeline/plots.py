@@ -240,41 +240,51 @@ def _pixel_mapper(fig, ax, bbox=None):
     return pixel
 
 
-def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str = ""):
-    """Row-normalized classes x matched predictions heat map; a last extra column is drawn as 'unmatched'.
-
-    Returns a function (x, y) in cell coordinates (column, row) -> (row, col) pixel of the PNG."""
+def confusion_figure(confusion: np.ndarray, class_names: list[str], title: str = ""):
+    """The heat map of `confusion_png` as an open figure: cells, printed numbers and colour bar all in % of the
+    class's pixels (row-normalized), so the bar reads in the unit of the numbers. The caller closes it."""
     confusion = np.asarray(confusion)
     n = len(class_names)
     if confusion.ndim != 2 or confusion.shape[0] != n or confusion.shape[1] not in (n, n + 1):
         raise ValueError(f"confusion_png needs a ({n}, {n}) or ({n}, {n + 1}) matrix for {n} class names, "
                          f"got shape {confusion.shape}")
-    fractions = normalize_rows(confusion)
+    percent = 100 * normalize_rows(confusion)
     predicted = list(class_names) + (["unmatched"] if confusion.shape[1] == n + 1 else [])
     side = max(4.5, 0.3 * len(predicted) + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.0, side), dpi=DPI)
-    im = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    im = ax.imshow(percent, cmap="Blues", vmin=0, vmax=100, interpolation="nearest")
     ax.set_xticks(range(len(predicted)), predicted, rotation=90, fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set_xlabel("predicted (after matching)")
     ax.set_ylabel("ground truth")
     if len(predicted) <= 15:
-        for (i, j), v in np.ndenumerate(fractions):
-            ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the class's pixels")
+        for (i, j), v in np.ndenumerate(percent):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white" if v > 50 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the class's pixels")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    return fig, ax
+
+
+def confusion_png(confusion: np.ndarray, class_names: list[str], path: Path, title: str = ""):
+    """Row-normalized classes x matched predictions heat map in % (cells, numbers and colour bar alike); a last
+    extra column is drawn as 'unmatched'.
+
+    Returns a function (x, y) in cell coordinates (column, row) -> (row, col) pixel of the PNG."""
+    fig, ax = confusion_figure(confusion, class_names, title)
     pixel = _pixel_mapper(fig, ax)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return pixel
 
 
-def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: Path, title: str = ""):
-    """Grouped horizontal bars of per-class IoU in % (0..100) per result row; None (undefined) is marked 'n/a'.
+NA_NOTE = "× n/a: IoU undefined (class in neither the labels nor the prediction)"
 
-    Returns a function (IoU, bar y) -> (row, col) pixel of the PNG; bar k of class c is centred at
-    y = c - 0.4 + (k + 0.5) * 0.8 / len(rows)."""
+
+def iou_figure(rows: dict[str, list[float | None]], class_names: list[str], title: str = ""):
+    """The bar chart of `iou_bars` as an open figure. An undefined IoU (None) gets a small × at the start of its
+    bar slot, and one legend entry says what × means: one note, never a text per bar that would overlap its
+    neighbours when the slots are thinner than a line of text. The caller closes it."""
     n = len(class_names)
     if not rows:
         raise ValueError("iou_bars needs at least one result row")
@@ -284,16 +294,21 @@ def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: 
         if any(v is not None and not 0 <= v <= 100 for v in values):
             raise ValueError(f"iou_bars row {name!r} has values outside 0..100 (IoU must be given in %)")
     height = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(7.5, 1.0 + n * (0.07 * len(rows) + 0.12)), dpi=DPI)
+    fig_height = 1.0 + n * (0.07 * len(rows) + 0.12)
+    fig, ax = plt.subplots(figsize=(7.5, fig_height), dpi=DPI)
+    slot_pt = 72 * (fig_height - 1.0) * height / n  # about one bar's thickness in points
+    marker_pt = max(2.0, min(6.0, 0.8 * slot_pt))
     colours = palette(len(rows)) / 255
+    undefined_y = []
     for k, ((name, values), colour) in enumerate(zip(rows.items(), colours, strict=True)):
         y = np.arange(n) - 0.4 + (k + 0.5) * height
         defined = [v for v in values if v is not None]
         mean = f" (mean {np.mean(defined):.1f})" if defined else ""
         ax.barh(y, [0.0 if v is None else v for v in values], height=height, color=colour, label=name + mean)
-        for yi, v in zip(y, values, strict=True):
-            if v is None:
-                ax.text(0.5, yi, "n/a", va="center", fontsize=7, color="dimgrey")
+        undefined_y += [yi for yi, v in zip(y, values, strict=True) if v is None]
+    if undefined_y:
+        ax.plot([1.5] * len(undefined_y), undefined_y, linestyle="none", marker="x", markersize=marker_pt,
+                color="dimgrey", label=NA_NOTE)
     ax.set_yticks(range(n), class_names, fontsize=8)
     ax.set_ylim(n - 0.5, -0.5)  # first class on top, no empty margins
     ax.set_xlim(0, 100)
@@ -301,6 +316,16 @@ def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: 
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(3, len(rows)), frameon=False,
               title=title or None, title_fontsize=10)  # above the bars, under the title, never over a bar
+    return fig, ax
+
+
+def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: Path, title: str = ""):
+    """Grouped horizontal bars of per-class IoU in % (0..100) per result row; None (undefined) is marked × and
+    explained once in the legend.
+
+    Returns a function (IoU, bar y) -> (row, col) pixel of the PNG; bar k of class c is centred at
+    y = c - 0.4 + (k + 0.5) * 0.8 / len(rows)."""
+    fig, ax = iou_figure(rows, class_names, title)
     fig.canvas.draw()
     bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # what bbox_inches="tight" crops to
     pixel = _pixel_mapper(fig, ax, bbox)

@@ -23,14 +23,14 @@ ACC_REF_HEADER = "HCL ref. Acc = Σtp/Σ(tp+fp+fn) (%)"
 
 
 def _cell(value: object) -> str:
-    """One table cell: booleans as yes/no, floats with 1 decimal, None as a dash, pipes escaped."""
+    """One table cell's text: booleans as yes/no, floats with 1 decimal, None as a dash."""
     if value is None:
         return "–"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float | int):
         return f"{value:.1f}"
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def _spread(result: dict, key: str) -> str:
@@ -41,19 +41,28 @@ def _spread(result: dict, key: str) -> str:
 
 
 def _row(cells: list[str] | tuple[str, ...]) -> str:
-    return "| " + " | ".join(cells) + " |"
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
 def results_table(results: list[dict], paper: bool = False) -> list[str]:
-    """Markdown table lines, one row per result; a missing key is named in a ValueError. A protocol column when
-    the rows name theirs; an `acc_ref` column when a row has one (overclustering: the HCL reference's "Acc");
-    with `paper`, the paper's mIoU and Acc for the same features and probe."""
+    """Markdown table lines of `results_cells`."""
+    header, rows, text_columns = results_cells(results, paper)
+    lines = [_row(header), _row(["---"] * text_columns + ["---:"] * (len(header) - text_columns))]
+    return lines + [_row(cells) for cells in rows]
+
+
+def results_cells(results: list[dict], paper: bool = False) -> tuple[list[str], list[list[str]], int]:
+    """(header, one row of cell texts per result, how many leading columns are text: the rest are numbers); the
+    Markdown report and the HTML one (pipeline/html_report.py) both draw this. A missing key is named in a
+    ValueError. A protocol column when the rows name theirs; an `acc_ref` column when a row has one
+    (overclustering: the HCL reference's "Acc"); with `paper`, the paper's mIoU and Acc for the same features
+    and probe."""
     with_protocol = any("protocol" in r for r in results)
     with_acc_ref = any("acc_ref" in r for r in results)
     header = list(HEADER[:4]) + (["protocol"] if with_protocol else []) + list(HEADER[4:])
     header += [ACC_REF_HEADER] if with_acc_ref else []
     header += list(PAPER_HEADER) if paper else []
-    lines = [_row(header), _row(["---"] * (4 + with_protocol) + ["---:"] * (len(header) - 4 - with_protocol))]
+    rows = []
     for i, result in enumerate(results):
         missing = [k for k in RESULT_KEYS if k not in result]
         if missing:
@@ -63,8 +72,8 @@ def results_table(results: list[dict], paper: bool = False) -> list[str]:
         cells += [_spread(result, "miou"), _spread(result, "acc")]
         cells += [_spread(result, "acc_ref") if "acc_ref" in result else _cell(None)] if with_acc_ref else []
         cells += [_cell(result.get("paper_miou")), _cell(result.get("paper_acc"))] if paper else []
-        lines.append(_row(cells))
-    return lines
+        rows.append(cells)
+    return header, rows, 4 + with_protocol
 
 
 # ---------------------------------------------------------------- the paper's numbers (docs/hp.md §8)
@@ -93,6 +102,15 @@ def backbone_label(name: str) -> str:
     return f"ViT-{size}/{m.group(2)}" + (" (DINO)" if name.endswith(".dino") else "")
 
 
+def raw_features_label(backbone: str, random_init: bool) -> str:
+    """The raw-feature rows' name, saying what the features are: "ViT-S/16 features (random init)" for an
+    untrained backbone, "DINO ViT-S/16" for DINO's weights (the papers' "DINO" rows)."""
+    arch = backbone_label(backbone).removesuffix(" (DINO)")
+    if random_init:
+        return f"{arch} features (random init)"
+    return f"DINO {arch}" if backbone.endswith(".dino") else f"{arch} features"
+
+
 def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, protocol: str,
                      crf: bool) -> dict[str, Any] | None:
     """The paper's numbers for this run's dataset and backbone, and every way the run's settings differ from the
@@ -107,7 +125,7 @@ def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, proto
     same = [r for r in reported if r["backbone"] == backbone and (method == "hp" or r["features"] == "raw")]
     differences = []
     if method != "hp":
-        differences.append(f"method {method.upper()}: the paper's numbers are HP's; only the raw-feature (DINO) "
+        differences.append(f"method {method.upper()}: the paper's numbers are HP's; only the raw-feature "
                            "rows have a paper number beside them")
     if random_init:
         differences.append("random-initialized backbone weights (the paper: DINO's pretrained weights): the rows "
@@ -134,7 +152,7 @@ def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, proto
     differences.append("checkpoint: hp-pipe evaluates the last one; the reference reports the one with the best "
                        "validation metrics, chosen on the labels it reports on")
     if any(r["features"] == "raw" for r in same):
-        differences.append("DINO rows: the paper's come from STEGO's evaluation of raw DINO features; hp-pipe's raw "
+        differences.append("raw-feature rows: the paper's come from STEGO's evaluation of raw DINO features; hp-pipe's "
                            "rows use k-means and a linear probe fitted after training")
     return {
         "source": paper.get("source", ""), "dataset": dataset, "backbone": backbone, "epochs": paper.get("epochs"),
@@ -166,9 +184,17 @@ def relative_link(target: str | Path, folder: Path) -> str:
     return quote(Path(os.path.relpath(Path(target).resolve(), folder.resolve())).as_posix(), safe="/")
 
 
+def relative_path(target: str | Path, folder: str | Path) -> str:
+    """`target` as seen from `folder`, forward slashes: metrics.json records its paths relative to its own folder
+    (docs/evaluation.md), so a run folder can be moved, archived or shared without naming this machine's paths."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(folder).resolve())).as_posix()
+
+
 def write_report(metrics: dict, pictures: dict[str, str], path: Path) -> None:
-    """Write the report page to `path`: title, random-init warning, protocol bullets, results table, pictures."""
+    """Write the report page to `path`: title, random-init warning, protocol bullets, results table, pictures.
+    A relative picture path is taken from the page's folder (metrics.json's paths are relative to it)."""
     path = Path(path)
+    pictures = {k: v if Path(v).is_absolute() else path.parent / v for k, v in pictures.items()}
     lines = [f"# {metrics.get('title', 'hp-pipe evaluation')}", ""]
     if metrics.get("random_init"):
         lines += [RANDOM_INIT_NOTE, ""]

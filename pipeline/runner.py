@@ -4,7 +4,9 @@ A stage is identified by name (e.g. `features-train`) inside a dataset's work fo
 fingerprint hashes the config sections it reads plus the fingerprints of the stages it reads
 from, so a changed config invalidates the stage and, through the chain, every later stage.
 The manifest (`<workdir>/<dataset>/stages/<name>.json`) records status, fingerprint, config,
-inputs, outputs, timings and versions; it is always written atomically.
+inputs, outputs, timings and versions; it is always written atomically. A stage runs holding its lock
+(`stages/<name>.lock`) and, when it writes a store, the store's lock (pipeline/locks.py): one runner per stage,
+one writer per store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from pipeline.config import fingerprint
 from pipeline.files import atomic_write_text
+from pipeline.locks import current_holder, hold, stage_lock, store_lock
 
 
 def versions() -> dict[str, str]:
@@ -115,16 +118,35 @@ def run_stage(
     inputs: dict[str, str],
     body: Callable[[StageContext], dict[str, Any]],
     force: bool = False,
+    check: Callable[[dict[str, Any]], list[str]] | None = None,
 ) -> dict[str, Any]:
     """Run `body` unless a complete manifest with the same fingerprint exists; return the manifest.
 
     `body` returns the stage's outputs (plain data) plus an optional "summary" line; it must be
-    resumable: when `fresh` is False it continues whatever a previous attempt left behind.
+    resumable: when `fresh` is False it continues whatever a previous attempt left behind. The whole of it, the
+    up-to-date check included, holds the stage's lock, and the lock of the store it writes when its config names
+    one (`store`); a live holder refuses the run (locks.LockHeld, exit 1) before anything is written.
+    `check(manifest)` (e.g. a store's cheap integrity check) lists what is wrong with the recorded outputs: the
+    stage is up to date only when it finds nothing; otherwise `body` runs (not fresh) to repair them.
     """
+    locks = [(stage_lock(stage_dir, name), f"stage {name}")]
+    if isinstance(config.get("store"), str):
+        locks.append((store_lock(stage_dir, config["store"]), f"the store {config['store']}"))
+    with hold(locks, lambda message: print(f"[{name}] {message}", file=sys.stderr, flush=True)):
+        return _run_stage(stage_dir, name, config, inputs, body, force, check)
+
+
+def _run_stage(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[str, str],
+               body: Callable[[StageContext], dict[str, Any]], force: bool,
+               check: Callable[[dict[str, Any]], list[str]] | None = None) -> dict[str, Any]:
     fp = fingerprint(config, inputs)
     old = read_manifest(stage_dir, name)
     gone = missing_outputs(old) if old else []
-    if old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force and not gone:
+    current = bool(old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force and not gone)
+    problems = check(old) if current and check is not None else []
+    if problems:
+        print(f"[{name}] complete, but {'; '.join(problems)}: repairing", flush=True)
+    if current and not problems:
         note = " [built with a RANDOM-INIT backbone]" if old.get("outputs", {}).get("random_init") else ""
         print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes{note}", flush=True)
         return old
@@ -177,12 +199,26 @@ def run_stage(
 
 
 def stage_state(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[str, str]) -> str:
-    """One word for `hp-pipe status`: missing | complete | incomplete | stale | running | interrupted | failed."""
+    """One word for `hp-pipe status`: missing | complete | incomplete | stale | running | interrupted | failed.
+
+    "running" only while a live runner holds the stage's lock: a manifest left "running" by a killed runner reads
+    "interrupted". Reads only: a stale lock is left for the next runner to take over.
+    """
+    if current_holder(stage_lock(stage_dir, name)):
+        return "running"
     manifest = read_manifest(stage_dir, name)
     if manifest is None:
         return "missing"
     if manifest.get("fingerprint") != fingerprint(config, inputs):
         return "stale"
+    if manifest.get("status") == "running":
+        return "interrupted"  # its runner is gone (killed): the next run resumes it
     if manifest.get("status") == "complete" and missing_outputs(manifest):
         return "incomplete"  # complete once, but an output has been deleted since
     return manifest.get("status", "missing")
+
+
+def runner_of(stage_dir: Path, name: str) -> str | None:
+    """Who runs the stage now ("pid N on HOST since T (command)"), None when nobody; for `status`, reads only."""
+    holder = current_holder(stage_lock(stage_dir, name))
+    return holder.describe() if holder else None

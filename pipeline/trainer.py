@@ -22,6 +22,8 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
 from pipeline.plots import CURVES, training_curves
 from pipeline.runner import StageContext
+from pipeline.tensorboard import open_training_board
+from pipeline.wording import plural
 
 
 def backbone_identity(store: FeatureStore) -> dict[str, str]:
@@ -67,9 +69,10 @@ def log_resume(ctx: StageContext, state: dict[str, Any], ckpt: Path, total: int)
 
 
 class MetricsLog:
-    """metrics.jsonl, cut back to the checkpoint's iteration on resume so it never holds a line twice."""
+    """metrics.jsonl, cut back to the checkpoint's iteration on resume so it never holds a line twice; and, unless
+    run.tensorboard = false, the same lines as TensorBoard scalars (pipeline/tensorboard.py, same rule on resume)."""
 
-    def __init__(self, path: Path, keep_until: int):
+    def __init__(self, path: Path, keep_until: int, config: Config | None = None, log=print):
         self.path = path
         self.records = []
         if path.exists():
@@ -81,11 +84,28 @@ class MetricsLog:
                 if record["iteration"] <= keep_until:
                     self.records.append(record)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.board = open_training_board(config, path.parent, keep_until, log) if config is not None else None
+        if self.board is not None and keep_until > 0:  # its writer purged step keep_until: write that step again
+            for record in [r for r in self.records if r["iteration"] == keep_until][-1:]:
+                self.board.scalars(record, timed=False)  # its seconds count from another process's start
+            self.checkpointed(keep_until, paths.checkpoint_path(path.parent))
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            self.board.scalars(record)
+
+    def checkpointed(self, iteration: int, checkpoint: Path) -> None:
+        """Called after each checkpoint: TensorBoard's overlay images of it."""
+        if self.board is not None:
+            self.board.checkpointed(iteration, checkpoint)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 @dataclass
@@ -123,6 +143,7 @@ def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStor
 def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: FeatureStore, out: Path, steps: int,
                 seconds: float, label: str, curves=CURVES, **timings: Any) -> dict[str, Any]:
     """Curves, then the stage's outputs and one-line summary (shared by the methods)."""
+    log.close()
     random_init = " [random-init backbone]" if store.random_init else ""
     training_curves(log.records, out / "curves.png", title=f"{ctx.name} ({label}){random_init}", curves=curves)
     last = log.records[-1] if log.records else {}
@@ -132,7 +153,7 @@ def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: Featur
         "iterations_per_epoch": plan.iters_per_epoch, "final": last, "store": store.url,
         "random_init": store.random_init, "device": str(plan.device),
         "timings": {"train_seconds": round(seconds, 3), **timings},
-        "summary": f"{label}: {plan.total} iterations ({rate:.2f} it/s), final loss "
+        "summary": f"{label}: {plural(plan.total, 'iteration')} ({rate:.2f} it/s), final loss "
                    f"{last.get('loss', float('nan')):.4f} -> {out}"
                    + (" [RANDOM-INIT backbone features]" if store.random_init else ""),
     }

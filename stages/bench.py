@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -10,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cache import writer
+from cache.reader import FeatureStore
+from cache.schema import QUANTIZED, scale_array
 from pipeline import paths, prepared
 from pipeline.backbone import normalize
 from pipeline.config import load_config
-from pipeline.workers import resolve_backbone
+from pipeline.workers import feature_backbone
 from stages import features as features_stage
 from stages import prepare
 
@@ -40,6 +45,73 @@ def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size:
     return time.perf_counter() - t0, passes
 
 
+def vit_forward_flops(patch: int, dim: int, resolution: int, depth: int = 12, mlp_ratio: int = 4,
+                      width: int | None = None) -> int:
+    """FLOPs (2 per multiply-add) of one ViT forward as the features stage runs it: patch embedding, `depth` blocks
+    of T = (resolution/patch)·(width/patch) + 1 tokens (qkv, q.k^T, attention x v, projection, MLP) and the last
+    block's logits recomputed once more for LHP / CLS attention (pipeline/backbone.py). Softmax, norms and GELU
+    (elementwise) left out."""
+    n = (resolution // patch) * ((width or resolution) // patch)
+    t = n + 1
+    embed = 2 * n * dim * 3 * patch * patch
+    block = 2 * t * dim * (3 * dim + dim + 2 * mlp_ratio * dim) + 2 * 2 * t * t * dim
+    return embed + depth * block + 2 * t * t * dim
+
+
+# The H100's forward rate for ViT-S/8 at 224 px is an ESTIMATE (no GPU was available to measure it): the measured
+# rate of timm's own inference benchmark on an RTX 4090 (results/benchmark-infer-amp-nchw-pt291-cu128-4090.csv of
+# huggingface/pytorch-image-models: vit_small_patch8_224, AMP, batch 1024: 1882.13 img/s, 22.44 GMACs), scaled by the
+# memory bandwidth of an H100 SXM over an RTX 4090 (3.35 / 1.008 TB/s): the conservative one of the two ratios (the
+# dense bf16 tensor peaks, 989 / 165 TFLOP/s, would give 1.8x more).
+RTX4090_VIT_S8_IMAGES_PER_S = 1882.13
+H100_OVER_RTX4090 = 3.35 / 1.008
+
+
+def h100_forward_images_per_s_estimate() -> float:
+    """ESTIMATE: ViT-S/8 forwards per second at 224 px on one H100 (see the constants above)."""
+    return RTX4090_VIT_S8_IMAGES_PER_S * H100_OVER_RTX4090
+
+
+def decode_seconds(config, workdir: Path, url: str) -> tuple[float, float, int]:
+    """One DataLoader worker's work for every chunk of the store, timed alone in this thread with one torch thread:
+    decode the prepared crops, normalize, make the photometric views (stages/features.py `load_chunk`).
+    Returns (wall seconds, this thread's CPU seconds, crops): the CPU seconds are what a worker on a core of its
+    own takes, whatever else shares this machine's cores."""
+    group = writer.open_group(url, mode="r")
+    directory = str(paths.prepared_dir(config, workdir, "train"))
+    names, labelled = prepared.read_prepared(directory)
+    order = features_stage.sample_order(config, "train", len(names))
+    settings = features_stage.settings_for(config, "train")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a DataLoader worker runs with one thread
+    try:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        for chunk in range(writer.finished_chunks(group).size):
+            features_stage.load_chunk(group, chunk, directory, names, order, labelled, settings)
+        return time.perf_counter() - t0, time.thread_time() - c0, len(names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def device_figures(config, workdir: Path, url: str, n_views: int, repeats: int) -> dict:
+    """Decode + views per worker, apart from the forward, and the workers an H100 would need (docs/cache.md,
+    "Computing a store"): at the H100's ViT-S/8 rate (an estimate) over the 1 + K passes per stored crop."""
+    runs = [decode_seconds(config, workdir, url) for _ in range(repeats)]
+    crops = runs[0][2]
+    per_worker = crops / statistics.median(cpu for _, cpu, _ in runs)  # a worker = a process on its own core
+    h100 = h100_forward_images_per_s_estimate()
+    crops_per_s = h100 / (1 + n_views)
+    return {
+        "decode_images_per_s_per_worker": round(per_worker, 2),
+        "decode_images_per_s_wall": round(crops / statistics.median(wall for wall, _, _ in runs), 2),
+        "load_average_1min": round(os.getloadavg()[0], 1),  # the wall figure shares the cores with this
+        "vit_s8_gflops_per_forward": round(vit_forward_flops(8, 384, 224) / 1e9, 2),
+        "h100_forward_images_per_s_estimate": round(h100),
+        "h100_stored_crops_per_s_estimate": round(crops_per_s),
+        "workers_needed_h100_estimate": math.ceil(crops_per_s / per_worker),
+    }
+
+
 def bench_config(images: int, resolution: int, backbone: str, weights: str, n_views: int, chunk_size: int,
                  **extra: object):
     """The synthetic preset sized for a benchmark: `images` five-crops at `resolution` px."""
@@ -58,7 +130,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     directory = paths.prepared_dir(config, workdir, "train")
     names, labelled = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, labelled)
-    model = resolve_backbone(config)
+    model = feature_backbone(config)  # the stage's device and amp: both sides run the same forward
     bare, stage, passes = [], [], {"bare": 0, "stage": 0}
     manifest = {}
     for _ in range(repeats):
@@ -87,7 +159,58 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "store_total_bytes_per_image": round(manifest["outputs"]["store_bytes"] / n),
         "raw_fp16_feature_bytes_per_image": round(raw),
         "store_vs_raw_fp16": round(per_image / raw, 3),
+        **device_figures(config, workdir, manifest["outputs"]["store"], n_views, repeats),
         "threads": torch.get_num_threads(),
         "stage_dir": str(paths.stage_dir(config, workdir)),
     }
+    int8_config = bench_config(images, resolution, backbone, weights, n_views, chunk_size, **{"features.dtype": "int8"})
+    figures.update(int8_figures(int8_config, workdir, manifest, chunk_size, repeats))
     report(figures, as_json)
+
+
+def float_array_bytes(manifest: dict) -> int:
+    """Stored bytes of a features store's float feature arrays: `feat`, `feat_aug` and, int8, their scales."""
+    names = {*QUANTIZED, *(scale_array(n) for n in QUANTIZED)}
+    return sum(v for k, v in manifest["outputs"]["array_bytes"].items() if k in names)
+
+
+def int8_figures(config, workdir: Path, fp16_manifest: dict, batch_size: int, repeats: int) -> dict:
+    """The same crops stored with `features.dtype = "int8"` beside the float16 store (docs/cache.md, "Compact
+    cache"): bytes of the float arrays, the least per-patch cosine to float16, and both stores read the same way
+    (`FeatureStore.batches` of `feat` and `feat_aug`, one epoch per repeat, sides alternating)."""
+    fp16_url = fp16_manifest["outputs"]["store"]
+    url = str(Path(fp16_url).with_name(Path(fp16_url).stem + "-int8.zarr"))
+    manifest = features_stage.run(config, workdir, "train", store=url, force=True)
+    stores = {"fp16": FeatureStore.open(fp16_url), "int8": FeatureStore.open(url)}
+    names = [n for n in QUANTIZED if n in stores["fp16"].names()]
+    if not np.array_equal(*(s.read("crop_order", 0, len(s)) for s in stores.values())):
+        raise RuntimeError("bench features: the float16 and int8 stores hold different crops")
+    cosine = 1.0
+    for name in names:
+        a, b = (s.read(name, 0, len(s)).astype(np.float64).reshape(-1, s.array(name).shape[-1])
+                for s in stores.values())
+        cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+        cosine = min(cosine, float(cos.min()))
+    seconds: dict[str, list[float]] = {side: [] for side in stores}
+    crops = {side: 0 for side in stores}
+    for r in range(repeats):
+        for side, store in stores.items():
+            t0 = time.perf_counter()
+            for batch in store.batches(names, batch_size, shuffle_seed=r, prefetch=0):
+                crops[side] += len(batch["index"])
+            seconds[side].append(time.perf_counter() - t0)
+    if crops["fp16"] != crops["int8"]:
+        raise RuntimeError(f"bench features: the read sides read different crops: {crops}")
+    n = len(stores["fp16"])
+    rate = {side: n / statistics.median(t) for side, t in seconds.items()}
+    return {
+        "int8_bytes_ratio": round(float_array_bytes(manifest) / float_array_bytes(fp16_manifest), 4),
+        "int8_cosine": round(cosine, 6),
+        "fp16_float_bytes_per_image": round(float_array_bytes(fp16_manifest) / n),
+        "int8_float_bytes_per_image": round(float_array_bytes(manifest) / n),
+        "read_arrays": names, "read_batch_size": batch_size,
+        "read_crops_fp16": crops["fp16"], "read_crops_int8": crops["int8"],  # all repeats: equal, or the bench fails
+        "read_fp16_crops_per_s": round(rate["fp16"], 1),
+        "read_int8_crops_per_s": round(rate["int8"], 1),
+        "int8_store": url,
+    }

@@ -11,10 +11,10 @@ import math
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import zarr
 
 from cache import writer
 from cache.order import iid_distinct_images, plan_distinct_images
@@ -62,16 +62,16 @@ def distinct_images_figures() -> dict[str, Any]:
 def image_order_copy(store: FeatureStore, url: str, names: tuple[str, ...] = READ_NAMES) -> FeatureStore:
     """The store's `names` arrays rewritten image by image (sample j = prepared crop j), same chunks and codecs."""
     inverse = np.argsort(store.read("crop_order", 0, len(store)))
-    group = zarr.open_group(url, mode="w", storage_options=writer.storage_options(url))
-    for name in names:
-        source = store.array(name)
-        data = source[:][inverse]
-        target = group.create_array(name, shape=source.shape, chunks=source.chunks, dtype=source.dtype,
-                                    compressors=source.compressors, fill_value=0)
-        size = source.chunks[0]
-        for start in range(0, len(data), size):  # whole chunks, as the features stage writes them
-            target[start : start + size] = data[start : start + size]
-    group.attrs.update({**store.attrs, "sample_order": "image by image (bench copy)", "complete": True})
+    data = {name: store.read(name, 0, len(store))[inverse] for name in names}
+    subset = SimpleNamespace(n_samples=len(store),  # a layout of just these arrays (cache/schema.py's interface)
+                             arrays=lambda: {n: (v.shape[1:], str(v.dtype)) for n, v in data.items()})
+    attrs = {k: v for k, v in store.attrs.items() if k not in ("record_arrays", "complete", "bad_chunks")}
+    group = writer.create_store(url, subset, store.chunk_size, {**attrs, "sample_order": "image by image (bench copy)"},
+                                fresh=True)  # the preset's codecs (zstd, level 3), checksums and chunk records
+    for c in range(-(-len(store) // store.chunk_size)):  # whole chunks, as the features stage writes them
+        start, stop = writer.chunk_range(group, c)
+        writer.write_chunk(group, c, {n: v[start:stop] for n, v in data.items()})
+    writer.mark_complete(group)
     return FeatureStore.open(url)
 
 

@@ -17,9 +17,9 @@ from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
 from pipeline.hp.loss import hp_loss, positive_masks
-from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.lhp import lhp_weights
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.probes import assign, spherical_kmeans

@@ -37,22 +37,29 @@ from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config, fingerprint
 from pipeline.encoders import Encoder, load_encoder
 from pipeline.errors import UserError
-from pipeline.files import atomic_write_npy, atomic_write_text
+from pipeline.files import atomic_write, atomic_write_npy, atomic_write_text
 from pipeline.graph import method_of, stage_plan
 from pipeline.hp.online_probes import crf_enabled, online_probe_settings, protocol_of
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.overcluster import overcluster_maps
 from pipeline.paths import inside
 from pipeline.probes import CLUSTER_METHODS, LinearProbe, cosine_scores, linear_probe_loss
+from pipeline.report import relative_path
 from pipeline.runner import StageContext, manifest_path, run_stage
+from pipeline.wording import plural
 from stages import features_hcl
 from stages import train as train_stage
 
-RAW = "DINO"  # the row name of raw backbone features (the papers' naming); head rows carry the method's name
 
+def kind_label(kind: str, method: str, store: FeatureStore | None = None) -> str:
+    """A row's name: the method's for the head ("HP"), what they are for raw features ("ViT-S/16 features (random
+    init)", "DINO ViT-S/16": report.raw_features_label, from the store's backbone and weights)."""
+    if kind != "raw":
+        return method.upper()
+    from pipeline.report import raw_features_label
 
-def kind_label(kind: str, method: str) -> str:
-    return RAW if kind == "raw" else method.upper()
+    attrs = store.attrs if store is not None else {}
+    return raw_features_label(str(attrs.get("backbone", "")), bool(attrs.get("random_init")))
 
 
 def probes_of(config: Config) -> list[str]:
@@ -313,7 +320,7 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
     crf_states = [False, True] if crf_enabled(config) else [False]
     confusions: dict[tuple[str, bool], np.ndarray] = {}
-    kept: dict[str, list[np.ndarray]] = {}
+    kept: dict[tuple[str, bool], list[np.ndarray]] = {}
     for _, logits, labels, images in tqdm(
         val_predictions(store, val_images, probe_outputs, n_classes, e_cfg["batch_size"]),
         total=-(-len(store) // e_cfg["batch_size"]), desc=f"evaluate {kind}", leave=False,
@@ -330,8 +337,9 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
                     pred = probe_logits.argmax(1).numpy()
                 key = (probe, crf)
                 confusions[key] = confusions.get(key, 0) + confusion_matrix(pred, labels, k, n_classes)
-                if not crf:
-                    kept.setdefault(probe, []).append(pred)
+                have = sum(len(p) for p in kept.get(key, []))
+                if have < keep:  # only the first `keep` images are drawn
+                    kept.setdefault(key, []).append(pred[:keep - have])
     rows, predictions = [], {}
     for (probe, crf), conf in confusions.items():
         mapping = hungarian_match(conf) if probe == "cluster" else np.arange(conf.shape[1])
@@ -345,9 +353,10 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
             "iou": [None if v is None else round(100 * v, 2) for v in s.iou],
             "confusion": matched[:, :n_classes].tolist(),
         })
-        if not crf:
-            pred = np.concatenate(kept[probe])[:keep]
-            predictions[probe] = np.where(mapping[pred] >= 0, mapping[pred], 255) if probe == "cluster" else pred
+        if (probe, crf) in kept:  # keys "cluster", "cluster + CRF", ...: each with its own matching
+            pred = np.concatenate(kept[(probe, crf)])
+            predictions[probe + (" + CRF" if crf else "")] = (np.where(mapping[pred] >= 0, mapping[pred], 255)
+                                                              if probe == "cluster" else pred)
     return rows, predictions
 
 
@@ -373,6 +382,25 @@ def write_pictures(rows, predictions, val_images: FeatureStore, config: Config, 
     return {k: str(Path(v).resolve()) for k, v in pictures.items()}
 
 
+PREDICTIONS = "predictions.npz"  # eval/: the drawn val images, their labels and the head's predictions
+
+
+def save_predictions(path: Path, val_images: FeatureStore, predictions: dict[str, np.ndarray], keep: int) -> None:
+    """The first `keep` val images, labels and the head's predictions per probe ("cluster", "cluster + CRF", ...;
+    class ids, 255 = ignore) as one .npz (`hp-pipe report --html` draws its grid from it); none when keep = 0."""
+    path.unlink(missing_ok=True)
+    if not keep or not predictions:
+        return
+    arrays = {"image": val_images.read("image", 0, keep), "label": val_images.read("label", 0, keep),
+              **{f"pred/{name}": pred.astype(np.uint8) for name, pred in predictions.items()}}
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: savez would append ".npz" to a path
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
+
+
 def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, config: Config, label: str) -> dict:
     """The overclustering protocol (docs/hcl.md §5) on one feature kind's val features, as a result row."""
     e_cfg, n_classes = config["evaluate"], config["dataset"]["n_classes"]
@@ -384,8 +412,9 @@ def overcluster_row(kind: str, store: FeatureStore, val_images: FeatureStore, co
     pct = {key: round(100 * out[key], 2) for key in out if key.endswith(("_mean", "_std"))}
     # "acc" is pixel accuracy, as in every row; "acc_ref" the reference's "Acc" Σtp / Σ(tp + fp + fn)
     return {
-        "name": f"{label} overcluster K={out['k']}", "features": kind, "probe": "overcluster",
-        "cluster_to_class": None, "crf": False, "miou": pct["miou_mean"], "miou_std": pct["miou_std"],
+        "name": f"{label} overcluster K={out['k']}", "features": kind, "probe": "overcluster", "k": out["k"],
+        "note": out["note"], "cluster_to_class": None, "crf": False, "miou": pct["miou_mean"],
+        "miou_std": pct["miou_std"],
         "acc": pct["pixel_acc_mean"], "acc_std": pct["pixel_acc_std"], "acc_ref": pct["acc_ref_mean"],
         "acc_ref_std": pct["acc_ref_std"], "seeds": len(out["per_seed"]), "iou": iou, "confusion": None,
     }
@@ -404,7 +433,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     crf = crf_enabled(config)
     run = run or method
     label = kind_label("head", method)
-    train_manifest = train_stage.run(config, workdir, run)
+    train_manifest = train_stage.run(config, workdir, run, replace=force)  # --force: may retrain a changed run
     val_manifest = features_hcl.run_for_method(config, workdir, "val")
     sdir, rdir = paths.stage_dir(config, workdir), paths.run_dir(config, workdir, run)
     e_cfg = config["evaluate"]
@@ -427,8 +456,8 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
             url = str(paths.codes_dir(rdir) / f"{split}.zarr")
             write_codes(encoder, source, url, ctx.fresh, e_cfg["batch_size"], ctx.fingerprint)
             urls[split] = url
-        counts = " and ".join(f"{len(source)} {split}" for split, source in splits.items())
-        return {**urls, "summary": f"codes of {counts} crops"}
+        counts = " and ".join(plural(len(source), f"{split} crop") for split, source in splits.items())
+        return {**urls, "summary": f"codes of {counts}"}
 
     codes_cfg = {"run": run, "batch_size": e_cfg["batch_size"], **({"splits": list(splits)} if online else {})}
     codes = run_stage(sdir, f"codes-{run}", codes_cfg, inputs, codes_body, force)["outputs"]
@@ -463,15 +492,19 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
         out.mkdir(parents=True, exist_ok=True)
         keep = min(e_cfg["pictures"], len(val_store))
         t0 = time.perf_counter()
-        rows, predictions = [], {}
+        rows, predictions, notes = [], {}, []
         for kind, (_, val_url) in kinds.items():
             kind_store = FeatureStore.open(val_url)
             kind_rows, kind_pred = evaluate_kind(kind, kind_store, val_store, probe_outputs[kind], config, keep,
-                                                 kind_label(kind, method),
+                                                 kind_label(kind, method, val_store),
                                                  protocol if kind == "head" else "kmeans")
             rows += kind_rows
             if e_cfg["overcluster"]:
-                rows.append(overcluster_row(kind, kind_store, val_store, config, kind_label(kind, method)))
+                rows.append(overcluster_row(kind, kind_store, val_store, config, kind_label(kind, method, val_store)))
+                note = rows[-1].pop("note")
+                if note and note not in notes:  # said once, not once per feature kind (nor faiss's per k-means run)
+                    notes.append(note)
+                    ctx.log(note)
             if kind == "head":
                 predictions = kind_pred
         rows.sort(key=lambda r: (r["features"] != "raw", r["probe"], r["crf"]))
@@ -480,6 +513,21 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
 
         comparison = paper_comparison(config, train_store.random_init, protocol, crf)
         settings = protocol_settings(config, protocol, crf, probe_outputs["head"].get("online"), train_store)
+        ran = {kind: [p for p, key in (("cluster", "centroids"), ("linear", "linear")) if key in outputs]
+               for kind, outputs in probe_outputs.items()}
+        for probe in ("cluster", "linear"):  # the protocol lists only the probes that ran
+            if probe not in ran["head"]:
+                settings[f"{probe}_probe"] = None
+        if settings.get("raw_features") and not ran.get("raw"):
+            settings["raw_features"] = None
+        elif settings.get("raw_features") and ran["raw"] != ["cluster", "linear"]:
+            settings["raw_features"] = settings["raw_features"].replace(
+                "centroids and a linear probe", "centroids" if ran["raw"] == ["cluster"] else "a linear probe")
+        used_k = sorted({r["k"] for r in rows if r["probe"] == "overcluster"})
+        k_text = ("K = " + " / ".join(map(str, used_k))
+                  + (f" (evaluate.overcluster_k = {e_cfg['overcluster_k']}, capped at the number of val patches)"
+                     if used_k and used_k[-1] < e_cfg["overcluster_k"] else ""))
+        rel = partial(relative_path, folder=out)  # metrics.json's paths: relative to its own folder
         metrics = {
             "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
             "class_names": val_store.attrs.get("class_names")
@@ -487,7 +535,7 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
             "protocol": {
                 "name": protocol + (" (the reference's: probes trained online during training, docs/hp.md §8)"
                                     if protocol == "paper" else " (probes fitted after training)"),
-                "checkpoint": f"{checkpoint} (the last one; never chosen on validation labels)",
+                "checkpoint": f"{rel(checkpoint)} (the last one; never chosen on validation labels)",
                 "backbone": val_store.attrs["backbone"] + (" [random-init]" if train_store.random_init else ""),
                 "val_resolution": f"{val_store.attrs['resolution']} px, labels at that size"
                 + (f" ({val_store.attrs['geometry']['resize']})" if "resize" in val_store.attrs.get("geometry", {})
@@ -496,27 +544,35 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
                 **probe_lines(settings),
                 "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()
                                                                    if k != "enabled")) if crf else "off",
-                "overcluster": (f"standardize, PCA {e_cfg['overcluster_pca']}, k-means K = {e_cfg['overcluster_k']} "
+                "overcluster": (f"standardize, PCA {e_cfg['overcluster_pca']}, k-means {k_text} "
                                 f"on the val patches, {e_cfg['overcluster_seeds']} seeds x "
                                 f"{e_cfg['overcluster_restarts']} restarts x {e_cfg['overcluster_iterations']} "
                                 f"iterations, many-to-one by precision, labels and cluster maps resized to "
                                 f"{e_cfg['overcluster_size']}x{e_cfg['overcluster_size']} (torch nearest, floor "
                                 "index); mIoU over all classes (absent ones score 0); Acc = pixel accuracy, "
-                                "acc_ref = the HCL reference's \"Acc\" Σtp / Σ(tp + fp + fn); mean ± std over seeds")
+                                "acc_ref = the HCL reference's \"Acc\" Σtp / Σ(tp + fp + fn); mean ± std over seeds"
+                                + "".join(f". Note: {n}" for n in notes))
                 if e_cfg["overcluster"] else "off",
                 "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
             },
             "protocol_settings": settings,
             "paper": comparison,
             "results": with_paper_numbers([{k: v for k, v in r.items() if k != "confusion"} for r in rows], comparison),
-            "probes": probe_outputs["head"],
-            "pictures": pictures,
+            "probes": {k: rel(v) if k in ("dir", "centroids", "linear") else v
+                       for k, v in probe_outputs["head"].items()},
+            "pictures": {name: rel(picture) for name, picture in pictures.items()},
         }
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        save_predictions(out / PREDICTIONS, val_store, predictions, keep)  # the HTML report's browsable grid
+        from pipeline.tensorboard import write_evaluation
+
+        write_evaluation(config, metrics, out, int(train_manifest["outputs"].get("iterations", 0)))
         from pipeline.report import console_summary, write_report
 
         write_report(metrics, pictures, out / "report.md")
         files = {"metrics": out / "metrics.json", "report": out / "report.md", **pictures}
+        if (rdir / "curves.png").exists():  # the training curves, so the console names every picture of the run
+            files["training curves"] = rdir / "curves.png"
         print(console_summary(rows, files, train_store.random_init), flush=True)
         head = next((r for r in rows if r["features"] == "head" and not r["crf"]), None)
         best = f"{head['name']} {head['miou']:.1f} mIoU / {head['acc']:.1f} Acc" if head else "no head row"

@@ -43,7 +43,16 @@ from pipeline.hcl.extract import hcl_chunk
 from pipeline.hcl.multilevel import patch_sizes
 from pipeline.hcl.views import crop_box, draw_photometric, train_views, val_view
 from pipeline.runner import StageContext, manifest_path, run_stage
-from pipeline.workers import overlapped, resolve_backbone, run_dask
+from pipeline.wording import plural
+from pipeline.workers import (
+    extraction_attrs,
+    feature_backbone,
+    feature_batch_size,
+    in_batches,
+    overlapped,
+    run_dask,
+    split_samples,
+)
 
 SPLITS = ("train", "val")
 REBUILD = "rerun `hp-pipe features --method hcl` for this dataset (add --force if it says up to date)"
@@ -137,11 +146,28 @@ def load_chunk(dataset: SegmentationDataset, geo: Geometry, order: np.ndarray, l
 
 
 def chunk_arrays(backbone: Backbone, geo: Geometry, h: dict[str, Any], images: np.ndarray,
-                 variants: np.ndarray | None, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Everything one store chunk holds."""
-    out = hcl_chunk(backbone, images, variants, geo.train, h["mask_mass"], h["mask_min_size"])
+                 variants: np.ndarray | None, arrays: dict[str, np.ndarray],
+                 batch_size: int = 0) -> dict[str, np.ndarray]:
+    """Everything one store chunk (or several merged ones) holds, in forwards of `batch_size` views (0: all)."""
+    out = in_batches(lambda a, b: hcl_chunk(backbone, images[a:b], None if variants is None else variants[a:b],
+                                            geo.train, h["mask_mass"], h["mask_min_size"]),
+                     len(images), batch_size or len(images))
     out.update(arrays)
     return out
+
+
+def compute_chunks(backbone: Backbone, geo: Geometry, h: dict[str, Any], items: list[tuple[int, tuple]],
+                   batch_size: int = 0) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """One device batch of consecutive loaded chunks -> (chunk, arrays) of each, every chunk whole."""
+    if len(items) == 1:
+        return [(items[0][0], chunk_arrays(backbone, geo, h, *items[0][1], batch_size))]
+    loaded = [item[1] for item in items]
+    images = np.concatenate([i[0] for i in loaded])
+    variants = None if loaded[0][1] is None else np.concatenate([i[1] for i in loaded])
+    arrays = {k: np.concatenate([i[2][k] for i in loaded]) for k in loaded[0][2]}
+    data = chunk_arrays(backbone, geo, h, images, variants, arrays, batch_size)
+    parts = split_samples(data, [len(i[0]) for i in loaded])
+    return [(item[0], part) for item, part in zip(items, parts, strict=True)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -155,22 +181,23 @@ def worker_chunk(url: str, config: Config, workdir: str, split: str, chunk: int)
     function of the config); disjoint chunks, one writer each."""
     import torch
 
-    torch.set_num_threads(1)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
     geo = geometry(config, split)
     group = writer.open_group(url, mode="r+")
     dataset = _listed(json.dumps(config["dataset"], sort_keys=True), workdir, split)
     start, stop = writer.chunk_range(group, chunk)
     inputs = load_chunk(dataset, geo, image_order(len(dataset), geo), "label" in group, start, stop)
-    data = chunk_arrays(resolve_backbone(config), geo, config["hcl_features"], *inputs)
+    data = chunk_arrays(feature_backbone(config), geo, config["hcl_features"], *inputs, feature_batch_size(config))
     writer.write_chunk(group, chunk, data)
     return stop - start
 
 
-def mask_preview(group, path: Path, title: str, k: int = 4) -> Path:
+def mask_preview(store: FeatureStore, path: Path, title: str, k: int = 4) -> Path:
     """The first crops with their foreground masks (nearest-upsampled) blended over them, as a PNG."""
     from pipeline.plots import overlay_grid
 
-    images, masks = group["image"][:k], group["fg_mask"][:k].astype(np.uint8)
+    images, masks = store.read("image", 0, k), store.read("fg_mask", 0, k).astype(np.uint8)
     scale = images.shape[1] // masks.shape[1]
     full = np.zeros(images.shape[:3], dtype=np.uint8)
     up = masks.repeat(scale, axis=1).repeat(scale, axis=2)
@@ -199,7 +226,7 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
         if not n_images:
             raise UserError(f"dataset {config['dataset']['name']} has no {split} images")
         labelled = any(item.label is not None for item in dataset.items)  # listed label files, none decoded
-        backbone = resolve_backbone(config)
+        backbone = feature_backbone(config)
         key = "resolution" if geo.train else "val_resolution"
         if geo.resolution % backbone.patch_size:
             raise UserError(f"hcl_features.{key} = {geo.resolution} is not a multiple of the patch size "
@@ -220,8 +247,10 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
                  "sample": "slot j, crop r at j * crops + r; slots hold the images in a seeded permutation"}
                 if geo.train else {"resize": "whole image, bilinear (labels nearest), aspect not kept (§5)"})},
             "samples": [dataset.sample_name(int(i)) for i in order],  # the image of each slot
+            "extraction": extraction_attrs(backbone, config),
         }
-        group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"])
+        group = writer.create_store(url, layout, f["chunk_size"], attrs, ctx.fresh, f["compressor"], f["clevel"],
+                                    log=ctx.log)  # a kept store is repaired first: exactly its bad chunks redone
         done = writer.finished_chunks(group)
         pending = [int(c) for c in np.flatnonzero(~done)]
         finished = int(sum(np.diff(writer.chunk_range(group, int(c)))[0] for c in np.flatnonzero(done)))
@@ -235,9 +264,12 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
                     writer.write_chunk(group, chunk, data)
                     progress.update(len(data["feat"]))
 
+                batch = feature_batch_size(config)
                 overlapped(pending, lambda c: (c, load_chunk(dataset, geo, order, labelled,
                                                              *writer.chunk_range(group, c))),
-                           lambda item: (item[0], chunk_arrays(backbone, geo, h, *item[1])), write)
+                           lambda items: compute_chunks(backbone, geo, h, items, batch), write,
+                           workers=f["workers"], pin_memory=backbone.device.type == "cuda",
+                           group=max(1, batch // f["chunk_size"]))
             else:
                 run_dask(worker_chunk, (url, config, str(workdir), split), pending, progress,
                          address if scheduler == "distributed" else None, workers)
@@ -256,20 +288,23 @@ def run(config: Config, workdir: Path, split: str, store: str | None = None, for
             "native_over_concatenated": round(native / concatenated, 3),
             "timings": {"extract_seconds": round(seconds, 3)},
         }
-        what = (f"{n_images} images x {geo.crops} crops ({geo.views} variants each, {geo.resolution} px views)"
-                if geo.train else f"{n_images} whole images at {geo.resolution} px")
+        what = (f"{plural(n_images, 'image')} x {plural(geo.crops, 'crop')} ({plural(geo.views, 'variant')} each, "
+                f"{geo.resolution} px views)" if geo.train
+                else f"{plural(n_images, 'whole image')} at {geo.resolution} px")
         if geo.train:
-            fg = float(np.mean(group["fg_mask"][:]))
+            done_store = FeatureStore.open(url)  # checked reads: a damaged chunk is named, never a traceback
+            fg = float(np.mean(done_store.read("fg_mask", 0, n)))
             outputs["foreground_share"] = round(fg, 4)
             outputs["preview"] = str(mask_preview(
-                group, sdir / "features" / f"hcl-{split}-foreground.png",
+                done_store, sdir / "features" / f"hcl-{split}-foreground.png",
                 f"{backbone.name} foreground masks{' [RANDOM-INIT]' if backbone.random_init else ''}"))
             what += f", {fg:.0%} foreground"
         outputs["summary"] = (f"HCL {split} store: {what}, patches {'/'.join(map(str, sizes))}, "
                               f"{stored / 2**20:.1f} MiB -> {url}{note}")
         return outputs
 
-    manifest = run_stage(sdir, name, stage_config, inputs, body, force)
+    check = writer.recorded_store_check(url, str(manifest_path(sdir, name)))  # up to date only if it passes
+    manifest = run_stage(sdir, name, stage_config, inputs, body, force, check)
     if manifest["outputs"].get("store") != url:  # train and evaluate read the store named here
         raise UserError(f"{manifest_path(sdir, name)} names the store {manifest['outputs'].get('store')!r}, but this "
                         f"run's store is {url}: refused (an edited manifest cannot redirect hp-pipe to another "

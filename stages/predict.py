@@ -63,6 +63,7 @@ def read_image(path: Path) -> np.ndarray:
 def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,
         crf: bool) -> dict[str, Any]:
     run = run or config["train"]["method"]
+    images = list_images(Path(source))  # a wrong path is named before any model is loaded
     metrics_path = paths.eval_dir(config, workdir, run) / "metrics.json"
     if not metrics_path.exists():
         raise UserError(f"no {metrics_path}: run `hp-pipe evaluate --dataset {config['dataset']['name']} "
@@ -95,7 +96,6 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
         score = lambda codes, size: linear(codes, size)  # noqa: E731
     out = Path(out or paths.eval_dir(config, workdir, run) / "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    images = list_images(Path(source))
     for path in tqdm(images, desc="predict", unit="img"):
         image = read_image(path)
         if state.get("method") == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square

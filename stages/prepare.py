@@ -22,7 +22,8 @@ from pipeline.errors import UserError
 from pipeline.files import atomic_write_png, atomic_write_text
 from pipeline.graph import stage_plan
 from pipeline.prepared import crops_per_image
-from pipeline.runner import StageContext, run_stage
+from pipeline.runner import StageContext, missing_outputs, read_manifest, run_stage
+from pipeline.wording import plural
 
 SPLITS = ("train", "val")
 
@@ -79,12 +80,31 @@ def prepare_split(config: Config, workdir: Path, split: str, force: bool) -> dic
     return {"dir": str(out), "samples": len(names), "source_images": len(dataset), "labelled": bool(labelled)}
 
 
+def summary(outputs: dict[str, dict[str, Any]]) -> str:
+    """The stage's one line: crops and source images per split, counted in words ("1 image", "5 crops")."""
+    return ", ".join(f"{split}: {plural(o['samples'], 'crop')} from {plural(o['source_images'], 'image')}"
+                     for split, o in outputs.items())
+
+
+# (stage folder, fingerprint) of every prepare stage this process has already run or reported: `features` calls
+# `prepare` once per split, and `train` / `evaluate` reach it again through their own inputs, so without this one
+# command printed "[prepare] up to date" up to five times.
+_SEEN: set[tuple[str, str]] = set()
+
+
 def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
     stage_config, inputs = stage_plan(config, workdir)["prepare"]
+    sdir = paths.stage_dir(config, workdir)
+    key = (str(sdir.resolve()), fingerprint(stage_config, inputs))
+    if not force and key in _SEEN:  # already run or reported by this command: still current? then say nothing
+        old = read_manifest(sdir, "prepare")
+        if old and old.get("status") == "complete" and old.get("fingerprint") == key[1] and not missing_outputs(old):
+            return old
 
     def body(ctx: StageContext) -> dict[str, Any]:
         outputs = {split: prepare_split(config, workdir, split, force) for split in SPLITS}
-        counts = ", ".join(f"{s}: {o['samples']} crops from {o['source_images']} images" for s, o in outputs.items())
-        return {**outputs, "summary": f"{counts} -> {paths.stage_dir(config, workdir) / 'prepared'}"}
+        return {**outputs, "summary": f"{summary(outputs)} -> {sdir / 'prepared'}"}
 
-    return run_stage(paths.stage_dir(config, workdir), "prepare", stage_config, inputs, body, force)
+    manifest = run_stage(sdir, "prepare", stage_config, inputs, body, force)
+    _SEEN.add(key)
+    return manifest

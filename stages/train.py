@@ -18,16 +18,16 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
-from pipeline import paths
+from pipeline import paths, runs
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config, fingerprint
 from pipeline.errors import UserError
 from pipeline.graph import method_of, stage_plan
 from pipeline.hp.heads import ema_update
-from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
 from pipeline.runner import StageContext, changed_keys, read_manifest, run_stage
 from pipeline.trainer import (
     MetricsLog,
@@ -93,6 +93,7 @@ def make_optimizers(heads: HPHeads, t_cfg: dict[str, Any]) -> tuple[torch.optim.
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     t_cfg = config["train"]
     plan = plan_run(ctx, config, "train", store, out)
+    runs.ensure_record(out, config)  # a new (or started over) run records its settings first
     device, amp, iters_per_epoch, total, ckpt = plan.device, plan.amp, plan.iters_per_epoch, plan.total, plan.ckpt
     batch_size, seed = t_cfg["batch_size"], t_cfg["seed"]
 
@@ -126,7 +127,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         pool_ag = sample_pool(store, heads, t_cfg["pool_size"], False, rng, generator, device)  # §4, once
         pool_sp = sample_pool(store, heads, t_cfg["pool_size"], True, rng, generator, device)
     pools = Pools(PoolIndex(pool_ag, backend), PoolIndex(pool_sp, backend))
-    log = MetricsLog(out / "metrics.jsonl", keep_until=t)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t, config=config, log=ctx.log)
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, {
@@ -138,6 +139,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
             "online_probes": probes.state_dict() if probes is not None else None,
         })
+        log.checkpointed(t, ckpt)  # TensorBoard: overlay images of this checkpoint
 
     names = ["feat", "feat_aug", "lhp"] + (["label"] if probes is not None and probes.trains_linear else [])
     t0, t_start = time.perf_counter(), t
@@ -189,10 +191,21 @@ def _step_inputs(batch: dict[str, torch.Tensor], generator: torch.Generator, dev
     return as_input(batch["feat"]), as_input(f_aug), batch["lhp"].to(device).float()
 
 
-def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Train the configured method (train.method) into run `run` (default: the method's name)."""
+def run(config: Config, workdir: Path, run: str | None = None, force: bool = False,
+        replace: bool = False) -> dict[str, Any]:
+    """Train the configured method (train.method) into run `run` (default: the method's name).
+
+    A run that exists with other settings is refused before anything runs (`refuse_to_replace`), unless `force`
+    (start over) or `replace` (evaluate --force: retrain it if its settings differ, reuse it if they do not). The
+    run's whole config is recorded in its folder (pipeline/runs.py) for evaluate, predict, report and status.
+    """
     method = method_of(config)
     run = run or method
+    sdir, out = paths.stage_dir(config, workdir), paths.run_dir(config, workdir, run)
+    if not (force or replace):  # before the features stage: a refused command changes nothing
+        planned_config, planned_inputs = stage_plan(config, workdir)["train"]
+        refuse_to_replace(sdir, run, {**planned_config, "run": run}, planned_inputs, paths.checkpoint_path(out),
+                          config)
     manifest = features_hcl.run_for_method(config, workdir, "train")
     if method == "hcl":  # HCL's own store (docs/hcl.md §4)
         trainer, needs, store_key = train_hcl.train, features_hcl.hcl_arrays, "hcl-train"
@@ -201,27 +214,41 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
     store_fingerprint = manifest["fingerprint"]  # the store records the fingerprint of the stage that wrote it
     url = manifest["outputs"]["store"]
     stage_config, inputs = stage_plan(config, workdir, {store_key: url})["train"]
-    out = paths.run_dir(config, workdir, run)
 
     def body(ctx: StageContext) -> dict[str, Any]:
         store = FeatureStore.open(url, expect={"split": "train", "fingerprint": store_fingerprint})
         needs(store)  # a clear message when the store lacks what the method needs
         return trainer(ctx, config, store, out)
 
-    sdir = paths.stage_dir(config, workdir)
-    if not force:
-        refuse_to_replace(sdir, run, {**stage_config, "run": run}, inputs, paths.checkpoint_path(out))
-    return run_stage(sdir, f"train-{run}", {**stage_config, "run": run}, inputs, body, force)
+    result = run_stage(sdir, f"train-{run}", {**stage_config, "run": run}, inputs, body, force)
+    runs.ensure_record(out, config)  # a run from before records existed gets one now
+    return result
 
 
-def refuse_to_replace(sdir: Path, run: str, stage_config: dict[str, Any], inputs: dict[str, str], ckpt: Path) -> None:
+def refuse_to_replace(sdir: Path, run: str, stage_config: dict[str, Any], inputs: dict[str, str], ckpt: Path,
+                      config: Config | None = None) -> None:
     """A run trained (or started) with other settings is never replaced silently: its checkpoint, probes and
-    evaluation would go with it. The user picks a new run name or says --force."""
+    evaluation would go with it. The user picks a new run name or says --force. The train manifest decides; without
+    one (stages/ deleted), the run's recorded settings do."""
+    if not ckpt.exists():
+        return  # nothing trained to lose
     old = read_manifest(sdir, f"train-{run}")
-    if old is None or old.get("fingerprint") == fingerprint(stage_config, inputs) or not ckpt.exists():
+    recorded = runs.read_record(ckpt.parent.parent)
+    detail = runs.differences(recorded, config) if recorded is not None and config is not None else {}
+    if old is not None:
+        if old.get("fingerprint") == fingerprint(stage_config, inputs):
+            return
+        keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
+                            {"config": stage_config, "inputs": inputs})
+        upstream = any(k.startswith("inputs.") for k in keys)  # the store changed: its sections' keys are the cause
+        detail = {k: v for k, v in detail.items() if f"config.{k}" in keys
+                  or (upstream and not k.startswith(("train.", "hcl.", "evaluate.")))}
+    elif detail:
+        keys = list(detail)
+    else:
         return
-    keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
-                        {"config": stage_config, "inputs": inputs})
-    raise UserError(f"run '{run}' exists with other settings ({', '.join(keys) or 'inputs'} differ): training now "
-                    f"would replace it and its evaluation. Use --run NEW to train a new run beside it, repeat the "
-                    f"run's own options (--set ...), or pass --force to replace it")
+    shown = "; ".join(f"{k} is {r!r} in the run, {n!r} now" for k, (r, n) in list(detail.items())[:4])
+    where = f" (its settings: {paths.run_config_path(ckpt.parent.parent)})" if recorded is not None else ""
+    raise UserError(f"run '{run}' exists with other settings ({', '.join(keys) or 'inputs'} differ)"
+                    f"{': ' + shown if shown else ''}. Training now would replace it and its evaluation{where}. "
+                    "Use --run NEW to train a new run beside it, or pass --force to replace it")

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline import runs
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
@@ -103,6 +104,7 @@ def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimiz
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
     t_cfg, h_cfg = config["train"], config["hcl"]
     plan = plan_run(ctx, config, "hcl", store, out, images=int(store.attrs["images"]))  # §4: epoch = the images
+    runs.ensure_record(out, config)  # a new (or started over) run records its settings first
     device, amp, iters_per_epoch, total, ckpt = plan.device, plan.amp, plan.iters_per_epoch, plan.total, plan.ckpt
     batch_size, seed = h_cfg["batch_size"], h_cfg["seed"]
 
@@ -130,7 +132,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
         restore_rng(state, generator, device)
         t, mogo_seconds = state["iteration"], state["mogo_seconds"]
         log_resume(ctx, state, ckpt, total)
-    log = MetricsLog(out / "metrics.jsonl", keep_until=t)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t, config=config, log=ctx.log)
 
     def checkpoint() -> None:
         save_checkpoint(ckpt, {
@@ -143,6 +145,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> 
             "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
             "mogo_seconds": mogo_seconds,
         })
+        log.checkpointed(t, ckpt)  # TensorBoard: overlay images of this checkpoint
 
     names = step_names(patch_sizes)
     t0, t_start = time.perf_counter(), t

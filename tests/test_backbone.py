@@ -278,3 +278,21 @@ def test_pretrained_loads_from_the_hub_cache_offline(monkeypatch, tmp_path):
 def test_image_size_must_be_patch_multiple(random_bb):
     with pytest.raises(UserError, match="multiple"):
         random_bb(torch.zeros(1, 3, 40, 48))
+
+
+def test_pretrained_unreachable_hub_says_so(monkeypatch, tmp_path):
+    """No network, no HF_HUB_OFFLINE: the hub's 'cannot reach' error is named as such, not as missing files."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _isolate_hf_cache(monkeypatch, tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+
+    def unreachable(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("connection error, and the file is not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(UserError, match="cannot be reached.*HF_HUB_OFFLINE=1.*--weights") as err:
+        load_backbone(NAME, "pretrained")
+    assert "has none of" not in str(err.value)

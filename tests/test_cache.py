@@ -1,9 +1,15 @@
+import shutil
+from pathlib import Path
+
+import google_crc32c
 import numpy as np
 import pytest
+import zarr
 
 from cache import writer
+from cache.integrity import CorruptChunk, chunk_key, mark_bad, quick_check, verify_chunks
 from cache.reader import FeatureStore, batch_plan
-from cache.schema import Layout
+from cache.schema import DONE, RECORDS, CodesLayout, HCLLayout, Layout
 from pipeline.errors import UserError
 
 LAYOUT = Layout(n_samples=11, resolution=32, patch_size=16, embed_dim=8, num_heads=2, n_views=2, with_lhp=True,
@@ -117,3 +123,153 @@ def test_reader_refuses_missing_store_and_other_schema(tmp_path):
     group.attrs["schema_version"] = 99
     with pytest.raises(UserError, match="schema version 99"):
         FeatureStore.open(url)
+
+
+# ---------------------------------------------------------------- integrity (cache/integrity.py, docs/cache.md)
+def _chunk_file(url, name, chunk):
+    return Path(url) / chunk_key(writer.open_group(url, "r")[name], chunk)
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "none"])
+def test_every_array_ends_with_the_checksum_codec(tmp_path, compressor):
+    layouts = {
+        "hp": LAYOUT,
+        "hcl": HCLLayout(6, 32, (16, 32), 8, 2, True, True),
+        "codes": CodesLayout(6, 2, 4, 32),
+    }
+    for kind, layout in layouts.items():
+        group = writer.create_store(str(tmp_path / f"{kind}-{compressor}.zarr"), layout, 4, ATTRS, True, compressor)
+        names = list(group.array_keys())
+        assert set(names) == {*layout.arrays(), DONE, RECORDS}
+        for name in names:
+            codecs = group[name].metadata.codecs
+            assert isinstance(codecs[-1], zarr.codecs.Crc32cCodec), (kind, name, codecs)
+
+
+def test_records_hold_each_chunk_objects_size_and_the_crc32c_of_its_values(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    group = writer.create_store(url, LAYOUT, 4, ATTRS, True)
+    data = {c: _chunk_data(LAYOUT, *writer.chunk_range(group, c)) for c in range(3)}
+    data[1]["label"][:] = 0  # all fill value: still written, so that every finished chunk has its object
+    for c in range(3):
+        writer.write_chunk(group, c, data[c])
+    records = np.asarray(group[RECORDS][:])
+    for i, name in enumerate(group.attrs["record_arrays"]):
+        dtype = LAYOUT.arrays()[name][1]
+        for c in range(3):
+            path = _chunk_file(url, name, c)
+            assert records[c, i, 0] == path.stat().st_size > 0
+            expected = google_crc32c.value(np.ascontiguousarray(data[c][name].astype(dtype)).tobytes())
+            assert records[c, i, 1] == (1 << 32) | expected, (name, c)  # the high bit: "a record is here"
+
+
+def test_write_chunk_refuses_a_chunk_without_every_array(tmp_path):
+    group = writer.create_store(str(tmp_path / "s.zarr"), LAYOUT, 4, ATTRS, True)
+    data = _chunk_data(LAYOUT, 0, 4)
+    del data["lhp"]
+    with pytest.raises(ValueError, match="the store holds"):
+        writer.write_chunk(group, 0, data)
+    assert not writer.finished_chunks(group).any()
+
+
+def _flip(path, offset=None):
+    raw = bytearray(path.read_bytes())
+    at = len(raw) // 2 if offset is None else offset
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_reader_stops_on_a_damaged_chunk_naming_array_chunk_and_store(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    _flip(_chunk_file(url, "lhp", 1))
+    store = FeatureStore.open(url)
+    expected = r"store .*s\.zarr: array 'lhp' chunk 1 is damaged \(checksum mismatch.*hp-pipe verify --store"
+    with pytest.raises(CorruptChunk, match=expected):
+        list(store.batches(["feat", "lhp"], batch_size=3, shuffle_seed=1))
+    with pytest.raises(CorruptChunk, match=expected):
+        store.gather("lhp", [5])
+    with pytest.raises(CorruptChunk, match=expected):
+        store.dask("lhp").compute()
+    intact = np.stack([_chunk_data(LAYOUT, 0, 4)["lhp"][0], _chunk_data(LAYOUT, 8, 11)["lhp"][2]])
+    np.testing.assert_array_equal(store.gather("lhp", [0, 10]), intact)  # the other chunks still read
+
+
+def test_quick_check_sees_sizes_and_verify_sees_contents(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url)
+    writer.mark_complete(group)
+    path = _chunk_file(url, "feat", 0)
+    path.write_bytes(path.read_bytes()[:-3])  # truncated
+    _flip(_chunk_file(url, "image", 2))  # same size: only a full read sees it
+    _chunk_file(url, "crop_order", 1).unlink()
+    quick = quick_check(group, url)
+    assert [(b.array, b.chunk) for b in quick.bad] == [("feat", 0), ("crop_order", 1)]
+    assert "chunk object missing" in quick.bad[1].reason
+    full = verify_chunks(group, url, threads=2)
+    assert {(b.array, b.chunk) for b in full.bad} == {("feat", 0), ("crop_order", 1), ("image", 2)}
+    size = path.stat().st_size
+    assert writer.store_problems(url) == [f"store {url}: 2 bad chunk(s): feat chunk 0 ({size} B stored, {size + 3} B "
+                                          "recorded), crop_order chunk 1 (chunk object missing)"]
+
+
+def test_chunks_verify_records_as_bad_are_recomputed_exactly(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    _flip(_chunk_file(url, "feat_aug", 1))
+    group = writer.open_group(url, "r")
+    check = verify_chunks(group, url)
+    assert [str(b) for b in check.bad] == ["feat_aug chunk 1 (checksum mismatch: the chunk object is damaged)"]
+    mark_bad(writer.open_group(url, "r+"), check.bad)
+    with pytest.raises(UserError, match=r"1 damaged chunk\(s\) found by `hp-pipe verify` \(feat_aug chunk 1 "):
+        FeatureStore.open(url)
+    lines = []
+    again = writer.create_store(url, LAYOUT, 4, ATTRS, fresh=False, log=lines.append)
+    assert writer.finished_chunks(again).tolist() == [True, False, True]
+    assert any("feat_aug chunk 1" in line for line in lines)
+    writer.write_chunk(again, 1, _chunk_data(LAYOUT, 4, 8))
+    writer.mark_complete(again)
+    store = FeatureStore.open(url)
+    assert "bad_chunks" not in store.attrs
+    np.testing.assert_array_equal(store.read("feat_aug", 4, 8), _chunk_data(LAYOUT, 4, 8)["feat_aug"])
+
+
+def test_missing_array_is_recreated_and_every_chunk_redone(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    shutil.rmtree(Path(url) / "lhp")
+    with pytest.raises(UserError, match=r"no array 'lhp' .*\(deleted\?\): run `hp-pipe features`"):
+        FeatureStore.open(url).array("lhp")
+    lines = []
+    group = writer.create_store(url, LAYOUT, 4, ATTRS, fresh=False, log=lines.append)
+    assert "lhp" in group and not writer.finished_chunks(group).any()
+    assert lines[0] == "array 'lhp' is missing: recreated; all 3 chunks are recomputed"
+
+
+def test_half_created_store_is_rebuilt_and_a_foreign_group_refused(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    half = zarr.open_group(url, mode="w")  # created before schema 3: attributes were written last
+    half.create_array("feat", shape=(11, 2, 2, 8), chunks=(4, 2, 2, 8), dtype="float16")
+    writer.mark_complete(_write_all(url))  # neither fresh nor forced: rebuilt all the same
+    assert len(FeatureStore.open(url)) == 11
+    foreign = str(tmp_path / "foreign.zarr")
+    zarr.open_group(foreign, mode="w").create_array("weights", shape=(3,), dtype="float32")
+    for fresh in (False, True):
+        with pytest.raises(UserError, match="not an hp-pipe feature store"):
+            writer.create_store(foreign, LAYOUT, 4, ATTRS, fresh)
+    assert list(zarr.open_group(foreign, mode="r").array_keys()) == ["weights"]
+
+
+def test_a_folder_of_other_files_at_the_store_url_is_refused_and_left_intact(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    for fresh in (False, True):
+        with pytest.raises(UserError, match="not an hp-pipe feature store"):
+            writer.create_store(str(folder), LAYOUT, 4, ATTRS, fresh)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    remains = tmp_path / "killed.zarr"  # a store whose metadata was deleted first when it was being replaced
+    (remains / "feat" / "c").mkdir(parents=True)
+    (remains / DONE).mkdir()
+    writer.mark_complete(_write_all(str(remains)))
+    assert len(FeatureStore.open(str(remains))) == 11

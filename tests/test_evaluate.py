@@ -27,6 +27,7 @@ TINY = {
     "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
     "evaluate.crf_workers": "1", "evaluate.pictures": "2",
 }
+RAW = "ViT-S/16 features (random init)"  # the raw-feature rows' name: what they are (random weights here), not "DINO"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_metrics_json_has_every_row_and_the_protocol(evaluated):
     out = paths.eval_dir(config, workdir, "hp")
     metrics = json.loads((out / "metrics.json").read_text())
     names = {r["name"] for r in metrics["results"]}
-    for features in ("DINO", "HP"):
+    for features in (RAW, "HP"):
         for probe in ("cluster", "linear"):
             assert {f"{features} {probe}", f"{features} {probe} + CRF"} <= names
     for row in metrics["results"]:
@@ -146,7 +147,7 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     # the live path (backbone -> head -> probe) agrees with the evaluation's cached path on a val image
     codes = FeatureStore.open(str(paths.run_dir(config, workdir, "hp") / "codes" / "val.zarr"))
     row = next(r for r in metrics["results"] if r["name"] == "HP cluster")
-    centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+    centroids = torch.from_numpy(np.load(paths.eval_dir(config, workdir, "hp") / metrics["probes"]["centroids"]))
     f = torch.from_numpy(codes.read("feat", 0, 1)).float().permute(0, 3, 1, 2)
     cached = np.asarray(row["cluster_to_class"])[cosine_scores(f, centroids, (64, 64)).argmax(1)[0].numpy()]
     live = np.asarray(Image.open(tmp_path / "out" / "val0.png"))
@@ -168,8 +169,9 @@ def test_main_job_commands_end_to_end(tmp_path):
     assert "RANDOM-INIT" in proc.stdout  # a run on random weights says so
     metrics = json.loads((tmp_path / "synthetic" / "runs" / "hp" / "eval" / "metrics.json").read_text())
     names = {r["name"] for r in metrics["results"]}
-    assert {n for n in names if "overcluster" not in n} == {"DINO cluster", "DINO linear", "HP cluster", "HP linear"}
-    assert {n.split(" K=")[0] for n in names if "overcluster" in n} == {"DINO overcluster", "HP overcluster"}
+    assert {n for n in names if "overcluster" not in n} == {f"{RAW} cluster", f"{RAW} linear", "HP cluster",
+                                                            "HP linear"}
+    assert {n.split(" K=")[0] for n in names if "overcluster" in n} == {f"{RAW} overcluster", "HP overcluster"}
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "status", "--dataset", "synthetic",
                              "--workdir", str(tmp_path), *sets], capture_output=True, text=True, env=env).stdout
     assert [line.split()[1] for line in status.splitlines()[1:]] == ["complete"] * 5, status
@@ -270,7 +272,7 @@ def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys
     header, body = table[0], {row[0]: dict(zip(table[0], row, strict=True)) for row in table[2:]}
     assert header[-2:] == ["paper mIoU (%)", "paper Acc (%)"] and "protocol" in header
     assert (body["HP cluster + CRF"]["paper mIoU (%)"], body["HP cluster + CRF"]["paper Acc (%)"]) == ("20.0", "50.0")
-    assert (body["DINO linear"]["paper mIoU (%)"], body["DINO linear"]["paper Acc (%)"]) == ("30.0", "60.0")
+    assert (body[f"{RAW} linear"]["paper mIoU (%)"], body[f"{RAW} linear"]["paper Acc (%)"]) == ("30.0", "60.0")
     assert body["HP linear"]["paper mIoU (%)"] == "–" and body["HP cluster"]["protocol"] == "paper"
     assert {r["name"]: r["paper_miou"] for r in metrics["results"]}["HP cluster"] == 20.0
 
@@ -308,7 +310,7 @@ def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(eval
     images = val.read("image", 0, len(val))
     sources = {"head": FeatureStore.open(str(run_dir / "codes" / "val.zarr")), "raw": val}
     checked = 0
-    for kind, label in (("head", "HP"), ("raw", "DINO")):
+    for kind, label in (("head", "HP"), ("raw", RAW)):
         codes = sources[kind].read("feat", 0, len(val)).astype(np.float64)
         my, mx = bilinear_matrix(labels.shape[1], codes.shape[1]), bilinear_matrix(labels.shape[2], codes.shape[2])
         up = np.einsum("Yi,nijd,Xj->nYXd", my, codes, mx)  # §8: codes upsampled bilinearly to the label size
@@ -352,3 +354,124 @@ def test_a_deleted_output_makes_the_stage_incomplete_and_it_is_recomputed(evalua
     out = capsys.readouterr().out
     assert "no longer exists: recomputing" in out and metrics.exists()
     assert "[train-hp] up to date" in out and "[codes-hp] up to date" in out  # only the stage that lost its output
+
+
+# ---------------------------------------------------------------- what metrics.json and report.md say (#14)
+def _strings(value):
+    """Every string inside nested dicts and lists (keys included)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def test_metrics_json_paths_are_relative_to_its_folder(evaluated):
+    """No absolute path anywhere in metrics.json; the checkpoint, probes and pictures it names resolve from its
+    folder; `hp-pipe report` rebuilds report.md from it with links that resolve."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    config, workdir, _ = evaluated
+    evaluate.run(config, workdir, "hp")  # the fixture's settings again (other tests of this module change them)
+    out = paths.eval_dir(config, workdir, "hp")
+    text = (out / "metrics.json").read_text()
+    assert str(workdir) not in text and str(workdir.resolve()) not in text
+    metrics = json.loads(text)
+    absolute = [s for s in _strings(metrics) if re.search(r"(^|[\s\"'(])(/|[A-Za-z]:\\)\w", s)]
+    assert absolute == []
+    run_dir = paths.run_dir(config, workdir, "hp")
+    checkpoint = metrics["protocol"]["checkpoint"].split(" (")[0]
+    assert (out / checkpoint).resolve() == paths.checkpoint_path(run_dir).resolve()
+    assert (out / metrics["probes"]["centroids"]).resolve() == (run_dir / "probe-head" / "centroids.npy").resolve()
+    assert (out / metrics["probes"]["linear"]).resolve() == (run_dir / "probe-head" / "linear.pt").resolve()
+    assert metrics["pictures"] == {"overlays": "overlays.png", "confusion": "confusion.png", "iou": "iou.png"}
+    (out / "report.md").unlink()
+    result = CliRunner().invoke(app, ["report", "--dataset", "synthetic", "--workdir", str(workdir)])
+    assert result.exit_code == 0, result.output
+    links = re.findall(r"!\[.*?\]\((.*?)\)", (out / "report.md").read_text())
+    assert len(links) == 3 and all((out / link).is_file() for link in links)
+
+
+def test_rows_and_protocol_say_what_ran(evaluated):
+    """Raw rows named by what they are, the overclustering K as used (capped at the 48 val patches) and the
+    protocol listing only the probes that ran."""
+    config, workdir, _ = evaluated
+    out = paths.eval_dir(config, workdir, "hp")
+    metrics = json.loads((out / "metrics.json").read_text())
+    raw = [r["name"] for r in metrics["results"] if r["features"] == "raw"]
+    assert raw and all(name.startswith(RAW) for name in raw) and not any("DINO" in n for n in raw)
+    patches = 3 * (64 // 16) ** 2  # 3 val images, 4 x 4 patches each
+    assert {r["k"] for r in metrics["results"] if r["probe"] == "overcluster"} == {patches}
+    line = metrics["protocol"]["overcluster"]
+    assert f"K = {patches} (evaluate.overcluster_k = 64, capped" in line and "K = 64" not in line
+    assert {"cluster_probe", "linear_probe"} <= set(metrics["protocol"])
+    cluster_only = load_config("synthetic", {**TINY, "evaluate.probes": "cluster"})
+    evaluate.run(cluster_only, workdir, "hp")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "cluster_probe" in metrics["protocol"] and "linear_probe" not in metrics["protocol"]
+    assert metrics["protocol_settings"]["linear_probe"] is None
+    assert "linear" not in metrics["protocol"]["raw_features"]
+    assert {r["probe"] for r in metrics["results"]} == {"cluster", "overcluster"}
+    report = (out / "report.md").read_text()
+    assert "**linear_probe**" not in report and "**cluster_probe**" in report
+    evaluate.run(config, workdir, "hp")  # back to the fixture's settings
+
+
+def test_capped_overclustering_is_said_once_without_faiss_warnings(evaluated, capfd):
+    """K capped on the tiny val set: one line says the figure is not meaningful, no faiss warning wall (the
+    unpatched faiss call printed one per seed and feature kind)."""
+    config, workdir, _ = evaluated
+    evaluate.run(config, workdir, "hp")
+    (paths.eval_dir(config, workdir, "hp") / "metrics.json").unlink()  # evaluate-hp runs again, nothing before it
+    capfd.readouterr()
+    evaluate.run(config, workdir, "hp")
+    printed = "".join(capfd.readouterr())
+    assert printed.count("overclustering: K capped at 48 (evaluate.overcluster_k = 64)") == 1, printed
+    assert "not meaningful" in printed and "WARNING clustering" not in printed
+
+
+def test_a_command_says_prepare_once_and_counts_in_words(tmp_path):
+    """One training image, one val image: every stage summary counts in words ("1 image", "5 crops", "1 iteration")
+    and a command that reaches `prepare` several times says "[prepare] up to date" once."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    one = {**TINY, "dataset.n_train": "1", "dataset.n_val": "1", "train.epochs": "1", "train.pool_size": "4",
+           "evaluate.crf": "false", "evaluate.overcluster": "false"}
+    sets = [arg for k, v in one.items() for arg in ("--set", f"{k}={v}")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for command in ("features", "train", "evaluate"):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", command, "--workdir", str(tmp_path), *sets],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        outputs[command] = proc.stdout
+    assert outputs["features"].count("[prepare] train: 5 crops from 1 image, val: 1 crop from 1 image") == 1
+    assert "[prepare] up to date" not in outputs["features"]  # computed once, not announced again for val
+    for command in ("train", "evaluate"):
+        assert outputs[command].count("[prepare] up to date") == 1, outputs[command]
+    summaries = [line for text in outputs.values() for line in text.splitlines() if re.match(r"\[[\w-]+\] ", line)]
+    assert "[train-hp] HP: 1 iteration" in "\n".join(summaries)
+    assert "codes of 5 train crops and 1 val crop" in "\n".join(summaries)
+    wrong = [line for line in summaries if re.search(r"(?<![\d.])1 (?!is\b)[a-z]+s\b", line)]
+    assert wrong == []
+
+
+def test_predict_names_a_wrong_input_path_before_loading_any_model(evaluated, tmp_path, monkeypatch):
+    from stages import predict
+
+    config, workdir, _ = evaluated
+    monkeypatch.setattr(predict, "load_encoder", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(predict, "resolve_backbone", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="nowhere"):
+        predict.run(config, workdir, "hp", tmp_path / "nowhere", None, "cluster", False)

@@ -179,7 +179,7 @@ def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
             raise Boom(f"cannot decode chunk {chunk}")
         return features.ChunkInputs(chunk, *([None] * (len(features.ChunkInputs._fields) - 1)))
 
-    def chunk_arrays(backbone, inputs, settings):
+    def chunk_arrays(backbone, inputs, settings, batch_size=0):
         computed.append(inputs.chunk)
         return {"feat": np.zeros((2, 1), np.float16)}
 

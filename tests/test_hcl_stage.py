@@ -277,7 +277,8 @@ def test_evaluate_reads_hcl_stores_and_codes_are_the_online_head(workdir):
     assert len(train_codes) == IMAGES * CROPS  # the linear probe sees the plain views of every cached crop
     metrics = json.loads((rdir / "eval" / "metrics.json").read_text())
     names = {r["name"] for r in metrics["results"]}
-    assert {"HCL cluster", "HCL linear", "DINO cluster", "HCL overcluster K=6", "DINO overcluster K=6"} <= names
+    raw = "ViT-S/16 features (random init)"  # the raw-feature rows say what they are: random weights here
+    assert {"HCL cluster", "HCL linear", f"{raw} cluster", "HCL overcluster K=6", f"{raw} overcluster K=6"} <= names
     over = next(r for r in metrics["results"] if r["name"] == "HCL overcluster K=6")
     assert over["seeds"] == 2 and over["miou_std"] >= 0 and 0 <= over["acc"] <= 100
     assert metrics["method"] == "hcl" and manifest["status"] == "complete"
@@ -294,7 +295,7 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
     from pipeline.config import fingerprint
 
     config, store = tiny_config(), store_of(workdir)
-    assert store.attrs["hcl_schema"] == HCL_SCHEMA == 3
+    assert store.attrs["hcl_schema"] == HCL_SCHEMA == 4
     group = writer.open_group(store.url, mode="r+")
     try:
         group.attrs["hcl_schema"] = 2
@@ -312,7 +313,7 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
     now = graph.stage_plan(config, workdir)["features-train-hcl"]
     monkeypatch.setattr(graph, "HCL_SCHEMA", 2)
     before = graph.stage_plan(config, workdir)["features-train-hcl"]
-    assert now[0]["hcl_schema"] == 3 and before[0]["hcl_schema"] == 2
+    assert now[0]["hcl_schema"] == 4 and before[0]["hcl_schema"] == 2
     assert fingerprint(*now) != fingerprint(*before)  # an old manifest is stale: the store is rebuilt
 
 
@@ -381,7 +382,7 @@ def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, t
     Image.fromarray(val.read("image", 0, 1)[0]).save(tmp_path / "in" / "val0.png")
     predict.run(config, workdir, None, tmp_path / "in", tmp_path / "out", "cluster", crf=False)
     row = next(r for r in metrics["results"] if r["name"] == "HCL cluster")
-    centroids = torch.from_numpy(np.load(metrics["probes"]["centroids"]))
+    centroids = torch.from_numpy(np.load(rdir / "eval" / metrics["probes"]["centroids"]))  # relative to eval/
     codes = torch.from_numpy(FeatureStore.open(str(rdir / "codes" / "val.zarr")).read("feat", 0, 1)).float()
     cached = np.asarray(row["cluster_to_class"])[cosine_scores(codes.permute(0, 3, 1, 2), centroids,
                                                                (64, 64)).argmax(1)[0].numpy()]

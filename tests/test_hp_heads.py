@@ -136,8 +136,8 @@ def test_lhp_mix_refuses_mismatched_weights():
 
 def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
     """The reference computes cluster1(drop(f)) + cluster2(drop(f)): two masks per head call (§2)."""
-    from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
     from pipeline.hp.pool import PoolIndex
+    from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
 
     torch.manual_seed(0)
     b, c, h, w = 2, 16, 3, 3

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
 from pipeline.hp.pool import PoolIndex
+from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
 from tests.test_hp_loss import naive_hp_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

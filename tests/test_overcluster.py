@@ -148,7 +148,8 @@ def test_overcluster_row_passes_iterations_and_restarts_to_faiss(recording):
     feat = ArrayStore(feat=rng.normal(0, 1, size=(2, 4, 4, 8)).astype(np.float16))
     val = ArrayStore(label=rng.integers(0, 3, size=(2, 16, 16)).astype(np.uint8))
     config = load_config("synthetic", {"evaluate.overcluster_k": "5", "evaluate.overcluster_pca": "4",
-                                       "evaluate.overcluster_seeds": "2"})
+                                       "evaluate.overcluster_seeds": "2", "evaluate.overcluster_restarts": "5"})
+    assert load_config("voc")["evaluate"]["overcluster_restarts"] == 5  # the reference's (synthetic: 2, for a CPU)
     row = evaluate.overcluster_row("head", feat, val, config, "HCL")
     assert [(r.kwargs["niter"], r.kwargs["nredo"], r.kwargs["seed"]) for r in recording] == [(100, 5, 0), (100, 5, 1)]
     assert [(r.cp.niter, r.cp.nredo) for r in recording] == [(100, 5)] * 2  # reached faiss's ClusteringParameters

@@ -19,9 +19,12 @@ from pipeline.planted import (
     N_CLASSES,
     PlantedSettings,
     generate,
+    generate_hcl,
+    hcl_patch_sizes,
     label_fractions,
     patch_labels,
     world,
+    write_hcl_store,
     write_store,
 )
 from stages.bench_planted import PlantedBench, loss_replaced, run_seed, shuffled_positives
@@ -223,3 +226,116 @@ def test_tiny_planted_bench_explains_its_figure(tiny_run):
     assert p["ghp_own_image_share"] > 50
     assert p["ghp_own_image_precision"] < p["ghp_cross_image_precision"]
     assert 0 < tiny_run["raw"]["miou"] < 100 and tiny_run["iterations"] == (48 // 8) * 4
+
+
+# ---------------------------------------------------------------- HCL's planted stores
+def naive_mix(label: np.ndarray, grid: int, protos: np.ndarray) -> np.ndarray:
+    """Σ_c (share of class c's pixels in the cell) μ_c, cell by cell with explicit pixel counts."""
+    cell = label.shape[0] // grid
+    out = np.zeros((grid, grid, protos.shape[1]))
+    for y in range(grid):
+        for x in range(grid):
+            block = label[y * cell:(y + 1) * cell, x * cell:(x + 1) * cell].ravel()
+            for c in range(N_CLASSES):
+                out[y, x] += (block == c).sum() / block.size * protos[c]
+    return out
+
+
+def test_hcl_branches_are_the_same_generator_at_their_own_grids():
+    """Without noise every branch (patch 8/16/28 px: 14/7/4 cells) is the prototype mix of its cells plus the image's
+    style, the very offset `generate` gives that image; the CLS token is the whole image's mix plus that style."""
+    s = dataclasses.replace(PlantedSettings(), noise=0.0)
+    assert hcl_patch_sizes(s) == (8, 16, 28)
+    p = generate_hcl(s, 4, "train", [3, 5], crops=2)
+    hp_style = generate(s, 4, "train", [3, 5]).style
+    protos, _ = world(s, 4)
+    for k in range(4):  # sample k = image k // 2, crop k % 2
+        style = hp_style[k // 2]
+        for patch, grid in ((8, 14), (16, 7), (28, 4)):
+            np.testing.assert_allclose(p.levels[patch][k], naive_mix(p.label[k], grid, protos) + style, atol=1e-5)
+        np.testing.assert_allclose(p.cls[k], naive_mix(p.label[k], 1, protos)[0, 0] + style, atol=1e-5)
+    assert p.source_image.tolist() == [3, 3, 5, 5]
+
+
+def test_hcl_foreground_is_the_object_classes_and_variants_move_the_style():
+    p = generate_hcl(PlantedSettings(), 0, "train", range(3), crops=2, n_views=2)
+    things = [N_CLASSES - 4, N_CLASSES - 3, N_CLASSES - 2, N_CLASSES - 1]  # building, tree, car, person
+    for k in range(6):
+        naive = np.array([[np.bincount(p.label[k][y * 8:(y + 1) * 8, x * 8:(x + 1) * 8].ravel(),
+                                       minlength=N_CLASSES).argmax() for x in range(14)] for y in range(14)])
+        assert np.array_equal(p.fg_mask[k], np.isin(naive, things))
+    assert 0 < p.fg_mask.mean() < 0.5
+    _, basis = world(PlantedSettings(), 0)
+    shifts = {q: (p.aug[q] - p.levels[q][:, None]).mean(axis=(2, 3)) for q in (8, 16, 28)}  # (S, V, C)
+    np.testing.assert_allclose(shifts[8], shifts[28], atol=0.03)  # one jitter for every branch of a variant
+    np.testing.assert_allclose(shifts[8], (p.aug_cls - p.cls[:, None]), atol=0.06)
+    outside = shifts[8] - shifts[8] @ basis @ basis.T
+    assert np.abs(outside).max() < 0.03 and 0 < np.linalg.norm(shifts[8], axis=-1).max() < PlantedSettings().style
+    # the crops of one image differ by their noise only
+    assert not np.array_equal(p.levels[8][0], p.levels[8][1])
+
+
+def test_hcl_store_is_read_as_hcl_stores_are(tmp_path):
+    """Chunks of 3 samples cut images' crops apart: every sample still equals its image regenerated alone."""
+    from pipeline.hcl.views import epoch_keep
+    from stages.features_hcl import hcl_arrays
+
+    s = PlantedSettings()
+    store = FeatureStore.open(write_hcl_store(str(tmp_path / "t.zarr"), s, 1, "train", 5, crops=2, n_views=2,
+                                              chunk_size=3))
+    assert len(store) == 10 and store.attrs["images"] == 5 and store.attrs["crops"] == 2
+    assert {"feat", "hcl_p16", "hcl_p28", "hcl_cls", "fg_mask", "hcl_aug_p8", "hcl_aug_cls"} <= set(hcl_arrays(store))
+    assert store.read("source_image", 0, 10).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    alone = generate_hcl(s, 1, "train", [3], crops=2, n_views=2)
+    np.testing.assert_array_equal(store.read("feat", 7, 8), alone.levels[8][1:2].astype(np.float16))
+    np.testing.assert_array_equal(store.read("hcl_aug_p28", 6, 8), alone.aug[28].astype(np.float16))
+    assert epoch_keep(5, 2, 0, 0).sum() == 5
+    val = FeatureStore.open(write_hcl_store(str(tmp_path / "v.zarr"), s, 1, "val", 3, chunk_size=2))
+    assert len(val) == 3 and "fg_mask" not in val.names() and "hcl_aug_cls" not in val.names()
+
+
+def test_bench_training_settings_do_not_follow_the_preset(monkeypatch):
+    """Every HP setting the bench's figures depend on is the bench's own: a preset with other [train] values
+    (e.g. a synthetic preset shrunk for `make run`) leaves the bench's config unchanged."""
+    import stages.bench_planted as bp
+
+    real = bp.load_config
+    other = {"head_dim": 8, "epochs": 1, "batch_size": 2, "tau": 0.1, "alpha": 0.9, "rho": 0.5, "pool_size": 4,
+             "renew_interval": 1, "ema_m": 0.5, "warmup": 0, "lr": 1.0, "weight_decay": 0.0, "grad_clip": 1.0,
+             "dropout": 0.5}
+    assert set(other) == set(bp.HP_TRAIN)
+    shrunk = lambda name, overrides: real(name, {**{f"train.{k}": v for k, v in other.items()}, **overrides})  # noqa: E731
+    before = bp.train_config(PlantedBench(), 3)
+    monkeypatch.setattr(bp, "load_config", shrunk)
+    after = bp.train_config(PlantedBench(), 3)
+    assert {k: after["train"][k] for k in bp.HP_TRAIN} == {k: before["train"][k] for k in bp.HP_TRAIN} == bp.HP_TRAIN
+    assert after["train"]["seed"] == 3 and after["evaluate"]["protocol"] == "kmeans"
+    hcl = bp.hcl_config(bp.PlantedHCLBench(), 2)["hcl"]
+    assert {k: hcl[k] for k in bp.HCL_TRAIN} == bp.HCL_TRAIN and hcl["seed"] == 2
+
+
+def test_tiny_planted_hcl_bench_stopping_at_the_middle_changes_nothing(tmp_path):
+    """The HCL bench stops after half the epochs (its middle figure) and resumes: the resumed run ends
+    with exactly the weights of a run trained straight through."""
+    import stages.bench_planted as bp
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.runner import StageContext
+    from stages import train_hcl
+
+    bench = bp.PlantedHCLBench(n_train=16, n_val=4, chunk_size=8, planted=SMALL, hcl={
+        "batch_size": 8, "epochs": 2, "clusters": 4, "kmeans_min_points": 5, "dim": 16, "hidden": 32, "out_dim": 16,
+        "heads": 2, "lr_drop_epoch": 1})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = bp.run_seed_hcl(bench, 0, tmp_path)
+        store = FeatureStore.open(str(tmp_path / "hcl-seed-0" / "train.zarr"))
+        ctx = StageContext(name="straight", fingerprint="straight", fresh=True, manifest={})
+        straight = train_hcl.train(ctx, bp.hcl_config(bench, 0), store, tmp_path / "straight")
+    finally:
+        torch.set_num_threads(threads)
+    assert (r["middle_iteration"], r["end_iteration"]) == (2, 4)
+    stopped = load_checkpoint(str(tmp_path / "hcl-seed-0" / "hcl" / "checkpoints" / "last.pt"))["model"]
+    through = load_checkpoint(straight["checkpoint"])["model"]
+    assert stopped.keys() == through.keys()
+    assert all(torch.equal(stopped[k], through[k]) for k in stopped)

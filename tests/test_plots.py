@@ -10,10 +10,13 @@ import pytest
 from PIL import Image
 
 from pipeline.plots import (
+    NA_NOTE,
     blend,
     colorize,
+    confusion_figure,
     confusion_png,
     iou_bars,
+    iou_figure,
     normalize_rows,
     overlay_grid,
     overlay_layout,
@@ -146,7 +149,7 @@ def test_confusion_png_writes_and_checks_shape(tmp_path, extra):
     blues = matplotlib.colormaps["Blues"]
     for (i, j), fraction in np.ndenumerate(normalize_rows(confusion)):  # each cell's colour is its row fraction
         r, c = pixel(j - 0.3, i - 0.3)  # a cell corner, away from the number printed at its centre
-        expected = np.round(np.asarray(blues(fraction)[:3]) * 255)
+        expected = np.round(np.asarray(blues(fraction)[:3]) * 255)  # 100 % = the colour map's end
         np.testing.assert_allclose(png[r, c], expected, atol=3, err_msg=f"cell {i},{j}")
     for bad in (np.zeros((3, 2)), np.zeros((2, 3)), np.zeros((3, 5)), np.zeros(9)):
         with pytest.raises(ValueError, match="matrix"):
@@ -157,7 +160,7 @@ def test_confusion_png_writes_and_checks_shape(tmp_path, extra):
 def test_iou_bars_writes_and_checks_lengths(tmp_path):
     names = ["a", "b", "c"]
     path = tmp_path / "iou.png"
-    rows = {"DINO cluster": [10.0, None, 55.5], "HP cluster": [20.0, 5.0, 70.0]}
+    rows = {"ViT-S/16 features (random init) cluster": [10.0, None, 55.5], "HP cluster": [20.0, 5.0, 70.0]}
     pixel = iou_bars(rows, names, path, title="val")
     png = _png(path)
     assert _informative(png)
@@ -183,7 +186,8 @@ def _metrics(random_init: bool) -> dict:
         "random_init": random_init,
         "protocol": {"dataset": "cocostuff27 val", "resolution": 320, "backbone": "vit_small_patch8_224.dino"},
         "results": [
-            {"name": "DINO cluster", "probe": "cluster", "features": "raw", "crf": False, "miou": 12.345, "acc": 40.06},
+            {"name": "DINO ViT-S/8 cluster", "probe": "cluster", "features": "raw", "crf": False, "miou": 12.345,
+             "acc": 40.06},
             {"name": "HP linear", "probe": "linear", "features": "head", "crf": True, "miou": 45.67, "acc": 78.91},
         ],
     }
@@ -268,7 +272,7 @@ def test_report_puts_the_paper_numbers_beside_the_rows(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     assert rows[0] == ["result", "probe", "features", "CRF", "protocol", "mIoU (%)", "Acc (%)", "paper mIoU (%)",
                        "paper Acc (%)"]
-    assert rows[2] == ["DINO cluster", "cluster", "raw", "no", "–", "12.3", "40.1", "–", "–"]
+    assert rows[2] == ["DINO ViT-S/8 cluster", "cluster", "raw", "no", "–", "12.3", "40.1", "–", "–"]
     assert rows[3] == ["HP linear", "linear", "head", "yes", "paper", "45.7", "78.9", "42.7", "75.6"]
     assert text.index("## Compared with the paper") < text.index("## Results")
 
@@ -276,7 +280,7 @@ def test_report_puts_the_paper_numbers_beside_the_rows(tmp_path):
 def test_console_summary_is_a_short_aligned_table_with_every_file():
     from pipeline.report import console_summary
 
-    rows = [{"name": "HP cluster", "miou": 19.654, "acc": 40.7}, {"name": "DINO linear + CRF", "miou": 8.0,
+    rows = [{"name": "HP cluster", "miou": 19.654, "acc": 40.7}, {"name": "DINO ViT-S/8 linear + CRF", "miou": 8.0,
                                                                   "acc": 100.0}]
     text = console_summary(rows, {"metrics": "runs/hp/eval/metrics.json", "overlays": "runs/hp/eval/overlays.png"},
                            random_init=True)
@@ -287,3 +291,55 @@ def test_console_summary_is_a_short_aligned_table_with_every_file():
     assert max(len(line) for line in lines) < 120
     assert "random-initialized backbone" in text and "overlays: runs/hp/eval/overlays.png" in lines
     assert "random" not in console_summary(rows, {}, random_init=False)
+
+
+def test_confusion_colour_bar_is_in_the_unit_of_the_cell_numbers():
+    """Cells, printed numbers and colour bar in one unit (% of the class's pixels): the bar runs 0..100 and each
+    cell's colour value is the number printed on it."""
+    confusion = np.array([[6, 2, 0], [1, 1, 2], [0, 0, 0]])
+    fig, ax = confusion_figure(confusion, ["a", "b", "c"])
+    try:
+        image = ax.images[0]
+        percent = 100 * normalize_rows(confusion)
+        np.testing.assert_allclose(image.get_array(), percent)
+        assert image.get_clim() == (0, 100)
+        bar = image.colorbar
+        assert bar is not None and "%" in bar.ax.get_ylabel()
+        assert bar.ax.get_ylim() == pytest.approx((0, 100))
+        printed = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+        assert printed == {(i, j): f"{v:.0f}" for (i, j), v in np.ndenumerate(percent)}
+        assert printed[(0, 0)] == "75" and printed[(1, 2)] == "50"
+    finally:
+        matplotlib.pyplot.close(fig)
+
+
+def test_iou_bars_explain_undefined_values_once_and_no_text_overlaps(tmp_path):
+    """Many rows, many undefined values: one "n/a" note (a legend entry), a × on each undefined bar, and no two
+    text artists of the figure overlap."""
+    names = [f"class {c}" for c in range(8)]
+    rows = {f"row {k}": [None if (c + k) % 3 else 10.0 * k for c in range(8)] for k in range(10)}
+    fig, ax = iou_figure(rows, names, title="val")
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text()]
+        assert sum("n/a" in t.get_text() for t in texts) == 1
+        assert any(t.get_text() == NA_NOTE for t in ax.get_legend().get_texts())
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes))
+                       for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+        assert overlapping == []
+        marks = [line for line in ax.get_lines() if line.get_marker() == "x"]
+        assert len(marks) == 1
+        height = 0.8 / len(rows)
+        expected = sorted(c - 0.4 + (k + 0.5) * height for k, values in enumerate(rows.values())
+                          for c, v in enumerate(values) if v is None)
+        np.testing.assert_allclose(sorted(marks[0].get_ydata()), expected)
+    finally:
+        matplotlib.pyplot.close(fig)
+    fig, ax = iou_figure({"HP cluster": [1.0, 2.0]}, ["a", "b"])
+    try:  # nothing undefined: no note, no marks
+        assert not [t for t in fig.findobj(matplotlib.text.Text) if "n/a" in t.get_text()]
+        assert not [line for line in ax.get_lines() if line.get_marker() == "x"]
+    finally:
+        matplotlib.pyplot.close(fig)

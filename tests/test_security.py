@@ -18,8 +18,8 @@ import torch
 from cache.reader import FeatureStore
 from pipeline import paths
 from pipeline.checkpoints import check_plain, load_checkpoint, save_checkpoint
-from pipeline.dask_client import client_security, dask_client
 from pipeline.config import load_config
+from pipeline.dask_client import client_security, dask_client
 from pipeline.errors import UserError
 from pipeline.runner import manifest_path
 from stages import evaluate, features

@@ -57,3 +57,81 @@ class Folder(SegmentationDataset):
             raise UserError(f"{len(unlabelled)} image(s) in {images} have no label in {labels}, e.g. "
                             f"{unlabelled[0]} — add the missing labels or move the labels folder away")
         self.set_items(items)
+
+
+# ---------------------------------------------------------------- small folders (a handful of photos, no --set)
+MIN_ITERATIONS = 60  # HP iterations a small folder trains for at least, whatever its size
+
+
+def images_of(root: Path, split: str) -> tuple[Path | None, list[Path]]:
+    """The images folder `split` reads and its images (None, [] when no layout matches)."""
+    images = next((i for i, _ in layouts(root, split) if i.is_dir()), None)
+    return images, (list_images(images) if images is not None else [])
+
+
+def label_classes(folders: list[Path]) -> int:
+    """1 + the largest class id (255 = ignore left out) in the label PNGs of `folders`; 0 when there are none."""
+    import numpy as np
+    from PIL import Image
+
+    top = -1
+    for folder in dict.fromkeys(folders):
+        for path in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+            with Image.open(path) as im:
+                ids = np.unique(np.asarray(im))
+            ids = ids[ids != 255]
+            top = max(top, int(ids.max()) if len(ids) else -1)
+    return top + 1
+
+
+def small_data_settings(config: dict, explicit: set[str]) -> list[str]:
+    """Settings derived from the size of a `folder` dataset, set in `config`; returns them as "key = value (why)".
+
+    The preset keeps the reference's values (batch 64, pool 2048, warm-up 1000 iterations), which on a dozen images
+    would train for no iteration at all (fewer crops than a batch). For a folder that small: the batch halves until
+    four batches fit in the crops (at least 2), the pool holds at most one entry per crop, the run lasts at least
+    MIN_ITERATIONS iterations, Pool_sp is renewed at least once per epoch and the λ warm-up takes the first quarter.
+    With labels and dataset.n_classes = 0, the number of classes is read from the labels. A key the user set
+    (`explicit`, "section.key") is never changed; a folder big enough for the preset gets no change at all.
+    """
+    root = str(config["dataset"].get("root") or "")
+    if config["dataset"]["name"] != "folder" or not root or not Path(root).is_dir():
+        return []  # no folder yet: the stages say what is missing
+    root_path = Path(root)
+    train_dir, train = images_of(root_path, "train")
+    val_dir, val = images_of(root_path, "val")
+    if not train:
+        return []
+    lines = []
+
+    def put(key: str, value: object, why: str) -> None:
+        section, name = key.split(".")
+        if key in explicit or config[section][name] == value:
+            return
+        config[section][name] = value
+        lines.append(f"{key} = {value} ({why})")
+
+    if not config["dataset"]["n_classes"] and "dataset.n_classes" not in explicit:
+        folders = [next(lab for i, lab in layouts(root_path, split) if i.is_dir()) for split, (_, images) in
+                   (("train", (train_dir, train)), ("val", (val_dir, val))) if images]
+        n_classes = label_classes(folders)
+        if n_classes:
+            put("dataset.n_classes", n_classes, "1 + the largest class id in the labels; --set dataset.n_classes=K "
+                "if some class never appears")
+    t_cfg = config["train"]
+    crops = len(train) * (5 if config["prepare"]["five_crop"] else 1)
+    batch = t_cfg["batch_size"]
+    while batch > 2 and 4 * batch > crops:
+        batch //= 2
+    per_epoch = max(1, crops // batch)
+    epochs = max(t_cfg["epochs"], -(-MIN_ITERATIONS // per_epoch))
+    size = f"{len(train)} training images, {crops} crops"
+    put("train.batch_size", batch, f"{size}: four batches per epoch at least")
+    put("train.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all")
+    put("train.pool_size", min(t_cfg["pool_size"], crops), "at most one pool entry per crop")
+    put("train.renew_interval", min(t_cfg["renew_interval"], per_epoch), "Pool_sp renewed at least once per epoch")
+    put("train.warmup", min(t_cfg["warmup"], per_epoch * epochs // 4), "λ ramps up after the first quarter")
+    if val_dir == train_dir:
+        lines.append(f"no separate val images: the same {len(train)} images serve as train and val "
+                     "(add train/images and val/images folders to keep them apart)")
+    return lines

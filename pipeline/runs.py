@@ -1,0 +1,154 @@
+"""Runs remember their settings (docs/stages.md, "Runs remember their settings").
+
+A run folder holds `config.toml`: the whole resolved config it was created with (written by the train stage when
+the run starts, rewritten when it starts over). `evaluate`, `predict`, `report` and `status` build a run's config
+as: the preset, then the run's recorded *training* settings, then what the command line gives explicitly. So
+`hp-pipe train --set train.epochs=2` followed by `hp-pipe evaluate` evaluates that run as it was trained, without
+repeating the option, where it used to retrain the run with the preset's values and delete it. An explicit option
+that differs from the record makes the train stage refuse (stages/train.py `refuse_to_replace`: `--run NEW` or
+`--force`).
+
+Training settings are every key of the sections the run's training and its feature stores read (HP: [dataset],
+[prepare], [features], [train]; HCL: [dataset], [features], [hcl_features], [train], [hcl]), `evaluate.protocol`
+(protocol paper trains the probes with the head) and, under protocol paper, the online probes' keys. Everything else
+([evaluate], [paper], [run], the other method's sections) is an evaluation setting: preset and command line, as for
+any evaluation. Two keys are never taken from a file:
+`dataset.name` (the preset's) and `features.trust_weights` (unpickling is allowed from the command line only).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline import paths
+from pipeline.config import Config, load_config, to_toml
+from pipeline.config_rules import check_config
+from pipeline.errors import UserError
+from pipeline.files import atomic_write_text
+
+# the sections a run's training and the stores it trains on read, per method (pipeline/graph.py STAGES)
+TRAINING_SECTIONS = {"hp": ("dataset", "prepare", "features", "train"),
+                     "hcl": ("dataset", "features", "hcl_features", "train", "hcl")}
+NEVER_FROM_A_FILE = frozenset({"dataset.name", "features.trust_weights"})
+# what the train stage reads of [evaluate] under protocol paper (pipeline/hp/online_probes.py online_probe_settings)
+ONLINE_PROBE_KEYS = ("probes", "extra_clusters", "cluster_lr", "linear_lr", "seed")
+
+
+def training_keys(config: Config) -> list[str]:
+    """The dotted keys a run's training depends on, in `config`'s own terms (its method and protocol)."""
+    sections = TRAINING_SECTIONS.get(config.get("train", {}).get("method"), TRAINING_SECTIONS["hp"])
+    keys = [f"{s}.{k}" for s in sections for k in config.get(s, {}) if f"{s}.{k}" not in NEVER_FROM_A_FILE]
+    evaluate = config.get("evaluate", {})
+    if "protocol" in evaluate:
+        keys.append("evaluate.protocol")
+    if evaluate.get("protocol") == "paper" and config.get("train", {}).get("method") == "hp":
+        keys += [f"evaluate.{k}" for k in ONLINE_PROBE_KEYS if k in evaluate]
+    return keys
+
+
+def write_record(run_folder: Path, config: Config) -> Path:
+    """Record the run's whole config (atomically) in its folder."""
+    path = paths.run_config_path(run_folder)
+    header = (f"# hp-pipe run settings, recorded when the run was created ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+              f"hp-pipe {' '.join(sys.argv[1:])}).\n# evaluate, predict, report and status read the training "
+              "settings from here: options given once to train are never repeated.\n\n")
+    atomic_write_text(path, header + to_toml(config))
+    return path
+
+
+def ensure_record(run_folder: Path, config: Config) -> None:
+    """Record `config` unless the run has a record already (its creation's, kept on resume)."""
+    if not paths.run_config_path(run_folder).exists():
+        write_record(run_folder, config)
+
+
+def read_record(run_folder: Path) -> Config | None:
+    """The run's recorded config, None when the run has none (not created yet, or by an older hp-pipe)."""
+    path = paths.run_config_path(run_folder)
+    try:
+        recorded = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not a readable run record ({exc}); delete it to use the command line's settings "
+                        "for this run, or train it again with --force") from None
+    if not all(isinstance(v, dict) for v in recorded.values()):
+        raise UserError(f"{path} is not a run record (sections of keys expected); delete it to use the command "
+                        "line's settings for this run, or train it again with --force")
+    return recorded
+
+
+def differences(recorded: Config, config: Config) -> dict[str, tuple[Any, Any]]:
+    """Training keys whose value in `config` differs from the record: key -> (recorded, now)."""
+    out = {}
+    for key in training_keys(recorded):
+        section, _, name = key.partition(".")
+        if name in config.get(section, {}) and config[section][name] != recorded[section][name]:
+            out[key] = (recorded[section][name], config[section][name])
+    return out
+
+
+def apply_record(config: Config, recorded: Config, explicit: Iterable[str], source: Path
+                 ) -> tuple[Config, dict[str, tuple[Any, Any]]]:
+    """`config` with the recorded training settings, except the `explicit` keys (given on the command line);
+    also what was taken: key -> (recorded value, the value it replaced)."""
+    merged, taken, explicit = copy.deepcopy(config), {}, set(explicit)
+    for key in training_keys(recorded):
+        section, _, name = key.partition(".")
+        if key in explicit or name not in merged.get(section, {}):
+            continue  # given now, or a key this version no longer has
+        value, now = recorded[section][name], merged[section][name]
+        if type(value) is not type(now) and not (isinstance(now, float) and type(value) is int):
+            raise UserError(f"{source}: '{key}' should be a {type(now).__name__}, got {value!r}; fix or delete the "
+                            "file (it is data: a run folder may come from elsewhere)")
+        if value != now:
+            taken[key] = (value, now)
+        merged[section][name] = value
+    try:
+        check_config(merged)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    return merged, taken
+
+
+@dataclass
+class RunSettings:
+    """The config a command that reads run `run` uses, and where its training settings came from."""
+
+    config: Config
+    run: str
+    record: Path | None = None
+    taken: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def note(self) -> str | None:
+        """One line naming the recorded settings that differ from the preset and command line, if any."""
+        if not self.taken:
+            return None
+        order = ("train", "hcl", "features", "hcl_features", "prepare", "dataset", "evaluate")  # the telling first
+        keys = sorted(self.taken, key=lambda k: order.index(k.partition(".")[0]) if k.partition(".")[0] in order
+                      else len(order))
+        shown = [f"{k} = {self.taken[k][0]!r}" for k in keys[:8]]
+        more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+        return f"run '{self.run}': its recorded settings from {self.record}: {', '.join(shown)}{more}"
+
+
+def for_run(dataset: str, overrides: dict[str, Any], workdir: Path, run: str | None) -> RunSettings:
+    """The preset, the run's recorded training settings, then `overrides` (the command line's explicit keys)."""
+    from pipeline.graph import method_of
+
+    config = load_config(dataset, overrides)  # the command line's own values checked first
+    name = paths.run_name(run or method_of(config))
+    folder = paths.run_dir(config, workdir, name)
+    recorded = read_record(folder)
+    if recorded is None:
+        return RunSettings(config, name)
+    source = paths.run_config_path(folder)
+    merged, taken = apply_record(config, recorded, overrides, source)
+    return RunSettings(merged, name, source, taken)
