@@ -11,11 +11,11 @@ as "Acc", Σtp / Σ(tp + fp + fn) over classes; each is reported under its own n
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.faiss_ops import kmeans
 from pipeline.metrics import confusion_matrix, remap_confusion
 
 
@@ -117,10 +117,8 @@ def kmeans_assign(x: np.ndarray, k: int, seed: int, iterations: int, restarts: i
     faiss's `min_points_per_centroid` only decides whether it prints "WARNING clustering ... please provide at
     least" (once per call, so seeds x feature kinds times per evaluation); it is lowered to 1 when there are few
     points, which changes no result, and `few_points_note` says it once instead."""
-    quiet = {"min_points_per_centroid": 1} if len(x) < FAISS_MIN_POINTS * k else {}
-    km = faiss.Kmeans(x.shape[1], k, niter=int(iterations), nredo=int(restarts), seed=int(seed), verbose=False,
-                      **quiet)
-    km.train(x)
+    quiet = 1 if len(x) < FAISS_MIN_POINTS * k else None
+    km = kmeans(x, k, iterations=iterations, seed=seed, restarts=restarts, min_points=quiet)
     return km.index.search(x, 1)[1][:, 0]
 
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.faiss_ops import kmeans
 
 
 def spherical_kmeans(codes: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> np.ndarray:
     """(M, D) codes -> (k, D) unit centroids, k-means on the unit sphere (faiss, fixed seed)."""
     x = np.ascontiguousarray(codes, dtype=np.float32)
     x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    kmeans = faiss.Kmeans(x.shape[1], k, niter=iterations, spherical=True, seed=seed, verbose=False,
-                          max_points_per_centroid=max(256, len(x) // k + 1))
-    kmeans.train(x)
-    centroids = kmeans.centroids
+    centroids = kmeans(x, k, iterations=iterations, seed=seed, spherical=True,
+                       max_points=max(256, len(x) // k + 1)).centroids
     return centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
 
 

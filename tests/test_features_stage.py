@@ -201,12 +201,13 @@ def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
         except Boom as exc:
             raised.append(exc)
 
-    before = threading.active_count()
+    before = set(threading.enumerate())
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     thread.join(60)  # a hang detector, not a speed check: the stage returns within milliseconds
     assert not thread.is_alive(), "run_local hung after a failing thread"
-    assert threading.active_count() == before  # its loader and writer threads ended too (none left blocked)
+    left = [t.name for t in threading.enumerate() if t not in before and t is not thread]
+    assert left == []  # its loader and writer threads ended too (none left blocked); other tests' threads ignored
     assert len(raised) == 1 and ("disk full" if failing == "writer" else "cannot decode") in str(raised[0])
     assert len(computed) < 12  # it stopped early instead of computing every chunk
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import torch
+
+from pipeline.faiss_ops import kmeans
 
 
 def _f32(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -88,8 +89,6 @@ def kmeans_centroids(x: np.ndarray, k: int = 500, iterations: int = 20, min_poin
     §3-§4: the raw centroids choose each token's positive a(i) (nearest in L2), their unit copies give the logits.
     """
     x = _f32(x)
-    km = faiss.Kmeans(x.shape[1], k, niter=iterations, seed=seed, min_points_per_centroid=min_points,
-                      max_points_per_centroid=MAX_POINTS_PER_CENTROID, verbose=False)
-    km.train(x)
+    km = kmeans(x, k, iterations=iterations, seed=seed, min_points=min_points, max_points=MAX_POINTS_PER_CENTROID)
     raw = np.ascontiguousarray(km.centroids, dtype=np.float32)
     return raw, unit_rows(raw).astype(np.float32)

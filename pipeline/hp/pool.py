@@ -23,15 +23,11 @@ def _faiss_search(index, keep_alive: object, queries: torch.Tensor) -> torch.Ten
 
 def _faiss_index(pool: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Exact inner-product index; a GPU copy when the pool is on CUDA and faiss was built with GPU support."""
-    import faiss
+    from pipeline.faiss_ops import inner_product_index
 
-    index = faiss.IndexFlatIP(pool.shape[1])
-    index.add(pool.detach().float().cpu().contiguous().numpy())
-    resources = None
-    if pool.is_cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        resources = faiss.StandardGpuResources()  # must outlive the GPU index: held by the partial below
-        index = faiss.index_cpu_to_gpu(resources, pool.device.index or 0, index)
-    return partial(_faiss_search, index, resources)
+    gpu = (pool.device.index or 0) if pool.is_cuda else None
+    index, resources = inner_product_index(pool.detach().float().cpu().numpy(), gpu)
+    return partial(_faiss_search, index, resources)  # the partial holds the GPU resources as long as the index
 
 
 def _torch_index(pool: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
