@@ -217,13 +217,18 @@ def overlapped(pending: list[int], load: Callable[[int], Any],
     threads = [threading.Thread(target=loader, daemon=True), threading.Thread(target=writer, daemon=True)]
     for t in threads:
         t.start()
+    loader_done = False  # the loader's final None has been taken off the queue
     try:
-        while (inputs := loads.get()) is not None and not errors:
+        while not errors:
+            inputs = loads.get()
+            if inputs is None:
+                loader_done = True
+                break
             writes.put(compute(inputs))
     except BaseException as exc:  # the computation failed (or Ctrl-C): stop both threads, then raise it
         errors.insert(0, exc)
     writes.put(None)
-    if errors:  # unblock the loader (it may wait on a full queue) so that both threads end here
+    if not loader_done:  # unblock the loader (it may wait on a full queue) so that both threads end here
         while loads.get() is not None:
             pass
     for t in threads:

@@ -164,7 +164,7 @@ def test_local_cluster_equals_single_process(tmp_path, built):
         np.testing.assert_array_equal(distributed[name], reference[name], err_msg=name)
 
 
-@pytest.mark.parametrize("failing", ["writer", "loader"])
+@pytest.mark.parametrize("failing", ["writer", "loader", "first load"])
 def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
     """A writer (or loader) that raises while chunks are queued ends run_local with that error, never a hang."""
     import threading
@@ -175,7 +175,7 @@ def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
     computed = []
 
     def load_chunk(group, chunk, *args):
-        if failing == "loader" and chunk == 2:
+        if (failing, chunk) in {("loader", 2), ("first load", 0)}:  # first load: the error comes with the end
             raise Boom(f"cannot decode chunk {chunk}")
         return features.ChunkInputs(chunk, *([None] * (len(features.ChunkInputs._fields) - 1)))
 
