@@ -52,6 +52,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 Dataset = Annotated[str, typer.Option("--dataset", "-d", help=f"Preset: {', '.join(preset_names())}.")]
 Workdir = Annotated[Path, typer.Option(help="Where stage outputs and manifests go.", envvar="HP_PIPE_WORKDIR")]
 DataRoot = Annotated[str | None, typer.Option(help="Dataset folder (default: <workdir>/data/<dataset>).")]
+Split = Annotated[str, typer.Option(help="train, val or all.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "
                                                              "(repeat for several keys).")]
 Force = Annotated[bool, typer.Option(help="Recompute even when up to date.")]
@@ -154,7 +155,7 @@ def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), dat
 @app.command()
 def features(
     dataset: Dataset = "synthetic",
-    split: Annotated[str, typer.Option(help="train, val or all.")] = "all",
+    split: Split = "all",
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
     store: Annotated[str | None, typer.Option(help="Store URL: a path or any fsspec URL (one split).")] = None,
@@ -199,7 +200,7 @@ def features(
 @app.command()
 def verify(
     dataset: Dataset = "synthetic",
-    split: Annotated[str, typer.Option(help="train, val or all.")] = "all",
+    split: Split = "all",
     workdir: Workdir = Path("work"),
     data_root: DataRoot = None,
     store: Annotated[str | None, typer.Option(help="Store URL: a path or any fsspec URL (any hp-pipe store, "
