@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import socket
-import sys
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from pipeline.errors import UserError
+from pipeline.log import LOGGER_NAME, log
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 TLS_KEYS = {"ca_file": "distributed.comm.tls.ca-file", "cert": "distributed.comm.tls.client.cert",
@@ -63,9 +64,9 @@ def client_security(address: str):
                             "config distributed.comm.tls.*): pass the CA file and this client's certificate and key")
         return security
     if scheme in ("tcp", "") and not is_loopback(host):
-        print(f"WARNING: --address {address} is plain, unauthenticated TCP: anyone who can reach that scheduler "
-              "can run code on every worker and read the data sent to it. Use a tls:// address with "
-              "certificates (README: 'Running on a shared cluster').", file=sys.stderr, flush=True)
+        log.warning(f"WARNING: --address {address} is plain, unauthenticated TCP: anyone who can reach that "
+                    "scheduler can run code on every worker and read the data sent to it. Use a tls:// address "
+                    "with certificates (README: 'Running on a shared cluster').")
     return None
 
 
@@ -99,6 +100,7 @@ def dask_client(address: str | None, workers: int) -> Iterator:
         os.environ.clear()
         os.environ.update(saved)
     try:
+        client.forward_logging(LOGGER_NAME, level=logging.INFO)  # workers' hp-pipe lines reach this console
         yield client
     finally:
         client.close()

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.log import log
+
 UNREADABLE_GRACE_S = 30.0  # an empty or torn lock file this old is a runner killed between create and write
 
 
@@ -194,7 +196,7 @@ def release(path: Path, mine: Holder) -> None:
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    log.warning(message)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from pipeline.backbone import Backbone, load_backbone
 from pipeline.config import Config
 from pipeline.dask_client import dask_client
 from pipeline.errors import UserError
+from pipeline.log import log
 
 RANDOM_INIT_WARNING = (
     "WARNING: random-initialized backbone (no DINO weights): these features are NOT DINO features; "
@@ -120,10 +121,10 @@ def _load(name: str, weights: str, device: str, trust: bool, amp: bool = False) 
         try:
             backbone = load_backbone(name, "pretrained", device, amp=amp)
         except UserError as exc:
-            print(f"[features] {exc}\n[features] weights=auto: falling back to a random-initialized backbone")
+            log.info(f"[features] {exc}\n[features] weights=auto: falling back to a random-initialized backbone")
             backbone = load_backbone(name, "random", device, amp=amp)
     if backbone.random_init:
-        print(RANDOM_INIT_WARNING, flush=True)
+        log.info(RANDOM_INIT_WARNING)
     return backbone
 
 
