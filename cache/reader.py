@@ -7,9 +7,11 @@ the chunk, the store and the fix (`CorruptChunk`), never a codec traceback or si
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.array as da
@@ -29,6 +31,10 @@ from cache.integrity import (
 from cache.schema import FEATURE_DTYPES, QUANTIZED, RECORDS, SCHEMA_VERSION, scale_array
 from cache.writer import describe, finished_chunks, open_group
 from pipeline.errors import UserError
+
+# Chunk decoding runs in this many threads by default (docs/cache.md, "Read path"): blosc and crc32c release the
+# GIL, so reads scale with cores; more than 8 rarely pays for a training reader that shares the cores with torch.
+DEFAULT_READ_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 class FeatureStore:
@@ -169,6 +175,7 @@ class FeatureStore:
         drop_last: bool = False,
         start_batch: int = 0,
         keep: np.ndarray | None = None,
+        threads: int | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of torch tensors (plus "index"), read in whole chunks by a background thread.
 
@@ -177,6 +184,8 @@ class FeatureStore:
         a well-mixed order, and the same order for the same seed. `start_batch` skips that many
         batches without reading them (resuming mid-epoch). `keep` (bool per sample) leaves the
         other samples out (e.g. HCL's one crop per image and epoch); chunks are still read whole.
+        `threads` (default DEFAULT_READ_THREADS) decode a buffer's chunks in parallel; the batches are the same
+        bytes in the same order whatever the number.
         """
         for n in names:
             self.array(n)  # a missing array or records: refused here, not in the prefetch thread
@@ -185,7 +194,35 @@ class FeatureStore:
         self.digests()
         plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last, keep)
         plan = skip_batches(plan, start_batch)  # also with 0: buffers without a batch travel with the next one
-        return _prefetched(_read_batches(self.read_chunk, self.chunk_size, names, plan), prefetch)
+        threads = DEFAULT_READ_THREADS if threads is None else max(1, int(threads))
+        return _prefetched(_read_batches(self.read_chunk, self.chunk_size, names, plan, threads), prefetch)
+
+    def read_chunks(self, jobs: Iterable[tuple[str, int]], threads: int | None = None) -> list[np.ndarray]:
+        """`read_chunk(name, chunk)` for every (name, chunk) of `jobs`, in that order, `threads` at a time."""
+        return list(_decode_map(self.read_chunk, list(jobs),
+                                DEFAULT_READ_THREADS if threads is None else max(1, int(threads))))
+
+    def sample_chunks(self, name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(indices, values) of `n` random samples of `name`, reading ceil(n / chunk_size) random whole chunks.
+
+        Pool renewal (docs/hp.md §4) without reading the store at large: a training store holds its crops in a
+        seeded random permutation (cache/order.py), so a few random whole chunks are a uniformly random set of
+        crops, and a renewal decodes O(n) samples whatever the store's size. The samples are distinct while the
+        store holds at least `n`; a smaller store is read whole and sampled with replacement. One more chunk is
+        read only when the store's short last chunk was among those drawn and they hold fewer than `n` samples.
+        """
+        size, total = self.chunk_size, len(self)
+        if n <= 0:
+            return np.empty(0, np.int64), np.empty((0, *self.array(name).shape[1:]), self.dtype(name))
+        n_chunks = -(-total // size)
+        order = rng.permutation(n_chunks)
+        take = min(-(-n // size), n_chunks)
+        if take < n_chunks and sum(min(size, total - int(c) * size) for c in order[:take]) < n:
+            take += 1  # the short last chunk was drawn
+        chunks = np.sort(order[:take])
+        held = np.concatenate([np.arange(c * size, min((c + 1) * size, total)) for c in chunks])
+        indices = held[np.sort(rng.choice(len(held), n, replace=len(held) < n))]
+        return indices, self.gather(name, indices)  # only those chunks, a few at a time
 
     def gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
         """Samples `indices` (any order, repeats allowed), decoding each chunk they touch once."""
@@ -193,10 +230,12 @@ class FeatureStore:
         indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), *array.shape[1:]), dtype=self.dtype(name))
         size = self.chunk_size
-        for chunk in np.unique(indices // size):
-            block = self.read_chunk(name, int(chunk))
-            hits = np.flatnonzero(indices // size == chunk)
-            out[hits] = block[indices[hits] - chunk * size]
+        chunks = np.unique(indices // size)
+        step = 2 * DEFAULT_READ_THREADS  # chunks decoded at a time: bounded memory, parallel decoding
+        for group in (chunks[i:i + step] for i in range(0, len(chunks), step)):
+            for chunk, block in zip(group, self.read_chunks([(name, int(c)) for c in group]), strict=True):
+                hits = np.flatnonzero(indices // size == chunk)
+                out[hits] = block[indices[hits] - chunk * size]
         return out
 
 
@@ -266,13 +305,37 @@ def batch_plan(
     return plan
 
 
+def _decode_map(read_chunk: Callable[[str, int], np.ndarray], jobs: list[tuple[str, int]], threads: int,
+                pool: ThreadPoolExecutor | None = None) -> Iterator[np.ndarray]:
+    """read_chunk(name, chunk) of each job, in the jobs' order; in `threads` threads when there are several
+    (blosc and crc32c release the GIL). The first failing job in that order raises, as a plain loop would."""
+    if threads <= 1 or len(jobs) <= 1:
+        return (read_chunk(name, c) for name, c in jobs)
+    if pool is not None:
+        return pool.map(lambda job: read_chunk(*job), jobs)
+    with ThreadPoolExecutor(min(threads, len(jobs))) as own:
+        return iter(list(own.map(lambda job: read_chunk(*job), jobs)))
+
+
 def _read_batches(read_chunk: Callable[[str, int], np.ndarray], size: int, names: Sequence[str],
-                  plan) -> Iterator[dict[str, torch.Tensor]]:
-    """Decode (and check) each planned chunk once; a batch may also use the previous buffer's leftovers
-    (`skip_batches` has merged every buffer without a batch into the next one)."""
+                  plan, threads: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Decode (and check) each planned chunk once, a buffer's chunks `threads` at a time; a batch may also use the
+    previous buffer's leftovers (`skip_batches` has merged every buffer without a batch into the next one)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="chunk-decode") if threads > 1 else None
+    try:
+        yield from _batches_of(read_chunk, size, names, plan, threads, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _batches_of(read_chunk, size: int, names: Sequence[str], plan, threads: int,
+                pool: ThreadPoolExecutor | None) -> Iterator[dict[str, torch.Tensor]]:
     previous: dict[int, dict[str, np.ndarray]] = {}
     for chunks, batches in plan:
-        current = {c: {n: read_chunk(n, c) for n in names} for c in chunks}
+        jobs = [(n, c) for c in chunks for n in names]
+        values = iter(_decode_map(read_chunk, jobs, threads, pool))
+        current = {c: {n: next(values) for n in names} for c in chunks}
         available = {**previous, **current}
         for idx in batches:
             out = {n: torch.from_numpy(np.stack([available[i // size][n][i % size] for i in idx])) for n in names}

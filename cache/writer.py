@@ -255,6 +255,24 @@ def mark_complete(group: zarr.Group) -> None:
     group.attrs.put(attrs)
 
 
+def fill_store(group: zarr.Group, url: str, compute: Callable[[list[int], int], None],
+               log: Callable[[str], None] | None = None) -> int:
+    """The one resumable loop of every store writer (HP's and HCL's features, the codes): `compute(pending,
+    finished)` writes the chunks not yet flagged done (each with `write_chunk`, so a killed run keeps every finished
+    chunk); `finished` counts the samples found written (and `log` says so). Then every chunk must be done, and the
+    store is flagged complete. Returns `finished`."""
+    done = finished_chunks(group)
+    pending = [int(c) for c in np.flatnonzero(~done)]
+    finished = int(sum(np.diff(chunk_range(group, int(c)))[0] for c in np.flatnonzero(done)))
+    if finished and log is not None:
+        log(f"resuming: {int(done.sum())} of {done.size} chunks already in {url}")
+    compute(pending, finished)
+    if not finished_chunks(group).all():
+        raise RuntimeError(f"some chunks of {url} were not written; rerun to finish them")
+    mark_complete(group)
+    return finished
+
+
 def stored_bytes(group: zarr.Group) -> dict[str, int]:
     """Compressed bytes per array, as the store reports them."""
     return {name: int(group[name].nbytes_stored()) for name in group.array_keys()}

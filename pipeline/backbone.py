@@ -1,9 +1,21 @@
-"""Frozen DINO ViT backbone: weights resolution and a thin forward that also returns attention.
+"""Frozen timm ViT backbone: model facts, weights resolution and a thin forward that also returns attention.
 
-The forward reuses timm's modules (patch embedding, blocks, final norm) and only replaces two things:
-the position embedding is resized with DINO's own bicubic formula (the +0.1 offset; timm's resampling
-differs slightly), and the last block's attention logits are recovered from a hook on its fused `qkv`
-projection (timm's fused attention never materialises them).
+Any timm ViT with a CLS token can be the backbone (docs/hp.md §1): DINO v1, DINOv2 (with or without registers),
+DINOv3 (rotary position embeddings and registers). Everything about the model (patch size, width, heads, the
+number of prefix tokens = CLS + registers) is read from the timm model itself, never from a table here.
+
+The forward reuses timm's modules (patch embedding kernel, position handling, blocks, final norm); what differs per
+family is only how positions reach a grid that is not the model's native one:
+
+- DINO v1 (`.dino` tag): DINO's own bicubic formula with the +0.1 offset (timm's resampling differs slightly);
+- other `VisionTransformer`s (DINOv2, ...): timm's `dynamic_img_size` path (`_pos_embed` resamples the table);
+- `Eva` models (DINOv3, EVA02, ...): timm's `_pos_embed`, whose rotary embeddings are computed for any grid.
+
+The last block's attention logits are rebuilt from the q and k that block itself computed (hooks on its `q_norm`
+and `k_norm`, after any bias and qk-norm), with the rotary embedding the block received applied by timm's own
+`apply_rot_embed_cat` (timm's fused attention never materialises the logits). Prefix tokens never leave this
+module as patches: features and LHP logits are patch tokens only, CLS attention is softmaxed over CLS + patches
+(register columns dropped, DINO's definition when there are none).
 
 Weights never hang offline: the pretrained path looks in the local Hugging Face cache with the hub's own
 `try_to_load_from_cache`, and downloads (`hf_hub_download`) only when HF_HUB_OFFLINE is not set.
@@ -12,11 +24,14 @@ Weights never hang offline: the pretrained path looks in the local Hugging Face 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,28 +39,28 @@ import torch.nn.functional as F
 from pipeline.checkpoints import BACKBONE_GLOBALS, load_torch_file
 from pipeline.errors import UserError
 
-# name -> (patch_size, embed_dim, num_heads); depth is 12 for all four.
-_SPECS: dict[str, tuple[int, int, int]] = {
-    "vit_small_patch16_224.dino": (16, 384, 6),
-    "vit_small_patch8_224.dino": (8, 384, 6),
-    "vit_base_patch16_224.dino": (16, 768, 12),
-    "vit_base_patch8_224.dino": (8, 768, 12),
-}
-BACKBONES: tuple[str, ...] = tuple(_SPECS)
+# The DINO presets (the papers' backbones); any other timm ViT name (with its pretrained tag) works as well.
+BACKBONES: tuple[str, ...] = (
+    "vit_small_patch16_224.dino",
+    "vit_small_patch8_224.dino",
+    "vit_base_patch16_224.dino",
+    "vit_base_patch8_224.dino",
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _ALTERNATIVES = (
-    "Use --weights FILE (a local DINO checkpoint, e.g. dino_deitsmall16_pretrain.pth) "
+    "Use --weights FILE (a local checkpoint, e.g. dino_deitsmall16_pretrain.pth) "
     "or --random-init (untrained backbone, for testing only)"
 )
 _CONTAINER_KEYS = ("teacher", "student", "state_dict", "model")  # DINO / generic training checkpoints
 _PREFIXES = ("module.", "backbone.")  # DDP and DINO's MultiCropWrapper
+_EXAMPLES = "e.g. vit_small_patch14_reg4_dinov2.lvd142m or vit_small_patch16_dinov3.lvd1689m"
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """(B,H,W,3) uint8 -> (B,3,H,W) float32, ImageNet-normalized (what every DINO model expects)."""
+    """(B,H,W,3) uint8 -> (B,3,H,W) float32, ImageNet-normalized (what every supported backbone expects)."""
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected (B,H,W,3) images, got {tuple(images.shape)}")
     x = images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -54,11 +69,99 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What the pipeline needs to know about a timm ViT, read from the model itself."""
+
+    name: str  # as given: architecture[.pretrained tag]
+    arch: str
+    tag: str  # "" without a tag
+    family: str  # "dino" (DINO v1 positions), "vit" (timm dynamic_img_size), "eva" (timm Eva: rotary / dynamic)
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    num_prefix_tokens: int  # CLS + registers, in front of the patch tokens
+
+    @property
+    def num_registers(self) -> int:
+        return self.num_prefix_tokens - 1
+
+    def attrs(self) -> dict[str, Any]:
+        """What a store records about its backbone beyond the name (docs/cache.md)."""
+        return {"arch": self.arch, "tag": self.tag, "family": self.family, "patch_size": self.patch_size,
+                "embed_dim": self.embed_dim, "num_heads": self.num_heads,
+                "num_prefix_tokens": self.num_prefix_tokens}
+
+
+def _unknown(name: str, why: str) -> UserError:
+    return UserError(f"--backbone {name!r}: {why}. Use a timm ViT name with its pretrained tag ({_EXAMPLES}) "
+                     f"or one of the DINO presets: {', '.join(BACKBONES)}")
+
+
+def _vit_classes() -> tuple[type, ...]:
+    from timm.models.eva import Eva
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer, Eva
+
+
+@functools.lru_cache(maxsize=64)
+def backbone_facts(name: str) -> BackboneFacts:
+    """Model facts of a timm ViT name, from the model built on the meta device (no memory, no weights).
+
+    Unknown names, unknown pretrained tags and models that are not ViTs with a CLS token are refused with one
+    UserError saying what to pass instead.
+    """
+    import timm
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    if not isinstance(name, str) or not name.strip():
+        raise _unknown(str(name), "no model name given")
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise _unknown(name, f"timm has no model {arch!r}")
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError as e:  # timm: "Invalid pretrained tag (...) for ..."
+        raise _unknown(name, f"timm has no pretrained tag {tag!r} for {arch}") from e
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+    vit, eva = _vit_classes()
+    if not isinstance(model, (vit, eva)):
+        raise _unknown(name, f"{type(model).__name__} is not a ViT (hp-pipe needs patch tokens and attention)")
+    if getattr(model, "cls_token", None) is None:
+        raise _unknown(name, "the model has no CLS token (CLS attention needs one)")
+    proj = model.patch_embed.proj
+    attn = model.blocks[-1].attn if hasattr(model.blocks[-1], "attn") else None
+    square = isinstance(proj, torch.nn.Conv2d) and proj.kernel_size == proj.stride
+    if not square or proj.kernel_size[0] != proj.kernel_size[1]:
+        raise _unknown(name, "its patch embedding is not a square, non-overlapping convolution")
+    if attn is None or not all(hasattr(attn, a) for a in ("q_norm", "k_norm", "num_heads", "scale")):
+        raise _unknown(name, f"its last block ({type(model.blocks[-1]).__name__}) has no timm self-attention "
+                             "whose q and k can be read")
+    if cfg is not None and (tuple(cfg.mean), tuple(cfg.std)) != (IMAGENET_MEAN, IMAGENET_STD):
+        raise _unknown(name, f"it expects inputs normalized with mean {cfg.mean} / std {cfg.std}; hp-pipe feeds "
+                             "ImageNet-normalized images")
+    family = "eva" if isinstance(model, eva) else ("dino" if tag == "dino" else "vit")
+    return BackboneFacts(name, arch, tag or "", family, int(proj.kernel_size[0]), int(model.embed_dim),
+                         int(attn.num_heads), int(model.num_prefix_tokens))
+
+
 def backbone_spec(name: str) -> tuple[int, int, int]:
-    """(patch_size, embed_dim, num_heads) of a supported backbone, without building it."""
-    if name not in _SPECS:
-        raise UserError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
-    return _SPECS[name]
+    """(patch_size, embed_dim, num_heads) of a backbone, without building its weights."""
+    f = backbone_facts(name)
+    return f.patch_size, f.embed_dim, f.num_heads
+
+
+def check_resolution(resolution: int, facts: BackboneFacts, key: str) -> int:
+    """The grid side at `resolution`; a resolution that is not a whole number of patches is refused, naming the
+    config key and the nearest resolutions that work."""
+    p = facts.patch_size
+    if resolution % p:
+        lo, hi = (resolution // p) * p, (resolution // p + 1) * p
+        raise UserError(f"{key} = {resolution} is not a multiple of the patch size {p} of {facts.name}; "
+                        f"use --set {key}={lo if lo else hi} or {key}={hi}")
+    return resolution // p
 
 
 def dino_interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -83,16 +186,60 @@ def dino_interpolate_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch
 class BackboneOutput:
     feat: torch.Tensor  # (B, h, w, C) last block after the final LayerNorm, patch tokens only
     attn_logits: torch.Tensor  # (B, n, n) last block q.k^T*scale, patch rows/cols, mean over heads
-    cls_attn: torch.Tensor  # (B, heads, h, w) softmaxed attention of CLS to each patch
+    cls_attn: torch.Tensor  # (B, heads, h, w) CLS row softmaxed over CLS + patches, patch columns
+
+
+@dataclass
+class TokenOutput:
+    """Every token of one forward (float32): what `Backbone.__call__` and HCL's branches cut their outputs from."""
+
+    tokens: torch.Tensor  # (B, P + h*w, C) after the final norm; P prefix tokens first
+    logits: torch.Tensor  # (B, heads, P + h*w, P + h*w) last block's pre-softmax attention logits
+    prefix: int  # P = CLS + registers
+    h: int
+    w: int
+
+    @property
+    def feat(self) -> torch.Tensor:
+        """(B, h, w, C) patch tokens: prefix tokens dropped."""
+        b = self.tokens.shape[0]
+        return self.tokens[:, self.prefix:].reshape(b, self.h, self.w, -1)
+
+    @property
+    def cls(self) -> torch.Tensor:
+        return self.tokens[:, 0]
+
+    @property
+    def patch_logits(self) -> torch.Tensor:
+        """(B, n, n) patch<->patch logits, mean over heads (LHP's input: registers never enter)."""
+        p = self.prefix
+        return self.logits[:, :, p:, p:].mean(dim=1)
+
+    @property
+    def cls_attn(self) -> torch.Tensor:
+        """(B, heads, h, w): the CLS row softmaxed over CLS + patch columns (register columns dropped first, so
+        with no registers this is DINO's own CLS attention without its self column)."""
+        p, b = self.prefix, self.tokens.shape[0]
+        row = self.logits[:, :, 0]
+        row = torch.cat([row[..., :1], row[..., p:]], dim=-1)
+        return row.softmax(dim=-1)[..., 1:].reshape(b, -1, self.h, self.w)
 
 
 class Backbone:
-    """A frozen timm DINO ViT; calling it returns features and last-block attention (float32)."""
+    """A frozen timm ViT; calling it returns features and last-block attention (float32)."""
 
     def __init__(self, model: torch.nn.Module, name: str, weights: str, amp: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.name = name
-        self.patch_size, self.embed_dim, self.num_heads = _SPECS[name]
+        self.facts = backbone_facts(name)
+        self.patch_size, self.embed_dim, self.num_heads = (self.facts.patch_size, self.facts.embed_dim,
+                                                           self.facts.num_heads)
+        self.num_prefix_tokens = self.facts.num_prefix_tokens
+        if model.num_prefix_tokens != self.num_prefix_tokens or model.embed_dim != self.embed_dim:
+            raise ValueError(f"model does not match {name}: {model.num_prefix_tokens} prefix tokens, "
+                             f"width {model.embed_dim}")
+        if self.facts.family != "dino" and not getattr(model, "dynamic_img_size", False):
+            raise ValueError(f"{name} must be built with dynamic_img_size=True (create_kwargs)")
         self.weights = weights
         self.random_init = weights == "random-init"
         self.weights_hash = state_dict_hash(model.state_dict())
@@ -122,40 +269,75 @@ class Backbone:
         return torch.autocast(self.device.type, dtype=dtype)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> BackboneOutput:
-        """images: normalized (B,3,H,W), H and W multiples of the patch size."""
+    def tokens(self, images: torch.Tensor, patch: int | None = None, kernel: torch.Tensor | None = None) -> TokenOutput:
+        """All tokens and the last block's logits for normalized (B,3,H,W) images, H and W multiples of `patch`.
+
+        patch/kernel: another patch size with its (resized) embedding kernel (HCL's branches); default native.
+        """
+        m = self.model
+        p = patch or self.patch_size
         b, _, height, width = images.shape
-        p = self.patch_size
         if height % p or width % p:
             raise UserError(f"image size {height}x{width} is not a multiple of {self.name}'s patch size {p}; "
                             f"choose a resolution divisible by {p}")
         h, w = height // p, width // p
-        m = self.model
-        captured: list[torch.Tensor] = []
-        hook = m.blocks[-1].attn.qkv.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
+        weight = m.patch_embed.proj.weight if kernel is None else kernel
+        attn = m.blocks[-1].attn
+        seen: dict[str, Any] = {}
+        hooks = [
+            attn.register_forward_pre_hook(lambda _m, _a, kw: seen.__setitem__("rope", kw.get("rope")),
+                                           with_kwargs=True),
+            attn.q_norm.register_forward_hook(lambda _m, _i, out: seen.__setitem__("q", out)),
+            attn.k_norm.register_forward_hook(lambda _m, _i, out: seen.__setitem__("k", out)),
+        ]
         try:
             with self._autocast():
-                x = m.patch_embed.proj(images.to(self.device, torch.float32))
-                x = m.patch_embed.norm(x.flatten(2).transpose(1, 2))
-                x = torch.cat([m.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-                x = x + dino_interpolate_pos_embed(m.pos_embed, h, w).to(x.dtype)
-                x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
-                x = m.norm(m.blocks(x))
+                x = F.conv2d(images.to(self.device, torch.float32), weight, m.patch_embed.proj.bias, stride=p)
+                x = m.patch_embed.norm(x.permute(0, 2, 3, 1))  # (B, h, w, C): timm's dynamic NHWC layout
+                x = m.norm(self._blocks(x, h, w)).float()
         finally:
-            hook.remove()
-        logits = _attention_logits(m.blocks[-1].attn, captured[-1])  # (B, heads, T, T) float32
-        return BackboneOutput(
-            feat=x[:, 1:].float().reshape(b, h, w, -1),
-            attn_logits=logits[:, :, 1:, 1:].mean(dim=1),
-            cls_attn=logits[:, :, 0].softmax(dim=-1)[:, :, 1:].reshape(b, -1, h, w),
-        )
+            for hook in hooks:
+                hook.remove()
+        logits = attention_logits(attn, seen["q"], seen["k"], seen.get("rope"))
+        return TokenOutput(x, logits, self.num_prefix_tokens, h, w)
+
+    def _blocks(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Position handling of the model's family, then its blocks (as the family's `forward_features`)."""
+        m, family = self.model, self.facts.family
+        if family == "dino":
+            b = x.shape[0]
+            x = torch.cat([m.cls_token.expand(b, -1, -1).to(x.dtype), x.reshape(b, h * w, -1)], dim=1)
+            x = x + dino_interpolate_pos_embed(m.pos_embed, h, w).to(x.dtype)
+            return m.blocks(m.norm_pre(m.patch_drop(m.pos_drop(x))))
+        if family == "vit":  # timm's dynamic_img_size path: the position table resampled to (h, w)
+            return m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(x))))
+        x, rope = m._pos_embed(x)  # Eva: position table (if any) and rotary embeddings for (h, w)
+        x = m.norm_pre(x)
+        mixed = getattr(m, "rope_mixed", False) and rope is not None
+        for i, blk in enumerate(m.blocks):
+            x = blk(x, rope=rope[i] if mixed else rope)
+        return x
+
+    def __call__(self, images: torch.Tensor) -> BackboneOutput:
+        """images: normalized (B,3,H,W), H and W multiples of the patch size."""
+        out = self.tokens(images)
+        return BackboneOutput(feat=out.feat, attn_logits=out.patch_logits, cls_attn=out.cls_attn)
 
 
-def _attention_logits(attn: torch.nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-    """Pre-softmax logits (q @ k^T) * scale per head, in float32, from the fused qkv projection output."""
-    b, t, _ = qkv.shape
-    q, k, _v = qkv.float().reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+def attention_logits(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor,
+                     rope: torch.Tensor | None = None) -> torch.Tensor:
+    """Pre-softmax logits (q @ k^T) * scale per head, in float32, from the q and k an attention block computed
+    (after its qk-norm): the block's rotary embedding applied to non-prefix tokens as timm's attention does, and
+    grouped key heads repeated to the query heads."""
+    q, k = q.float(), k.float()
+    if rope is not None:
+        from timm.layers import apply_rot_embed_cat
+
+        npt, half, rope = attn.num_prefix_tokens, getattr(attn, "rotate_half", False), rope.float()
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2)
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     return (q @ k.transpose(-2, -1)) * attn.scale
 
 
@@ -173,10 +355,19 @@ def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
 # --- weights -------------------------------------------------------------------------------------
 
 
+def create_kwargs(name: str) -> dict[str, Any]:
+    """timm.create_model arguments of a backbone: no classifier; every family but DINO v1 (whose positions are
+    interpolated here) built with `dynamic_img_size`, so its own position path serves any grid."""
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if backbone_facts(name).family != "dino":
+        kwargs["dynamic_img_size"] = True
+    return kwargs
+
+
 def _create(name: str, pretrained: bool) -> torch.nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=pretrained, num_classes=0)
+    return timm.create_model(name, pretrained=pretrained, **create_kwargs(name))
 
 
 def _random_model(name: str) -> torch.nn.Module:
@@ -220,18 +411,18 @@ def hub_weights_file(name: str) -> Path:
         if isinstance(cached, str):
             return Path(cached)
     if _offline():
-        raise UserError(f"cannot download DINO weights for {name} (offline: HF_HUB_OFFLINE is set and "
+        raise UserError(f"cannot download weights for {name} (offline: HF_HUB_OFFLINE is set and "
                         f"{repo} is not in the Hugging Face cache). {_ALTERNATIVES}")
     for filename in files:
         try:
             return Path(hf_hub_download(repo, filename))
         except LocalEntryNotFoundError as e:  # the hub could not be reached (a subclass of the one below)
-            raise UserError(f"cannot download DINO weights for {name}: the Hugging Face hub cannot be reached "
+            raise UserError(f"cannot download weights for {name}: the Hugging Face hub cannot be reached "
                             f"({e}). Set HF_HUB_OFFLINE=1 on machines without network. {_ALTERNATIVES}") from e
         except EntryNotFoundError:
             continue
         except Exception as e:  # network, auth, disk: one message with the hub's reason
-            raise UserError(f"downloading DINO weights for {name} from {repo} failed ({e}). Set "
+            raise UserError(f"downloading weights for {name} from {repo} failed ({e}). Set "
                             f"HF_HUB_OFFLINE=1 on machines without network. {_ALTERNATIVES}") from e
     raise UserError(f"{repo} has none of {', '.join(files)}. {_ALTERNATIVES}")
 
@@ -241,7 +432,8 @@ def _pretrained_model(name: str) -> torch.nn.Module:
 
     path = hub_weights_file(name)
     try:  # timm converts the file with the model's own filter, exactly as for its own download
-        return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 **create_kwargs(name))
     except Exception as e:
         raise UserError(f"the cached weights {path} for {name} do not load ({e}); delete the file so it is "
                         f"downloaded again. {_ALTERNATIVES}") from e
@@ -279,13 +471,15 @@ def extract_state_dict(obj: object, path: str | Path) -> dict[str, torch.Tensor]
 
 
 def _guess_arch(sd: dict[str, torch.Tensor]) -> str | None:
+    """A DINO preset with the checkpoint's patch size and width, else a description of both."""
     w = sd.get("patch_embed.proj.weight")
     if w is None or w.ndim != 4:
         return None
-    for name, (patch, dim, _) in _SPECS.items():
+    for name in BACKBONES:
+        patch, dim, _ = backbone_spec(name)
         if (w.shape[0], w.shape[-1]) == (dim, patch):
             return name
-    return None
+    return f"patch-{w.shape[-1]}, width-{w.shape[0]}"
 
 
 def _mismatch(
@@ -303,21 +497,46 @@ def _mismatch(
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             parts.append(f"{label} {', '.join(items[:3])}{more}")
     guess = _guess_arch(sd)
-    hint = f" — is it a {guess} checkpoint?" if guess and guess != name else ""
+    facts = backbone_facts(name)
+    own = f"patch-{facts.patch_size}, width-{facts.embed_dim}"
+    hint = f" — is it a {guess} checkpoint?" if guess and guess not in (name, own) else ""
     return f"checkpoint {path} does not match {name}: {'; '.join(parts)}{hint}"
 
 
 def _file_model(name: str, path: Path, trust: bool) -> torch.nn.Module:
     if not path.is_file():
-        raise UserError(f"checkpoint file {path} not found. Pass an existing DINO checkpoint with --weights, "
+        raise UserError(f"checkpoint file {path} not found. Pass an existing checkpoint with --weights, "
                         "or use --random-init")
     sd = extract_state_dict(_read_checkpoint(path, trust), path)
     model = _random_model(name)
     error = _mismatch(sd, model.state_dict(), path, name)
     if error:
-        raise UserError(error)
+        converted = _converted(sd, model)
+        if converted is None:
+            raise UserError(error)
+        sd = converted
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def _converted(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """A checkpoint in its authors' own key layout (e.g. Meta's DINOv2 / DINOv3 files) through the converter timm
+    applies to its own downloads (`checkpoint_filter_fn` of the model's module); None unless the result matches
+    the model exactly. A checkpoint of another patch size is never converted (timm would resample its kernel)."""
+    kernel = sd.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.shape != model.patch_embed.proj.weight.shape:
+        return None
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return None
+    try:
+        out = convert(dict(sd), model)
+    except Exception:  # a converter that cannot read this layout: report the plain mismatch
+        return None
+    model_sd = model.state_dict()
+    if set(out) != set(model_sd) or any(out[k].shape != v.shape for k, v in model_sd.items()):
+        return None
+    return out
 
 
 def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", amp: bool = False,
@@ -329,7 +548,7 @@ def load_backbone(name: str, weights: str = "pretrained", device: str = "cpu", a
     amp: run under bfloat16 autocast (float16 on a GPU without bf16), on CUDA and on the CPU alike; outputs
     stay float32.
     """
-    backbone_spec(name)
+    backbone_facts(name)
     if weights == "pretrained":
         model, label = _pretrained_model(name), "timm-pretrained"
     elif weights == "random":

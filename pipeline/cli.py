@@ -14,11 +14,13 @@ from typing import Annotated
 import typer
 
 from pipeline import paths
-from pipeline.config import Config, load_config, parse_sets, preset_names
+from pipeline.config import Config, Preset, load_config, parse_sets
 from pipeline.dask_client import set_tls_files
 from pipeline.errors import UserError
 from pipeline.locks import LockHeld
 from pipeline.runs import RunSettings
+from pipeline.settings import Method as TrainMethod
+from pipeline.settings import Split as SplitChoice
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
 app = typer.Typer(
@@ -35,6 +37,7 @@ bench_app = typer.Typer(help="Benchmarks (figures as one JSON object on the last
                         no_args_is_help=True, rich_markup_mode=None, context_settings=HELP)
 app.add_typer(bench_app, name="bench")
 
+
 def _version(value: bool) -> None:
     if value:
         import pipeline
@@ -45,23 +48,34 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+                                                help="Print the version and exit.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (and the "
+                                                                  "progress bars).")] = False,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also debug lines.")] = False) -> None:
     """hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache."""
+    from pipeline.log import set_verbosity
+
+    if quiet and verbose:
+        raise typer.BadParameter("--quiet and --verbose cannot be used together")
+    set_verbosity("quiet" if quiet else "verbose" if verbose else "normal")
 
 
-Dataset = Annotated[str, typer.Option("--dataset", "-d", help=f"Preset: {', '.join(preset_names())}.")]
+Dataset = Annotated[Preset, typer.Option("--dataset", "-d", help="Preset (pipeline/presets).")]
 Workdir = Annotated[Path, typer.Option(help="Where stage outputs and manifests go.", envvar="HP_PIPE_WORKDIR")]
 DataRoot = Annotated[str | None, typer.Option(help="Dataset folder (default: <workdir>/data/<dataset>).")]
-Split = Annotated[str, typer.Option(help="train, val or all.")]
+Split = Annotated[SplitChoice, typer.Option(help="train, val or all.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: section.key=value "
                                                              "(repeat for several keys).")]
 Force = Annotated[bool, typer.Option(help="Recompute even when up to date.")]
-Backbone = Annotated[str | None, typer.Option(help="timm DINO ViT, e.g. vit_small_patch16_224.dino.")]
+Backbone = Annotated[str | None, typer.Option(help="Any timm ViT with its pretrained tag: the DINO presets "
+                                              "(vit_small_patch16_224.dino, ...), "
+                                              "vit_small_patch14_reg4_dinov2.lvd142m, "
+                                              "vit_small_patch16_dinov3.lvd1689m, ...")]
 Weights = Annotated[
     str | None,
-    typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a DINO checkpoint file."),
+    typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a checkpoint file."),
 ]
-Method = Annotated[str | None, typer.Option(help="hp or hcl (train.method); hcl has stores of its own.")]
+Method = Annotated[TrainMethod | None, typer.Option(help="hp or hcl (train.method); hcl has stores of its own.")]
 RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
                                              "is <workdir>/<dataset>/runs/<run>.")]
 TrustWeights = Annotated[
@@ -88,10 +102,12 @@ def build_config(
     random_init: bool = False,
     method: str | None = None,
     trust_weights: bool = False,
+    options: dict[str, object] | None = None,
     **features: object,
 ) -> Config:
-    """The preset, then --set pairs, then dedicated options (which win)."""
-    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, **features)
+    """The preset, then --set pairs, then dedicated options (which win; `options`: "section.key": typed value)."""
+    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, options,
+                              **features)
     config = load_config(dataset, overrides)
     _say_folder_settings(config, overrides)
     return config
@@ -100,12 +116,12 @@ def build_config(
 def build_run_config(dataset: str, workdir: Path, run: str | None, data_root: str | None = None,
                      sets: list[str] | None = None, backbone: str | None = None, weights: str | None = None,
                      random_init: bool = False, method: str | None = None,
-                     trust_weights: bool = False) -> RunSettings:
+                     trust_weights: bool = False, options: dict[str, object] | None = None) -> RunSettings:
     """For a command that reads a run (evaluate, predict, report, status): the preset, then the run's recorded
     training settings (runs/<run>/config.toml, pipeline/runs.py), then the command line's explicit settings."""
     from pipeline.runs import for_run
 
-    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights)
+    overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, options)
     settings = for_run(dataset, overrides, workdir, run)
     _say_folder_settings(settings.config, overrides)
     if settings.note():
@@ -115,8 +131,10 @@ def build_run_config(dataset: str, workdir: Path, run: str | None, data_root: st
 
 def cli_overrides(data_root: str | None = None, sets: list[str] | None = None, backbone: str | None = None,
                   weights: str | None = None, random_init: bool = False, method: str | None = None,
-                  trust_weights: bool = False, **features: object) -> dict[str, object]:
-    """What the command line sets explicitly, as "section.key": value (--set pairs, then dedicated options)."""
+                  trust_weights: bool = False, options: dict[str, object] | None = None,
+                  **features: object) -> dict[str, object]:
+    """What the command line sets explicitly, as "section.key": value (--set pairs, then dedicated options, typed:
+    `options` and `features` values that are None are not set)."""
     overrides: dict[str, object] = dict(parse_sets(sets))
     if method:
         overrides["train.method"] = method
@@ -133,6 +151,7 @@ def cli_overrides(data_root: str | None = None, sets: list[str] | None = None, b
     if trust_weights:
         overrides["features.trust_weights"] = True
     overrides.update({f"features.{k}": v for k, v in features.items() if v is not None})
+    overrides.update({k: v for k, v in (options or {}).items() if v is not None})
     return overrides
 
 
@@ -147,9 +166,9 @@ def _say_folder_settings(config: Config, overrides: dict[str, object]) -> None:
 def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
             set_: Sets = None, force: Force = False) -> None:
     """Five-crop the training images and resize the validation images (docs/hp.md §7)."""
-    from stages import prepare as stage
+    from pipeline.graph import build
 
-    stage.run(build_config(dataset, data_root, set_), workdir, force)
+    build(build_config(dataset, data_root, set_), workdir, "prepare", force=force)
 
 
 @app.command()
@@ -178,9 +197,7 @@ def features(
 ) -> None:
     """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: HCL's own stores, made from
     the source images with HCL's crops and views; HP's prepare and stores are not needed)."""
-    from pipeline.graph import method_of
-    from stages import features as stage
-    from stages import features_hcl
+    from pipeline.graph import build, method_of
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
@@ -192,9 +209,10 @@ def features(
     if scheduler == "distributed" and not address:
         raise UserError("--scheduler distributed needs --address tls://HOST:PORT (or tcp://) of a dask scheduler")
     set_tls_files(tls_ca_file, tls_cert, tls_key)
-    for s in splits:
-        run = features_hcl.run if method_of(config) == "hcl" else stage.run
-        run(config, workdir, s, store, force, scheduler, address, workers)
+    prefix = "hcl-" if method_of(config) == "hcl" else ""
+    build(config, workdir, [f"features:{s}" for s in splits], force=force,
+          stores={f"{prefix}{splits[0]}": store} if store else None,
+          options={"scheduler": scheduler, "address": address, "workers": workers})
 
 
 @app.command()
@@ -250,15 +268,13 @@ def train(
     force: Force = False,
 ) -> None:
     """Train the heads (HP, or HCL with --method hcl) from the feature cache (runs features first when needed)."""
-    from pipeline.graph import method_of
-    from stages import train as stage
+    from pipeline.graph import build, method_of
 
-    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights)
-    section = "hcl" if method_of(config) == "hcl" else "train"  # epochs and batch size are the method's own
-    overrides = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
-    sets = [*(set_ or []), *(f"{k}={v}" for k, v in overrides.items() if v is not None)]
-    config = build_config(dataset, data_root, sets, backbone, weights, random_init, method, trust_weights)
-    stage.run(config, workdir, run, force or not resume)
+    preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
+    section = "hcl" if method_of(preset) == "hcl" else "train"  # epochs and batch size are the method's own
+    typed = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
+    config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights, typed)
+    build(config, workdir, "train", run=run, force=force or not resume)
 
 
 @app.command()
@@ -282,20 +298,18 @@ def evaluate(
 ) -> None:
     """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) and overclustering, on the run's head and on
     raw features."""
-    from stages import evaluate as stage
+    from pipeline.graph import build
 
-    sets = list(set_ or [])
-    if probe:
-        if probe not in ("cluster", "linear", "all"):
-            raise UserError(f"--probe must be cluster, linear or all, got '{probe}'")
-        sets.append(f"evaluate.probes={'cluster,linear' if probe == 'all' else probe}")
-    if crf is not None:
-        sets.append(f"evaluate.crf={crf}")
+    if probe and probe not in ("cluster", "linear", "all"):
+        raise UserError(f"--probe must be cluster, linear or all, got '{probe}'")
+    # evaluate.crf holds "True"/"False" from --crf/--no-crf, as evaluations were always fingerprinted with
+    typed = {"evaluate.probes": "cluster,linear" if probe == "all" else probe,
+             "evaluate.crf": None if crf is None else str(crf)}
     # the run's training settings come from its record: options given to train are never repeated
-    settings = build_run_config(dataset, workdir, run, data_root, sets, backbone, weights, random_init, method,
-                                trust_weights)
+    settings = build_run_config(dataset, workdir, run, data_root, set_, backbone, weights, random_init, method,
+                                trust_weights, typed)
     set_tls_files(tls_ca_file, tls_cert, tls_key)  # for evaluate.crf_address = tls://...
-    stage.run(settings.config, workdir, settings.run, force)
+    build(settings.config, workdir, "evaluate", run=settings.run, force=force)
 
 
 @app.command()
@@ -379,12 +393,8 @@ def status(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data
 def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | None, weights: str | None,
             random_init: bool, trust_weights: bool, method: str | None, set_: list[str] | None,
             as_json: bool = False) -> None:
-    import copy
     import json
 
-    from cache.writer import store_problems
-    from pipeline.graph import METHODS, method_of, stage_plan
-    from pipeline.runner import missing_outputs, read_manifest, runner_of, stage_state
     from pipeline.runs import for_run
 
     # the dataset's stages as the default run (named after the method) recorded them, the command line on top
@@ -393,70 +403,100 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
     sdir = paths.stage_dir(config, workdir)
     stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
     stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
+    run_overrides = cli_overrides(data_root, set_, backbone, weights, random_init, None, trust_weights)
+    planner = _StatusPlans(dataset, workdir, config, stores, run_overrides)
     if not as_json:
         print(f"{'stage':18} {'state':12} {'finished':26} {'seconds':>8}  outputs")
-    rows, run_plans = [], {}
-    plans = {}
-    for m in METHODS:
-        method_config = copy.deepcopy(config)
-        method_config["train"]["method"] = m
-        plans[m] = stage_plan(method_config, workdir, stores)
-    for name, (stage_config, inputs) in plans[method_of(config)].items():
-        hcl_stage, hp_stage = name.endswith("-hcl"), name in ("prepare", "features-train", "features-val")
-        if (hcl_stage if method_of(config) != "hcl" else hp_stage) and read_manifest(sdir, name) is None:
-            continue  # the other method's stores: shown once built, or when the config is that method's
-        if name not in ("train", "evaluate"):
-            rows.append((name, stage_config, inputs))
-            continue
-        runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method_of(config)}"]
-        for r in runs:
-            run_name = r.removeprefix(f"{name}-")
-            if run_name not in run_plans:  # the run's recorded settings (runs/<run>/config.toml), read only
-                run_plans[run_name] = _recorded_run_plan(dataset, workdir, run_name, stores, data_root, set_,
-                                                         backbone, weights, random_init, trust_weights)
-            planned = run_plans[run_name]
-            if planned is None:  # a run without a record: the command line's settings, in the run's method
-                train_manifest = read_manifest(sdir, f"train-{run_name}") or {}
-                recorded = train_manifest.get("config", {}).get("train", {}).get("method")
-                planned = plans.get(recorded or method_of(config), plans["hp"])
-            run_config, run_inputs = planned[name]
-            rows.append((r, {**run_config, "run": run_name}, run_inputs))
-    report = []
-    for name, stage_config, inputs in rows:
-        manifest = read_manifest(sdir, name) or {}
-        state = stage_state(sdir, name, stage_config, inputs)
-        outputs = manifest.get("outputs", {})
-        where = (outputs.get("metrics") or outputs.get("run_dir") or outputs.get("store") or outputs.get("dir")
-                 or (outputs.get("train", {}) or {}).get("dir", ""))
-        missing = missing_outputs(manifest) if state == "incomplete" else []
-        if state == "complete" and name.startswith("features-") and outputs.get("store"):
-            missing = store_problems(outputs["store"])  # the cheap check features runs before "up to date"
-            state = "incomplete" if missing else state
-        seconds = manifest.get("timings", {}).get("seconds", "")
-        report.append({"stage": name, "state": state, "finished": manifest.get("finished"), "seconds": seconds or None,
-                       "output": where or None, "missing": missing, "random_init": bool(outputs.get("random_init"))})
-        flag = " [random-init]" if outputs.get("random_init") else ""
-        note = f"  missing: {', '.join(missing)}" if missing else ""
-        runner = runner_of(sdir, name) if state == "running" else None
-        report[-1]["runner"] = runner
-        note += f"  by {runner}" if runner else ""
-        if not as_json:
-            print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}{note}")
+    report = [_status_row(sdir, step, subs, as_json) for step, subs in _status_steps(config, sdir, planner)]
     if as_json:
         print(json.dumps(report, indent=2))
 
 
-def _recorded_run_plan(dataset: str, workdir: Path, run: str, stores: dict[str, str | None], data_root: str | None,
-                       set_: list[str] | None, backbone: str | None, weights: str | None, random_init: bool,
-                       trust_weights: bool) -> dict[str, tuple[dict, dict]] | None:
-    """A run's stage plan from its recorded settings and the command line's explicit ones (its own method, whatever
-    --method says); None when the run has no record."""
-    from pipeline.graph import stage_plan
-    from pipeline.runs import for_run
+class _StatusPlans:
+    """The plans `status` reads, made from pipeline/graph.py `plan` (one dataset listing per dataset): the dataset's
+    stages as the command line says, each run's as its recorded settings say."""
 
-    overrides = cli_overrides(data_root, set_, backbone, weights, random_init, None, trust_weights)
-    settings = for_run(dataset, overrides, workdir, run)
-    return stage_plan(settings.config, workdir, stores) if settings.record else None
+    def __init__(self, dataset: str, workdir: Path, config: Config, stores: dict[str, str | None],
+                 overrides: dict[str, object]) -> None:
+        self.dataset, self.workdir, self.config, self.overrides = dataset, workdir, config, overrides
+        self.stores = {k: v for k, v in stores.items() if v}
+        self.memo: dict[str, object] = {}
+
+    def of(self, config: Config, run: str | None = None) -> dict:
+        from pipeline.graph import plan
+
+        return plan(config, self.workdir, runs=[run] if run else [], stores=self.stores, memo=self.memo)
+
+    def run(self, run: str) -> dict:
+        """Run `run`'s steps from its recorded settings (its own method, whatever --method says); a run without a
+        record: the command line's settings, in the method its train manifest names."""
+        import copy
+
+        from pipeline.graph import method_of
+        from pipeline.runner import read_manifest
+        from pipeline.runs import for_run
+
+        settings = for_run(self.dataset, self.overrides, self.workdir, run)
+        if settings.record:
+            return self.of(settings.config, run)
+        train = read_manifest(paths.stage_dir(self.config, self.workdir), f"train-{run}") or {}
+        config = copy.deepcopy(self.config)
+        recorded = train.get("config", {}).get("train", {}).get("method")
+        config["train"]["method"] = recorded if recorded in ("hp", "hcl") else method_of(self.config)
+        return self.of(config, run)
+
+
+def _status_steps(config: Config, sdir: Path, planner: _StatusPlans) -> list[tuple]:
+    """(step, its sub-steps) for every stage `status` lists: the dataset's stages, then train and evaluate per run
+    (evaluate with its codes and probes)."""
+    from pipeline.graph import method_of, stages_of
+    from pipeline.runner import read_manifest
+
+    method, steps, out = method_of(config), planner.of(config), []
+    for name, stage in stages_of(config).items():
+        if stage.level == "dataset":
+            hcl_stage, hp_stage = name.endswith("-hcl"), name in ("prepare", "features-train", "features-val")
+            if (hcl_stage if method != "hcl" else hp_stage) and read_manifest(sdir, name) is None:
+                continue  # the other method's stores: shown once built, or when the config is that method's
+            out.append((steps[name], []))
+        elif stage.level == "run":
+            runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method}"]
+            for manifest_name in runs:
+                run_steps = planner.run(manifest_name.removeprefix(f"{name}-"))
+                step = run_steps[manifest_name]
+                out.append((step, [run_steps[up] for up in step.upstream if run_steps[up].run and
+                                   stages_of(config).get(run_steps[up].stage, stage).level == "sub"]))
+    return out
+
+
+def _status_row(sdir: Path, step, subs: list, as_json: bool) -> dict[str, object]:
+    """One stage's row (printed unless `as_json`): its state, when it finished, where its output is; its sub-stages'
+    states (evaluate's codes and probes)."""
+    from cache.writer import store_problems
+    from pipeline.runner import missing_outputs, read_manifest, runner_of, stage_state
+
+    name = step.name
+    manifest = read_manifest(sdir, name) or {}
+    state = stage_state(sdir, name, step.config, step.inputs)
+    outputs = manifest.get("outputs", {})
+    where = (outputs.get("metrics") or outputs.get("run_dir") or outputs.get("store") or outputs.get("dir")
+             or (outputs.get("train", {}) or {}).get("dir", ""))
+    missing = missing_outputs(manifest) if state == "incomplete" else []
+    if state == "complete" and name.startswith("features-") and outputs.get("store"):
+        missing = store_problems(outputs["store"])  # the cheap check features runs before "up to date"
+        state = "incomplete" if missing else state
+    seconds = manifest.get("timings", {}).get("seconds", "")
+    runner = runner_of(sdir, name) if state == "running" else None
+    steps = [{"stage": sub.name, "state": stage_state(sdir, sub.name, sub.config, sub.inputs)} for sub in subs]
+    row = {"stage": name, "state": state, "finished": manifest.get("finished"), "seconds": seconds or None,
+           "output": where or None, "missing": missing, "random_init": bool(outputs.get("random_init")),
+           "runner": runner, "steps": steps}
+    if not as_json:
+        flag = " [random-init]" if outputs.get("random_init") else ""
+        note = (f"  missing: {', '.join(missing)}" if missing else "") + (f"  by {runner}" if runner else "")
+        note += "  (" + ", ".join(f"{sub['stage']} {sub['state']}" for sub in steps) + ")" if steps else ""
+        print(f"{name:18} {state:12} {manifest.get('finished', ''):26} {seconds!s:>8}  {where}{flag}{note}")
+    return row
 
 
 def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:
@@ -487,7 +527,7 @@ def bench_features(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Whole features stage (decode -> backbone -> store) vs the bare backbone forward, in one run."""
-    from stages import bench
+    from pipeline.benches import features as bench
 
     bench.features(images, resolution, backbone, weights, n_views, chunk_size, repeats, workdir, json_)
 
@@ -509,10 +549,10 @@ def bench_train(
 ) -> None:
     """Training from the cache vs the reference's backbone-every-step iteration (HP: also renewal, lookup, loss
     memory; HCL: also the MoGoClustering pass)."""
-    from stages import bench_train
+    from pipeline.benches import train as bench_train
 
     if method == "hcl":
-        from stages import bench_hcl
+        from pipeline.benches import hcl as bench_hcl
 
         bench_hcl.train(images, resolution, backbone, weights, batch_size, iterations, repeats, workdir, json_)
         return
@@ -520,6 +560,43 @@ def bench_train(
         raise UserError(f"--method must be hp or hcl, got '{method}'")
     bench_train.train(images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval,
                       repeats, workdir, json_)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    sizes: Annotated[str, typer.Option(help="Store sizes in crops, comma-separated.")] = "2000,20000,50000",
+    iterations: Annotated[int, typer.Option(help="Training iterations timed per size.")] = 40,
+    batch_size: Annotated[int, typer.Option(help="Crops per iteration.")] = 16,
+    head_dim: Annotated[int, typer.Option(help="D, the head's width.")] = 256,
+    pool_size: Annotated[int, typer.Option(help="Reference pool size.")] = 2048,
+    renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 20,
+    chunk_size: Annotated[int, typer.Option(help="Samples per chunk.")] = 16,
+    resolution: Annotated[int, typer.Option(help="Crop size in pixels (grid = resolution / patch).")] = 224,
+    patch: Annotated[int, typer.Option(help="Patch size of the (simulated) backbone.")] = 16,
+    dim: Annotated[int, typer.Option(help="Feature channels C.")] = 384,
+    dtype: Annotated[str, typer.Option(help="Stored features: float16 or int8.")] = "float16",
+    unique_chunks: Annotated[int, typer.Option(help="Chunks of their own per store; the rest hard links.")] = 128,
+    renewal: Annotated[str, typer.Option(help="chunks (hp-pipe) or gather (the old way, to compare).")] = "chunks",
+    repeats: Annotated[int, typer.Option(help="Renewals timed per size (median reported).")] = 5,
+    workdir: Workdir = Path("work"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """Training iterations/s, Pool_sp renewal time and peak RSS from random-feature stores of growing size (each in
+    a fresh process), and the reader's crops/s and MB/s with 1 and 2 decoding threads."""
+    from pipeline.benches import scale as stage
+
+    try:
+        size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--sizes must be comma-separated crop counts, e.g. 2000,20000,50000; got '{sizes}'") from None
+    if not size_list or min(size_list) < batch_size:
+        raise UserError(f"--sizes: every store needs at least one batch of {batch_size} crops; got '{sizes}'")
+    if dtype not in ("float16", "int8"):
+        raise UserError(f"--dtype must be float16 or int8, got '{dtype}'")
+    if renewal not in ("chunks", "gather"):
+        raise UserError(f"--renewal must be chunks or gather, got '{renewal}'")
+    stage.scale(size_list, workdir, iterations, batch_size, head_dim, pool_size, renew_interval, chunk_size,
+                resolution, patch, dim, 2, dtype, unique_chunks, repeats, renewal, as_json=json_)
 
 
 @bench_app.command("quality")
@@ -537,19 +614,22 @@ def bench_quality(
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
     method: Annotated[str, typer.Option(help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at "
                                              "the start, middle and end of training).")] = "hp",
+    style: Annotated[float | None, typer.Option(help="With --planted: a control run with another image-style "
+                                                     "strength (the bench's generator keeps 1.1; 0: no style).")
+                     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering.
     With --planted: HP (or HCL) vs raw features on planted features (README, "Quality with a known answer")."""
     if planted:
-        from stages import bench_planted
+        from pipeline.benches import planted as bench_planted
 
         if method not in ("hp", "hcl"):
             raise UserError(f"--method must be hp or hcl, got '{method}'")
         run = bench_planted.planted_hcl_quality if method == "hcl" else bench_planted.planted_quality
-        run(seeds, workdir, json_)
+        run(seeds, workdir, json_, bench_planted.with_style(method, style))
         return
-    from stages import bench_train
+    from pipeline.benches import train as bench_train
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, trust_weights=trust_weights)
     bench_train.quality(config, workdir, json_)
@@ -567,7 +647,7 @@ def bench_evaluate(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Dense CRF images/s serial vs parallel, and the evaluate stages' time split by step (CRF on)."""
-    from stages import bench_train
+    from pipeline.benches import train as bench_train
 
     bench_train.evaluate(build_config(dataset, None, set_), workdir, run, crf_images, crf_size, workers, json_)
 

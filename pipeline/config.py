@@ -3,28 +3,31 @@
 A config is a dict of sections (`dataset`, `prepare`, `features`, `train`, ...) holding plain
 values. Each stage fingerprints only the sections it reads, so a change to `train` leaves the
 feature cache valid while a change to `features` invalidates features and everything after it.
+Its schema (types, choices, ranges) is pipeline/settings.py, which also gives a typed view:
+`typed(config).train.tau`.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
 import tomllib
+from enum import Enum, StrEnum
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from pipeline.config_rules import check_config
 from pipeline.errors import UserError
-
-Config = dict[str, dict[str, Any]]
+from pipeline.settings import Config, check_config, check_keys, coerce, field_type, unknown_key
 
 
 def preset_names() -> list[str]:
     files = resources.files("pipeline.presets").iterdir()
     return sorted(f.name[:-5] for f in files if f.name.endswith(".toml") and not f.name.startswith("_"))
+
+
+# the presets as a choice (the command line's --dataset lists them in --help)
+Preset = StrEnum("Preset", {name: name for name in preset_names()})
 
 
 def _read_preset(name: str) -> Config:
@@ -33,15 +36,14 @@ def _read_preset(name: str) -> Config:
 
 
 def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config:
-    """The preset for `dataset` on top of the common defaults, then `overrides` ("section.key": value)."""
+    """The preset for `dataset` on top of the common defaults, then `overrides` ("section.key": value), validated
+    once against the schema (pipeline/settings.py): a plain dict of sections, as the presets spell it."""
     if dataset not in preset_names():
         raise UserError(f"unknown dataset preset '{dataset}'; choose one of: {', '.join(preset_names())}")
     config = _read_preset("_common")
     for section, values in _read_preset(dataset).items():
-        base = config.setdefault(section, {})
-        extra = set(values) - set(base)
-        assert not extra or section == "dataset", f"preset {dataset} adds unknown keys {extra}"
-        base.update(values)
+        config.setdefault(section, {}).update(values)
+    check_keys(config, f"preset '{dataset}' (pipeline/presets/{dataset}.toml on top of _common.toml)")
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
     check_config(config)
@@ -49,7 +51,7 @@ def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config
 
 
 def set_value(config: Config, key: str, value: Any) -> None:
-    """Set "section.key" after checking that it exists and that the value has the preset's type."""
+    """Set "section.key" after checking that it exists; a command-line string becomes the field's type."""
     section, _, name = key.partition(".")
     if section not in config or not name:
         raise UserError(
@@ -57,30 +59,10 @@ def set_value(config: Config, key: str, value: Any) -> None:
             f"{', '.join(sorted(config))}"
         )
     if name not in config[section]:
-        close = difflib.get_close_matches(name, config[section], n=1)
-        hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
-        raise UserError(
-            f"unknown config key '{key}'{hint} (keys in [{section}]: {', '.join(sorted(config[section]))})"
-        )
-    config[section][name] = coerce(value, config[section][name], key)
-
-
-def coerce(value: Any, like: Any, key: str) -> Any:
-    """Convert a command-line string to the type of the preset's value."""
-    if not isinstance(value, str) or isinstance(like, str):
-        return value
-    try:
-        if isinstance(like, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(like, int):
-            return int(value)
-        if isinstance(like, float):
-            return float(value)
-    except ValueError:
-        raise UserError(f"config key '{key}' needs a {type(like).__name__}, got '{value}'") from None
-    return value
+        raise UserError(unknown_key(section, name, config[section]))
+    if isinstance(value, Enum):  # a command-line choice: the dict holds plain strings
+        value = value.value
+    config[section][name] = coerce(value, field_type(config, key), key)
 
 
 def parse_sets(pairs: list[str] | None) -> dict[str, str]:
@@ -124,7 +106,3 @@ def fingerprint(*parts: Any) -> str:
 def sections(config: Config, *names: str) -> Config:
     return {name: copy.deepcopy(config[name]) for name in names}
 
-
-def dataset_root(config: Config, workdir: Path) -> Path:
-    root = config["dataset"]["root"]
-    return Path(root) if root else workdir / "data" / config["dataset"]["name"]

@@ -1,11 +1,21 @@
-"""The stage graph: which config sections each stage reads, and which stages it reads from.
+"""The stage graph, as data, and the one executor that walks it.
 
-A stage's fingerprint covers its sections and its inputs' fingerprints, so changing a value
-invalidates exactly the stages that read it and everything downstream of them.
+Every stage is declared in `STAGES` (a run's sub-stages included): the config sections in its fingerprint, the stages
+whose fingerprints are its inputs, the stages that must run before it, and its body as a "module:function" string
+that only the executor (`build`) resolves. A stage's fingerprint covers its sections and its inputs' fingerprints,
+so changing a value invalidates exactly the stages that read it and everything downstream of them.
+
+`build(config, workdir, target)` computes the plan once (one dataset listing), walks the target's upstream in order
+and runs each stage through pipeline/runner.py `run_stage`; `hp-pipe status` reads the same plan. Stages never run
+each other (docs/stages.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +24,57 @@ from pipeline import paths
 from pipeline.config import Config, fingerprint, sections
 from pipeline.errors import UserError
 
-# stage -> (config sections it reads, stages it reads from)
-STAGES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "prepare": (("dataset", "prepare"), ()),
-    "features-train": (("dataset", "prepare", "features"), ("prepare",)),
-    "features-val": (("dataset", "prepare", "features"), ("prepare",)),
-    # HCL's own stores (docs/hcl.md §4-§5): read the source images themselves, never HP's prepare or features
-    "features-train-hcl": (("dataset", "hcl_features"), ()),
-    "features-val-hcl": (("dataset", "hcl_features"), ()),
-    "train": (("train",), ("features-train",)),
-    "evaluate": (("evaluate", "paper"), ("train", "features-val")),  # [paper]: the numbers the report compares with
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage, as data. `level`: "dataset" (one manifest per dataset, named after the stage), "run" (one per run,
+    `<stage>-<run>`, listed by `stage_plan`) or "sub" (a run's sub-stage, `<stage>-<run>`)."""
+
+    body: str  # "module:function(build, step, ctx) -> outputs": resolved by the executor alone
+    sections: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # stages run first whose fingerprints enter this one's
+    after: tuple[str, ...] = ()  # stages run first whose settings enter through `sections` instead
+    level: str = "dataset"
+    check: str | None = None  # "module:function(config)": a target's config checks, before the plan lists anything
+    preflight: str | None = None  # "module:function(build, step)": checks before any stage of the command runs
+    then: str | None = None  # "module:function(build, step, manifest)": after it ran or was found up to date
+    once: bool = False  # reached by many commands of one process (tests, benches): "up to date" said the first time
+
+
+_FEATURES = Stage("stages.features:body", ("dataset", "prepare", "features"), ("prepare",))
+# HCL's own stores (docs/hcl.md §4-§5): read the source images themselves, never HP's prepare or features
+_HCL_FEATURES = Stage("stages.features_hcl:body", ("dataset", "hcl_features"),
+                      preflight="stages.features_hcl:preflight", then="pipeline.hcl.store:check_manifest")
+STAGES: dict[str, Stage] = {
+    "prepare": Stage("stages.prepare:body", ("dataset", "prepare"), once=True),
+    "features-train": _FEATURES,
+    "features-val": _FEATURES,
+    "features-train-hcl": _HCL_FEATURES,
+    "features-val-hcl": _HCL_FEATURES,
+    "train": Stage("stages.train:body", ("train",), ("features-train",), level="run",
+                   preflight="stages.train:preflight", then="stages.train:then"),
+    # evaluate's sub-stages (docs/evaluation.md): the head's codes, then the probes per feature kind
+    "codes": Stage("stages.evaluate:codes_body", (), ("train", "features-val"), level="sub",
+                   then="stages.evaluate:codes_then"),
+    "probe-head": Stage("stages.evaluate:probe_body", (), ("train", "features-val", "codes"), level="sub",
+                        then="stages.evaluate:probe_then"),
+    "probe-raw": Stage("stages.evaluate:probe_body", (), ("train", "features-val"), level="sub",
+                       then="stages.evaluate:probe_then"),
+    # [paper]: the numbers the report compares with. Its "train" input is the training settings' fingerprint (the
+    # run's name aside), as evaluate manifests have always recorded it; codes and probes read the run's own.
+    "evaluate": Stage("stages.evaluate:body", ("evaluate", "paper"), ("train", "features-val"),
+                      ("codes", "probe-head", "probe-raw"), level="run", check="stages.evaluate:check"),
 }
 # what differs for a method other than HP: its train and evaluate stages read the HCL arrays
-METHOD_STAGES: dict[str, dict[str, tuple[tuple[str, ...], tuple[str, ...]]]] = {
+_R = dataclasses.replace
+METHOD_STAGES: dict[str, dict[str, Stage]] = {
     "hp": {},
     "hcl": {
-        "train": (("train", "hcl"), ("features-train-hcl",)),
-        "evaluate": (("evaluate", "paper"), ("train", "features-val-hcl")),
+        "train": _R(STAGES["train"], sections=("train", "hcl"), inputs=("features-train-hcl",)),
+        "codes": _R(STAGES["codes"], inputs=("train", "features-val-hcl")),
+        "probe-head": _R(STAGES["probe-head"], inputs=("train", "features-val-hcl", "codes")),
+        "probe-raw": _R(STAGES["probe-raw"], inputs=("train", "features-val-hcl")),
+        "evaluate": _R(STAGES["evaluate"], inputs=("train", "features-val-hcl")),
     },
 }
 METHODS = tuple(METHOD_STAGES)
@@ -60,10 +104,23 @@ def method_of(config: Config) -> str:
     return method
 
 
-def source_lists(config: Config, workdir: Path) -> dict[str, list[str]] | None:
-    """The source files each split lists (None when the dataset cannot be read: the stage itself will say why)."""
+def source_lists(config: Config, workdir: Path, memo: dict[str, Any] | None = None) -> dict[str, list[str]] | None:
+    """The source files each split lists (None when the dataset cannot be read: the stage itself will say why).
+    `memo`: one command's listings, so that a command lists a dataset once however many plans it makes."""
+    import json
+
     from pipeline.datasets import open_split
 
+    key = json.dumps([config["dataset"], str(workdir)], sort_keys=True, default=str)
+    if memo is not None and key in memo:
+        return memo[key]
+    listing = _list_sources(config, workdir, open_split)
+    if memo is not None:
+        memo[key] = listing
+    return listing
+
+
+def _list_sources(config: Config, workdir: Path, open_split) -> dict[str, list[str]] | None:
     try:
         listing = {}
         for split in ("train", "val"):
@@ -74,13 +131,8 @@ def source_lists(config: Config, workdir: Path) -> dict[str, list[str]] | None:
         return None
 
 
-def sources_fingerprint(config: Config, workdir: Path) -> str:
-    """Which source files each split lists: adding or removing an image makes `prepare` stale."""
-    listing = source_lists(config, workdir)
-    return fingerprint(listing) if listing is not None else "unreadable"
-
-
-def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = None) -> dict[str, tuple[dict, dict]]:
+def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = None,
+               memo: dict[str, Any] | None = None) -> dict[str, tuple[dict, dict]]:
     """stage -> (its config, its inputs {upstream: fingerprint}), in dependency order.
 
     Besides config sections, `prepare` depends on the list of source files and each
@@ -90,7 +142,7 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     (cache.schema.HCL_SCHEMA); under evaluate.protocol = paper, `train` also on the online probes' settings (it
     trains them, docs/hp.md §8).
     """
-    listing = source_lists(config, workdir)
+    listing = source_lists(config, workdir, memo)
     features_key = features_fingerprint(config)
     extras: dict[str, dict[str, Any]] = {
         "prepare": {"sources": fingerprint(listing) if listing is not None else "unreadable"}}
@@ -108,10 +160,211 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     if online:  # protocol paper: the train stage also trains the evaluation probes (docs/hp.md §8)
         extras["train"] = {"online_probes": online}
     plan: dict[str, tuple[dict, dict]] = {}
-    for name, (names, upstream) in {**STAGES, **METHOD_STAGES[method_of(config)]}.items():
-        stage_config = {**sections(config, *names), **extras.get(name, {})}
-        if "features" in names:
+    for name, stage in stages_of(config).items():
+        if stage.level == "sub":
+            continue  # a run's sub-stages: `plan` adds them per run
+        stage_config = {**sections(config, *stage.sections), **extras.get(name, {})}
+        if "features" in stage.sections:
             stage_config["features"] = features_key
-        inputs = {up: fingerprint(*plan[up]) for up in upstream}
+        inputs = {up: fingerprint(*plan[up]) for up in stage.inputs}
         plan[name] = (stage_config, inputs)
     return plan
+
+
+def stages_of(config: Config) -> dict[str, Stage]:
+    """The declared stages, with the configured method's differences."""
+    return {**STAGES, **METHOD_STAGES[method_of(config)]}
+
+
+# ---------------------------------------------------------------- the plan of one command
+@dataclass(frozen=True)
+class Step:
+    """One stage as one command runs it: its manifest name, fingerprinted config and inputs, and what runs first."""
+
+    name: str  # the manifest's name: "features-train", "train-hp", "probe-head-hp", ...
+    stage: str  # the declared stage: "features-train", "train", "probe-head", ...
+    run: str | None
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    upstream: tuple[str, ...]  # manifest names of the steps that run first
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.config, self.inputs)
+
+
+def step_name(stage: str, stages: dict[str, Stage], run: str | None) -> str:
+    return stage if stages[stage].level == "dataset" else f"{stage}-{run}"
+
+
+def plan(config: Config, workdir: Path, *, runs: Iterable[str] = (), stores: dict[str, str] | None = None,
+         memo: dict[str, Any] | None = None) -> dict[str, Step]:
+    """Manifest name -> Step, in dependency order: the dataset's stages, then each run's (train, its codes and
+    probes, evaluate). One dataset listing, whatever the number of runs (`memo`: see `source_lists`)."""
+    base, stages = stage_plan(config, workdir, stores, memo), stages_of(config)
+    steps: dict[str, Step] = {}
+    for name, stage in stages.items():
+        if stage.level == "dataset":
+            steps[name] = Step(name, name, None, *base[name], stage.inputs)
+    for run in runs:
+        configs = run_configs(config, workdir, base, stages, run)
+        for name, stage in stages.items():
+            if name in configs:
+                upstream = tuple(step_name(up, stages, run) for up in (*stage.inputs, *stage.after) if up in configs
+                                 or stages[up].level == "dataset")
+                steps[step_name(name, stages, run)] = Step(step_name(name, stages, run), name, run,
+                                                           *configs[name], upstream)
+    return steps
+
+
+def run_configs(config: Config, workdir: Path, base: dict[str, tuple[dict, dict]], stages: dict[str, Stage],
+                run: str) -> dict[str, tuple[dict, dict]]:
+    """(config, inputs) of run `run`'s stages, exactly as their manifests have always recorded them."""
+    from pipeline.hp.online_probes import online_probe_settings, protocol_of
+    from pipeline.probes import linear_optimizer
+
+    e_cfg, online = config["evaluate"], online_probe_settings(config)
+    val = stages["codes"].inputs[1]  # features-val, or HCL's own features-val-hcl
+    train = ({**base["train"][0], "run": run}, base["train"][1])
+    codes_inputs = {"train": fingerprint(*train), val: fingerprint(*base[val])}
+    # protocol paper: the head's probes were trained during `train`, only the val codes are needed
+    splits = ["val"] if online else ["train", "val"]
+    codes_dir = paths.codes_dir(paths.run_dir(config, workdir, run))
+    codes_urls = {split: str((codes_dir / f"{split}.zarr").expanduser().resolve()) for split in splits}
+    probe_cfg = {"run": run, **{k: e_cfg[k] for k in ("probes", "cluster_method", "extra_clusters",
+                                                      "cluster_patches", "linear_epochs", "linear_lr",
+                                                      "batch_size", "seed")},
+                 "linear_optimizer": linear_optimizer(config)}
+    configs = {
+        "train": train,
+        "codes": ({"run": run, "batch_size": e_cfg["batch_size"], **({"splits": splits} if online else {})},
+                  codes_inputs),
+        # the head's probes read the codes: their inputs name the codes stores (the URLs, as always recorded)
+        "probe-head": ({"run": run, "protocol": protocol_of(config), **online} if online else probe_cfg,
+                       {**codes_inputs, f"codes-{run}": fingerprint(codes_urls)}),
+        "evaluate": ({**base["evaluate"][0], "run": run}, base["evaluate"][1]),
+    }
+    if e_cfg["baselines"]:
+        configs["probe-raw"] = (probe_cfg, codes_inputs)
+    return configs
+
+
+# ---------------------------------------------------------------- the executor
+@dataclass
+class Build:
+    """What a stage body gets besides its own StageContext: the command's config, plan and finished upstream."""
+
+    config: Config
+    workdir: Path
+    steps: dict[str, Step]
+    options: dict[str, Any] = field(default_factory=dict)  # extraction: scheduler, address, workers
+    force: bool = False
+    replace: bool = False
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)  # manifests of the steps run so far
+
+    @property
+    def sdir(self) -> Path:
+        return paths.stage_dir(self.config, self.workdir)
+
+    def upstream(self, step: Step, stage: str) -> dict[str, Any]:
+        """The manifest of `stage` (a declared name: "train", "features-val", ...) as this step's run reads it."""
+        return self.done[step_name(stage, stages_of(self.config), step.run)]
+
+
+def resolve(dotted: str) -> Callable[..., Any]:
+    """"module:function" -> the function. The one place a stage module is imported by name."""
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def targets_of(config: Config, target: str | Iterable[str]) -> list[str]:
+    """Declared stage names; "features:<split>" is the configured method's store (HCL's own under hcl)."""
+    stages, out = stages_of(config), []
+    for name in [target] if isinstance(target, str) else target:
+        if name.startswith("features:"):
+            name = f"features-{name.partition(':')[2]}" + ("-hcl" if method_of(config) == "hcl" else "")
+        if name not in stages:
+            raise UserError(f"unknown stage '{name}'; one of {', '.join(stages)}")
+        out.append(name)
+    return out
+
+
+def walk(steps: dict[str, Step], names: list[str]) -> list[str]:
+    """`names` and everything upstream of them, each once, upstream first."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name not in order:
+            for up in steps[name].upstream:
+                visit(up)
+            order.append(name)
+
+    for name in names:
+        visit(name)
+    return order
+
+
+def build(config: Config, workdir: Path, target: str | Iterable[str], *, run: str | None = None,
+          force: bool = False, replace: bool = False, stores: dict[str, str] | None = None,
+          options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bring `target` (a declared stage, or several) up to date, running what it needs first; its manifest (the
+    last target's).
+
+    `force` recomputes the targets and the sub-stages they run after (evaluate: its codes and probes); upstream
+    stages are only brought up to date. `force` or `replace` lets `train` replace a run whose settings differ.
+    `stores`: store URLs other than the default ({"train": url, "hcl-val": url, ...}); `options`: how features
+    stages extract ({"scheduler", "address", "workers"}).
+    """
+    names = targets_of(config, target)
+    stages = stages_of(config)
+    for name in names:  # a typo or an impossible setting fails before any work (and before the dataset is listed)
+        if stages[name].check:
+            resolve(stages[name].check)(config)
+    per_run = any(stages[name].level != "dataset" for name in names)
+    run = paths.run_name(run or method_of(config)) if per_run else None
+    steps = plan(config, Path(workdir), runs=[run] if run else [], stores=stores)
+    wanted = [step_name(name, stages, run) for name in names]
+    forced = set(wanted) | {up for name in wanted for up in steps[name].upstream
+                            if stages[steps[up].stage].level == "sub"} if force else set()
+    job = Build(config, Path(workdir), steps, options or {}, force, replace)
+    order = walk(steps, wanted)
+    for name in reversed(order):  # the target's own checks first: a refused command changes nothing
+        if stages[steps[name].stage].preflight:
+            resolve(stages[steps[name].stage].preflight)(job, steps[name])
+    for name in order:
+        job.done[name] = execute(job, steps[name], stages[steps[name].stage], name in forced)
+    return job.done[wanted[-1]]
+
+
+# (stage folder, step, fingerprint) of the `once` stages this process has run or reported
+_SEEN: set[tuple[str, str, str]] = set()
+
+
+def execute(job: Build, step: Step, stage: Stage, force: bool) -> dict[str, Any]:
+    """One step through the runner: its lock(s), the up-to-date check (with its store's cheap check), its body."""
+    from functools import partial
+
+    from cache import writer
+    from pipeline.runner import manifest_path, missing_outputs, read_manifest, run_stage
+
+    key = (str(job.sdir.resolve()), step.name, step.fingerprint)
+    if stage.once and not force and key in _SEEN:  # already said by this process: still current? then say nothing
+        old = read_manifest(job.sdir, step.name)
+        if old and old.get("status") == "complete" and old.get("fingerprint") == key[2] and not missing_outputs(old):
+            job.done[step.name] = old
+            return old
+    url = step.config.get("store")
+    where = manifest_path(job.sdir, step.name)
+    check = writer.recorded_store_check(url, str(where)) if isinstance(url, str) else None  # up to date only if ok
+    manifest = run_stage(job.sdir, step.name, step.config, step.inputs, partial(resolve(stage.body), job, step),
+                         force, check)
+    if isinstance(url, str) and manifest["outputs"].get("store") != url:  # later stages read the store named here
+        raise UserError(f"{where} names the store {manifest['outputs'].get('store')!r}, but this run's store is "
+                        f"{url}: refused (an edited manifest cannot redirect hp-pipe to another store). Rerun with "
+                        "--force")
+    job.done[step.name] = manifest
+    if stage.once:
+        _SEEN.add(key)
+    if stage.then:
+        resolve(stage.then)(job, step, manifest)
+    return manifest

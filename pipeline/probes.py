@@ -1,12 +1,43 @@
-"""The cluster probe of docs/hp.md §8: spherical k-means (faiss) and cosine-argmax assignment. No I/O."""
+"""The cluster probe of docs/hp.md §8: spherical k-means (faiss) and cosine-argmax assignment; the linear probe;
+which probes and which linear optimizer a config asks for. No I/O."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.errors import UserError
 from pipeline.faiss_ops import kmeans
+
+
+def probes_of(config: dict[str, dict[str, Any]]) -> list[str]:
+    """`evaluate.probes` as a list, checked."""
+    probes = [p.strip() for p in config["evaluate"]["probes"].split(",") if p.strip()]
+    unknown = set(probes) - {"cluster", "linear"}
+    if unknown:
+        raise UserError(f"evaluate.probes: unknown probe {', '.join(sorted(unknown))}; use cluster, linear or both")
+    return probes
+
+
+def linear_optimizer(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The fitted linear probe's optimizer (`evaluate.linear_optimizer`), as data: Adam(linear_lr) for HP (docs/hp.md
+    §8); for HCL runs the HCL reference's linear fine-tuning, SGD with momentum and weight decay, lr x 0.1 from
+    `lr_drop_epoch` (0-based) on (docs/hcl.md §5)."""
+    e_cfg = config["evaluate"]
+    name = str(e_cfg["linear_optimizer"]).strip().lower()
+    if name == "auto":
+        name = "sgd" if config["train"]["method"] == "hcl" else "adam"
+    if name == "adam":
+        return {"optimizer": "Adam", "lr": e_cfg["linear_lr"]}
+    if name == "sgd":
+        return {"optimizer": "SGD", "lr": e_cfg["linear_sgd_lr"], "momentum": e_cfg["linear_sgd_momentum"],
+                "weight_decay": e_cfg["linear_sgd_weight_decay"], "lr_drop_epoch": e_cfg["linear_sgd_drop_epoch"],
+                "lr_drop": 0.1}
+    raise UserError(f"evaluate.linear_optimizer must be adam, sgd or auto, got '{e_cfg['linear_optimizer']}' (auto: "
+                    "Adam for HP, the HCL reference's SGD for train.method = hcl)")
 
 
 def spherical_kmeans(codes: np.ndarray, k: int, seed: int = 0, iterations: int = 50) -> np.ndarray:

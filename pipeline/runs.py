@@ -5,7 +5,7 @@ the run starts, rewritten when it starts over). `evaluate`, `predict`, `report` 
 as: the preset, then the run's recorded *training* settings, then what the command line gives explicitly. So
 `hp-pipe train --set train.epochs=2` followed by `hp-pipe evaluate` evaluates that run as it was trained, without
 repeating the option, where it used to retrain the run with the preset's values and delete it. An explicit option
-that differs from the record makes the train stage refuse (stages/train.py `refuse_to_replace`: `--run NEW` or
+that differs from the record makes the train stage refuse (`refuse_to_replace`: `--run NEW` or
 `--force`).
 
 Training settings are every key of the sections the run's training and its feature stores read (HP: [dataset],
@@ -29,9 +29,9 @@ from typing import Any
 
 from pipeline import paths
 from pipeline.config import Config, load_config, to_toml
-from pipeline.config_rules import check_config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
+from pipeline.settings import check_config
 
 # the sections a run's training and the stores it trains on read, per method (pipeline/graph.py STAGES)
 TRAINING_SECTIONS = {"hp": ("dataset", "prepare", "features", "train"),
@@ -152,3 +152,35 @@ def for_run(dataset: str, overrides: dict[str, Any], workdir: Path, run: str | N
     source = paths.run_config_path(folder)
     merged, taken = apply_record(config, recorded, overrides, source)
     return RunSettings(merged, name, source, taken)
+
+
+def refuse_to_replace(sdir: Path, run: str, stage_config: dict[str, Any], inputs: dict[str, str], ckpt: Path,
+                      config: Config | None = None) -> None:
+    """A run trained (or started) with other settings is never replaced silently: its checkpoint, probes and
+    evaluation would go with it. The user picks a new run name or says --force. The train manifest decides; without
+    one (stages/ deleted), the run's recorded settings do."""
+    from pipeline.config import fingerprint
+    from pipeline.runner import changed_keys, read_manifest
+
+    if not ckpt.exists():
+        return  # nothing trained to lose
+    old = read_manifest(sdir, f"train-{run}")
+    recorded = read_record(ckpt.parent.parent)
+    detail = differences(recorded, config) if recorded is not None and config is not None else {}
+    if old is not None:
+        if old.get("fingerprint") == fingerprint(stage_config, inputs):
+            return
+        keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
+                            {"config": stage_config, "inputs": inputs})
+        upstream = any(k.startswith("inputs.") for k in keys)  # the store changed: its sections' keys are the cause
+        detail = {k: v for k, v in detail.items() if f"config.{k}" in keys
+                  or (upstream and not k.startswith(("train.", "hcl.", "evaluate.")))}
+    elif detail:
+        keys = list(detail)
+    else:
+        return
+    shown = "; ".join(f"{k} is {r!r} in the run, {n!r} now" for k, (r, n) in list(detail.items())[:4])
+    where = f" (its settings: {paths.run_config_path(ckpt.parent.parent)})" if recorded is not None else ""
+    raise UserError(f"run '{run}' exists with other settings ({', '.join(keys) or 'inputs'} differ)"
+                    f"{': ' + shown if shown else ''}. Training now would replace it and its evaluation{where}. "
+                    "Use --run NEW to train a new run beside it, or pass --force to replace it")

@@ -1,22 +1,33 @@
-"""What both trainers share: device, run plan, RNG states, resume messages, the metrics log and the outputs.
+"""The one training loop both methods run (docs/hp.md §2-§5, docs/hcl.md §2-§4), and what it is made of.
 
-The method-specific loops (stages/train.py for HP, stages/train_hcl.py for HCL) call these, so resume, checkpoint
-reporting and run layout are written once.
+`train` owns what a run is, whatever the method: the device and the run plan, the seeds, resume with every RNG,
+the NaN guard, the atomic checkpoints (pipeline/checkpoints.py), metrics.jsonl and TensorBoard (MetricsLog), the
+progress bar, the log and checkpoint intervals, the curves and the stage outputs. A method adds its state and its
+step through `MethodHooks` (HP: pipeline/hp/training.py, HCL: pipeline/hcl/training.py), so resume, the NaN guard
+and checkpoint correctness are written once.
+
+A run lives in `<workdir>/<dataset>/runs/<run>/` (pipeline/paths.py): checkpoints/last.pt (every
+`train.checkpoint_interval` iterations and at the end), metrics.jsonl, curves.png. A killed run resumes from its
+checkpoint to the same final weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from cache.reader import FeatureStore
-from pipeline import paths
-from pipeline.checkpoints import load_checkpoint
+from pipeline import paths, runs
+from pipeline.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -26,6 +37,106 @@ from pipeline.tensorboard import open_training_board
 from pipeline.wording import plural
 
 
+# ---------------------------------------------------------------- what a method adds
+class StepResult(Protocol):
+    loss: torch.Tensor  # the scalar the optimizer steps on
+    terms: dict[str, float]  # its parts, logged as they are
+
+
+class MethodHooks(Protocol):
+    """A method's part of the loop, called in this order: `build` (after the seeds), then `load_state_dict` (a
+    resumed run, its RNGs already restored) or `start` (a fresh run); `epoch_start` once per epoch (also when a run
+    resumes mid-epoch); `inputs`, `forward` (under autocast) and `update` once per batch; `state_dict` and
+    `rng_states` at each checkpoint; `finish` once, on the outputs."""
+
+    section: str  # the config section with the method's batch_size, epochs, seed and lr
+    label: str  # "HP" or "HCL": the outputs' method, the summary line, the curves' title
+    curves: Any  # the panels of curves.png (pipeline/plots.py)
+    epoch_images: int | None  # an epoch passes over this many images, or over the store's samples when None
+    names: list[str]  # the store arrays a batch reads (set by `build`)
+
+    def build(self, plan: RunPlan, generator: torch.Generator) -> None: ...
+    def start(self) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def rng_states(self) -> dict[str, Any]: ...
+    def epoch_start(self, epoch: int, checkpoint: Callable[[], None]) -> np.ndarray | None: ...
+    def inputs(self, t: int, i: int, batch: dict[str, torch.Tensor]) -> Any: ...
+    def forward(self, inputs: Any) -> StepResult: ...
+    def update(self, out: StepResult, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+    def postfix(self, terms: dict[str, float]) -> dict[str, str]: ...
+    def finish(self, outputs: dict[str, Any]) -> dict[str, Any]: ...
+
+
+# ---------------------------------------------------------------- the loop
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, method: MethodHooks) -> dict[str, Any]:
+    """Train `method` on `store` into the run folder `out`, from its checkpoint when it has one; the stage outputs.
+
+    Epoch e reads the store in the order seeded by seed·1000 + e, so a run resumed at iteration t reads, from batch
+    t mod (iterations per epoch) on, what the uninterrupted run read; with every RNG restored it ends on the same
+    weights.
+    """
+    plan = plan_run(ctx, config, method.section, store, out, images=method.epoch_images)
+    runs.ensure_record(out, config)  # a new (or started over) run records its settings first
+    section, run_cfg = config[method.section], config["train"]
+    torch.manual_seed(section["seed"])  # the weights' initialization draws from here
+    generator = torch.Generator().manual_seed(section["seed"])  # every draw of the steps
+    method.build(plan, generator)
+    t = start_or_resume(ctx, method, plan, generator)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t, config=config, log=ctx.log)
+
+    def checkpoint() -> None:  # atomic, and refused if a weight is not finite (pipeline/checkpoints.py)
+        save_checkpoint(plan.ckpt, {
+            "iteration": t, **method.state_dict(),
+            "rng": {**rng_states(generator, plan.device), **method.rng_states()},
+            "config": config, "store": store.url, "random_init": store.random_init,
+            "backbone": backbone_identity(store), "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
+        })
+        log.checkpointed(t, plan.ckpt)  # TensorBoard: overlay images of this checkpoint
+
+    t0, t_start = time.perf_counter(), t
+    with tqdm(total=plan.total, initial=t, desc=ctx.name, unit="it", smoothing=0.05) as bar:
+        while t < plan.total:
+            epoch, first = divmod(t, plan.iters_per_epoch)
+            keep = method.epoch_start(epoch, checkpoint)  # HCL: the epoch's crops, after its MoGo pass
+            batches = store.batches(method.names, section["batch_size"], shuffle_seed=section["seed"] * 1000 + epoch,
+                                    drop_last=True, buffer_chunks=run_cfg["buffer_chunks"], start_batch=first,
+                                    keep=keep)
+            for i, batch in enumerate(batches, start=first):
+                inputs = method.inputs(t, i, batch)
+                with torch.autocast(plan.device.type, dtype=torch.float16, enabled=plan.amp):
+                    step = method.forward(inputs)
+                if not torch.isfinite(step.loss):  # the NaN guard: the bad step reaches no weight, no checkpoint
+                    raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
+                                    f"(terms {step.terms}); {kept_checkpoint(plan.ckpt)}. "
+                                    f"Check the feature store, or lower {method.section}.lr")
+                terms = method.update(step, batch)
+                t += 1
+                bar.update(1)
+                bar.set_postfix(**method.postfix(terms), refresh=False)
+                if t % run_cfg["log_interval"] == 0 or t == plan.total:
+                    log.append({"iteration": t, "epoch": epoch, **{k: round(v, 6) for k, v in terms.items()},
+                                "seconds": round(time.perf_counter() - t0, 3)})
+                if t % run_cfg["checkpoint_interval"] == 0 or t == plan.total:
+                    checkpoint()
+    return method.finish(run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0,
+                                     method.label, method.curves))
+
+
+def start_or_resume(ctx: StageContext, method: MethodHooks, plan: RunPlan, generator: torch.Generator) -> int:
+    """The iteration the loop starts at: the checkpoint's, with every RNG and the method's state as they were when
+    it was written; else 0, after the method's first draws (HP's pools)."""
+    if not plan.ckpt.exists():
+        method.start()
+        return 0
+    state = load_checkpoint(plan.ckpt)
+    restore_rng(state, generator, plan.device)
+    method.load_state_dict(state)
+    log_resume(ctx, state, plan.ckpt, plan.total)
+    return state["iteration"]
+
+
+# ---------------------------------------------------------------- the parts of a run
 def backbone_identity(store: FeatureStore) -> dict[str, str]:
     """What a checkpoint records of the features it was trained on: `predict` checks its live backbone against
     it without needing the store (a run folder may be copied without its features)."""
@@ -41,7 +152,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every torch RNG a run draws from (numpy ones are the caller's)."""
+    """Every torch RNG a run draws from (numpy ones are the method's: `MethodHooks.rng_states`)."""
     return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
             "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
 

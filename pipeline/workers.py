@@ -247,3 +247,36 @@ def run_dask(task: Callable[..., int], args: tuple, pending: list[int], progress
         futures = [client.submit(task, *args, c, pure=False) for c in pending]
         for future in as_completed(futures):
             progress.update(future.result())
+
+
+SCHEDULERS = ("local", "local-cluster", "distributed")
+
+
+def fill_chunks(group: Any, url: str, options: dict[str, Any], local: Callable[[list[int], Any], None],
+                task: Callable[..., int], args: tuple, progress: dict[str, Any],
+                log: Callable[[str], None] | None = None) -> tuple[int, float]:
+    """Compute every chunk of a store not yet done (cache/writer.py `fill_store`: resumable, then flagged complete)
+    under `options["scheduler"]`: `local(pending, progress_bar)` in this process, or `task(*args, chunk)` on dask
+    workers (local-cluster: `options["workers"]` of them; distributed: the scheduler at `options["address"]`).
+    `progress`: the tqdm bar's settings (total, desc, unit, ...). Returns (samples found done, seconds)."""
+    import time
+
+    from tqdm import tqdm
+
+    from cache import writer
+
+    scheduler = options.get("scheduler", "local")
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler must be local, local-cluster or distributed, got '{scheduler}'")
+
+    def compute(pending: list[int], finished: int) -> None:
+        with tqdm(initial=finished, **progress) as bar:
+            if scheduler == "local":
+                local(pending, bar)
+            else:
+                run_dask(task, args, pending, bar, options.get("address") if scheduler == "distributed" else None,
+                         options.get("workers", 2))
+
+    t0 = time.perf_counter()
+    finished = writer.fill_store(group, url, compute, log)
+    return finished, time.perf_counter() - t0

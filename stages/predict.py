@@ -11,6 +11,8 @@ Hungarian matching found at evaluation (raw cluster ids where there was none).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,40 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
                None)
     if row is None:
         raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
+    model = load_model(config, workdir, run, probe, row)
+    n_classes = config["dataset"]["n_classes"]
+    out = Path(out or paths.eval_dir(config, workdir, run) / "predictions")
+    out.mkdir(parents=True, exist_ok=True)
+    for path in tqdm(images, desc="predict", unit="img"):
+        image = read_image(path)
+        labels = segment(config, model, image, crf)
+        save_label_png(labels, n_classes, out / f"{path.stem}.png")
+        Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
+    names = metrics.get("class_names") or [f"class {c}" for c in range(n_classes)]
+    legend = {"classes": [{"id": c, "name": name, "rgb": rgb.tolist()}
+                          for c, (name, rgb) in enumerate(zip(names, palette(n_classes), strict=True))],
+              "ignore": {"id": 255, "rgb": [0, 0, 0]}, "probe": probe, "crf": crf, "run": run,
+              "random_init_backbone": model.backbone.random_init}
+    atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))
+    note = " [RANDOM-INIT backbone]" if model.backbone.random_init else ""
+    print(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
+    return {"out": str(out), "images": len(images)}
+
+
+@dataclass
+class Model:
+    """A run's head, the backbone it was trained on, its probe's scores and the cluster -> class mapping."""
+
+    encoder: Any
+    backbone: Any
+    method: str | None
+    score: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    mapping: np.ndarray
+
+
+def load_model(config: Config, workdir: Path, run: str, probe: str, row: dict[str, Any]) -> Model:
+    """The run's head and probe, read from the run layout (never a path read from a file); the backbone must be the
+    one the run was trained on."""
     rdir = paths.run_dir(config, workdir, run)
     checkpoint = paths.checkpoint_path(rdir)
     encoder = load_encoder(str(checkpoint))
@@ -85,47 +121,35 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
                         "--weights as for training")
     n_classes = config["dataset"]["n_classes"]
     if probe == "cluster":
-        # the run layout, never a path read from a file
         centroids = torch.from_numpy(np.load(paths.probe_dir(rdir, "head") / "centroids.npy"))
-        mapping = np.asarray(row["cluster_to_class"])
-        score = lambda codes, size: 2 * cosine_scores(codes, centroids, size)  # noqa: E731  (§8: 2·cos)
+        return Model(encoder, backbone, state.get("method"),
+                     lambda codes, size: 2 * cosine_scores(codes, centroids, size),  # §8: 2·cos
+                     np.asarray(row["cluster_to_class"]))
+    linear = LinearProbe(encoder.dim, n_classes)
+    linear.load_state_dict(load_checkpoint(paths.probe_dir(rdir, "head") / "linear.pt")["probe"])
+    return Model(encoder, backbone, state.get("method"), lambda codes, size: linear(codes, size),
+                 np.arange(n_classes))
+
+
+def segment(config: Config, model: Model, image: np.ndarray, crf: bool) -> np.ndarray:
+    """One image's class ids at its own size (255: a cluster matched to no class)."""
+    if model.method == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square
+        side = config["hcl_features"]["val_resolution"]
+        resized = cropped = (side, side)
     else:
-        linear = LinearProbe(encoder.dim, n_classes)
-        linear.load_state_dict(load_checkpoint(paths.probe_dir(rdir, "head") / "linear.pt")["probe"])
-        mapping = np.arange(n_classes)
-        score = lambda codes, size: linear(codes, size)  # noqa: E731
-    out = Path(out or paths.eval_dir(config, workdir, run) / "predictions")
-    out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc="predict", unit="img"):
-        image = read_image(path)
-        if state.get("method") == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square
-            side = config["hcl_features"]["val_resolution"]
-            resized = cropped = (side, side)
-        else:
-            resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"], backbone.patch_size)
-        x = F.interpolate(normalize(torch.from_numpy(image[None].copy())), size=resized, mode="bilinear",
-                          align_corners=False)
-        top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
-        x = x[..., top:top + cropped[0], left:left + cropped[1]]
-        with torch.no_grad():
-            codes = encoder.from_backbone(backbone, x)
-            logits = score(codes, image.shape[:2])
-        if crf:
-            from pipeline.crf import crf_labels
+        resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"],
+                                      model.backbone.patch_size)
+    x = F.interpolate(normalize(torch.from_numpy(image[None].copy())), size=resized, mode="bilinear",
+                      align_corners=False)
+    top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
+    x = x[..., top:top + cropped[0], left:left + cropped[1]]
+    with torch.no_grad():
+        codes = model.encoder.from_backbone(model.backbone, x)
+        logits = model.score(codes, image.shape[:2])
+    if crf:
+        from pipeline.crf import crf_labels
 
-            pred = crf_labels(image[None], logits.numpy().astype(np.float32))[0]
-        else:
-            pred = logits.argmax(1)[0].numpy()
-        labels = np.where(mapping[pred] >= 0, mapping[pred], 255).astype(np.uint8)
-        save_label_png(labels, n_classes, out / f"{path.stem}.png")
-        Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
-    names = metrics.get("class_names") or [f"class {c}" for c in range(n_classes)]
-    legend = {"classes": [{"id": c, "name": name, "rgb": rgb.tolist()}
-                          for c, (name, rgb) in enumerate(zip(names, palette(n_classes), strict=True))],
-              "ignore": {"id": 255, "rgb": [0, 0, 0]}, "probe": probe, "crf": crf, "run": run,
-              "random_init_backbone": backbone.random_init}
-    atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))
-    note = " [RANDOM-INIT backbone]" if backbone.random_init else ""
-    print(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
-    return {"out": str(out), "images": len(images)}
-
+        pred = crf_labels(image[None], logits.numpy().astype(np.float32))[0]
+    else:
+        pred = logits.argmax(1)[0].numpy()
+    return np.where(model.mapping[pred] >= 0, model.mapping[pred], 255).astype(np.uint8)

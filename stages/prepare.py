@@ -15,17 +15,16 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import paths
-from pipeline.config import Config, dataset_root, fingerprint
-from pipeline.datasets import dataset_options, open_split  # noqa: F401  (prepare.dataset_options: tests)
+from pipeline.config import Config, fingerprint
+from pipeline.datasets import dataset_root, open_split
+from pipeline.datasets.base import SPLITS
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_png, atomic_write_text
-from pipeline.graph import stage_plan
+from pipeline.graph import Build, Step, build
 from pipeline.prepared import crops_per_image
-from pipeline.runner import StageContext, missing_outputs, read_manifest, run_stage
+from pipeline.runner import StageContext
 from pipeline.wording import plural
-
-SPLITS = ("train", "val")
 
 
 def crops_of(image: np.ndarray, label: np.ndarray | None, split: str, p: dict[str, Any]):
@@ -86,25 +85,11 @@ def summary(outputs: dict[str, dict[str, Any]]) -> str:
                      for split, o in outputs.items())
 
 
-# (stage folder, fingerprint) of every prepare stage this process has already run or reported: `features` calls
-# `prepare` once per split, and `train` / `evaluate` reach it again through their own inputs, so without this one
-# command printed "[prepare] up to date" up to five times.
-_SEEN: set[tuple[str, str]] = set()
-
-
 def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
-    stage_config, inputs = stage_plan(config, workdir)["prepare"]
-    sdir = paths.stage_dir(config, workdir)
-    key = (str(sdir.resolve()), fingerprint(stage_config, inputs))
-    if not force and key in _SEEN:  # already run or reported by this command: still current? then say nothing
-        old = read_manifest(sdir, "prepare")
-        if old and old.get("status") == "complete" and old.get("fingerprint") == key[1] and not missing_outputs(old):
-            return old
+    """Prepare both splits (or find them up to date); the stage's manifest."""
+    return build(config, workdir, "prepare", force=force)
 
-    def body(ctx: StageContext) -> dict[str, Any]:
-        outputs = {split: prepare_split(config, workdir, split, force) for split in SPLITS}
-        return {**outputs, "summary": f"{summary(outputs)} -> {sdir / 'prepared'}"}
 
-    manifest = run_stage(sdir, "prepare", stage_config, inputs, body, force)
-    _SEEN.add(key)
-    return manifest
+def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
+    outputs = {split: prepare_split(job.config, job.workdir, split, ctx.forced) for split in SPLITS}
+    return {**outputs, "summary": f"{summary(outputs)} -> {job.sdir / 'prepared'}"}

@@ -14,10 +14,10 @@ from cache.reader import FeatureStore, batch_plan
 from cache.schema import SCHEMA_VERSION
 from pipeline import paths, prepared
 from pipeline.config import load_config
-from pipeline.datasets import open_dataset
+from pipeline.datasets import dataset_options, open_dataset
 from pipeline.datasets.geometry import five_crop
 from pipeline.errors import UserError
-from stages import features, prepare
+from stages import features
 
 TINY = {
     "dataset.n_train": "4", "dataset.n_val": "2", "dataset.size": "96",
@@ -110,7 +110,7 @@ def test_train_store_holds_the_crops_in_a_permuted_order(built):
     assert not np.array_equal(crop_order, np.arange(n))
     directory = paths.prepared_dir(config, workdir, "train")
     names, _ = prepared.read_prepared(directory)
-    dataset = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
+    dataset = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **dataset_options(config))
     images, labels = store.read("image", 0, n), store.read("label", 0, n)
     assert store.attrs["samples"] == [names[i] for i in crop_order]
     for i in range(n):

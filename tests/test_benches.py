@@ -2,8 +2,8 @@
 
 import pytest
 
+from pipeline.benches.train import cycle_epochs
 from pipeline.hp.schedule import renews_at
-from stages.bench_train import cycle_epochs
 
 
 def test_cache_side_runs_as_many_iterations_as_asked_across_epochs():
@@ -31,7 +31,7 @@ def test_bare_side_of_bench_features_makes_the_stages_passes():
     """Per image: one clean pass plus one per photometric view, batched by chunk, as the features stage does."""
     import numpy as np
 
-    from stages.bench import bare_forward_seconds
+    from pipeline.benches.features import bare_forward_seconds
 
     seen = []
     _, passes = bare_forward_seconds(lambda x: seen.append(len(x)), np.zeros((7, 8, 8, 3), np.uint8), 2, 3)

@@ -42,7 +42,7 @@ def test_unknown_key_names_the_key_and_a_suggestion():
         load_config("cityscapes", {"train.tua": "1"})
     with pytest.raises(UserError, match="unknown config key 'nosection.x'"):
         load_config("cityscapes", {"nosection.x": "1"})
-    with pytest.raises(UserError, match="needs a int"):
+    with pytest.raises(UserError, match=r"'train\.epochs' must be an integer, got 'many'.*--set train\.epochs="):
         load_config("cityscapes", {"train.epochs": "many"})
     with pytest.raises(UserError, match="unknown dataset preset 'cityscape'"):
         load_config("cityscape")
@@ -164,8 +164,162 @@ def test_cli_conventions():
         assert "<bool>" not in short.output and "…" not in short.output
     assert "repeat" in runner.invoke(app, ["train", "-h"]).output  # --set says it can be given several times
     assert "--data-root" not in runner.invoke(app, ["report", "-h"]).output  # only options that apply
-    for args, words in ((["features", "--split", "x"], "train, val or all"),
-                        (["evaluate", "--probe", "x"], "cluster, linear or all")):
+    for args, words in ((["evaluate", "--probe", "x"], "cluster, linear or all"),):
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and words in str(result.exception)  # the help's wording
         assert words in runner.invoke(app, [args[0], "-h"]).output
+    # a choice (an enum): listed in --help, and a wrong one refused by typer with the choices, before any work
+    assert "--split <train|val|all>" in runner.invoke(app, ["features", "-h"]).output
+    result = runner.invoke(app, ["features", "--split", "x"])
+    assert result.exit_code == 2 and "'x' is not one of 'train', 'val', 'all'" in result.output
+
+
+# ----------------------------------------------------------------------------- the typed schema (pipeline/settings.py)
+
+def _presets_dir():
+    from importlib import resources
+
+    return resources.files("pipeline.presets")
+
+
+def _merged_toml(name):
+    """The preset on top of _common.toml, merged here with plain tomllib (independent of load_config)."""
+    import tomllib
+
+    merged = tomllib.loads(_presets_dir().joinpath("_common.toml").read_text())
+    for section, values in tomllib.loads(_presets_dir().joinpath(f"{name}.toml").read_text()).items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
+def _typed_tree(value):
+    """Values with their exact types (1, 1.0 and True are all different here), keys in order."""
+    if isinstance(value, dict):
+        return [(k, _typed_tree(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [_typed_tree(v) for v in value]
+    return type(value), value
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_to_exactly_its_merged_toml(name):
+    config = load_config(name)
+    assert _typed_tree(config) == _typed_tree(_merged_toml(name))
+    assert all(type(v) in (bool, int, float, str, list) for values in config.values() for v in values.values())
+
+
+def test_the_dataclasses_hold_no_defaults_and_match_the_common_preset():
+    import dataclasses
+    import tomllib
+
+    from pipeline.settings import DATASET_SECTIONS, section_classes
+
+    common = tomllib.loads(_presets_dir().joinpath("_common.toml").read_text())
+    assert list(section_classes()) == list(common)
+    for name, cls in [*section_classes().items(), *(("dataset", c) for c in DATASET_SECTIONS.values())]:
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (name, f.name)
+        if cls in section_classes().values():
+            assert {f.name for f in dataclasses.fields(cls)} == set(common[name]), name
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_a_preset_missing_a_key_is_refused_at_load(name, monkeypatch):
+    import pipeline.config as config_module
+
+    read = config_module._read_preset
+    merged = _merged_toml(name)
+    dropped = [(section, next(iter(values))) for section, values in merged.items()]
+    if name == "synthetic":
+        dropped.append(("dataset", "n_train"))  # the generated dataset's own options
+    for section, key in dropped:
+        def without(preset, section=section, key=key):
+            data = read(preset)
+            data.get(section, {}).pop(key, None)
+            return data
+
+        monkeypatch.setattr(config_module, "_read_preset", without)
+        with pytest.raises(UserError, match=rf"preset '{name}'.* has no key '{section}\.{key}'"):
+            load_config(name)
+    monkeypatch.setattr(config_module, "_read_preset", read)
+    load_config(name)
+
+
+def test_a_preset_with_an_unknown_key_or_section_is_refused(monkeypatch):
+    import pipeline.config as config_module
+
+    read = config_module._read_preset
+
+    def extra(preset):
+        data = read(preset)
+        if preset == "voc":
+            data["train"]["tua"] = 0.5
+        return data
+
+    monkeypatch.setattr(config_module, "_read_preset", extra)
+    with pytest.raises(UserError, match=r"preset 'voc'.*unknown config key 'train\.tua'.*did you mean 'train\.tau'"):
+        load_config("voc")
+    monkeypatch.setattr(config_module, "_read_preset", lambda p: {**read(p), **({"trian": {}} if p == "voc" else {})})
+    with pytest.raises(UserError, match=r"unknown section \[trian\]"):
+        load_config("voc")
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("prepare.five_crop", "maybe", "true or false"), ("run.tensorboard", 1, "true or false"),
+    ("features.n_views", "2.5", "an integer"), ("train.epochs", 3.0, "an integer"),
+    ("train.epochs", True, "an integer"),
+    ("train.tau", "abc", "a finite number"), ("train.tau", "0.5x", "a finite number"),
+    ("features.backbone", 5, "a string"), ("paper.results", "none", "a list"),
+])
+def test_a_value_of_the_wrong_type_is_refused(key, value, expected):
+    with pytest.raises(UserError) as info:
+        load_config("synthetic", {key: value})
+    message = str(info.value)
+    assert f"'{key}'" in message and f"must be {expected}" in message and f"--set {key}=" in message
+
+
+@pytest.mark.parametrize("key,value,choices", [
+    ("features.compressor", "gzip", "zstd, lz4, blosclz, none"), ("features.dtype", "int4", "float16, int8"),
+    ("train.pool_backend", "cuda", "faiss, torch"), ("train.device", "cuda:0", "auto, cpu, cuda"),
+    ("evaluate.cluster_method", "spectral", "kmeans, adam"), ("evaluate.linear_optimizer", "adamw", "auto, adam, sgd"),
+    ("evaluate.crf_scheduler", "threads", "processes, distributed"), ("train.method", "HP", "hp, hcl"),
+])
+def test_a_wrong_choice_is_refused_with_the_choices_and_a_valid_fix(key, value, choices):
+    with pytest.raises(UserError) as info:
+        load_config("synthetic", {key: value})
+    message, first = str(info.value), choices.split(",")[0]
+    assert f"'{key}' must be one of {choices}, got '{value}'" in message and f"--set {key}={first} " in message
+    assert load_config("synthetic", {key: first})[key.split(".")[0]][key.split(".")[1]] == first  # the fix works
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("features.amp", "True", "true, false or auto"),  # read literally (pipeline/workers.py amp_setting): "True" would
+                                                      # silently mean off
+    ("evaluate.crf", "maybe", "true, false or auto"), ("evaluate.probes", "cluster,knn", "comma-separated list"),
+    ("dataset.name", "mnist", "one of cityscapes"), ("paper.results", [{"backbone": "b", "features": "head",
+                                                                         "probe": "knn", "acc": 1.0}], "a list of"),
+    ("hcl.lr_drop", "0", "(0, 1]"), ("evaluate.linear_sgd_momentum", "1", "[0, 1)"),
+])
+def test_out_of_range_words_and_rows_are_refused(key, value, expected):
+    with pytest.raises(UserError) as info:
+        load_config("synthetic", {key: value})
+    assert f"'{key}'" in str(info.value) and expected in str(info.value)
+
+
+def test_command_line_words_are_kept_as_written_and_typed_in_the_view():
+    from pipeline.settings import Auto, Method, Protocol, typed
+
+    overrides = {"evaluate.crf": "True", "features.amp": "true", "train.alpha": 0, "train.tau": "0.7",
+                 "run.tensorboard": "no", "train.method": Method.hcl}
+    config = load_config("synthetic", overrides)
+    assert _typed_tree({k: config[k.split(".")[0]][k.split(".")[1]] for k in overrides}) == _typed_tree(
+        {"evaluate.crf": "True", "features.amp": "true", "train.alpha": 0, "train.tau": 0.7,
+         "run.tensorboard": False, "train.method": "hcl"})  # as today: the dict holds plain values, as given
+    view = typed(config)
+    assert view.train.tau == 0.7 and type(view.train.alpha) is float and view.train.alpha == 0.0
+    assert view.train.method is Method.hcl and view.evaluate.protocol is Protocol.kmeans
+    assert view.evaluate.crf is True and view.features.amp is True and view.run.tensorboard is False
+    assert typed(load_config("synthetic")).evaluate.crf is Auto.auto
+    assert view.dataset.n_train == 16 and not hasattr(typed(load_config("voc")).dataset, "n_train")
+    with pytest.raises(AttributeError):
+        view.train.tau = 0.5  # read-only: the dict is the config

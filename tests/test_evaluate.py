@@ -9,7 +9,7 @@ import torch
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
-from pipeline import paths
+from pipeline import evaluation, paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.hp.step import HPHeads
@@ -102,7 +102,7 @@ def test_linear_probe_separates_separable_codes(tmp_path):
                                       "label": labels[4 * c:4 * c + 4]})
     writer.mark_complete(group)
     cfg = {"seed": 0, "linear_lr": 0.05, "linear_epochs": 30, "batch_size": 4}
-    probe = evaluate.train_linear(FeatureStore.open(url), classes, cfg, tmp_path / "probe.pt", print)
+    probe = evaluation.train_linear(FeatureStore.open(url), classes, cfg, tmp_path / "probe.pt", print)
     with torch.no_grad():
         pred = probe(torch.from_numpy(codes).float().permute(0, 3, 1, 2), (grid, grid)).argmax(1).numpy()
     assert scores(confusion_matrix(pred, labels, classes, classes)).acc >= 0.99

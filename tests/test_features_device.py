@@ -10,6 +10,7 @@ from pipeline.backbone import load_backbone, normalize
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.graph import stage_plan
+from pipeline.hp import store as hp_store
 from pipeline.workers import feature_amp, feature_device
 from stages import features, features_hcl
 
@@ -68,13 +69,13 @@ def test_smaller_device_batches_slice_a_chunk_into_forwards(tmp_path, monkeypatc
     """batch_size = 1 with chunk_size 4: four forwards per chunk (plus their views), the same values; batch_size = 8:
     one forward per two chunks."""
     sizes = []
-    original = features.extract_chunk
+    original = hp_store.extract_chunk
 
     def counting(backbone, x, views, settings):
         sizes.append((len(x), None if views is None else len(views)))
         return original(backbone, x, views, settings)
 
-    monkeypatch.setattr(features, "extract_chunk", counting)
+    monkeypatch.setattr(hp_store, "extract_chunk", counting)
     one = arrays_of(features.run(tiny_config(**{"features.batch_size": 1}), tmp_path / "b1", "train")
                     ["outputs"]["store"])
     assert sizes and set(sizes) == {(1, 1)} and len(sizes) == 10
@@ -204,7 +205,7 @@ def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, 
     the backbone's matmuls and convolution (attention unfused so that every product is seen), LHP's logits included."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from stages.bench import vit_forward_flops
+    from pipeline.benches.features import vit_forward_flops
 
     backbone = load_backbone(name, "random")
     for block in backbone.model.blocks:

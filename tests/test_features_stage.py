@@ -17,6 +17,7 @@ from cache.writer import finished_chunks, open_group
 from pipeline import paths
 from pipeline.backbone import load_backbone, normalize
 from pipeline.config import load_config
+from pipeline.hp import store as hp_store
 from pipeline.lhp import lhp_weights
 from pipeline.runner import read_manifest
 from stages import features, prepare
@@ -81,9 +82,9 @@ def test_store_holds_the_backbone_outputs(built):
 
 def test_prepared_crops_follow_the_five_crop_geometry(built):
     config, workdir, _ = built
-    from pipeline.datasets import open_dataset
+    from pipeline.datasets import dataset_options, open_dataset
 
-    source = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **prepare.dataset_options(config))
+    source = open_dataset("synthetic", workdir / "data" / "synthetic", "train", **dataset_options(config))
     sample = source[0]
     directory = paths.prepared_dir(config, workdir, "train")
     crop = np.asarray(Image.open(directory / "labels" / f"{sample.name}_1.png"))  # top-right quarter
@@ -177,7 +178,7 @@ def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
     def load_chunk(group, chunk, *args):
         if (failing, chunk) in {("loader", 2), ("first load", 0)}:  # first load: the error comes with the end
             raise Boom(f"cannot decode chunk {chunk}")
-        return features.ChunkInputs(chunk, *([None] * (len(features.ChunkInputs._fields) - 1)))
+        return hp_store.ChunkInputs(chunk, *([None] * (len(hp_store.ChunkInputs._fields) - 1)))
 
     def chunk_arrays(backbone, inputs, settings, batch_size=0):
         computed.append(inputs.chunk)
@@ -186,17 +187,17 @@ def test_a_failing_thread_stops_the_stage_with_its_error(monkeypatch, failing):
     def write_chunk(group, chunk, data, *args):
         raise Boom(f"disk full at chunk {chunk}")
 
-    monkeypatch.setattr(features, "load_chunk", load_chunk)
-    monkeypatch.setattr(features, "chunk_arrays", chunk_arrays)
+    monkeypatch.setattr(hp_store, "load_chunk", load_chunk)
+    monkeypatch.setattr(hp_store, "chunk_arrays", chunk_arrays)
     if failing == "writer":
-        monkeypatch.setattr(features.writer, "write_chunk", write_chunk)
+        monkeypatch.setattr(hp_store.writer, "write_chunk", write_chunk)
     else:
-        monkeypatch.setattr(features.writer, "write_chunk", lambda *args: None)
+        monkeypatch.setattr(hp_store.writer, "write_chunk", lambda *args: None)
     raised = []
 
     def run():
         try:
-            features.run_local(None, None, list(range(12)), None, [], None, False, None,
+            hp_store.run_local(None, None, list(range(12)), None, [], None, False, None,
                                type("Progress", (), {"update": lambda self, n: None})())
         except Boom as exc:
             raised.append(exc)

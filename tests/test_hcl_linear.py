@@ -9,13 +9,13 @@ import torch
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
+from pipeline import evaluation
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.crf import CRF_PARAMS
 from pipeline.errors import UserError
 from pipeline.hp.online_probes import crf_enabled
-from pipeline.probes import LinearProbe, linear_probe_loss
-from stages import evaluate
+from pipeline.probes import LinearProbe, linear_optimizer, linear_probe_loss
 
 SGD = {"optimizer": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_drop_epoch": 4, "lr_drop": 0.1}
 
@@ -38,25 +38,25 @@ def codes_store(path, n=8, grid=4, dim=6, label_size=8, classes=3) -> FeatureSto
 
 def test_hcl_runs_get_the_reference_sgd_and_crf_while_hp_keeps_adam():
     hp, hcl = load_config("synthetic"), load_config("synthetic", {"train.method": "hcl"})
-    assert evaluate.linear_optimizer(hp) == {"optimizer": "Adam", "lr": 1e-3}
-    assert evaluate.linear_optimizer(hcl) == SGD
-    assert evaluate.linear_optimizer(load_config("voc")) == SGD  # the VOC preset trains HCL
+    assert linear_optimizer(hp) == {"optimizer": "Adam", "lr": 1e-3}
+    assert linear_optimizer(hcl) == SGD
+    assert linear_optimizer(load_config("voc")) == SGD  # the VOC preset trains HCL
     assert crf_enabled(hcl) and not crf_enabled(hp)  # crf = auto: on for HCL, off for HP under kmeans
     chosen = load_config("synthetic", {"train.method": "hcl", "evaluate.linear_optimizer": "adam",
                                        "evaluate.crf": "false"})
-    assert evaluate.linear_optimizer(chosen) == {"optimizer": "Adam", "lr": 1e-3} and not crf_enabled(chosen)
+    assert linear_optimizer(chosen) == {"optimizer": "Adam", "lr": 1e-3} and not crf_enabled(chosen)
     with pytest.raises(UserError, match="evaluate.linear_optimizer"):
         load_config("synthetic", {"evaluate.linear_optimizer": "lbfgs"})
     hp["evaluate"]["linear_optimizer"] = "lbfgs"  # a config built without the range check
     with pytest.raises(UserError, match="adam, sgd or auto"):
-        evaluate.linear_optimizer(hp)
+        linear_optimizer(hp)
 
 
 def test_sgd_probe_equals_a_hand_written_sgd_with_the_step_schedule(tmp_path):
     store = codes_store(tmp_path)
     e_cfg = {"seed": 0, "linear_lr": 1e-3, "linear_epochs": 3, "batch_size": 4}
     opt = {**SGD, "lr_drop_epoch": 2}
-    probe = evaluate.train_linear(store, 3, e_cfg, tmp_path / "probe.pt", print, opt)
+    probe = evaluation.train_linear(store, 3, e_cfg, tmp_path / "probe.pt", print, opt)
 
     torch.manual_seed(0)  # the same initial weights, then SGD written out: buf = m·buf + (g + wd·p); p -= lr·buf
     naive = LinearProbe(6, 3)
@@ -75,8 +75,8 @@ def test_sgd_probe_equals_a_hand_written_sgd_with_the_step_schedule(tmp_path):
     assert load_checkpoint(tmp_path / "probe.pt")["settings"] == {"seed": 0, "batch_size": 4, **opt}
 
     # resumed after epoch 1: the same weights (the lr is set from the epoch, the momentum comes back)
-    evaluate.train_linear(store, 3, {**e_cfg, "linear_epochs": 1}, tmp_path / "resumed.pt", print, opt)
-    resumed = evaluate.train_linear(store, 3, e_cfg, tmp_path / "resumed.pt", print, opt)
+    evaluation.train_linear(store, 3, {**e_cfg, "linear_epochs": 1}, tmp_path / "resumed.pt", print, opt)
+    resumed = evaluation.train_linear(store, 3, e_cfg, tmp_path / "resumed.pt", print, opt)
     for got, want in zip(resumed.parameters(), probe.parameters(), strict=True):
         assert torch.equal(got, want)
 
@@ -84,12 +84,12 @@ def test_sgd_probe_equals_a_hand_written_sgd_with_the_step_schedule(tmp_path):
 def test_metrics_name_the_linear_probes_optimizer_epochs_and_resolution(tmp_path):
     store = codes_store(tmp_path)
     config = load_config("synthetic", {"train.method": "hcl"})
-    settings = evaluate.protocol_settings(config, "kmeans", crf_enabled(config), None, store)
+    settings = evaluation.protocol_settings(config, "kmeans", crf_enabled(config), None, store)
     linear = settings["linear_probe"]
     assert {k: linear[k] for k in SGD} == SGD
     assert linear["epochs"] == config["evaluate"]["linear_epochs"] and linear["batch_size"] == 8
     assert linear["resolution"] == "64 px training crops as cached (4x4 features, labels 8x8), no augmentation"
     assert settings["crf"]["enabled"] is True  # the HCL reference's CRF values (10 iterations, 1/3, 67/3/4)
     assert {k: settings["crf"][k] for k in CRF_PARAMS} == CRF_PARAMS
-    hp = evaluate.protocol_settings(load_config("synthetic"), "kmeans", False, None, store)["linear_probe"]
+    hp = evaluation.protocol_settings(load_config("synthetic"), "kmeans", False, None, store)["linear_probe"]
     assert (hp["optimizer"], hp["lr"]) == ("Adam", 1e-3) and "momentum" not in hp

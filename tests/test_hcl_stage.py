@@ -18,14 +18,16 @@ from pipeline.backbone import normalize
 from pipeline.config import load_config
 from pipeline.datasets import open_split
 from pipeline.errors import UserError
+from pipeline.hcl import training as hcl_training
 from pipeline.hcl.foreground import foreground_mask
 from pipeline.hcl.heads import build_model
 from pipeline.hcl.multilevel import branch_forward
 from pipeline.hcl.step import lr_at, param_groups, two_variants
+from pipeline.hcl.store import hcl_arrays
 from pipeline.hcl.views import crop_box, draw_photometric, epoch_keep, train_views
 from pipeline.runner import read_manifest
 from pipeline.workers import resolve_backbone
-from stages import evaluate, features_hcl, train_hcl
+from stages import evaluate, features_hcl
 from stages import train as train_stage
 from tests.fixtures import kill_training_when
 
@@ -74,7 +76,7 @@ def test_a_fresh_workdir_gets_hcl_stores_without_hp_prepare_or_features(workdir)
     for split in ("train", "val"):
         store = store_of(workdir, split)
         assert store.url == paths.hcl_store_url(config, workdir, split) and store.attrs["kind"] == "hcl"
-        assert features_hcl.hcl_arrays(store)
+        assert hcl_arrays(store)
     preview = read_manifest(sdir, "features-train-hcl")["outputs"]["preview"]
     assert preview.endswith("hcl-train-foreground.png") and os.path.getsize(preview) > 0
 
@@ -211,7 +213,7 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
     train_stage.run(config, workdir, "straight")
     straight = torch.load(paths.run_dir(config, workdir, "straight") / "checkpoints" / "last.pt",
                           weights_only=True)
-    real_step, calls = train_hcl.training_step, []
+    real_step, calls = hcl_training.training_step, []
 
     def dying_step(*args, **kwargs):
         calls.append(1)
@@ -219,10 +221,10 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_hcl, "training_step", dying_step)
+    monkeypatch.setattr(hcl_training, "training_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train_stage.run(config, workdir, "resumed")
-    monkeypatch.setattr(train_hcl, "training_step", real_step)
+    monkeypatch.setattr(hcl_training, "training_step", real_step)
     assert read_manifest(workdir / "synthetic", "train-resumed")["status"] == "interrupted"
     train_stage.run(config, workdir, "resumed")
     out = paths.run_dir(config, workdir, "resumed")
@@ -241,14 +243,14 @@ def test_interrupted_run_resumes_to_identical_weights(workdir, monkeypatch):
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(workdir, monkeypatch):
     config = tiny_config()
-    real_step = train_hcl.training_step
+    real_step = hcl_training.training_step
 
     def nan_step(*args, **kwargs):
         out = real_step(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_hcl, "training_step", nan_step)
+    monkeypatch.setattr(hcl_training, "training_step", nan_step)
     with pytest.raises(UserError, match="diverged.*hcl.lr"):
         train_stage.run(config, workdir, "nan")
     assert (paths.run_dir(config, workdir, "nan") / "checkpoints" / "last.pt").exists()  # the post-MoGo one
@@ -300,7 +302,7 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
     try:
         group.attrs["hcl_schema"] = 2
         with pytest.raises(UserError, match=r"version 2.*rerun `hp-pipe features --method hcl`.*--force"):
-            features_hcl.hcl_arrays(FeatureStore.open(store.url))
+            hcl_arrays(FeatureStore.open(store.url))
         with pytest.raises(UserError, match="features --method hcl"):  # train reads the store: refused too
             train_stage.run(config, workdir, "old-store")
     finally:
@@ -309,7 +311,7 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
         "fingerprint": "x", "hcl": {"hcl_schema": 2, "complete": True}}, True)
     writer.mark_complete(old)
     with pytest.raises(UserError, match=r"HCL arrays of version 2 added to HP's five-crop store.*--method hcl"):
-        features_hcl.hcl_arrays(FeatureStore.open(str(tmp_path / "hp.zarr")))
+        hcl_arrays(FeatureStore.open(str(tmp_path / "hp.zarr")))
     now = graph.stage_plan(config, workdir)["features-train-hcl"]
     monkeypatch.setattr(graph, "HCL_SCHEMA", 2)
     before = graph.stage_plan(config, workdir)["features-train-hcl"]
@@ -346,7 +348,7 @@ def test_vit_s8_gets_four_branches(tmp_path):
     manifest = features_hcl.run(config, tmp_path, "train")
     store = FeatureStore.open(manifest["outputs"]["store"])
     assert manifest["outputs"]["patch_sizes"] == [8, 16, 32, 56]
-    shapes = {n: store.array(n).shape[1:] for n in features_hcl.hcl_arrays(store)}
+    shapes = {n: store.array(n).shape[1:] for n in hcl_arrays(store)}
     assert shapes["feat"] == (8, 8, 384) and shapes["hcl_p16"] == (4, 4, 384) and shapes["hcl_p32"] == (2, 2, 384)
     assert shapes["fg_mask"] == (8, 8) and shapes["hcl_aug_p8"] == (2, 8, 8, 384)
     assert shapes["hcl_aug_p56"] == (2, 1, 1, 384)

@@ -165,7 +165,7 @@ def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
 def test_ema_uses_the_weights_from_before_each_optimizer_step():
     """The reference updates S_m inside the training forward, before the optimizer step (§2)."""
     from pipeline.hp.step import HPHeads
-    from stages.train import make_optimizers, optimize
+    from pipeline.hp.training import make_optimizers, optimize
 
     torch.manual_seed(0)
     heads = HPHeads(6, 4)

@@ -143,7 +143,7 @@ def test_bad_dtype_is_refused_with_the_key():
 
 
 def test_bench_features_int8_figures_compare_the_same_crops(tmp_path):
-    from stages.bench import float_array_bytes, int8_figures
+    from pipeline.benches.features import float_array_bytes, int8_figures
 
     config = tiny_config("float16")
     fp16 = features.run(config, tmp_path, "train")

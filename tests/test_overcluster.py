@@ -6,10 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
+from pipeline import evaluation
 from pipeline.config import load_config
 from pipeline.overcluster import nearest_index, nearest_resize, overcluster_maps, reference_scores
 from pipeline.report import ACC_REF_HEADER, results_table
-from stages import evaluate
 
 
 class RecordingKmeans(faiss.Kmeans):
@@ -150,7 +150,7 @@ def test_overcluster_row_passes_iterations_and_restarts_to_faiss(recording):
     config = load_config("synthetic", {"evaluate.overcluster_k": "5", "evaluate.overcluster_pca": "4",
                                        "evaluate.overcluster_seeds": "2", "evaluate.overcluster_restarts": "5"})
     assert load_config("voc")["evaluate"]["overcluster_restarts"] == 5  # the reference's (synthetic: 2, for a CPU)
-    row = evaluate.overcluster_row("head", feat, val, config, "HCL")
+    row = evaluation.overcluster_row("head", feat, val, config, "HCL")
     assert [(r.kwargs["niter"], r.kwargs["nredo"], r.kwargs["seed"]) for r in recording] == [(100, 5, 0), (100, 5, 1)]
     assert [(r.cp.niter, r.cp.nredo) for r in recording] == [(100, 5)] * 2  # reached faiss's ClusteringParameters
     assert "max_points_per_centroid" not in recording[0].kwargs  # faiss's default, as the reference's k-means
@@ -158,7 +158,7 @@ def test_overcluster_row_passes_iterations_and_restarts_to_faiss(recording):
 
     recording.clear()
     config["evaluate"].update(overcluster_iterations=7, overcluster_restarts=2)
-    evaluate.overcluster_row("head", feat, val, config, "HCL")
+    evaluation.overcluster_row("head", feat, val, config, "HCL")
     assert [(r.cp.niter, r.cp.nredo) for r in recording] == [(7, 2)] * 2
 
 

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cache.reader import FeatureStore
-from pipeline import paths
+from pipeline import paths, trainer
 from pipeline.config import load_config
 from pipeline.plots import blend
 from pipeline.tensorboard import EVENTS, ITERATION_SECONDS, matched_clusters, result_tag, write_evaluation
@@ -107,7 +107,7 @@ def test_a_resume_reads_no_step_twice(workdir, monkeypatch):
     events read back are metrics.jsonl's (1..15 once), the killed run's lines 7-9 purged."""
     config = tiny_config()
     out = paths.run_dir(config, workdir, "stopped")
-    real_save, real_append = train_stage.save_checkpoint, MetricsLog.append
+    real_save, real_append = trainer.save_checkpoint, MetricsLog.append
 
     def save_until_6(path, state):
         if state["iteration"] <= 6:
@@ -118,7 +118,7 @@ def test_a_resume_reads_no_step_twice(workdir, monkeypatch):
         if record["iteration"] == 9:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_stage, "save_checkpoint", save_until_6)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_until_6)
     monkeypatch.setattr(MetricsLog, "append", stop_after_9)
     with pytest.raises(KeyboardInterrupt):
         train_stage.run(config, workdir, "stopped")

@@ -8,6 +8,7 @@ import torch
 from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.hp import training as hp_training
 from pipeline.runner import read_manifest
 from stages import features
 from stages import train as train_stage
@@ -98,7 +99,7 @@ def test_finished_run_is_skipped(workdir, capsys):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch):
     config = tiny_config(**{"train.checkpoint_interval": "1"})
-    real_step = train_stage.training_step
+    real_step = hp_training.training_step
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -108,7 +109,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch)
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_stage, "training_step", poisoned)
+    monkeypatch.setattr(hp_training, "training_step", poisoned)
     with pytest.raises(UserError, match="training diverged.*iteration 3.*last good checkpoint"):
         train_stage.run(config, workdir, "nan")
     _, iteration = final_weights(config, workdir, "nan")
@@ -117,14 +118,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(workdir, monkeypatch)
 
 def test_nan_before_any_checkpoint_says_there_is_none(workdir, monkeypatch):
     config = tiny_config(**{"train.checkpoint_interval": "100"})
-    real_step = train_stage.training_step
+    real_step = hp_training.training_step
 
     def poisoned(*args, **kwargs):
         out = real_step(*args, **kwargs)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_stage, "training_step", poisoned)
+    monkeypatch.setattr(hp_training, "training_step", poisoned)
     with pytest.raises(UserError, match="iteration 0.*no checkpoint was written yet") as info:
         train_stage.run(config, workdir, "nan-early")
     assert "last good" not in str(info.value)
@@ -144,16 +145,16 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
     config = tiny_config(**{"train.renew_interval": "2", "train.epochs": "2", "dataset.n_train": "4"})
     renewals = []
-    real_sample = train_stage.sample_pool
+    real_sample = hp_training.sample_pool
 
     def spy(store, heads, size, specific, *args, **kwargs):
         renewals.append(specific)
         return real_sample(store, heads, size, specific, *args, **kwargs)
 
-    monkeypatch.setattr(train_stage, "sample_pool", spy)
+    monkeypatch.setattr(hp_training, "sample_pool", spy)
     iterations_seen = []
-    real_renews = train_stage.renews_at
-    monkeypatch.setattr(train_stage, "renews_at", lambda i, r: iterations_seen.append(i) or real_renews(i, r))
+    real_renews = hp_training.renews_at
+    monkeypatch.setattr(hp_training, "renews_at", lambda i, r: iterations_seen.append(i) or real_renews(i, r))
     train_stage.run(config, workdir, "renew")
     # 20 crops / batch 4 = 5 iterations per epoch; renewals at i = 2, 4 in each epoch (never at 0)
     assert iterations_seen == [0, 1, 2, 3, 4] * 2

@@ -44,12 +44,16 @@ def dataset_options(config: dict) -> dict:
     return {k: v for k, v in config["dataset"].items() if k not in ("name", "root")}
 
 
+def dataset_root(config: dict, workdir: Path) -> Path:
+    """Where the configured dataset's files are: dataset.root, else <workdir>/data/<name>."""
+    root = config["dataset"]["root"]
+    return Path(root) if root else Path(workdir) / "data" / config["dataset"]["name"]
+
+
 def open_split(config: dict, workdir: Path, split: str) -> SegmentationDataset:
     """The configured dataset's `split` (what `prepare` and HCL's features stages read)."""
-    from pipeline.config import dataset_root
-
     return open_dataset(config["dataset"]["name"], dataset_root(config, workdir), split, **dataset_options(config))
 
 
-__all__ = ["DATASETS", "Sample", "SegmentationDataset", "dataset_options", "ensure_synthetic", "open_dataset",
-           "open_split"]
+__all__ = ["DATASETS", "Sample", "SegmentationDataset", "dataset_options", "dataset_root", "ensure_synthetic",
+           "open_dataset", "open_split"]

@@ -1,9 +1,9 @@
-"""HCL's parallel multi-level ViT (docs/hcl.md §1): the same frozen DINO weights run at several patch sizes.
+"""HCL's parallel multi-level ViT (docs/hcl.md §1): the same frozen backbone weights run at several patch sizes.
 
-Each branch resizes DINO's patch-embedding kernel FlexiViT-style (pseudo-inverse of a bicubic antialiased resize,
-bias kept), resizes the position embeddings to its grid with DINO's own bicubic formula (`dino_interpolate_pos_embed`,
-the one the native `Backbone` forward uses, so the native branch is exactly `Backbone(...).feat`), then runs the
-blocks and final norm.
+Each branch resizes the patch-embedding kernel FlexiViT-style (pseudo-inverse of a bicubic antialiased resize,
+bias kept), then runs the native `Backbone.tokens` forward on its grid: positions reach the grid by the model's own
+path (DINO v1's bicubic formula, timm's dynamic resampling for DINOv2, rotary embeddings for DINOv3), so the native
+branch is exactly `Backbone(...).feat`. Prefix tokens: the CLS token is kept, registers are dropped.
 Branches are cached at their native grids; `concat_levels` builds the (levels + 1) * C input of the head on loading.
 """
 
@@ -16,16 +16,10 @@ import torch.nn.functional as F
 from timm.layers import resample_patch_embed
 from torch import Tensor
 
-from pipeline.backbone import Backbone, _attention_logits, dino_interpolate_pos_embed
-from pipeline.errors import UserError
+from pipeline.backbone import Backbone, backbone_facts
 
-PATCH_SIZES: dict[str, tuple[int, ...]] = {
-    "vit_small_patch16_224.dino": (16, 32, 56),
-    "vit_small_patch8_224.dino": (8, 16, 32, 56),
-    # not in the spec, which names ViT-S only: the same sizes, so HCL also runs on presets with a ViT-B (potsdam)
-    "vit_base_patch16_224.dino": (16, 32, 56),
-    "vit_base_patch8_224.dino": (8, 16, 32, 56),
-}
+# The coarsest branch of every backbone (docs/hcl.md §1): the papers' 56 px patches.
+COARSEST = 56
 
 # docs/hcl.md §1: pseudo-inverse of torch's bicubic, antialiased resize (align_corners False), as the reference's
 # `pi_resize_patch_embed`. Antialias matters even when upsampling: torch's antialiased bicubic is PIL's cubic
@@ -37,12 +31,20 @@ KERNEL_RESIZE = {"interpolation": "bicubic", "antialias": True}
 _KERNELS: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, Tensor]] = weakref.WeakKeyDictionary()
 
 
+def branch_sizes(patch: int) -> tuple[int, ...]:
+    """Branch patch sizes for a native patch size, finest first: the native patch, its doublings below 56, then 56
+    (docs/hcl.md §1): 8 -> 8/16/32/56, 16 -> 16/32/56 (the papers' DINO branches), 14 -> 14/28/56."""
+    sizes = [patch]
+    while sizes[-1] * 2 < COARSEST:
+        sizes.append(sizes[-1] * 2)
+    if sizes[-1] < COARSEST:
+        sizes.append(COARSEST)
+    return tuple(sizes)
+
+
 def patch_sizes(name: str) -> tuple[int, ...]:
-    """The branch patch sizes of a backbone, finest first."""
-    if name not in PATCH_SIZES:
-        raise UserError(f"HCL's multi-level backbone is defined for {', '.join(PATCH_SIZES)}, not {name!r}; "
-                        "choose one of those backbones")
-    return PATCH_SIZES[name]
+    """The branch patch sizes of a backbone, finest first (any supported ViT; its patch size from timm)."""
+    return branch_sizes(backbone_facts(name).patch_size)
 
 
 def resize_patch_kernel(weight: Tensor, size: int) -> Tensor:
@@ -80,22 +82,9 @@ def branch_forward(backbone: Backbone, images: Tensor, patch: int) -> tuple[Tens
     softmaxed last-block CLS->patch attention (B,heads,h,w)); all float32."""
     m = backbone.model
     images = _fit_to_patch(images.to(backbone.device, torch.float32), patch)
-    b, (h, w) = images.shape[0], (images.shape[-2] // patch, images.shape[-1] // patch)
-    weight = m.patch_embed.proj.weight if patch == backbone.patch_size else _kernel(m, patch)
-    captured: list[Tensor] = []
-    hook = m.blocks[-1].attn.qkv.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
-    try:
-        with backbone._autocast():
-            x = F.conv2d(images, weight, m.patch_embed.proj.bias, stride=patch)
-            x = m.patch_embed.norm(x.flatten(2).transpose(1, 2))
-            x = torch.cat([m.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-            x = x + dino_interpolate_pos_embed(m.pos_embed, h, w).to(x.dtype)
-            x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
-            x = m.norm(m.blocks(x)).float()
-    finally:
-        hook.remove()
-    attn = _attention_logits(m.blocks[-1].attn, captured[-1])[:, :, 0].softmax(dim=-1)[:, :, 1:]
-    return x[:, 1:].reshape(b, h, w, -1), x[:, 0], attn.reshape(b, -1, h, w)
+    kernel = None if patch == backbone.patch_size else _kernel(m, patch)
+    out = backbone.tokens(images, patch, kernel)
+    return out.feat, out.cls, out.cls_attn
 
 
 def multilevel_features(backbone: Backbone, images: Tensor) -> dict[str, Tensor]:

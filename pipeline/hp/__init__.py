@@ -1,6 +1,6 @@
 """Hidden Positives (docs/hp.md §2-§5): heads, LHP mix, reference pools, schedules and the loss.
 
-Pure tensor code, no I/O: the training stage (stages/train.py) wires these to the feature cache.
+Pure tensor code, no I/O: pipeline/hp/training.py wires these to the feature cache in the loop of pipeline/trainer.py.
 """
 
 from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix

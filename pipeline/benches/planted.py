@@ -1,7 +1,7 @@
 """`hp-pipe bench quality --planted`: HP against raw features on planted features whose answer is known (issue 9 §4).
 
 For each seed: a planted train and val store (`pipeline.planted`, no backbone), the HP heads trained on the
-train store by the project's own trainer (`stages.train.train`) with the bench's own training settings
+train store by the project's own trainer (`pipeline.hp.training.train`) with the bench's own training settings
 (`HP_TRAIN`, written out in full so that no preset edit changes the bench), then the cluster probe of
 docs/hp.md §8 (k-means on training codes, cosine assignment at label size, Hungarian on the whole val set)
 on the head's codes and on the raw features.
@@ -25,11 +25,16 @@ import torch
 
 import pipeline.hp.step as hp_model
 from cache.reader import FeatureStore
+from pipeline.benches.features import report
+from pipeline.benches.train import cluster_probe, positive_precision
 from pipeline.checkpoints import load_checkpoint
+from pipeline.codes import encode_range
 from pipeline.config import load_config
 from pipeline.encoders import ENCODERS, load_encoder
 from pipeline.errors import UserError
+from pipeline.hcl import training as hcl_training
 from pipeline.hcl.heads import build_model
+from pipeline.hp import training as hp_training
 from pipeline.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.step import HPHeads
@@ -43,11 +48,6 @@ from pipeline.planted import (
     write_store,
 )
 from pipeline.runner import StageContext
-from stages import train as train_stage
-from stages import train_hcl
-from stages.bench import report
-from stages.bench_train import cluster_probe, positive_precision
-from stages.evaluate import encode_range
 
 # Every [train] setting HP's result depends on, for a store of 200 planted scenes: the values the synthetic preset had
 # when the bench's figures were first taken (batch 16, 10 epochs = 120 iterations, warm-up and Pool_sp renewal every
@@ -203,7 +203,7 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
     def trained(name: str) -> str:
         ctx = StageContext(name=f"planted-{name}-seed{seed}", fingerprint=f"planted-{name}-{seed}", fresh=True,
                            manifest={})
-        return train_stage.train(ctx, config, train, root / name)["checkpoint"]
+        return hp_training.train(ctx, config, train, root / name)["checkpoint"]
 
     runs = {"head": trained("hp")}
     if broken:
@@ -215,7 +215,7 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
                                "pipeline.hp.step.hp_loss, so the broken run would be a plain HP run")
     for name, checkpoint in runs.items():
         out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
-    torch.manual_seed(seed)  # the trainer's initial heads: the same seed, then HPHeads (stages/train.py)
+    torch.manual_seed(seed)  # the trainer's initial heads: the same seed, then HPHeads (pipeline/hp/training.py)
     start = HPHeads(bench.planted.dim, config["train"]["head_dim"], config["train"]["dropout"])
     out["head_start"] = cluster_probe(*_codes({"in_dim": bench.planted.dim, "head_dim": start.dim,
                                                "heads": start.state_dict()}, train, val), labels, N_CLASSES, seed)
@@ -278,14 +278,14 @@ def run_seed_hcl(bench: PlantedHCLBench, seed: int, workdir: Path) -> dict[str, 
     config = hcl_config(bench, seed)
     epochs = config["hcl"]["epochs"]
     width = (len(hcl_patch_sizes(s)) + 1) * s.dim
-    torch.manual_seed(seed)  # the trainer's initial model: the same seed, then build_model (stages/train_hcl.py)
+    torch.manual_seed(seed)  # the trainer's initial model: the same seed, then build_model (pipeline/hcl/training.py)
     start = {"method": "hcl", "width": width, "hcl": config["hcl"], "patch_sizes": list(hcl_patch_sizes(s)),
              "model": build_model(width, config["hcl"]).state_dict()}
     out["start"] = cluster_probe(*_codes(start, train, val), labels, N_CLASSES, seed)
     for name, stop, fresh in (("middle", epochs // 2, True), ("end", epochs, False)):
         ctx = StageContext(name=f"planted-hcl-seed{seed}", fingerprint=f"planted-hcl-{seed}", fresh=fresh,
                            manifest={})
-        result = train_hcl.train(ctx, hcl_config(bench, seed, stop), train, root / "hcl")
+        result = hcl_training.train(ctx, hcl_config(bench, seed, stop), train, root / "hcl")
         out[name] = cluster_probe(*_codes(result["checkpoint"], train, val), labels, N_CLASSES, seed)
         out[f"{name}_iteration"] = result["iterations"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -322,6 +322,19 @@ def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
     }
     report(figures, as_json)
     return figures
+
+
+def with_style(method: str, style: float | None) -> PlantedBench | PlantedHCLBench:
+    """The bench, or a control run of it whose generator has another image-style strength (`--style`): the bench's
+    own setting (1.1) was fixed from the raw figure alone and is never changed; a control says what the style does."""
+    bench = PlantedHCLBench() if method == "hcl" else PlantedBench()
+    if style is None:
+        return bench
+    if not (style >= 0 and np.isfinite(style)):
+        raise UserError(f"--style must be a finite number >= 0, got {style}")
+    print(f"[planted] control run: image style {style:g} (the bench's generator uses {bench.planted.style:g})",
+          flush=True)
+    return dataclasses.replace(bench, planted=dataclasses.replace(bench.planted, style=style))
 
 
 def _mean(values: list[float]) -> float:

@@ -6,6 +6,7 @@ import statistics
 import time
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,20 +14,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cache.reader import FeatureStore
 from pipeline import paths, prepared
+from pipeline.benches.features import bench_config, report
 from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
 from pipeline.extract import ExtractSettings, model_inputs
+from pipeline.graph import build
 from pipeline.hp.loss import hp_loss, positive_masks
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.hp.step import HPHeads, Pools, StepSettings, pool_entries, training_step
+from pipeline.hp.training import make_optimizers, optimize, sample_pool, step_inputs
 from pipeline.lhp import lhp_weights
 from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.probes import assign, spherical_kmeans
 from pipeline.workers import resolve_backbone
-from stages import features as features_stage
-from stages import train as train_stage
-from stages.bench import bench_config, report
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -82,6 +83,47 @@ def loss_peak_bytes(batch: int, n: int, dim: int, seed: int = 0) -> int:
     return mode.peak
 
 
+def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, seed: int = 0) -> dict[str, float]:
+    """hp_loss forward + backward in GFLOP/s against plain float32 matmuls of its own shape, same process and threads.
+
+    The loss's products, per round (n anchors x N = batch·n patches): f (C) and s_m (D) similarities, z and z_mix
+    logits (D each), and the backward of both logits (2 products of D each): N²·(C + 7D) multiply-adds in all when
+    every anchor is kept (r = 0.15 on random unit vectors keeps them all; the kept share is reported). The ceiling:
+    `batch` products (n x D) @ (D x N) timed the same way. Peak memory from `loss_peak_bytes`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    total = batch * n
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)  # noqa: E731
+    f, s_m, z0, zm0 = unit(batch, n, c), unit(batch, n, d), unit(batch, n, d), unit(batch, n, d)
+    r = torch.full((batch, n), 0.15)
+    kept = []
+
+    def loss_once() -> None:
+        z, z_mix = z0.clone().requires_grad_(), zm0.clone().requires_grad_()
+        out = hp_loss(f, s_m, z, z_mix, r, r, lam=0.5, tau=0.6, rho=0.02, generator=g)
+        out.loss.backward()
+        kept.append(out.kept_anchors)
+
+    a, b = unit(batch, n, d).reshape(total, d), unit(total, d)
+
+    def matmuls_once() -> None:
+        for i in range(batch):
+            (a[i * n:(i + 1) * n] @ b.T).sum()  # reduced so the product is used, as the loss uses its own
+
+    loss_once()  # warm-up
+    matmuls_once()
+    pairs = [(_median_seconds(loss_once, 1), _median_seconds(matmuls_once, 1)) for _ in range(repeats)]  # alternating:
+    loss_s, mm_s = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)  # the same load
+    loss_flop = 2.0 * total * total * (c + d + 6 * d * min(kept))  # the masks for all anchors, z terms for the kept
+    mm_flop = 2.0 * total * total * d
+    ratio = statistics.median((loss_flop / ls) / (mm_flop / ms) for ls, ms in pairs)  # of side-by-side pairs
+    return {"loss_gflops": round(loss_flop / loss_s / 1e9, 2), "matmul_gflops": round(mm_flop / mm_s / 1e9, 2),
+            "loss_matmul_ratio": round(ratio, 3),
+            "loss_seconds": round(loss_s, 4), "loss_flop": int(loss_flop), "loss_kept_anchors": round(min(kept), 4),
+            "loss_peak_mib": round(loss_peak_bytes(batch, n, d, seed) / 2**20, 2),
+            "loss_shape": {"batch": batch, "n": n, "C": c, "D": d}}
+
+
 def cycle_epochs(epoch_batches, iterations: int):
     """(iteration, batch) for exactly `iterations` iterations, starting a new epoch (`epoch_batches(epoch)`)
     whenever one runs out: the cache side of a bench does as many steps as the reference side, whatever the
@@ -100,80 +142,75 @@ def cycle_epochs(epoch_batches, iterations: int):
         epoch += 1
 
 
-def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
-          pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
-    config = bench_config(images, resolution, backbone, weights, 1, 8, **{
-        "train.batch_size": batch_size, "train.pool_size": pool_size, "train.renew_interval": renew_interval,
-        "train.head_dim": 256, "train.warmup": 0})
-    workdir = Path(workdir) / "bench-train"
-    manifest = features_stage.run(config, workdir, "train")
-    store = FeatureStore.open(manifest["outputs"]["store"])
-    model = resolve_backbone(config)
-    t_cfg = config["train"]
-    torch.manual_seed(0)
-    generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    heads = HPHeads(model.embed_dim, t_cfg["head_dim"], t_cfg["dropout"])
-    opt_s, opt_p = train_stage.make_optimizers(heads, t_cfg)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
-    settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"])
-    sample = lambda specific: train_stage.sample_pool(  # noqa: E731
-        store, heads, pool_size, specific, rng, generator, torch.device("cpu"))
-    pools = Pools(PoolIndex(sample(False)), PoolIndex(sample(True)))
-    directory = paths.prepared_dir(config, workdir, "train")
-    names, _ = prepared.read_prepared(directory)
-    decoded, _ = prepared.load_prepared(directory, names, False)
-    views = ExtractSettings(n_views=1)
+class TrainSides:
+    """The two sides of `bench train` on the same heads: HP from the cache (one of the K cached views, Pool_sp renewed
+    from cached features) and the reference's way (the backbone on the image and its view every step, Pool_sp renewed
+    by a backbone pass over fresh images). `done` counts the iterations and renewals each side actually did."""
 
-    def head_step(i: int, f, f_aug, lhp) -> None:
-        out = training_step(heads, f, f_aug, lhp, pools, lambda_at(i, 0, iterations), settings, generator)
-        train_stage.optimize(heads, out.loss, opt_s, opt_p, scaler, t_cfg["grad_clip"], t_cfg["ema_m"])
+    def __init__(self, config, store: FeatureStore, model, decoded: np.ndarray, iterations: int):
+        t_cfg = config["train"]
+        self.t_cfg, self.store, self.model, self.decoded, self.iterations = t_cfg, store, model, decoded, iterations
+        self.batch_size, self.pool_size, self.renew_interval = t_cfg["batch_size"], t_cfg["pool_size"], \
+            t_cfg["renew_interval"]
+        torch.manual_seed(0)
+        self.generator, self.rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+        self.heads = HPHeads(model.embed_dim, t_cfg["head_dim"], t_cfg["dropout"])
+        self.opt_s, self.opt_p = make_optimizers(self.heads, t_cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"])
+        self.pools = Pools(PoolIndex(self.sample(False)), PoolIndex(self.sample(True)))
+        self.views = ExtractSettings(n_views=1)
+        self.done = {"cache": [0, 0], "reference": [0, 0]}  # iterations and pool renewals each side actually did
 
-    done = {"cache": [0, 0], "reference": [0, 0]}  # iterations and pool renewals each side actually did
+    def sample(self, specific: bool) -> torch.Tensor:
+        return sample_pool(self.store, self.heads, self.pool_size, specific, self.rng, self.generator,
+                           torch.device("cpu"))
 
-    def from_cache() -> None:
-        epochs = lambda e: store.batches(["feat", "feat_aug", "lhp"], batch_size, shuffle_seed=e,  # noqa: E731
-                                         drop_last=True)
-        for i, batch in cycle_epochs(epochs, iterations):
-            if renews_at(i, renew_interval):
-                pools.specific = PoolIndex(sample(True))
-                done["cache"][1] += 1
-            head_step(i, *train_stage._step_inputs(batch, generator, torch.device("cpu")))
-            done["cache"][0] += 1
+    def head_step(self, i: int, f, f_aug, lhp) -> None:
+        out = training_step(self.heads, f, f_aug, lhp, self.pools, lambda_at(i, 0, self.iterations), self.settings,
+                            self.generator)
+        optimize(self.heads, out.loss, self.opt_s, self.opt_p, self.scaler, self.t_cfg["grad_clip"],
+                 self.t_cfg["ema_m"])
 
-    def backbone_renewal() -> None:
+    def from_cache(self) -> None:
+        epochs = lambda e: self.store.batches(["feat", "feat_aug", "lhp"], self.batch_size,  # noqa: E731
+                                              shuffle_seed=e, drop_last=True)
+        for i, batch in cycle_epochs(epochs, self.iterations):
+            if renews_at(i, self.renew_interval):
+                self.pools.specific = PoolIndex(self.sample(True))
+                self.done["cache"][1] += 1
+            self.head_step(i, *step_inputs(batch, self.generator, torch.device("cpu")))
+            self.done["cache"][0] += 1
+
+    def backbone_renewal(self) -> None:
         """The reference: a backbone pass over pool_size fresh images, then one patch each through S_m."""
-        chosen = rng.choice(len(decoded), pool_size, replace=len(decoded) < pool_size)
+        decoded, pool_size, batch_size = self.decoded, self.pool_size, self.batch_size
+        chosen = self.rng.choice(len(decoded), pool_size, replace=len(decoded) < pool_size)
         patches = []
         for start in range(0, pool_size, batch_size):
             x, _ = model_inputs(decoded[chosen[start:start + batch_size]], chosen, ExtractSettings(n_views=0))
-            feat = model(x).feat
-            patches.append(pick_patches(feat.reshape(len(x), -1, feat.shape[-1]), generator))
-        pools.specific = PoolIndex(pool_entries(heads, torch.cat(patches), True))
+            feat = self.model(x).feat
+            patches.append(pick_patches(feat.reshape(len(x), -1, feat.shape[-1]), self.generator))
+        self.pools.specific = PoolIndex(pool_entries(self.heads, torch.cat(patches), True))
 
-    def reference_way() -> None:
+    def reference_way(self) -> None:
         """The reference's step: backbone on the image and on its augmented view, every step."""
-        for i in range(iterations):
-            if renews_at(i, renew_interval):
-                backbone_renewal()
-                done["reference"][1] += 1
-            done["reference"][0] += 1
-            idx = rng.choice(len(decoded), batch_size, replace=False)
-            x, v = model_inputs(decoded[idx], idx, views)
+        model = self.model
+        for i in range(self.iterations):
+            if renews_at(i, self.renew_interval):
+                self.backbone_renewal()
+                self.done["reference"][1] += 1
+            self.done["reference"][0] += 1
+            idx = self.rng.choice(len(self.decoded), self.batch_size, replace=False)
+            x, v = model_inputs(self.decoded[idx], idx, self.views)
             out = model(x)
             h = out.feat.shape[1]
             lhp = lhp_weights(out.attn_logits, h, h)
-            head_step(i, out.feat.permute(0, 3, 1, 2).clone(), model(v).feat.permute(0, 3, 1, 2).clone(), lhp)
+            self.head_step(i, out.feat.permute(0, 3, 1, 2).clone(), model(v).feat.permute(0, 3, 1, 2).clone(), lhp)
 
-    cache_s, reference_s = [], []
-    for _ in range(repeats):  # side by side, alternating
-        cache_s.append(_median_seconds(from_cache, 1))
-        reference_s.append(_median_seconds(reference_way, 1))
-    if done["cache"] != done["reference"]:
-        raise RuntimeError(f"bench train: the sides did different work (iterations, renewals): {done}")
-    renew_cache = _median_seconds(lambda: sample(True), repeats)
-    renew_backbone = _median_seconds(backbone_renewal, repeats)
 
-    # (c) faiss against the exact torch path, at the reference's sizes
+def lookup_figures(repeats: int) -> dict[str, Any]:
+    """(c) faiss against the exact torch path, at the reference's sizes."""
     g = torch.Generator().manual_seed(1)
     pool = torch.nn.functional.normalize(torch.randn(2048, 384, generator=g), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(64 * 196, 384, generator=g), dim=1)
@@ -181,10 +218,41 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     faiss_s = _median_seconds(lambda: by_faiss.max_similarity(queries), repeats)
     torch_s = _median_seconds(lambda: by_torch.max_similarity(queries), repeats)
     agree = float((by_faiss.max_similarity(queries) - by_torch.max_similarity(queries)).abs().max())
+    return {"lookup_queries": len(queries), "lookup_pool": len(pool),
+            "lookup_faiss_s": round(faiss_s, 4), "lookup_torch_s": round(torch_s, 4),
+            "lookup_torch_over_faiss": round(torch_s / faiss_s, 2), "lookup_max_abs_diff": agree}
 
-    # (d) peak memory of the loss: grows with B (O(n·N)), a dense N x N float32 matrix would grow with B²
-    n = 196
+
+def loss_memory_figures(n: int = 196) -> dict[str, Any]:
+    """(d) peak memory of the loss: grows with B (O(n·N)), a dense N x N float32 matrix would grow with B²."""
     peaks = {b: loss_peak_bytes(b, n, 64) for b in (4, 8, 16, 32)}
+    return {"loss_peak_mib_by_batch": {b: round(p / 2**20, 2) for b, p in peaks.items()},
+            "dense_NxN_float32_mib_by_batch": {b: round((b * n) ** 2 * 4 / 2**20, 1) for b in peaks}}
+
+
+def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
+          pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
+    config = bench_config(images, resolution, backbone, weights, 1, 8, **{
+        "train.batch_size": batch_size, "train.pool_size": pool_size, "train.renew_interval": renew_interval,
+        "train.head_dim": 256, "train.warmup": 0})
+    workdir = Path(workdir) / "bench-train"
+    manifest = build(config, workdir, "features-train")
+    store = FeatureStore.open(manifest["outputs"]["store"])
+    model = resolve_backbone(config)
+    t_cfg = config["train"]
+    directory = paths.prepared_dir(config, workdir, "train")
+    names, _ = prepared.read_prepared(directory)
+    decoded, _ = prepared.load_prepared(directory, names, False)
+    sides = TrainSides(config, store, model, decoded, iterations)
+    cache_s, reference_s = [], []
+    for _ in range(repeats):  # side by side, alternating
+        cache_s.append(_median_seconds(sides.from_cache, 1))
+        reference_s.append(_median_seconds(sides.reference_way, 1))
+    done = sides.done
+    if done["cache"] != done["reference"]:
+        raise RuntimeError(f"bench train: the sides did different work (iterations, renewals): {done}")
+    renew_cache = _median_seconds(lambda: sides.sample(True), repeats)
+    renew_backbone = _median_seconds(sides.backbone_renewal, repeats)
     figures = {
         "backbone": backbone + (" [random-init]" if model.random_init else ""),
         "resolution": resolution, "batch_size": batch_size, "iterations": iterations,
@@ -198,15 +266,15 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "renewal_cache_s": round(renew_cache, 4),
         "renewal_backbone_s": round(renew_backbone, 4),
         "renewal_ratio": round(renew_backbone / renew_cache, 2),
-        "lookup_queries": len(queries), "lookup_pool": len(pool),
-        "lookup_faiss_s": round(faiss_s, 4), "lookup_torch_s": round(torch_s, 4),
-        "lookup_torch_over_faiss": round(torch_s / faiss_s, 2), "lookup_max_abs_diff": agree,
-        "loss_peak_mib_by_batch": {b: round(p / 2**20, 2) for b, p in peaks.items()},
-        "dense_NxN_float32_mib_by_batch": {b: round((b * n) ** 2 * 4 / 2**20, 1) for b in peaks},
+        **lookup_figures(repeats), **loss_memory_figures(),
         "threads": torch.get_num_threads(),
     }
+    # (f) the loss's arithmetic rate against plain matmuls of its shape (this run's batch, grid and head width)
+    grid = store.array("feat").shape[1:3]
+    figures.update(loss_matmul_figures(batch_size, int(grid[0] * grid[1]), model.embed_dim, t_cfg["head_dim"],
+                                       repeats))
     # (e) data order (docs/hp.md §7): distinct images per batch at the real crop counts, reader speed before/after
-    from stages.bench_order import distinct_images_figures, reader_figures
+    from pipeline.benches.order import distinct_images_figures, reader_figures
 
     figures.update(distinct_images_figures())
     figures.update(reader_figures(store, workdir, batch_size, t_cfg["buffer_chunks"], repeats))
@@ -273,18 +341,17 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
     """Raw features, HP and HCL: cluster probe (Hungarian) and overclustering on val. HP and its raw-feature row
     read HP's stores, HCL and its raw-feature row (`raw_features_hcl`) HCL's own (its crops and its whole-image val
     geometry, docs/hcl.md §4-§5): each method is compared with raw features of its own geometry."""
+    from pipeline.codes import encode_range
     from pipeline.encoders import load_encoder
     from pipeline.overcluster import overcluster_maps
-    from stages import features_hcl
-    from stages.evaluate import encode_range
 
     hp_config = {**config, "train": {**config["train"], "method": "hp"}}
     hcl_config = {**config, "train": {**config["train"], "method": "hcl"}}
-    manifest = train_stage.run(hp_config, workdir, "quality")
-    hcl_manifest = train_stage.run(hcl_config, workdir, "quality-hcl")
-    val = FeatureStore.open(features_stage.run(hp_config, workdir, "val")["outputs"]["store"])
+    manifest = build(hp_config, workdir, "train", run="quality")
+    hcl_manifest = build(hcl_config, workdir, "train", run="quality-hcl")
+    val = FeatureStore.open(build(hp_config, workdir, "features-val")["outputs"]["store"])
     store = FeatureStore.open(manifest["outputs"]["store"])
-    hcl_val = FeatureStore.open(features_hcl.run(hcl_config, workdir, "val")["outputs"]["store"])
+    hcl_val = FeatureStore.open(build(hcl_config, workdir, "features-val-hcl")["outputs"]["store"])
     hcl_store = FeatureStore.open(hcl_manifest["outputs"]["store"])
     stores = {"raw_features": (store, val), "hp": (store, val), "raw_features_hcl": (hcl_store, hcl_val),
               "hcl": (hcl_store, hcl_val)}
@@ -331,11 +398,10 @@ def evaluate(config: Config, workdir: Path, run: str, crf_images: int, crf_size:
     """CRF serial vs parallel, and the evaluate stages' wall time split by step."""
     from pipeline.crf import crf_bench
     from pipeline.runner import read_manifest
-    from stages import evaluate as evaluate_stage
 
     crf = crf_bench(crf_images, crf_size, workers)
     config["evaluate"]["crf"] = True
-    evaluate_stage.run(config, workdir, run, force=True)
+    build(config, workdir, "evaluate", run=run, force=True)
     sdir = paths.stage_dir(config, workdir)
     steps = [f"codes-{run}", f"probe-head-{run}", f"probe-raw-{run}", f"evaluate-{run}"]
     seconds = {s: (read_manifest(sdir, s) or {}).get("timings", {}).get("seconds") for s in steps}

@@ -18,9 +18,9 @@ from cache.schema import QUANTIZED, scale_array
 from pipeline import paths, prepared
 from pipeline.backbone import normalize
 from pipeline.config import load_config
+from pipeline.graph import build
+from pipeline.hp import store as hp_store
 from pipeline.workers import feature_backbone
-from stages import features as features_stage
-from stages import prepare
 
 
 def report(figures: dict, as_json: bool) -> None:
@@ -74,20 +74,20 @@ def h100_forward_images_per_s_estimate() -> float:
 
 def decode_seconds(config, workdir: Path, url: str) -> tuple[float, float, int]:
     """One DataLoader worker's work for every chunk of the store, timed alone in this thread with one torch thread:
-    decode the prepared crops, normalize, make the photometric views (stages/features.py `load_chunk`).
+    decode the prepared crops, normalize, make the photometric views (pipeline/hp/store.py `load_chunk`).
     Returns (wall seconds, this thread's CPU seconds, crops): the CPU seconds are what a worker on a core of its
     own takes, whatever else shares this machine's cores."""
     group = writer.open_group(url, mode="r")
     directory = str(paths.prepared_dir(config, workdir, "train"))
     names, labelled = prepared.read_prepared(directory)
-    order = features_stage.sample_order(config, "train", len(names))
-    settings = features_stage.settings_for(config, "train")
+    order = hp_store.sample_order(config, "train", len(names))
+    settings = hp_store.settings_for(config, "train")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a DataLoader worker runs with one thread
     try:
         t0, c0 = time.perf_counter(), time.thread_time()
         for chunk in range(writer.finished_chunks(group).size):
-            features_stage.load_chunk(group, chunk, directory, names, order, labelled, settings)
+            hp_store.load_chunk(group, chunk, directory, names, order, labelled, settings)
         return time.perf_counter() - t0, time.thread_time() - c0, len(names)
     finally:
         torch.set_num_threads(threads)
@@ -126,7 +126,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
              repeats: int, workdir: Path, as_json: bool) -> None:
     config = bench_config(images, resolution, backbone, weights, n_views, chunk_size)
     workdir = Path(workdir) / "bench-features"
-    prepare.run(config, workdir)
+    build(config, workdir, "prepare")
     directory = paths.prepared_dir(config, workdir, "train")
     names, labelled = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, labelled)
@@ -137,7 +137,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         seconds, done = bare_forward_seconds(model, decoded, n_views, chunk_size)
         bare.append(seconds)
         passes["bare"] += done
-        manifest = features_stage.run(config, workdir, "train", force=True)
+        manifest = build(config, workdir, "features-train", force=True)
         stage.append(manifest["timings"]["extract_seconds"])
         passes["stage"] += manifest["outputs"]["computed"] * (1 + n_views)
     n = len(names)
@@ -180,7 +180,7 @@ def int8_figures(config, workdir: Path, fp16_manifest: dict, batch_size: int, re
     (`FeatureStore.batches` of `feat` and `feat_aug`, one epoch per repeat, sides alternating)."""
     fp16_url = fp16_manifest["outputs"]["store"]
     url = str(Path(fp16_url).with_name(Path(fp16_url).stem + "-int8.zarr"))
-    manifest = features_stage.run(config, workdir, "train", store=url, force=True)
+    manifest = build(config, workdir, "features-train", stores={"train": url}, force=True)
     stores = {"fp16": FeatureStore.open(fp16_url), "int8": FeatureStore.open(url)}
     names = [n for n in QUANTIZED if n in stores["fp16"].names()]
     if not np.array_equal(*(s.read("crop_order", 0, len(s)) for s in stores.values())):
