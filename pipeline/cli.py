@@ -259,8 +259,8 @@ def train(
     weights: Weights = None,
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
-    epochs: Annotated[int | None, typer.Option(help="Training epochs (train.epochs).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per batch (train.batch_size).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (hp.epochs).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per batch (hp.batch_size).")] = None,
     device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (train.device).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
                                               "(--no-resume starts it over).")] = True,
@@ -271,7 +271,7 @@ def train(
     from pipeline.graph import build, method_of
 
     preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
-    section = "hcl" if method_of(preset) == "hcl" else "train"  # epochs and batch size are the method's own
+    section = "hcl" if method_of(preset) == "hcl" else "hp"  # epochs and batch size are the method's own
     typed = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights, typed)
     build(config, workdir, "train", run=run, force=force or not resume)

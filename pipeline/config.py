@@ -4,7 +4,7 @@ A config is a dict of sections (`dataset`, `prepare`, `features`, `train`, ...) 
 values. Each stage fingerprints only the sections it reads, so a change to `train` leaves the
 feature cache valid while a change to `features` invalidates features and everything after it.
 Its schema (types, choices, ranges) is pipeline/settings.py, which also gives a typed view:
-`typed(config).train.tau`.
+`typed(config).hp.tau`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, eq, value = pair.partition("=")
         if not eq:
-            raise UserError(f"--set needs KEY=VALUE (e.g. --set train.tau=0.7), got '{pair}'")
+            raise UserError(f"--set needs KEY=VALUE (e.g. --set hp.tau=0.7), got '{pair}'")
         out[key.strip()] = value.strip()
     return out
 

@@ -51,7 +51,7 @@ STAGES: dict[str, Stage] = {
     "features-val": _FEATURES,
     "features-train-hcl": _HCL_FEATURES,
     "features-val-hcl": _HCL_FEATURES,
-    "train": Stage("stages.train:body", ("train",), ("features-train",), level="run",
+    "train": Stage("stages.train:body", ("train", "hp"), ("features-train",), level="run",
                    preflight="stages.train:preflight", then="stages.train:then"),
     # evaluate's sub-stages (docs/evaluation.md): the head's codes, then the probes per feature kind
     "codes": Stage("stages.evaluate:codes_body", (), ("train", "features-val"), level="sub",

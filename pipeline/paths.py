@@ -48,6 +48,13 @@ def prepared_dir(config: Config, workdir: Path, split: str) -> Path:
     return stage_dir(config, workdir) / "prepared" / split
 
 
+def for_workers(path_or_url: str | Path) -> str:
+    """A local path as dask workers must get it: absolute (a worker's working folder is not the client's); URLs with
+    a scheme (s3://, gs://, ...) unchanged. Stage fingerprints keep the path as the user gave it."""
+    text = str(path_or_url)
+    return text if "://" in text else str(Path(text).absolute())
+
+
 def store_url(config: Config, workdir: Path, split: str) -> str:
     """HP's store per (dataset, split, backbone, resolution), docs/cache.md."""
     res = config["prepare"]["resolution" if split == "train" else "val_resolution"]

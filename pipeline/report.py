@@ -120,8 +120,8 @@ def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, proto
     reported = paper.get("results") or []
     if not reported:
         return None
-    dataset, backbone, t_cfg = config["dataset"]["name"], config["features"]["backbone"], config["train"]
-    method = t_cfg["method"]
+    dataset, backbone, t_cfg = config["dataset"]["name"], config["features"]["backbone"], config["hp"]
+    method = config["train"]["method"]
     same = [r for r in reported if r["backbone"] == backbone and (method == "hp" or r["features"] == "raw")]
     differences = []
     if method != "hp":

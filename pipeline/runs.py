@@ -3,13 +3,13 @@
 A run folder holds `config.toml`: the whole resolved config it was created with (written by the train stage when
 the run starts, rewritten when it starts over). `evaluate`, `predict`, `report` and `status` build a run's config
 as: the preset, then the run's recorded *training* settings, then what the command line gives explicitly. So
-`hp-pipe train --set train.epochs=2` followed by `hp-pipe evaluate` evaluates that run as it was trained, without
+`hp-pipe train --set hp.epochs=2` followed by `hp-pipe evaluate` evaluates that run as it was trained, without
 repeating the option, where it used to retrain the run with the preset's values and delete it. An explicit option
 that differs from the record makes the train stage refuse (`refuse_to_replace`: `--run NEW` or
 `--force`).
 
 Training settings are every key of the sections the run's training and its feature stores read (HP: [dataset],
-[prepare], [features], [train]; HCL: [dataset], [features], [hcl_features], [train], [hcl]), `evaluate.protocol`
+[prepare], [features], [train], [hp]; HCL: [dataset], [features], [hcl_features], [train], [hcl]), `evaluate.protocol`
 (protocol paper trains the probes with the head) and, under protocol paper, the online probes' keys. Everything else
 ([evaluate], [paper], [run], the other method's sections) is an evaluation setting: preset and command line, as for
 any evaluation. Two keys are never taken from a file:
@@ -19,6 +19,7 @@ any evaluation. Two keys are never taken from a file:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import tomllib
 from collections.abc import Iterable
@@ -31,10 +32,10 @@ from pipeline import paths
 from pipeline.config import Config, load_config, to_toml
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
-from pipeline.settings import check_config
+from pipeline.settings import MOVED, check_config, section_classes
 
 # the sections a run's training and the stores it trains on read, per method (pipeline/graph.py STAGES)
-TRAINING_SECTIONS = {"hp": ("dataset", "prepare", "features", "train"),
+TRAINING_SECTIONS = {"hp": ("dataset", "prepare", "features", "train", "hp"),
                      "hcl": ("dataset", "features", "hcl_features", "train", "hcl")}
 NEVER_FROM_A_FILE = frozenset({"dataset.name", "features.trust_weights"})
 # what the train stage reads of [evaluate] under protocol paper (pipeline/hp/online_probes.py online_probe_settings)
@@ -82,6 +83,16 @@ def read_record(run_folder: Path) -> Config | None:
     if not all(isinstance(v, dict) for v in recorded.values()):
         raise UserError(f"{path} is not a run record (sections of keys expected); delete it to use the command "
                         "line's settings for this run, or train it again with --force")
+    return moved_keys_in_place(recorded)
+
+
+def moved_keys_in_place(recorded: Config) -> Config:
+    """A record written before keys moved between sections (HP's settings left [train] for [hp]) read with today's
+    layout, so that its values are still the run's."""
+    for old, new in MOVED.items():
+        keys = {f.name for f in dataclasses.fields(section_classes()[new])}
+        for key in [k for k in recorded.get(old, {}) if k in keys]:
+            recorded.setdefault(new, {}).setdefault(key, recorded[old].pop(key))
     return recorded
 
 
@@ -131,7 +142,7 @@ class RunSettings:
         """One line naming the recorded settings that differ from the preset and command line, if any."""
         if not self.taken:
             return None
-        order = ("train", "hcl", "features", "hcl_features", "prepare", "dataset", "evaluate")  # the telling first
+        order = ("train", "hp", "hcl", "features", "hcl_features", "prepare", "dataset", "evaluate")  # telling first
         keys = sorted(self.taken, key=lambda k: order.index(k.partition(".")[0]) if k.partition(".")[0] in order
                       else len(order))
         shown = [f"{k} = {self.taken[k][0]!r}" for k in keys[:8]]

@@ -1,6 +1,6 @@
 """The config's schema: one dataclass per TOML section, its types, its choices (enums) and its ranges, checked once.
 
-A config stays a plain dict of sections (`config["train"]["tau"]`): it is fingerprinted, printed as TOML and
+A config stays a plain dict of sections (`config["hp"]["tau"]`): it is fingerprinted, printed as TOML and
 recorded in run folders, so the dict is what the stages read. This module says what that dict must hold:
 
 - one frozen dataclass per section (`TrainSection`, ...); every key is a field with a type, and a key with a
@@ -11,12 +11,11 @@ recorded in run folders, so the dict is what the stages read. This module says w
   (`CROSS_CHECKS`);
 - `check_config(config)`: every section built into its dataclass, one `UserError` for the first problem, naming the
   key, what it must be and the `--set` fix. `pipeline.config.load_config` calls it once, after the overrides;
-- `typed(config)`: the same dict as dataclasses (`typed(config).train.tau` is a float, `typed(config).train.method`
+- `typed(config)`: the same dict as dataclasses (`typed(config).hp.tau` is a float, `typed(config).train.method`
   a `Method`), for code that wants attributes and enums; the dict stays the truth.
 
-A key moves between sections (e.g. HP's settings out of [train] into a section of their own) by moving its field
-between two classes and its line between two TOML tables: `TrainSection` is already the union of the settings both
-methods read (`TrainCommon`) and HP's own (`HpSettings`).
+A key moves between sections by moving its field between two classes and its line between two TOML tables; a key
+that moved is named at its new place when the old one is used (`MOVED`).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ class Protocol(StrEnum):
 
 
 class PoolBackend(StrEnum):
-    """train.pool_backend: who runs the 1-NN lookups of docs/hp.md §4."""
+    """hp.pool_backend: who runs the 1-NN lookups of docs/hp.md §4."""
 
     faiss = "faiss"
     torch = "torch"
@@ -271,19 +270,20 @@ class HclFeaturesSection:
 
 
 @section
-class TrainCommon:
-    """What both methods' training reads."""
+class TrainSection:
+    """[train]: what a run of either method reads (HP's own settings are [hp], HCL's [hcl])."""
 
     method: Method
     device: TrainDevice
     amp: bool
     log_interval: int = within(POSITIVE)
     checkpoint_interval: int = within(POSITIVE)
+    buffer_chunks: int = within(POSITIVE)  # store chunks read and shuffled together
 
 
 @section
-class HpSettings:
-    """HP's training settings (docs/hp.md §4-§5), today keys of [train]."""
+class HpSection:
+    """[hp]: Hidden Positives' head, loss, pools, optimiser and schedule (docs/hp.md §2-§5); HCL never reads it."""
 
     head_dim: int = within(POSITIVE)
     epochs: int = within(POSITIVE)
@@ -302,12 +302,6 @@ class HpSettings:
     seed: int = within(COUNT)
     pool_backend: PoolBackend
     anchor_tile: int = within(COUNT)  # 0: one round = one image's anchors
-    buffer_chunks: int = within(POSITIVE)
-
-
-@section
-class TrainSection(TrainCommon, HpSettings):
-    """[train]: the settings both methods read, and HP's."""
 
 
 @section
@@ -385,6 +379,7 @@ class Settings:
     features: FeaturesSection
     hcl_features: HclFeaturesSection
     train: TrainSection
+    hp: HpSection
     hcl: HclSection
     evaluate: EvaluateSection
     run: RunSection
@@ -523,10 +518,22 @@ def check_keys(config: Config, where: str = "the config") -> None:
                 raise UserError(f"{where}{whose}: {unknown_key(name, key, hints)}")
 
 
+# keys that left a section: old section -> the section that holds them now (HP's settings left [train] for [hp])
+MOVED = {"train": "hp"}
+
+
 def unknown_key(section_name: str, key: str, known: Iterable[str]) -> str:
-    """"unknown config key 'train.tua'; did you mean 'train.tau'? (keys in [train]: ...)"."""
+    """"unknown config key 'train.tua'; did you mean 'hp.tau'? (keys in [train]: ...)": a key that moved to another
+    section is named at its new place."""
+    moved_to = MOVED.get(section_name)
+    moved = [f.name for f in fields(section_classes()[moved_to])] if moved_to else []
+    if key in moved:
+        return (f"config key '{section_name}.{key}' is now '{moved_to}.{key}' (HP's own settings are in "
+                f"[{moved_to}]); use --set {moved_to}.{key}=...")
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean '{section_name}.{close[0]}'?" if close else ""
+    near = difflib.get_close_matches(key, moved, n=1) if not close else []
+    hint = f"; did you mean '{section_name}.{close[0]}'?" if close else \
+        f"; did you mean '{moved_to}.{near[0]}'?" if near else ""
     return f"unknown config key '{section_name}.{key}'{hint} (keys in [{section_name}]: {', '.join(sorted(known))})"
 
 
@@ -558,7 +565,7 @@ def check_config(config: Config) -> Settings:
 
 
 def typed(config: Config) -> Settings:
-    """The config as dataclasses: `typed(config).train.tau` (a float), `typed(config).evaluate.protocol` (a
+    """The config as dataclasses: `typed(config).hp.tau` (a float), `typed(config).evaluate.protocol` (a
     `Protocol`). Built from the dict each call (after validating it), so it never goes stale; read-only."""
     return check_config(config)
 

@@ -184,7 +184,7 @@ def hparams_of(config: dict[str, dict[str, Any]], metrics: dict[str, Any]) -> di
     """The run's settings as flat hparams: method, backbone, the method's training keys, the evaluation's keys.
     Booleans as "true" / "false": torch's writer would store them as the numbers 1.0 / 0.0."""
     method = config["train"]["method"]
-    section = "hcl" if method == "hcl" else "train"
+    section = "hcl" if method == "hcl" else "hp"
     flat: dict[str, Any] = {"method": method, "dataset": config["dataset"]["name"],
                             "backbone": config["features"]["backbone"], "weights": config["features"]["weights"],
                             "random_init": bool(metrics.get("random_init")),

@@ -21,7 +21,7 @@ from cache.reader import FeatureStore
 from cache.schema import Layout
 from cache.writer import stored_bytes
 from pipeline import paths, prepared
-from pipeline.backbone import Backbone
+from pipeline.backbone import Backbone, check_resolution
 from pipeline.config import Config
 from pipeline.datasets import open_split
 from pipeline.datasets.base import SPLITS
@@ -81,7 +81,8 @@ def fill(job: Build, ctx: StageContext, group, url: str, split: str, backbone: B
         run_local(backbone, group, pending, directory, names, order, labelled, settings, progress,
                   config["features"]["workers"], feature_batch_size(config))
 
-    return fill_chunks(group, url, job.options, local, worker_chunk, (url, config, split, directory, names),
+    worker_args = (paths.for_workers(url), config, split, paths.for_workers(directory), names)  # any --workdir
+    return fill_chunks(group, url, job.options, local, worker_chunk, worker_args,
                        {"total": len(names), "desc": ctx.name, "unit": "img", "smoothing": 0.1}, ctx.log)
 
 
@@ -93,10 +94,9 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     backbone = feature_backbone(config)
     settings = settings_for(config, split)
     f = config["features"]
-    res = config["prepare"]["resolution" if split == "train" else "val_resolution"]
-    if res % backbone.patch_size:
-        raise UserError(f"resolution {res} is not a multiple of the patch size {backbone.patch_size} "
-                        f"of {backbone.name}; set prepare.resolution / prepare.val_resolution accordingly")
+    key = "prepare." + ("resolution" if split == "train" else "val_resolution")
+    res = config["prepare"][key.partition(".")[2]]
+    check_resolution(res, backbone.facts, key)  # a whole grid: names the nearest resolutions that work
     layout = Layout(len(names), res, backbone.patch_size, backbone.embed_dim, backbone.num_heads,
                     settings.n_views, settings.with_lhp, labelled, f["dtype"])
     attrs = store_attrs(config, job.workdir, split, backbone, settings, names, order, ctx.fingerprint, res)

@@ -26,7 +26,8 @@ import numpy as np
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import HCL_SCHEMA, HCLLayout
-from pipeline.backbone import Backbone
+from pipeline import paths
+from pipeline.backbone import Backbone, check_resolution
 from pipeline.config import Config
 from pipeline.datasets import SegmentationDataset, open_split
 from pipeline.errors import UserError
@@ -100,7 +101,8 @@ def fill(job: Build, ctx: StageContext, group, url: str, geo: Geometry, backbone
                    workers=f["workers"], pin_memory=backbone.device.type == "cuda",
                    group=max(1, batch // f["chunk_size"]))
 
-    return fill_chunks(group, url, job.options, local, worker_chunk, (url, config, str(job.workdir), geo.split),
+    return fill_chunks(group, url, job.options, local, worker_chunk,
+                       (paths.for_workers(url), config, paths.for_workers(job.workdir), geo.split),
                        {"total": n, "desc": ctx.name, "unit": "crop" if geo.train else "img"}, ctx.log)
 
 
@@ -115,9 +117,7 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     labelled = any(item.label is not None for item in dataset.items)  # listed label files, none decoded
     backbone = feature_backbone(config)
     key = "resolution" if geo.train else "val_resolution"
-    if geo.resolution % backbone.patch_size:
-        raise UserError(f"hcl_features.{key} = {geo.resolution} is not a multiple of the patch size "
-                        f"{backbone.patch_size} of {backbone.name}; use --set hcl_features.{key}=N")
+    check_resolution(geo.resolution, backbone.facts, f"hcl_features.{key}")  # names the resolutions that work
     sizes = patch_sizes(backbone.name)
     order = image_order(n_images, geo)
     layout = HCLLayout(n_images * geo.crops, geo.resolution, sizes, backbone.embed_dim, geo.views, labelled, geo.train)

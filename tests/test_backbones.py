@@ -367,6 +367,23 @@ def test_a_store_of_one_backbone_is_refused_for_another(tmp_path):
         features.run(_tiny("vit_small_patch16_224.dino", "random"), tmp_path / "work", "val", store=url)
 
 
+def test_a_resolution_that_is_not_a_whole_grid_is_refused_before_any_store(tmp_path):
+    """Patch 14 with a resolution of 70 + 2: the stage names the key and the whole resolutions around it, and writes
+    no store; a whole one goes through."""
+    from stages import features_hcl
+
+    match = r"prepare\.val_resolution = 72 .* patch size 14 .*=70 or prepare\.val_resolution=84"
+    with pytest.raises(UserError, match=match):
+        features.run(_tiny(DINOV2_REG, "random", **{"prepare.val_resolution": "72"}), tmp_path / "work", "val")
+    assert not list((tmp_path / "work").rglob("*.zarr"))
+    config = load_config("synthetic", {
+        "dataset.n_train": "1", "dataset.n_val": "1", "dataset.size": "96", "features.backbone": DINOV2_REG,
+        "features.weights": "random", "train.method": "hcl", "hcl_features.val_resolution": "60"})
+    with pytest.raises(UserError, match=r"hcl_features\.val_resolution = 60 .*=56 or hcl_features\.val_resolution=70"):
+        features_hcl.run(config, tmp_path / "work", "val")
+    assert not list((tmp_path / "work").rglob("*.zarr"))
+
+
 def test_hcl_features_stage_with_patch_14(tmp_path):
     """HCL's own store from a DINOv2-with-registers backbone: branches 14/28/56, registers dropped, CLS kept."""
     from pipeline.hcl.extract import hcl_chunk

@@ -82,7 +82,7 @@ def test_store_of_another_backbone_is_refused_and_intact(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragments", [
-    (["--set", "train.tua=0.5"], ["train.tua", "did you mean 'train.tau'"]),
+    (["--set", "train.tua=0.5"], ["train.tua", "did you mean 'hp.tau'"]),
     (["--set", "features.n_views=two"], ["features.n_views", "int"]),
 ])
 def test_unknown_or_mistyped_key(tmp_path, args, fragments):

@@ -22,32 +22,34 @@ def test_every_dataset_has_a_preset():
 def test_presets_hold_the_spec_values(name):
     config = load_config(name)
     for key, value in SPEC[name].items():
-        section = "features" if key == "backbone" else "train"
+        section = "features" if key == "backbone" else "hp"
         assert config[section][key] == value, (name, key)
     # common values of §6/§7
-    assert config["train"]["batch_size"] == 64
+    assert config["hp"]["batch_size"] == 64
     assert config["prepare"]["resolution"] == 224 and config["prepare"]["val_resolution"] == 320
     assert config["prepare"]["crop_ratio"] == 0.5
 
 
 def test_overrides_are_typed_and_win():
-    config = load_config("cityscapes", parse_sets(["train.tau=0.7", "features.n_views=3", "prepare.five_crop=false"]))
-    assert config["train"]["tau"] == 0.7 and isinstance(config["train"]["tau"], float)
+    config = load_config("cityscapes", parse_sets(["hp.tau=0.7", "features.n_views=3", "prepare.five_crop=false"]))
+    assert config["hp"]["tau"] == 0.7 and isinstance(config["hp"]["tau"], float)
     assert config["features"]["n_views"] == 3
     assert config["prepare"]["five_crop"] is False
 
 
 def test_unknown_key_names_the_key_and_a_suggestion():
-    with pytest.raises(UserError, match=r"train\.tua.*did you mean 'train\.tau'"):
+    with pytest.raises(UserError, match=r"hp\.tua.*did you mean 'hp\.tau'"):
+        load_config("cityscapes", {"hp.tua": "1"})
+    with pytest.raises(UserError, match=r"train\.tua.*did you mean 'hp\.tau'"):  # a key that left [train]
         load_config("cityscapes", {"train.tua": "1"})
     with pytest.raises(UserError, match="unknown config key 'nosection.x'"):
         load_config("cityscapes", {"nosection.x": "1"})
-    with pytest.raises(UserError, match=r"'train\.epochs' must be an integer, got 'many'.*--set train\.epochs="):
-        load_config("cityscapes", {"train.epochs": "many"})
+    with pytest.raises(UserError, match=r"'hp\.epochs' must be an integer, got 'many'.*--set hp\.epochs="):
+        load_config("cityscapes", {"hp.epochs": "many"})
     with pytest.raises(UserError, match="unknown dataset preset 'cityscape'"):
         load_config("cityscape")
     with pytest.raises(UserError, match="KEY=VALUE"):
-        parse_sets(["train.tau"])
+        parse_sets(["hp.tau"])
 
 
 def test_fingerprint_is_order_independent_and_value_sensitive():
@@ -108,11 +110,11 @@ def test_presets_evaluate_with_the_paper_protocol_and_hold_its_numbers():
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("train.batch_size", "-4", "integer >= 1"), ("train.epochs", "0", "integer >= 1"),
-    ("features.chunk_size", "-8", "integer >= 1"), ("train.tau", "0", "(0, inf)"), ("train.tau", "nan", "finite"),
-    ("train.rho", "1.5", "[0, 1]"), ("train.dropout", "1", "[0, 1)"), ("hcl.bank_replace", "-0.1", "[0, 1]"),
+    ("hp.batch_size", "-4", "integer >= 1"), ("hp.epochs", "0", "integer >= 1"),
+    ("features.chunk_size", "-8", "integer >= 1"), ("hp.tau", "0", "(0, inf)"), ("hp.tau", "nan", "finite"),
+    ("hp.rho", "1.5", "[0, 1]"), ("hp.dropout", "1", "[0, 1)"), ("hcl.bank_replace", "-0.1", "[0, 1]"),
     ("train.method", "hpp", "one of hp, hcl"), ("evaluate.protocol", "stego", "one of paper, kmeans"),
-    ("hcl_features.views", "1", "integer >= 2"), ("train.lr", "inf", "finite"),
+    ("hcl_features.views", "1", "integer >= 2"), ("hp.lr", "inf", "finite"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_is_built(key, value, expected):
     with pytest.raises(UserError) as info:
@@ -124,9 +126,9 @@ def test_out_of_range_values_are_refused_when_the_config_is_built(key, value, ex
 def test_every_preset_is_within_range_and_boundaries_are_accepted():
     for name in preset_names():
         load_config(name)  # raises if a preset itself is out of range
-    config = load_config("synthetic", {"train.rho": "0", "train.dropout": "0", "train.warmup": "0",
-                                       "train.alpha": "0", "evaluate.extra_clusters": "0", "train.ema_m": "1"})
-    assert (config["train"]["rho"], config["train"]["ema_m"]) == (0.0, 1.0)
+    config = load_config("synthetic", {"hp.rho": "0", "hp.dropout": "0", "hp.warmup": "0",
+                                       "hp.alpha": "0", "evaluate.extra_clusters": "0", "hp.ema_m": "1"})
+    assert (config["hp"]["rho"], config["hp"]["ema_m"]) == (0.0, 1.0)
 
 
 def test_cli_range_errors_exit_2_with_one_line(tmp_path):
@@ -146,7 +148,7 @@ def test_printed_config_is_toml_that_loads_back_to_the_same_config(name):
 
     from pipeline.config import to_toml
 
-    config = load_config(name, {"train.tau": "0.75", "dataset.root": 'C:\\data "x"'})
+    config = load_config(name, {"hp.tau": "0.75", "dataset.root": 'C:\\data "x"'})
     assert tomllib.loads(to_toml(config)) == config
 
 
@@ -253,11 +255,11 @@ def test_a_preset_with_an_unknown_key_or_section_is_refused(monkeypatch):
     def extra(preset):
         data = read(preset)
         if preset == "voc":
-            data["train"]["tua"] = 0.5
+            data["hp"]["tua"] = 0.5
         return data
 
     monkeypatch.setattr(config_module, "_read_preset", extra)
-    with pytest.raises(UserError, match=r"preset 'voc'.*unknown config key 'train\.tua'.*did you mean 'train\.tau'"):
+    with pytest.raises(UserError, match=r"preset 'voc'.*unknown config key 'hp\.tua'.*did you mean 'hp\.tau'"):
         load_config("voc")
     monkeypatch.setattr(config_module, "_read_preset", lambda p: {**read(p), **({"trian": {}} if p == "voc" else {})})
     with pytest.raises(UserError, match=r"unknown section \[trian\]"):
@@ -266,9 +268,9 @@ def test_a_preset_with_an_unknown_key_or_section_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("key,value,expected", [
     ("prepare.five_crop", "maybe", "true or false"), ("run.tensorboard", 1, "true or false"),
-    ("features.n_views", "2.5", "an integer"), ("train.epochs", 3.0, "an integer"),
-    ("train.epochs", True, "an integer"),
-    ("train.tau", "abc", "a finite number"), ("train.tau", "0.5x", "a finite number"),
+    ("features.n_views", "2.5", "an integer"), ("hp.epochs", 3.0, "an integer"),
+    ("hp.epochs", True, "an integer"),
+    ("hp.tau", "abc", "a finite number"), ("hp.tau", "0.5x", "a finite number"),
     ("features.backbone", 5, "a string"), ("paper.results", "none", "a list"),
 ])
 def test_a_value_of_the_wrong_type_is_refused(key, value, expected):
@@ -280,7 +282,7 @@ def test_a_value_of_the_wrong_type_is_refused(key, value, expected):
 
 @pytest.mark.parametrize("key,value,choices", [
     ("features.compressor", "gzip", "zstd, lz4, blosclz, none"), ("features.dtype", "int4", "float16, int8"),
-    ("train.pool_backend", "cuda", "faiss, torch"), ("train.device", "cuda:0", "auto, cpu, cuda"),
+    ("hp.pool_backend", "cuda", "faiss, torch"), ("train.device", "cuda:0", "auto, cpu, cuda"),
     ("evaluate.cluster_method", "spectral", "kmeans, adam"), ("evaluate.linear_optimizer", "adamw", "auto, adam, sgd"),
     ("evaluate.crf_scheduler", "threads", "processes, distributed"), ("train.method", "HP", "hp, hcl"),
 ])
@@ -309,17 +311,26 @@ def test_out_of_range_words_and_rows_are_refused(key, value, expected):
 def test_command_line_words_are_kept_as_written_and_typed_in_the_view():
     from pipeline.settings import Auto, Method, Protocol, typed
 
-    overrides = {"evaluate.crf": "True", "features.amp": "true", "train.alpha": 0, "train.tau": "0.7",
+    overrides = {"evaluate.crf": "True", "features.amp": "true", "hp.alpha": 0, "hp.tau": "0.7",
                  "run.tensorboard": "no", "train.method": Method.hcl}
     config = load_config("synthetic", overrides)
     assert _typed_tree({k: config[k.split(".")[0]][k.split(".")[1]] for k in overrides}) == _typed_tree(
-        {"evaluate.crf": "True", "features.amp": "true", "train.alpha": 0, "train.tau": 0.7,
+        {"evaluate.crf": "True", "features.amp": "true", "hp.alpha": 0, "hp.tau": 0.7,
          "run.tensorboard": False, "train.method": "hcl"})  # as today: the dict holds plain values, as given
     view = typed(config)
-    assert view.train.tau == 0.7 and type(view.train.alpha) is float and view.train.alpha == 0.0
+    assert view.hp.tau == 0.7 and type(view.hp.alpha) is float and view.hp.alpha == 0.0
     assert view.train.method is Method.hcl and view.evaluate.protocol is Protocol.kmeans
     assert view.evaluate.crf is True and view.features.amp is True and view.run.tensorboard is False
     assert typed(load_config("synthetic")).evaluate.crf is Auto.auto
     assert view.dataset.n_train == 16 and not hasattr(typed(load_config("voc")).dataset, "n_train")
     with pytest.raises(AttributeError):
-        view.train.tau = 0.5  # read-only: the dict is the config
+        view.hp.tau = 0.5  # read-only: the dict is the config
+
+
+@pytest.mark.parametrize("key", ["tau", "epochs", "batch_size", "pool_size", "seed"])
+def test_a_key_that_moved_from_train_to_hp_is_named_at_its_new_place(key):
+    """HP's settings left [train] for [hp]: the old spelling is refused with the new one, and the new one works."""
+    with pytest.raises(UserError, match=rf"'train\.{key}' is now 'hp\.{key}'.*--set hp\.{key}="):
+        load_config("synthetic", {f"train.{key}": "3"})
+    assert load_config("synthetic", {f"hp.{key}": "3"})["hp"][key] == 3
+    assert key not in load_config("synthetic")["train"]

@@ -22,8 +22,8 @@ TINY = {
     "prepare.resolution": "64", "prepare.val_resolution": "64",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "1", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.epochs": "2", "train.head_dim": "32", "train.pool_size": "16",
-    "train.renew_interval": "2", "train.warmup": "2",
+    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "2",
     "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
     "evaluate.crf_workers": "1", "evaluate.pictures": "2",
 }
@@ -446,7 +446,7 @@ def test_a_command_says_prepare_once_and_counts_in_words(tmp_path):
     import subprocess
     import sys
 
-    one = {**TINY, "dataset.n_train": "1", "dataset.n_val": "1", "train.epochs": "1", "train.pool_size": "4",
+    one = {**TINY, "dataset.n_train": "1", "dataset.n_val": "1", "hp.epochs": "1", "hp.pool_size": "4",
            "evaluate.crf": "false", "evaluate.overcluster": "false"}
     sets = [arg for k, v in one.items() for arg in ("--set", f"{k}={v}")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -312,8 +312,8 @@ def test_two_faults_the_cheap_check_repairs_one_and_names_the_other(store, capsy
 def test_train_stops_with_one_line_on_a_damaged_chunk(store, capsys):
     """The training read path: exit 2 (a damaged input store, like an unreadable image), one line, no traceback."""
     flip8(chunk_file(store["url"], "feat", 1))
-    sets = ["--set", "train.batch_size=4", "--set", "train.epochs=1", "--set", "train.head_dim=32",
-            "--set", "train.pool_size=4", "--set", "train.warmup=0"]
+    sets = ["--set", "hp.batch_size=4", "--set", "hp.epochs=1", "--set", "hp.head_dim=32",
+            "--set", "hp.pool_size=4", "--set", "hp.warmup=0"]
     code, out, err = hp(capsys, "train", "--dataset", "synthetic", "--run", "damaged", "--workdir",
                         str(store["workdir"]), *SETS, *sets)
     assert code == 2

@@ -27,21 +27,21 @@ def test_a_dozen_images_get_small_data_settings(tmp_path):
     flat_folder(tmp_path, 12, classes=5)
     config = load_config("folder", {"dataset.root": str(tmp_path)})
     lines = small_data_settings(config, {"dataset.root"})
-    t = config["train"]
+    t = config["hp"]
     per_epoch = 60 // 8
     assert (t["batch_size"], t["epochs"], t["pool_size"], t["renew_interval"], t["warmup"]) == (
         8, -(-MIN_ITERATIONS // per_epoch), 60, per_epoch, per_epoch * 9 // 4)
     assert per_epoch * t["epochs"] >= MIN_ITERATIONS and config["dataset"]["n_classes"] == 5
     keys = [line.split(" = ")[0] for line in lines]
-    assert keys[:6] == ["dataset.n_classes", "train.batch_size", "train.epochs", "train.pool_size",
-                        "train.renew_interval", "train.warmup"]
+    assert keys[:6] == ["dataset.n_classes", "hp.batch_size", "hp.epochs", "hp.pool_size",
+                        "hp.renew_interval", "hp.warmup"]
     assert "the same 12 images serve as train and val" in lines[-1]
 
-    mine = load_config("folder", {"dataset.root": str(tmp_path), "train.batch_size": "4", "dataset.n_classes": "7"})
-    lines = small_data_settings(mine, {"dataset.root", "train.batch_size", "dataset.n_classes"})
-    assert mine["train"]["batch_size"] == 4 and mine["dataset"]["n_classes"] == 7  # a --set always wins
-    assert not any(line.startswith(("train.batch_size", "dataset.n_classes")) for line in lines)
-    assert mine["train"]["epochs"] == -(-MIN_ITERATIONS // 15)  # derived from the batch the user chose
+    mine = load_config("folder", {"dataset.root": str(tmp_path), "hp.batch_size": "4", "dataset.n_classes": "7"})
+    lines = small_data_settings(mine, {"dataset.root", "hp.batch_size", "dataset.n_classes"})
+    assert mine["hp"]["batch_size"] == 4 and mine["dataset"]["n_classes"] == 7  # a --set always wins
+    assert not any(line.startswith(("hp.batch_size", "dataset.n_classes")) for line in lines)
+    assert mine["hp"]["epochs"] == -(-MIN_ITERATIONS // 15)  # derived from the batch the user chose
 
     for name, overrides in (("synthetic", {}), ("folder", {"dataset.root": str(tmp_path / "missing")})):
         other = load_config(name, overrides)
@@ -65,9 +65,9 @@ def test_folder_without_any_set_runs_features_train_evaluate(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         errors[command] = proc.stderr
     assert "[folder] dataset.n_classes = 3" in errors["features"]
-    assert "[folder] train.batch_size = 2" in errors["train"] and "serve as train and val" not in errors["train"]
+    assert "[folder] hp.batch_size = 2" in errors["train"] and "serve as train and val" not in errors["train"]
     manifest = json.loads((work / "folder" / "stages" / "train-hp.json").read_text())
-    assert manifest["outputs"]["iterations"] >= MIN_ITERATIONS and manifest["config"]["train"]["batch_size"] == 2
+    assert manifest["outputs"]["iterations"] >= MIN_ITERATIONS and manifest["config"]["hp"]["batch_size"] == 2
     metrics = json.loads((work / "folder" / "runs" / "hp" / "eval" / "metrics.json").read_text())
     assert metrics["class_names"] == ["class 0", "class 1", "class 2"] and metrics["random_init"] is True
     assert {r["probe"] for r in metrics["results"]} == {"cluster", "linear", "overcluster"}

@@ -112,12 +112,12 @@ def test_command_line_options_are_typed_overrides(monkeypatch, tmp_path):
 
     from pipeline import cli
 
-    config = cli.build_config("synthetic", options={"train.batch_size": 4, "train.epochs": None})
-    assert config["train"]["batch_size"] == 4 and type(config["train"]["batch_size"]) is int
-    assert config["train"]["epochs"] == load_config("synthetic")["train"]["epochs"]
+    config = cli.build_config("synthetic", options={"hp.batch_size": 4, "hp.epochs": None})
+    assert config["hp"]["batch_size"] == 4 and type(config["hp"]["batch_size"]) is int
+    assert config["hp"]["epochs"] == load_config("synthetic")["hp"]["epochs"]
     seen = {}
     monkeypatch.setattr(graph, "build", lambda config, *a, **k: seen.update(config=config, target=a[1], **k))
-    for args, key, value in ((["train", "--batch-size", "5", "--epochs", "2"], "train.batch_size", 5),
+    for args, key, value in ((["train", "--batch-size", "5", "--epochs", "2"], "hp.batch_size", 5),
                              (["train", "--method", "hcl", "--batch-size", "3"], "hcl.batch_size", 3),
                              (["evaluate", "--no-crf", "--probe", "all"], "evaluate.crf", "False")):
         result = CliRunner().invoke(cli.app, [*args, "--workdir", str(tmp_path)])

@@ -38,8 +38,8 @@ TINY = {  # a run small enough to evaluate in seconds, CRF on
     "prepare.resolution": "64", "prepare.val_resolution": "64",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "1", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.epochs": "2", "train.head_dim": "32", "train.pool_size": "16",
-    "train.renew_interval": "2", "train.warmup": "2",
+    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "2",
     "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
     "evaluate.crf_workers": "1", "evaluate.pictures": "2", "evaluate.overcluster": "false",
 }

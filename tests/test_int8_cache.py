@@ -23,8 +23,8 @@ TINY = {
     "prepare.resolution": "48", "prepare.val_resolution": "48",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "2", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.epochs": "2", "train.head_dim": "16", "train.pool_size": "8",
-    "train.renew_interval": "2", "train.warmup": "1", "train.log_interval": "1", "train.checkpoint_interval": "2",
+    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "16", "hp.pool_size": "8",
+    "hp.renew_interval": "2", "hp.warmup": "1", "train.log_interval": "1", "train.checkpoint_interval": "2",
 }
 FLOAT_ARRAYS = ("feat", "feat_aug")
 

@@ -204,8 +204,8 @@ TINY = {
     "prepare.resolution": "48", "prepare.val_resolution": "48",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "1", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.head_dim": "16", "train.pool_size": "8", "train.renew_interval": "2",
-    "train.warmup": "2", "train.checkpoint_interval": "1", "train.log_interval": "1",
+    "hp.batch_size": "4", "hp.head_dim": "16", "hp.pool_size": "8", "hp.renew_interval": "2",
+    "hp.warmup": "2", "train.checkpoint_interval": "1", "train.log_interval": "1",
 }
 SETS = [arg for k, v in TINY.items() for arg in ("--set", f"{k}={v}")]
 

@@ -295,7 +295,7 @@ def test_hcl_store_is_read_as_hcl_stores_are(tmp_path):
 
 
 def test_bench_training_settings_do_not_follow_the_preset(monkeypatch):
-    """Every HP setting the bench's figures depend on is the bench's own: a preset with other [train] values
+    """Every HP setting the bench's figures depend on is the bench's own: a preset with other [hp] values
     (e.g. a synthetic preset shrunk for `make run`) leaves the bench's config unchanged."""
     import pipeline.benches.planted as bp
 
@@ -304,12 +304,12 @@ def test_bench_training_settings_do_not_follow_the_preset(monkeypatch):
              "renew_interval": 1, "ema_m": 0.5, "warmup": 0, "lr": 1.0, "weight_decay": 0.0, "grad_clip": 1.0,
              "dropout": 0.5}
     assert set(other) == set(bp.HP_TRAIN)
-    shrunk = lambda name, overrides: real(name, {**{f"train.{k}": v for k, v in other.items()}, **overrides})  # noqa: E731
+    shrunk = lambda name, overrides: real(name, {**{f"hp.{k}": v for k, v in other.items()}, **overrides})  # noqa: E731
     before = bp.train_config(PlantedBench(), 3)
     monkeypatch.setattr(bp, "load_config", shrunk)
     after = bp.train_config(PlantedBench(), 3)
-    assert {k: after["train"][k] for k in bp.HP_TRAIN} == {k: before["train"][k] for k in bp.HP_TRAIN} == bp.HP_TRAIN
-    assert after["train"]["seed"] == 3 and after["evaluate"]["protocol"] == "kmeans"
+    assert {k: after["hp"][k] for k in bp.HP_TRAIN} == {k: before["hp"][k] for k in bp.HP_TRAIN} == bp.HP_TRAIN
+    assert after["hp"]["seed"] == 3 and after["evaluate"]["protocol"] == "kmeans"
     hcl = bp.hcl_config(bp.PlantedHCLBench(), 2)["hcl"]
     assert {k: hcl[k] for k in bp.HCL_TRAIN} == bp.HCL_TRAIN and hcl["seed"] == 2
 

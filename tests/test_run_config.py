@@ -34,8 +34,8 @@ TRAIN = {
     "prepare.resolution": "48", "prepare.val_resolution": "48", "prepare.five_crop": "false",
     "features.backbone": "vit_small_patch8_224.dino", "features.weights": "random",  # not the preset's ViT-S/16
     "features.n_views": "1", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.head_dim": "16", "train.pool_size": "8", "train.renew_interval": "2",
-    "train.warmup": "2", "train.epochs": "2",
+    "hp.batch_size": "4", "hp.head_dim": "16", "hp.pool_size": "8", "hp.renew_interval": "2",
+    "hp.warmup": "2", "hp.epochs": "2",
 }
 # evaluation-only settings: the command line's, on every evaluate
 EVAL = {"evaluate.linear_epochs": "1", "evaluate.cluster_patches": "500", "evaluate.crf": "false",
@@ -82,7 +82,7 @@ def run_main(*args: str) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`hp-pipe train --set train.epochs=2 ...` (in this process): a work folder with run 'hp'."""
+    """`hp-pipe train --set hp.epochs=2 ...` (in this process): a work folder with run 'hp'."""
     workdir = tmp_path_factory.mktemp("work")
     code, _, err = run_main("train", "--workdir", str(workdir), *sets(TRAIN))
     assert code == 0, err
@@ -111,7 +111,7 @@ def test_evaluate_without_repeating_the_options_evaluates_the_run_untouched(eval
     assert code == 0, err
     assert stamp(ckpt) == before and (trained / "synthetic" / "stages" / "train-hp.json").read_text() == manifest
     assert "[train-hp] up to date" in out and "recomputing" not in out
-    assert "train.epochs = 2" in err  # said once: the recorded settings are used
+    assert "hp.epochs = 2" in err  # said once: the recorded settings are used
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert metrics["run"] == "hp" and metrics["random_init"] is True
     assert metrics["protocol_settings"]["linear_probe"]["epochs"] == 1  # evaluation settings: the command line's
@@ -125,7 +125,7 @@ def test_a_conflicting_option_is_refused_and_the_run_kept(evaluated, monkeypatch
     files += sorted(p for p in (trained / "synthetic" / "features").rglob("*") if p.is_file())  # the stores too
     before = [stamp(f) for f in files]
     # a feature option is refused before the features stage runs: the store is not rebuilt first
-    for option in (["--set", "train.epochs=3"], ["--set", "train.tau=0.7"], ["--set", "features.n_views=2"]):
+    for option in (["--set", "hp.epochs=3"], ["--set", "hp.tau=0.7"], ["--set", "features.n_views=2"]):
         code, _, err = hp(monkeypatch, capsys, "evaluate", "--workdir", str(trained), *sets(EVAL), *option)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert code == 2 and len(errors) == 1, err
@@ -143,7 +143,7 @@ def test_status_reads_the_record(evaluated, monkeypatch, capsys):
     assert states == {"prepare": "complete", "features-train": "complete", "features-val": "complete",
                       "train-hp": "complete", "evaluate-hp": "complete"}
     code, out, _ = hp(monkeypatch, capsys, "status", "--json", "--workdir", str(trained), *sets(EVAL),
-                      "--set", "train.tau=0.7")  # explicitly other settings: that run would be stale
+                      "--set", "hp.tau=0.7")  # explicitly other settings: that run would be stale
     assert {row["stage"]: row["state"] for row in json.loads(out[out.index("["):])}["train-hp"] == "stale"
 
 
@@ -168,24 +168,24 @@ def test_predict_and_report_read_the_record(evaluated, monkeypatch, capsys, tmp_
 
 def test_training_keys_and_the_merge():
     """What is taken from a record: training keys not given on the command line; never trust_weights."""
-    recorded = load_config("synthetic", {"train.epochs": "7", "features.trust_weights": "true",
+    recorded = load_config("synthetic", {"hp.epochs": "7", "features.trust_weights": "true",
                                          "evaluate.linear_epochs": "9"})
     keys = training_keys(recorded)
-    assert "train.epochs" in keys and "evaluate.protocol" in keys and "features.trust_weights" not in keys
+    assert "hp.epochs" in keys and "evaluate.protocol" in keys and "features.trust_weights" not in keys
     assert "evaluate.linear_epochs" not in keys and "dataset.name" not in keys
-    merged, taken = apply_record(load_config("synthetic", {"train.tau": "0.7"}), recorded, {"train.tau"}, Path("r"))
-    assert merged["train"]["epochs"] == 7 and merged["train"]["tau"] == 0.7  # recorded; explicit wins
+    merged, taken = apply_record(load_config("synthetic", {"hp.tau": "0.7"}), recorded, {"hp.tau"}, Path("r"))
+    assert merged["hp"]["epochs"] == 7 and merged["hp"]["tau"] == 0.7  # recorded; explicit wins
     assert merged["features"]["trust_weights"] is False
     assert merged["evaluate"]["linear_epochs"] == load_config("synthetic")["evaluate"]["linear_epochs"] != 9
-    assert taken == {"train.epochs": (7, load_config("synthetic")["train"]["epochs"])}  # replaced the preset's
+    assert taken == {"hp.epochs": (7, load_config("synthetic")["hp"]["epochs"])}  # replaced the preset's
     paper = load_config("synthetic", {"evaluate.protocol": "paper", "evaluate.linear_lr": "0.01"})
     assert "evaluate.linear_lr" in training_keys(paper)  # protocol paper trains the probes with the head
     bad = load_config("synthetic")
-    bad["train"]["epochs"] = "two"
-    with pytest.raises(UserError, match=r"r: 'train.epochs' should be a int, got 'two'"):
+    bad["hp"]["epochs"] = "two"
+    with pytest.raises(UserError, match=r"r: 'hp.epochs' should be a int, got 'two'"):
         apply_record(load_config("synthetic"), bad, set(), Path("r"))
-    bad["train"]["epochs"] = -1
-    with pytest.raises(UserError, match=r"^r: config key 'train.epochs' must be"):
+    bad["hp"]["epochs"] = -1
+    with pytest.raises(UserError, match=r"^r: config key 'hp.epochs' must be"):
         apply_record(load_config("synthetic"), bad, set(), Path("r"))
 
 
@@ -202,10 +202,25 @@ def test_a_training_change_reverted_then_evaluate(evaluated, monkeypatch, capsys
     run_dir = paths.run_dir(load_config("synthetic"), trained, "hp")
     first = json.loads((run_dir / "eval" / "metrics.json").read_text())["results"]
     base = ["--workdir", str(trained), *sets(TRAIN)]
-    assert hp(monkeypatch, capsys, "train", *base, "--set", "train.tau=0.7", "--force")[0] == 0
-    assert read_record(run_dir)["train"]["tau"] == 0.7 and not (run_dir / "codes").exists()
+    assert hp(monkeypatch, capsys, "train", *base, "--set", "hp.tau=0.7", "--force")[0] == 0
+    assert read_record(run_dir)["hp"]["tau"] == 0.7 and not (run_dir / "codes").exists()
     assert hp(monkeypatch, capsys, "train", *base, "--force")[0] == 0  # reverted
     code, out, err = hp(monkeypatch, capsys, "evaluate", "--workdir", str(trained), *sets(EVAL))
     assert code == 0, err
     assert "no feature store" not in err and "[codes-hp]" in out and "no longer exists: recomputing" in out
     assert json.loads((run_dir / "eval" / "metrics.json").read_text())["results"] == first
+
+
+def test_a_record_from_before_the_hp_section_keeps_its_values(tmp_path):
+    """Records written when HP's settings were keys of [train] are read in today's layout, values unchanged."""
+    from pipeline.config import to_toml
+
+    config = load_config("synthetic", {"hp.tau": "0.37", "hp.epochs": "5"})
+    old = {k: dict(v) for k, v in config.items() if k != "hp"}
+    old["train"] = {**config["train"], **config["hp"]}  # the old layout: one [train]
+    path = paths.run_config_path(tmp_path)
+    path.write_text(to_toml(old))
+    recorded = read_record(tmp_path)
+    assert recorded["hp"] == config["hp"] and recorded["train"] == config["train"]
+    merged, _ = apply_record(load_config("synthetic"), recorded, (), path)
+    assert merged["hp"]["tau"] == 0.37 and merged["hp"]["epochs"] == 5

@@ -134,3 +134,19 @@ def test_disk_full_is_one_error_line_with_exit_1(tmp_path):
     assert len(lines) == 1 and "no space left" in lines[0] and str(tmp_path) in lines[0] and "MiB free" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not [p for p in tmp_path.rglob("*.tmp")]  # no temporary left anywhere
+
+
+def test_hp_settings_never_make_an_hcl_run_stale_and_the_reverse(tmp_path):
+    """[hp] holds HP's own settings and [hcl] HCL's: changing τ of one method leaves the other's training
+    fingerprint unchanged, while a setting both methods read ([train]) changes both."""
+    from pipeline.config import fingerprint
+
+    def train_fp(method: str, **sets: str) -> str:
+        config = load_config("voc", {"train.method": method, "dataset.root": str(tmp_path), **sets})
+        return fingerprint(*stage_plan(config, tmp_path)["train"])
+
+    for method in ("hp", "hcl"):
+        base = train_fp(method)
+        assert (train_fp(method, **{"hp.tau": "0.33"}) == base) == (method == "hcl")
+        assert (train_fp(method, **{"hcl.tau": "0.33"}) == base) == (method == "hp")
+        assert train_fp(method, **{"train.checkpoint_interval": "7"}) != base

@@ -30,8 +30,8 @@ TINY = {
     "prepare.resolution": "32", "prepare.val_resolution": "32",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "1", "features.chunk_size": "2",
-    "train.batch_size": "4", "train.epochs": "1", "train.head_dim": "16", "train.pool_size": "8",
-    "train.renew_interval": "2", "train.warmup": "1",
+    "hp.batch_size": "4", "hp.epochs": "1", "hp.head_dim": "16", "hp.pool_size": "8",
+    "hp.renew_interval": "2", "hp.warmup": "1",
     "evaluate.linear_epochs": "1", "evaluate.cluster_patches": "500", "evaluate.overcluster": "false",
     "evaluate.baselines": "false", "evaluate.pictures": "1",
 }

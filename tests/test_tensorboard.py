@@ -27,8 +27,8 @@ TINY = {
     "prepare.resolution": "64", "prepare.val_resolution": "64",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "2", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.epochs": "3", "train.head_dim": "32", "train.pool_size": "16",
-    "train.renew_interval": "2", "train.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
+    "hp.batch_size": "4", "hp.epochs": "3", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
 }
 TOTAL = 15  # 20 training crops (4 images five-cropped) / batch 4 = 5 iterations per epoch, 3 epochs
 CHECKPOINTS = [2, 4, 6, 8, 10, 12, 14, 15]
@@ -189,7 +189,7 @@ def test_evaluation_scalars_and_hparams(tmp_path):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     hparams = {k: v.string_value or v.number_value or v.bool_value for k, v in start.hparams.items()}
     assert hparams["method"] == "hp" and hparams["protocol"] == "kmeans" and hparams["random_init"] == "true"
-    assert hparams["train.head_dim"] == 32 and hparams["evaluate.probes"] == "cluster,linear"
+    assert hparams["hp.head_dim"] == 32 and hparams["evaluate.probes"] == "cluster,linear"
     off = tmp_path / "off"
     write_evaluation(tiny_config(**{"run.tensorboard": "false"}), metrics, off, step=15)
     assert not off.exists() or not list(off.glob(EVENTS))

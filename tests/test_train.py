@@ -19,8 +19,8 @@ TINY = {
     "prepare.resolution": "64", "prepare.val_resolution": "64",
     "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
     "features.n_views": "2", "features.chunk_size": "4",
-    "train.batch_size": "4", "train.epochs": "3", "train.head_dim": "32", "train.pool_size": "16",
-    "train.renew_interval": "2", "train.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
+    "hp.batch_size": "4", "hp.epochs": "3", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
 }
 
 
@@ -42,7 +42,7 @@ def final_weights(config, workdir, run):
 
 
 def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
-    config = tiny_config(**{"train.epochs": "10", "train.lr": "0.002"})
+    config = tiny_config(**{"hp.epochs": "10", "hp.lr": "0.002"})
     manifest = train_stage.run(config, workdir, "learn")
     out = paths.run_dir(config, workdir, "learn")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -59,11 +59,11 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
 
 
 def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
-    config = tiny_config(**{"train.epochs": "6", "train.checkpoint_interval": "3"})
+    config = tiny_config(**{"hp.epochs": "6", "train.checkpoint_interval": "3"})
     train_stage.run(config, workdir, "straight")
     reference, iterations = final_weights(config, workdir, "straight")
     ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, "killed"))
-    kill_training_when(workdir, "killed", {**TINY, "train.epochs": "6", "train.checkpoint_interval": "3"}, ckpt,
+    kill_training_when(workdir, "killed", {**TINY, "hp.epochs": "6", "train.checkpoint_interval": "3"}, ckpt,
                        lambda state: 0 < state["iteration"] < iterations)
     train_stage.run(config, workdir, "killed")
     resumed, resumed_iterations = final_weights(config, workdir, "killed")
@@ -75,12 +75,12 @@ def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
 
 
 def test_a_run_is_never_replaced_silently_by_other_settings(workdir):
-    config = tiny_config(**{"train.epochs": "1"})
+    config = tiny_config(**{"hp.epochs": "1"})
     train_stage.run(config, workdir, "kept")
     ckpt = paths.checkpoint_path(paths.run_dir(config, workdir, "kept"))
     before = ckpt.read_bytes()
-    changed = tiny_config(**{"train.epochs": "1", "train.tau": "0.7"})
-    with pytest.raises(UserError, match=r"run 'kept' exists with other settings \(config\.train\.tau differ\)"):
+    changed = tiny_config(**{"hp.epochs": "1", "hp.tau": "0.7"})
+    with pytest.raises(UserError, match=r"run 'kept' exists with other settings \(config\.hp\.tau differ\)"):
         train_stage.run(changed, workdir, "kept")
     assert ckpt.read_bytes() == before  # nothing replaced, nothing deleted
     assert read_manifest(paths.stage_dir(config, workdir), "train-kept")["status"] == "complete"
@@ -90,7 +90,7 @@ def test_a_run_is_never_replaced_silently_by_other_settings(workdir):
 
 
 def test_finished_run_is_skipped(workdir, capsys):
-    config = tiny_config(**{"train.epochs": "1"})
+    config = tiny_config(**{"hp.epochs": "1"})
     first = train_stage.run(config, workdir, "once")
     second = train_stage.run(config, workdir, "once")
     assert second["finished"] == first["finished"]
@@ -143,7 +143,7 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
 
 
 def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
-    config = tiny_config(**{"train.renew_interval": "2", "train.epochs": "2", "dataset.n_train": "4"})
+    config = tiny_config(**{"hp.renew_interval": "2", "hp.epochs": "2", "dataset.n_train": "4"})
     renewals = []
     real_sample = hp_training.sample_pool
 
@@ -164,7 +164,7 @@ def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
 def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_head_alone(workdir):
     """evaluate.protocol = paper (docs/hp.md §8): the probes' states are in the checkpoint, a killed run resumes
     to bit-identical head and probes, and the head is the one a kmeans-protocol run trains."""
-    extra = {"train.epochs": "6", "train.checkpoint_interval": "3", "evaluate.protocol": "paper"}
+    extra = {"hp.epochs": "6", "train.checkpoint_interval": "3", "evaluate.protocol": "paper"}
     config = tiny_config(**extra)
     manifest = train_stage.run(config, workdir, "paper-straight")
     assert manifest["config"]["online_probes"]["probes"] == ["cluster", "linear"]  # part of the fingerprint

@@ -36,10 +36,10 @@ def distinct_images_figures() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for dataset, n_images in TRAIN_IMAGES.items():
         config = load_config(dataset)
-        f, t = config["features"], config["train"]
+        f, t = config["features"], config["hp"]
         crops = 5 if config["prepare"]["five_crop"] else 1
         kw = {"n_images": n_images, "crops_per_image": crops, "chunk_size": f["chunk_size"],
-              "buffer_chunks": t["buffer_chunks"], "batch_size": t["batch_size"], "seed": f["seed"],
+              "buffer_chunks": config["train"]["buffer_chunks"], "batch_size": t["batch_size"], "seed": f["seed"],
               "shuffle_seed": t["seed"], "epochs": t["epochs"]}
         ours = plan_distinct_images(**kw)
         old = plan_distinct_images(**kw, permuted=False)

@@ -48,8 +48,9 @@ from pipeline.planted import (
     write_store,
 )
 from pipeline.runner import StageContext
+from pipeline.settings import TrainSection
 
-# Every [train] setting HP's result depends on, for a store of 200 planted scenes: the values the synthetic preset had
+# Every [hp] setting HP's result depends on, for a store of 200 planted scenes: the values the synthetic preset had
 # when the bench's figures were first taken (batch 16, 10 epochs = 120 iterations, warm-up and Pool_sp renewal every
 # 20 iterations, pool 256), D scaled to C = 64, the optimiser and dropout of docs/hp.md §2 and §5. Written out so that
 # the bench does not follow the synthetic preset (which is sized for `make run`).
@@ -74,10 +75,12 @@ class PlantedBench:
 
 
 def train_config(bench: PlantedBench, seed: int) -> dict[str, Any]:
-    """A whole config whose [train] section carries HP_TRAIN (and the bench's replacements) over any preset value;
-    the k-means protocol, so that the trainer trains no online probe."""
-    overrides = {f"train.{k}": v for k, v in {**HP_TRAIN, **bench.train}.items()}
-    return load_config("synthetic", {**overrides, "train.seed": seed, "train.method": "hp",
+    """A whole config whose [hp] section carries HP_TRAIN (and the bench's replacements, run settings such as
+    log_interval going to [train]) over any preset value; the k-means protocol, so that the trainer trains no online
+    probe."""
+    run_keys = {f.name for f in dataclasses.fields(TrainSection)}
+    overrides = {f"{'train' if k in run_keys else 'hp'}.{k}": v for k, v in {**HP_TRAIN, **bench.train}.items()}
+    return load_config("synthetic", {**overrides, "hp.seed": seed, "train.method": "hp",
                                      "evaluate.protocol": "kmeans"})
 
 
@@ -194,7 +197,7 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
     train, val = FeatureStore.open(urls["train"]), FeatureStore.open(urls["val"])
     labels = val.read("label", 0, len(val))
     config = train_config(bench, seed)
-    pool_size = config["train"]["pool_size"]
+    pool_size = config["hp"]["pool_size"]
 
     raw_val = list(torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))
     raw_train = train.read("feat", 0, len(train)).reshape(-1, bench.planted.dim).astype(np.float32)
@@ -216,11 +219,11 @@ def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True)
     for name, checkpoint in runs.items():
         out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
     torch.manual_seed(seed)  # the trainer's initial heads: the same seed, then HPHeads (pipeline/hp/training.py)
-    start = HPHeads(bench.planted.dim, config["train"]["head_dim"], config["train"]["dropout"])
+    start = HPHeads(bench.planted.dim, config["hp"]["head_dim"], config["hp"]["dropout"])
     out["head_start"] = cluster_probe(*_codes({"in_dim": bench.planted.dim, "head_dim": start.dim,
                                                "heads": start.state_dict()}, train, val), labels, N_CLASSES, seed)
     out["precision"] = diagnose(runs["head"], train, pool_size, bench.precision_images, seed)
-    out["iterations"] = (len(train) // config["train"]["batch_size"]) * config["train"]["epochs"]
+    out["iterations"] = (len(train) // config["hp"]["batch_size"]) * config["hp"]["epochs"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -361,7 +364,7 @@ def planted_quality(seeds: int, workdir: Path, as_json: bool, bench: PlantedBenc
         results.append(r)
     per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "head_start")}
     prec = {key: [r["precision"][key] for r in results] for key in results[0]["precision"]}
-    cfg = train_config(bench, 0)["train"]
+    cfg = train_config(bench, 0)["hp"]
     figures = {
         "head_miou": _mean(per["head"]), "raw_miou": _mean(per["raw"]), "broken_miou": _mean(per["broken"]),
         "head_minus_raw_miou": round(_mean(per["head"]) - _mean(per["raw"]), 2),

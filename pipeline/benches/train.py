@@ -148,7 +148,7 @@ class TrainSides:
     by a backbone pass over fresh images). `done` counts the iterations and renewals each side actually did."""
 
     def __init__(self, config, store: FeatureStore, model, decoded: np.ndarray, iterations: int):
-        t_cfg = config["train"]
+        t_cfg = config["hp"]
         self.t_cfg, self.store, self.model, self.decoded, self.iterations = t_cfg, store, model, decoded, iterations
         self.batch_size, self.pool_size, self.renew_interval = t_cfg["batch_size"], t_cfg["pool_size"], \
             t_cfg["renew_interval"]
@@ -233,13 +233,13 @@ def loss_memory_figures(n: int = 196) -> dict[str, Any]:
 def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
           pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
     config = bench_config(images, resolution, backbone, weights, 1, 8, **{
-        "train.batch_size": batch_size, "train.pool_size": pool_size, "train.renew_interval": renew_interval,
-        "train.head_dim": 256, "train.warmup": 0})
+        "hp.batch_size": batch_size, "hp.pool_size": pool_size, "hp.renew_interval": renew_interval,
+        "hp.head_dim": 256, "hp.warmup": 0})
     workdir = Path(workdir) / "bench-train"
     manifest = build(config, workdir, "features-train")
     store = FeatureStore.open(manifest["outputs"]["store"])
     model = resolve_backbone(config)
-    t_cfg = config["train"]
+    t_cfg = config["hp"]
     directory = paths.prepared_dir(config, workdir, "train")
     names, _ = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, False)
@@ -277,7 +277,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     from pipeline.benches.order import distinct_images_figures, reader_figures
 
     figures.update(distinct_images_figures())
-    figures.update(reader_figures(store, workdir, batch_size, t_cfg["buffer_chunks"], repeats))
+    figures.update(reader_figures(store, workdir, batch_size, config["train"]["buffer_chunks"], repeats))
     report(figures, as_json)
 
 
@@ -386,7 +386,7 @@ def quality(config: Config, workdir: Path, as_json: bool, max_patches: int = 50_
     figures["hp_minus_raw_miou"] = round(figures["hp_miou"] - figures["raw_features_miou"], 2)
     figures["hcl_minus_raw_miou"] = round(figures["hcl_miou"] - figures["raw_features_hcl_miou"], 2)
     figures["hcl_val_resolution"] = hcl_val.attrs["resolution"]  # whole images, HP's val: prepare.val_resolution
-    figures.update(positive_precision(store, config["train"]["pool_size"], heads, state["pool_sp"]))
+    figures.update(positive_precision(store, config["hp"]["pool_size"], heads, state["pool_sp"]))
     figures["train_iterations"] = manifest["outputs"]["iterations"]
     figures["hcl_train_iterations"] = hcl_manifest["outputs"]["iterations"]
     report(figures, as_json)

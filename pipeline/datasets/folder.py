@@ -118,7 +118,7 @@ def small_data_settings(config: dict, explicit: set[str]) -> list[str]:
         if n_classes:
             put("dataset.n_classes", n_classes, "1 + the largest class id in the labels; --set dataset.n_classes=K "
                 "if some class never appears")
-    t_cfg = config["train"]
+    t_cfg = config["hp"]
     crops = len(train) * (5 if config["prepare"]["five_crop"] else 1)
     batch = t_cfg["batch_size"]
     while batch > 2 and 4 * batch > crops:
@@ -126,11 +126,11 @@ def small_data_settings(config: dict, explicit: set[str]) -> list[str]:
     per_epoch = max(1, crops // batch)
     epochs = max(t_cfg["epochs"], -(-MIN_ITERATIONS // per_epoch))
     size = f"{len(train)} training images, {crops} crops"
-    put("train.batch_size", batch, f"{size}: four batches per epoch at least")
-    put("train.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all")
-    put("train.pool_size", min(t_cfg["pool_size"], crops), "at most one pool entry per crop")
-    put("train.renew_interval", min(t_cfg["renew_interval"], per_epoch), "Pool_sp renewed at least once per epoch")
-    put("train.warmup", min(t_cfg["warmup"], per_epoch * epochs // 4), "λ ramps up after the first quarter")
+    put("hp.batch_size", batch, f"{size}: four batches per epoch at least")
+    put("hp.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all")
+    put("hp.pool_size", min(t_cfg["pool_size"], crops), "at most one pool entry per crop")
+    put("hp.renew_interval", min(t_cfg["renew_interval"], per_epoch), "Pool_sp renewed at least once per epoch")
+    put("hp.warmup", min(t_cfg["warmup"], per_epoch * epochs // 4), "λ ramps up after the first quarter")
     if val_dir == train_dir:
         lines.append(f"no separate val images: the same {len(train)} images serve as train and val "
                      "(add train/images and val/images folders to keep them apart)")

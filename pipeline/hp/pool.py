@@ -54,7 +54,7 @@ class PoolIndex:
 
     def __init__(self, pool: torch.Tensor, backend: str = "faiss"):
         if backend not in BACKENDS:
-            raise UserError(f"train.pool_backend = '{backend}' is unknown; use one of: {', '.join(BACKENDS)}")
+            raise UserError(f"hp.pool_backend = '{backend}' is unknown; use one of: {', '.join(BACKENDS)}")
         if pool.ndim != 2 or pool.shape[0] == 0:
             raise ValueError(f"PoolIndex: pool must be a non-empty (P, d) matrix, got {tuple(pool.shape)}")
         self.size, self.dim, self.backend = pool.shape[0], pool.shape[1], backend

@@ -87,7 +87,7 @@ def online_probes(ctx: StageContext, config: Config, store: FeatureStore, device
     labelled = "label" in store.names()
     if "linear" in settings["probes"] and not labelled:
         ctx.log(f"the training split has no labels ({store.url}): the online linear probe is not trained")
-    return OnlineProbes(config["train"]["head_dim"], settings, device, labelled)
+    return OnlineProbes(config["hp"]["head_dim"], settings, device, labelled)
 
 
 # ---------------------------------------------------------------- HP in the loop
@@ -95,10 +95,10 @@ class HPTraining:
     """HP's hooks for pipeline/trainer.py: heads S, S_m, P with their optimizers (§2, §5), the two pools (§4), the
     λ ramp (§5) and, under evaluate.protocol = paper, the online probes (§8)."""
 
-    section, label, curves, epoch_images = "train", "HP", CURVES, None
+    section, label, curves, epoch_images = "hp", "HP", CURVES, None
 
     def __init__(self, ctx: StageContext, config: Config, store: FeatureStore):
-        self.ctx, self.config, self.store, self.t_cfg = ctx, config, store, config["train"]
+        self.ctx, self.config, self.store, self.t_cfg = ctx, config, store, config["hp"]
 
     def build(self, plan: trainer.RunPlan, generator: torch.Generator) -> None:
         """The heads (the first draws after the seed), their optimizers, the loss settings, the probes."""
