@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.config import fingerprint
 from pipeline.files import atomic_write_text
 from pipeline.locks import current_holder, hold, stage_lock, store_lock
+from pipeline.log import log
 
 
 def versions() -> dict[str, str]:
@@ -57,8 +58,8 @@ def read_manifest(stage_dir: Path, name: str) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         manifest = None  # a torn manifest (should not happen: writes are atomic)
     if not _well_formed(manifest):
-        print(f"[{name}] warning: {path} is not a valid manifest (corrupt or edited); the stage counts as not run",
-              file=sys.stderr, flush=True)
+        log.warning(f"[{name}] warning: {path} is not a valid manifest (corrupt or edited); the stage counts as not "
+                    "run")
         return None
     return manifest
 
@@ -81,7 +82,7 @@ class StageContext:
     forced: bool = False  # --force: recompute even what the stage could reuse
 
     def log(self, message: str) -> None:
-        print(f"[{self.name}] {message}", flush=True)
+        log.info(f"[{self.name}] {message}")
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -132,7 +133,7 @@ def run_stage(
     locks = [(stage_lock(stage_dir, name), f"stage {name}")]
     if isinstance(config.get("store"), str):
         locks.append((store_lock(stage_dir, config["store"]), f"the store {config['store']}"))
-    with hold(locks, lambda message: print(f"[{name}] {message}", file=sys.stderr, flush=True)):
+    with hold(locks, lambda message: log.warning(f"[{name}] {message}")):
         return _run_stage(stage_dir, name, config, inputs, body, force, check)
 
 
@@ -145,21 +146,21 @@ def _run_stage(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[
     current = bool(old and old.get("status") == "complete" and old.get("fingerprint") == fp and not force and not gone)
     problems = check(old) if current and check is not None else []
     if problems:
-        print(f"[{name}] complete, but {'; '.join(problems)}: repairing", flush=True)
+        log.info(f"[{name}] complete, but {'; '.join(problems)}: repairing")
     if current and not problems:
         note = " [built with a RANDOM-INIT backbone]" if old.get("outputs", {}).get("random_init") else ""
-        print(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes{note}", flush=True)
+        log.info(f"[{name}] up to date (fingerprint {fp}), skipped; --force recomputes{note}")
         return old
     if gone and old.get("fingerprint") == fp:
-        print(f"[{name}] complete, but {', '.join(gone)} no longer exists: recomputing", flush=True)
+        log.info(f"[{name}] complete, but {', '.join(gone)} no longer exists: recomputing")
     fresh = force
     if old and old.get("fingerprint") != fp:
         keys = changed_keys({"config": old.get("config", {}), "inputs": old.get("inputs", {})},
                             {"config": config, "inputs": inputs})
-        print(f"[{name}] changed since the last run ({', '.join(keys) or 'fingerprint'}): recomputing", flush=True)
+        log.info(f"[{name}] changed since the last run ({', '.join(keys) or 'fingerprint'}): recomputing")
         fresh = True
     elif old and old.get("status") != "complete" and not force:
-        print(f"[{name}] resuming an interrupted run", flush=True)
+        log.info(f"[{name}] resuming an interrupted run")
     manifest = {
         "stage": name,
         "status": "running",
@@ -194,7 +195,7 @@ def _run_stage(stage_dir: Path, name: str, config: dict[str, Any], inputs: dict[
     )
     atomic_write_text(path, json.dumps(manifest, indent=2))
     if summary:
-        print(f"[{name}] {summary}", flush=True)
+        log.info(f"[{name}] {summary}")
     return manifest
 
 

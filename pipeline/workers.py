@@ -171,6 +171,27 @@ def chunk_loader(pending: list[int], load: Callable[[int], Any], workers: int = 
         pin_memory=pin_memory, prefetch_factor=2 if workers else None)
 
 
+def _load_groups(pending: list[int], load: Callable[[int], Any], workers: int, pin_memory: bool, group: int,
+                 loads: queue.Queue, errors: list[BaseException]) -> None:
+    """`overlapped`'s loader thread: groups of `group` loaded chunks onto `loads`, then None (always, even after an
+    error, which it records)."""
+    torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
+    try:
+        batch: list[Any] = []
+        for item in chunk_loader(pending, load, workers, pin_memory):
+            if errors:  # the writer failed: stop decoding
+                break
+            batch.append(item)
+            if len(batch) == group:
+                loads.put(batch)
+                batch = []
+        if batch and not errors:
+            loads.put(batch)
+    except BaseException as exc:
+        errors.append(exc)
+    loads.put(None)
+
+
 def overlapped(pending: list[int], load: Callable[[int], Any],
                compute: Callable[[list[Any]], list[tuple[int, dict]]], write: Callable[[int, dict], None],
                workers: int = 0, pin_memory: bool = False, group: int = 1) -> None:
@@ -188,23 +209,6 @@ def overlapped(pending: list[int], load: Callable[[int], Any],
     writes: queue.Queue = queue.Queue(maxsize=2)
     errors: list[BaseException] = []
 
-    def loader() -> None:
-        torch.set_num_threads(1)  # OpenMP's limit is per thread: the backbone keeps every core
-        try:
-            batch: list[Any] = []
-            for item in chunk_loader(pending, load, workers, pin_memory):
-                if errors:  # the writer failed: stop decoding
-                    break
-                batch.append(item)
-                if len(batch) == group:
-                    loads.put(batch)
-                    batch = []
-            if batch and not errors:
-                loads.put(batch)
-        except BaseException as exc:
-            errors.append(exc)
-        loads.put(None)
-
     def writer() -> None:
         while (items := writes.get()) is not None:
             if errors:
@@ -215,7 +219,8 @@ def overlapped(pending: list[int], load: Callable[[int], Any],
             except BaseException as exc:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=loader, daemon=True), threading.Thread(target=writer, daemon=True)]
+    threads = [threading.Thread(target=_load_groups, args=(pending, load, workers, pin_memory, group, loads, errors),
+                                daemon=True), threading.Thread(target=writer, daemon=True)]
     for t in threads:
         t.start()
     loader_done = False  # the loader's final None has been taken off the queue

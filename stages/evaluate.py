@@ -48,6 +48,7 @@ from pipeline.evaluation import (
 from pipeline.files import atomic_write_text
 from pipeline.graph import Build, Step, build, method_of
 from pipeline.hp.online_probes import crf_enabled, online_probe_settings, protocol_of
+from pipeline.log import log
 from pipeline.paths import inside
 from pipeline.probes import linear_optimizer, probes_of
 from pipeline.report import relative_path
@@ -164,7 +165,7 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     files = {"metrics": out / "metrics.json", "report": out / "report.md", **pictures}
     if (rdir / "curves.png").exists():  # the training curves, so the console names every picture of the run
         files["training curves"] = rdir / "curves.png"
-    print(console_summary(rows, files, train_store.random_init), flush=True)
+    log.info(console_summary(rows, files, train_store.random_init))
     head = next((r for r in rows if r["features"] == "head" and not r["crf"]), None)
     best = f"{head['name']} {head['miou']:.1f} mIoU / {head['acc']:.1f} Acc" if head else "no head row"
     note = " [RANDOM-INIT backbone]" if train_store.random_init else ""

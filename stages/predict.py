@@ -30,6 +30,7 @@ from pipeline.config import Config
 from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
+from pipeline.log import log
 from pipeline.plots import blend, palette, save_label_png
 from pipeline.probes import LinearProbe, cosine_scores
 from pipeline.workers import resolve_backbone
@@ -91,7 +92,7 @@ def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path 
               "random_init_backbone": model.backbone.random_init}
     atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))
     note = " [RANDOM-INIT backbone]" if model.backbone.random_init else ""
-    print(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
+    log.info(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
     return {"out": str(out), "images": len(images)}
 
 

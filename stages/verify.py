@@ -12,7 +12,6 @@ Exit codes: 0 every chunk of every store verifies; 1 something is bad or unfinis
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from cache.integrity import SIZE, StoreCheck, mark_bad, read_records, record_arr
 from cache.schema import SCHEMA_VERSION
 from pipeline.errors import UserError
 from pipeline.locks import hold, store_lock
+from pipeline.log import log
 
 
 def require_store(url: str) -> zarr.Group:
@@ -95,8 +95,8 @@ def run(urls: list[str], stage_dir: Path, threads: int = 8) -> int:
 
 
 def _out(message: str) -> None:
-    print(f"[verify] {message}", flush=True)
+    log.info(f"[verify] {message}")
 
 
 def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    log.error(f"error: {message}")

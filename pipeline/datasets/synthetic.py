@@ -344,16 +344,9 @@ def _person(c: _Canvas, bottom: float, height: float, x: float) -> None:
     c.shape((cy - head_r, cy - head_r * 0.3, x - head_r, x + head_r), PERSON, hair, shape=head)
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: (H, W, 3) uint8 image and its exact (H, W) uint8 label map."""
-    c = _Canvas(rng, size)
-    S = float(size)
-    horizon = S * rng.uniform(0.28, 0.55)
-    hz_line = horizon + S * rng.uniform(0, 0.03) * np.sin(2 * np.pi * (c.xx / S * rng.uniform(0.5, 2)
-                                                                        + rng.random()))
-    c.region(np.broadcast_to(c.yy < hz_line, (size, size)), _sky(c, horizon), SKY)
-
-    # ground: 1-3 wavy bands of grass / water / road, then maybe a road running to the horizon
+def _ground(c: _Canvas, rng: np.random.Generator, horizon: float, hz_line: np.ndarray) -> None:
+    """Below the horizon: 1-3 wavy bands of grass / water / road, then maybe a road running to the horizon."""
+    S = float(c.size)
     n_bands = int(rng.integers(1, 4))
     cuts = np.sort(rng.uniform(horizon, S, n_bands - 1))
     classes, prev = [], -1
@@ -381,6 +374,18 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
         c.region(road, _road(c), ROAD)
         mark = road & (np.abs(c.xx - cx) <= half * 0.03 + 0.5) & (np.sin(2 * np.pi * 6 * np.sqrt(t)) > 0)
         c.region(mark, c.colour(PAINT_COLOURS, 8), ROAD)
+
+
+def render_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: (H, W, 3) uint8 image and its exact (H, W) uint8 label map."""
+    c = _Canvas(rng, size)
+    S = float(size)
+    horizon = S * rng.uniform(0.28, 0.55)
+    hz_line = horizon + S * rng.uniform(0, 0.03) * np.sin(2 * np.pi * (c.xx / S * rng.uniform(0.5, 2)
+                                                                        + rng.random()))
+    c.region(np.broadcast_to(c.yy < hz_line, (size, size)), _sky(c, horizon), SKY)
+
+    _ground(c, rng, horizon, hz_line)
 
     # buildings stand on the horizon, behind everything on the ground
     for _ in range(int(rng.integers(0, 5))):

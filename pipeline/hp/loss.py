@@ -93,6 +93,73 @@ def _check_shapes(f, s_m, z, z_mix, r, r_m, u) -> None:
         raise ValueError(f"hp_loss: u must be (n, N) = {(n, b * n)}, got {tuple(u.shape)}")
 
 
+@dataclass
+class _Rows:
+    """One batch's patches as rows (N = B·n), in the loss's dtype, and the settings every tile reads."""
+
+    f: torch.Tensor  # (N, C) unit backbone features, detached
+    s_m: torch.Tensor  # (N, D) unit EMA codes, detached
+    r: torch.Tensor  # (N,) pool criteria of f
+    r_m: torch.Tensor  # (N,) pool criteria of s_m
+    z: torch.Tensor  # (N, D) unit projections (a leaf when gradients are wanted)
+    z_mix: torch.Tensor  # (N, D)
+    u: torch.Tensor  # (n, N) uniform contrast draws
+    n: int  # patches per image
+    lam: float
+    tau: float
+    rho: float
+    need_grad: bool
+
+
+@dataclass
+class _Tile:
+    """What one tile of anchors contributes: per-anchor losses, W_i, ∂ Σ_i W_i·l_i and the positives counted."""
+
+    l_ghp: torch.Tensor
+    l_lhp: torch.Tensor
+    w_sum: torch.Tensor
+    grads: tuple[torch.Tensor, torch.Tensor] | None
+    positives: int
+
+
+def _tile(rows: _Rows, rnd: int, anchors: torch.Tensor) -> _Tile | None:
+    """The anchors `anchors` of round `rnd` (§5); None when none of them has a hidden positive."""
+    total = rows.f.shape[0]
+    g_mask = positive_masks(rows.f[anchors], rows.f, rows.r[anchors], rows.r, anchors)  # §5: G_i
+    h_mask = positive_masks(rows.s_m[anchors], rows.s_m, rows.r_m[anchors], rows.r_m, anchors)  # §5: H_i
+    keep = g_mask.any(dim=1)  # §5: anchors with G_i empty are dropped (before the log-sum-exp)
+    if not bool(keep.any()):
+        return None
+    anchors, g_mask, h_mask = anchors[keep], g_mask[keep], h_mask[keep]
+    k_pos = anchors - rnd * rows.n  # §5: k(i), the position of i in its image
+    contrast = (g_mask | (rows.u[k_pos] < rows.rho)) & _not_self(anchors, total)  # §5: Dn_i (H_i not in it)
+    w = g_mask.to(rows.f.dtype) + rows.lam * h_mask.to(rows.f.dtype)  # §5: w_ij = 1[j∈G_i] + λ·1[j∈H_i]
+    w_sum = w.sum(dim=1)  # §5: W_i = Σ_j w_ij
+    grads = None
+    with torch.enable_grad():
+        l_g = anchor_losses(rows.z[anchors], rows.z, contrast, w, rows.tau)  # §5: GHP term, z
+        l_l = anchor_losses(rows.z_mix[anchors], rows.z_mix, contrast, w, rows.tau)  # §5: LHP term, z_mix
+        if rows.need_grad:  # ∂ Σ_i W_i·l_i (module docstring); scaled once the round's Σ_k W_k is known
+            grads = torch.autograd.grad((w_sum * l_g).sum() + (w_sum * l_l).sum(), [rows.z, rows.z_mix])
+    return _Tile(l_g.detach(), l_l.detach(), w_sum, grads, int((g_mask | h_mask).sum()))
+
+
+def _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator) -> _Rows:
+    """The inputs as rows in float32 or better (§5); u drawn here when not given: one uniform (n x N) matrix per
+    loss call, shared by all B rounds (§5)."""
+    b, n = z.shape[:2]
+    total, device = b * n, z.device
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # §5: float32 or better
+    if u is None:
+        gen_device = generator.device if generator is not None else device
+        u = torch.rand((n, total), generator=generator, device=gen_device)
+    need_grad = torch.is_grad_enabled() and (z.requires_grad or z_mix.requires_grad)
+    as_rows = lambda x: x.detach().reshape(total, -1).to(dtype)  # noqa: E731
+    return _Rows(as_rows(f), as_rows(s_m), as_rows(r).reshape(total), as_rows(r_m).reshape(total),
+                 as_rows(z).requires_grad_(need_grad), as_rows(z_mix).requires_grad_(need_grad), u.to(device), n,
+                 lam, tau, rho, need_grad)
+
+
 def hp_loss(
     f: torch.Tensor,
     s_m: torch.Tensor,
@@ -116,74 +183,45 @@ def hp_loss(
     contributes 0 (the reference would give NaN for both).
     """
     _check_shapes(f, s_m, z, z_mix, r, r_m, u)
-    b, n = z.shape[:2]
-    total, device = b * n, z.device
-    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # §5: float32 or better
-    scale = tau / TAU_BASE  # §5: (τ/0.07)
-    f_rows, sm_rows = f.detach().reshape(total, -1).to(dtype), s_m.detach().reshape(total, -1).to(dtype)
-    r_rows, rm_rows = r.detach().reshape(total).to(dtype), r_m.detach().reshape(total).to(dtype)
-    if u is None:  # §5: one uniform (n x N) matrix per loss call, shared by all B rounds
-        gen_device = generator.device if generator is not None else device
-        u = torch.rand((n, total), generator=generator, device=gen_device)
-    u = u.to(device)
     if anchor_tile is not None and anchor_tile < 0:
         raise ValueError(f"hp_loss: anchor_tile must be positive (or 0/None for whole rounds), got {anchor_tile}")
-    tile = anchor_tile or n
-    need_grad = torch.is_grad_enabled() and (z.requires_grad or z_mix.requires_grad)
-    z_rows = z.detach().reshape(total, -1).to(dtype).requires_grad_(need_grad)
-    zmix_rows = z_mix.detach().reshape(total, -1).to(dtype).requires_grad_(need_grad)
-    grads = [torch.zeros_like(z_rows), torch.zeros_like(zmix_rows)] if need_grad else []
-    ghp = torch.zeros((), dtype=dtype, device=device)
-    lhp = torch.zeros((), dtype=dtype, device=device)
+    b, n = z.shape[:2]
+    rows = _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator)
+    tile, device, scale = anchor_tile or n, z.device, tau / TAU_BASE  # §5: (τ/0.07)
+    grads = [torch.zeros_like(rows.z), torch.zeros_like(rows.z_mix)] if rows.need_grad else []
+    ghp = torch.zeros((), dtype=rows.z.dtype, device=device)
+    lhp = torch.zeros((), dtype=rows.z.dtype, device=device)
     kept, positives = 0, 0
 
     with torch.autocast(device.type, enabled=False), torch.no_grad():
         for rnd in range(b):  # §5: round b = the n anchors of image b against all N patches
-            l_ghp, l_lhp, w_sums = [], [], []
-            round_grads = [torch.zeros_like(z_rows), torch.zeros_like(zmix_rows)] if need_grad else []
-            for start in range(0, n, tile):
-                anchors = torch.arange(rnd * n + start, rnd * n + min(start + tile, n), device=device)
-                g_mask = positive_masks(f_rows[anchors], f_rows, r_rows[anchors], r_rows, anchors)  # §5: G_i
-                h_mask = positive_masks(sm_rows[anchors], sm_rows, rm_rows[anchors], rm_rows, anchors)  # §5: H_i
-                keep = g_mask.any(dim=1)  # §5: anchors with G_i empty are dropped (before the log-sum-exp)
-                if not bool(keep.any()):
-                    continue
-                anchors, g_mask, h_mask = anchors[keep], g_mask[keep], h_mask[keep]
-                k_pos = anchors - rnd * n  # §5: k(i), the position of i in its image
-                contrast = (g_mask | (u[k_pos] < rho)) & _not_self(anchors, total)  # §5: Dn_i (H_i not in it)
-                w = g_mask.to(dtype) + lam * h_mask.to(dtype)  # §5: w_ij = 1[j∈G_i] + λ·1[j∈H_i]
-                w_sum = w.sum(dim=1)  # §5: W_i = Σ_j w_ij
-                with torch.enable_grad():
-                    l_g = anchor_losses(z_rows[anchors], z_rows, contrast, w, tau)  # §5: GHP term, z
-                    l_l = anchor_losses(zmix_rows[anchors], zmix_rows, contrast, w, tau)  # §5: LHP term, z_mix
-                    if need_grad:  # ∂ Σ_i W_i·l_i (module docstring); scaled once the round's Σ_k W_k is known
-                        tile_grads = torch.autograd.grad((w_sum * l_g).sum() + (w_sum * l_l).sum(), [z_rows, zmix_rows])
-                        for acc, g in zip(round_grads, tile_grads, strict=True):
-                            acc += g
-                l_ghp.append(l_g.detach())
-                l_lhp.append(l_l.detach())
-                w_sums.append(w_sum)
-                positives += int((g_mask | h_mask).sum())
-            if not w_sums:  # no kept anchor in this round: it contributes 0
+            tiles = [_tile(rows, rnd, torch.arange(rnd * n + start, rnd * n + min(start + tile, n), device=device))
+                     for start in range(0, n, tile)]
+            tiles = [t for t in tiles if t is not None]
+            positives += sum(t.positives for t in tiles)
+            if not tiles:  # no kept anchor in this round: it contributes 0
                 continue
-            w_sum = torch.cat(w_sums)
+            w_sum = torch.cat([t.w_sum for t in tiles])
             omega = w_sum / w_sum.mean()  # §5: ω_i = W_i / mean_k W_k over the round's kept anchors
-            ghp += (scale * torch.cat(l_ghp) * omega).mean()  # §5: round loss mean_i((τ/0.07)·l_i·ω_i), GHP
-            lhp += (scale * torch.cat(l_lhp) * omega).mean()  # §5: the same with z_mix, LHP
+            ghp += (scale * torch.cat([t.l_ghp for t in tiles]) * omega).mean()  # §5: mean_i((τ/0.07)·l_i·ω_i), GHP
+            lhp += (scale * torch.cat([t.l_lhp for t in tiles]) * omega).mean()  # §5: the same with z_mix, LHP
             kept += len(w_sum)
-            for acc, g in zip(grads, round_grads, strict=True):
-                acc += g * (scale / w_sum.sum())  # ∂ round loss = (τ/0.07)/Σ_k W_k · ∂ Σ_i W_i·l_i
+            for which, acc in enumerate(grads):  # ∂ round loss = (τ/0.07)/Σ_k W_k · ∂ Σ_i W_i·l_i
+                acc += sum_in_order([t.grads[which] for t in tiles]) * (scale / w_sum.sum())
 
     ghp, lhp = ghp / (2 * b), lhp / (2 * b)  # §5: L_hp = Σ_rounds (GHP + LHP) / (2B)
     loss = ghp + lhp
-    if need_grad:
+    if rows.need_grad:
         grad_z = (grads[0] / (2 * b)).reshape(z.shape).to(z.dtype)
         grad_z_mix = (grads[1] / (2 * b)).reshape(z_mix.shape).to(z_mix.dtype)
         loss = _PrecomputedGrad.apply(loss, z, z_mix, grad_z, grad_z_mix)
-    return LossOutput(
-        loss=loss,
-        ghp_term=ghp.detach(),
-        lhp_term=lhp.detach(),
-        positives_per_anchor=positives / kept if kept else 0.0,
-        kept_anchors=kept / total,
-    )
+    return LossOutput(loss=loss, ghp_term=ghp.detach(), lhp_term=lhp.detach(),
+                      positives_per_anchor=positives / kept if kept else 0.0, kept_anchors=kept / (b * n))
+
+
+def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """0 + parts[0] + parts[1] + ...: the accumulation order (and so the float rounding) of a running sum."""
+    total = torch.zeros_like(parts[0])
+    for part in parts:
+        total += part
+    return total
