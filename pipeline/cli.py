@@ -6,7 +6,6 @@ reaches any key that has no option of its own.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ from pipeline.dask_client import set_tls_files
 from pipeline.errors import UserError
 from pipeline.locks import LockHeld
 from pipeline.runs import RunSettings
+from pipeline.settings import FeatureDtype, Probe, ProbeSet, Renewal, Scheduler, TrainDevice
 from pipeline.settings import Method as TrainMethod
 from pipeline.settings import Split as SplitChoice
 
@@ -184,7 +184,7 @@ def features(
     trust_weights: TrustWeights = False,
     n_views: Annotated[int | None, typer.Option(help="Photometric views per training crop.")] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Samples per chunk (= backbone batch).")] = None,
-    scheduler: Annotated[str, typer.Option(help="local | local-cluster | distributed.")] = "local",
+    scheduler: Annotated[Scheduler, typer.Option(help="Where chunks are computed.")] = Scheduler.local,
     address: Annotated[str | None, typer.Option(help="dask scheduler for --scheduler distributed: tls://HOST:PORT "
                                                 "(with --tls-*), or tcp:// on a trusted network.")] = None,
     workers: Annotated[int, typer.Option(help="Workers for --scheduler local-cluster.")] = 2,
@@ -201,8 +201,6 @@ def features(
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
-    if split not in ("train", "val", "all"):
-        raise UserError(f"--split must be train, val or all, got '{split}'")
     splits = ["train", "val"] if split == "all" else [split]
     if store and len(splits) > 1:
         raise UserError("--store names one store: pass --split train or --split val with it")
@@ -240,8 +238,6 @@ def verify(
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method,
                           n_views=n_views, chunk_size=chunk_size)
-    if split not in ("train", "val", "all"):
-        raise UserError(f"--split must be train, val or all, got '{split}'")
     splits = ["train", "val"] if split == "all" else [split]
     where = paths.hcl_store_url if method_of(config) == "hcl" else paths.store_url
     urls = [store] if store else [where(config, workdir, s) for s in splits]
@@ -261,7 +257,7 @@ def train(
     trust_weights: TrustWeights = False,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (hp.epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (hp.batch_size).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda (train.device).")] = None,
+    device: Annotated[TrainDevice | None, typer.Option(help="train.device.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run from its checkpoint "
                                               "(--no-resume starts it over).")] = True,
     set_: Sets = None,
@@ -288,7 +284,7 @@ def evaluate(
     weights: Weights = None,
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
-    probe: Annotated[str | None, typer.Option(help="cluster, linear or all (evaluate.probes).")] = None,
+    probe: Annotated[ProbeSet | None, typer.Option(help="evaluate.probes: one probe, or all.")] = None,
     crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on the val predictions.")] = None,
     tls_ca_file: TlsCa = None,
     tls_cert: TlsCert = None,
@@ -300,8 +296,6 @@ def evaluate(
     raw features."""
     from pipeline.graph import build
 
-    if probe and probe not in ("cluster", "linear", "all"):
-        raise UserError(f"--probe must be cluster, linear or all, got '{probe}'")
     # evaluate.crf holds "True"/"False" from --crf/--no-crf, as evaluations were always fingerprinted with
     typed = {"evaluate.probes": "cluster,linear" if probe == "all" else probe,
              "evaluate.crf": None if crf is None else str(crf)}
@@ -320,7 +314,7 @@ def predict(
     method: Method = None,
     workdir: Workdir = Path("work"),
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/predictions).")] = None,
-    probe: Annotated[str, typer.Option(help="cluster or linear.")] = "cluster",
+    probe: Annotated[Probe, typer.Option(help="Which trained probe maps codes to classes.")] = Probe.cluster,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Dense CRF on each prediction.")] = False,
     backbone: Backbone = None,
     weights: Weights = None,
@@ -336,8 +330,6 @@ def predict(
     """
     from stages import predict as stage
 
-    if probe not in ("cluster", "linear"):
-        raise UserError(f"--probe must be cluster or linear, got '{probe}'")  # predict: one probe at a time
     settings = build_run_config(dataset, workdir, run, None, set_, backbone, weights, random_init, method,
                                 trust_weights)  # the backbone and geometry the run was trained with
     stage.run(settings.config, workdir, settings.run, source, out, probe, crf)
@@ -543,7 +535,7 @@ def bench_train(
     pool_size: Annotated[int, typer.Option(help="Reference pool size.")] = 32,
     renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 5,
     repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
-    method: Annotated[str, typer.Option(help="hp or hcl.")] = "hp",
+    method: Annotated[TrainMethod, typer.Option(help="The method whose training is timed.")] = TrainMethod.hp,
     workdir: Workdir = Path("work"),
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
@@ -574,9 +566,10 @@ def bench_scale(
     resolution: Annotated[int, typer.Option(help="Crop size in pixels (grid = resolution / patch).")] = 224,
     patch: Annotated[int, typer.Option(help="Patch size of the (simulated) backbone.")] = 16,
     dim: Annotated[int, typer.Option(help="Feature channels C.")] = 384,
-    dtype: Annotated[str, typer.Option(help="Stored features: float16 or int8.")] = "float16",
+    dtype: Annotated[FeatureDtype, typer.Option(help="Stored features.")] = FeatureDtype.float16,
     unique_chunks: Annotated[int, typer.Option(help="Chunks of their own per store; the rest hard links.")] = 128,
-    renewal: Annotated[str, typer.Option(help="chunks (hp-pipe) or gather (the old way, to compare).")] = "chunks",
+    renewal: Annotated[Renewal, typer.Option(help="chunks (hp-pipe) or gather (the old way, to compare).")
+                       ] = Renewal.chunks,
     repeats: Annotated[int, typer.Option(help="Renewals timed per size (median reported).")] = 5,
     workdir: Workdir = Path("work"),
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
@@ -591,10 +584,6 @@ def bench_scale(
         raise UserError(f"--sizes must be comma-separated crop counts, e.g. 2000,20000,50000; got '{sizes}'") from None
     if not size_list or min(size_list) < batch_size:
         raise UserError(f"--sizes: every store needs at least one batch of {batch_size} crops; got '{sizes}'")
-    if dtype not in ("float16", "int8"):
-        raise UserError(f"--dtype must be float16 or int8, got '{dtype}'")
-    if renewal not in ("chunks", "gather"):
-        raise UserError(f"--renewal must be chunks or gather, got '{renewal}'")
     stage.scale(size_list, workdir, iterations, batch_size, head_dim, pool_size, renew_interval, chunk_size,
                 resolution, patch, dim, 2, dtype, unique_chunks, repeats, renewal, as_json=json_)
 
@@ -612,8 +601,9 @@ def bench_quality(
     planted: Annotated[bool, typer.Option("--planted", help="Planted features with a known answer (no backbone): "
                                                "HP head vs raw features vs a deliberately broken loss.")] = False,
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
-    method: Annotated[str, typer.Option(help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at "
-                                             "the start, middle and end of training).")] = "hp",
+    method: Annotated[TrainMethod, typer.Option(
+        help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at the start, middle and end of "
+             "training).")] = TrainMethod.hp,
     style: Annotated[float | None, typer.Option(help="With --planted: a control run with another image-style "
                                                      "strength (the bench's generator keeps 1.1; 0: no style).")
                      ] = None,
@@ -624,8 +614,6 @@ def bench_quality(
     if planted:
         from pipeline.benches import planted as bench_planted
 
-        if method not in ("hp", "hcl"):
-            raise UserError(f"--method must be hp or hcl, got '{method}'")
         run = bench_planted.planted_hcl_quality if method == "hcl" else bench_planted.planted_quality
         run(seeds, workdir, json_, bench_planted.with_style(method, style))
         return
@@ -655,7 +643,6 @@ def bench_evaluate(
 def main() -> None:
     """Entry point: user errors print one line and exit 2; runtime failures (a stage or store locked by another
     runner, disk full, other OS errors) one line and exit 1; Ctrl-C keeps finished work, exit 130."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     interrupted = "\ninterrupted: finished work is kept; rerun the same command to resume"
     try:
         app()

@@ -116,6 +116,29 @@ class FeatureKind(StrEnum):
     raw = "raw"
 
 
+class Scheduler(StrEnum):
+    """The command line's --scheduler for the features stages (not a config key)."""
+
+    local = "local"
+    local_cluster = "local-cluster"
+    distributed = "distributed"
+
+
+class ProbeSet(StrEnum):
+    """The command line's --probe for evaluate: one probe or both (evaluate.probes)."""
+
+    cluster = "cluster"
+    linear = "linear"
+    all = "all"
+
+
+class Renewal(StrEnum):
+    """`bench scale --renewal`: hp-pipe's whole-chunk renewal, or gathering every chunk the images fall in."""
+
+    chunks = "chunks"
+    gather = "gather"
+
+
 class Split(StrEnum):
     """The command line's --split: one split's stores, or both (not a config key)."""
 

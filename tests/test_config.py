@@ -166,14 +166,19 @@ def test_cli_conventions():
         assert "<bool>" not in short.output and "…" not in short.output
     assert "repeat" in runner.invoke(app, ["train", "-h"]).output  # --set says it can be given several times
     assert "--data-root" not in runner.invoke(app, ["report", "-h"]).output  # only options that apply
-    for args, words in ((["evaluate", "--probe", "x"], "cluster, linear or all"),):
-        result = runner.invoke(app, args)
-        assert isinstance(result.exception, UserError) and words in str(result.exception)  # the help's wording
-        assert words in runner.invoke(app, [args[0], "-h"]).output
     # a choice (an enum): listed in --help, and a wrong one refused by typer with the choices, before any work
-    assert "--split <train|val|all>" in runner.invoke(app, ["features", "-h"]).output
-    result = runner.invoke(app, ["features", "--split", "x"])
-    assert result.exit_code == 2 and "'x' is not one of 'train', 'val', 'all'" in result.output
+    for command, option, choices in ((["features"], "--split", ("train", "val", "all")),
+                                     (["features"], "--scheduler", ("local", "local-cluster", "distributed")),
+                                     (["evaluate"], "--probe", ("cluster", "linear", "all")),
+                                     (["predict"], "--probe", ("cluster", "linear")),
+                                     (["train"], "--device", ("auto", "cpu", "cuda")),
+                                     (["bench", "scale"], "--dtype", ("float16", "int8")),
+                                     (["bench", "scale"], "--renewal", ("chunks", "gather")),
+                                     (["bench", "train"], "--method", ("hp", "hcl"))):
+        assert f"{option} <{'|'.join(choices)}>" in runner.invoke(app, [*command, "-h"]).output
+        result = runner.invoke(app, [*command, option, "x"])
+        listed = ", ".join(f"'{c}'" for c in choices)
+        assert result.exit_code == 2 and f"'x' is not one of {listed}" in result.output, (command, option)
 
 
 # ----------------------------------------------------------------------------- the typed schema (pipeline/settings.py)
