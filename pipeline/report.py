@@ -93,22 +93,33 @@ def console_summary(results: list[dict], files: dict[str, str | Path], random_in
     return "\n".join(lines)
 
 
+def backbone_family(name: str) -> str | None:
+    """DINO, DINOv2 or DINOv3 from a timm name (its tag or its model name), None for any other ViT."""
+    for family, mark in (("DINOv3", "dinov3"), ("DINOv2", "dinov2")):
+        if mark in name:
+            return family
+    return "DINO" if name.endswith(".dino") else None
+
+
 def backbone_label(name: str) -> str:
-    """timm's name as papers write it: vit_small_patch8_224.dino -> ViT-S/8 (DINO)."""
-    m = re.match(r"vit_(tiny|small|base|large)_patch(\d+)", name)
+    """timm's name as papers write it: vit_small_patch8_224.dino -> ViT-S/8 (DINO),
+    vit_small_patch14_reg4_dinov2.lvd142m -> ViT-S/14 reg4 (DINOv2)."""
+    m = re.match(r"vit_(tiny|small|base|large)_patch(\d+)(?:_224)?(?:_(reg\d+))?", name)
     if not m:
         return name
     size = {"tiny": "Ti", "small": "S", "base": "B", "large": "L"}[m.group(1)]
-    return f"ViT-{size}/{m.group(2)}" + (" (DINO)" if name.endswith(".dino") else "")
+    family = backbone_family(name)
+    return f"ViT-{size}/{m.group(2)}" + (f" {m.group(3)}" if m.group(3) else "") + (f" ({family})" if family else "")
 
 
 def raw_features_label(backbone: str, random_init: bool) -> str:
     """The raw-feature rows' name, saying what the features are: "ViT-S/16 features (random init)" for an
-    untrained backbone, "DINO ViT-S/16" for DINO's weights (the papers' "DINO" rows)."""
-    arch = backbone_label(backbone).removesuffix(" (DINO)")
+    untrained backbone, "DINO ViT-S/16" for DINO's weights (the papers' "DINO" rows), "DINOv2 ViT-S/14 reg4"."""
+    family = backbone_family(backbone)
+    arch = backbone_label(backbone).removesuffix(f" ({family})")
     if random_init:
         return f"{arch} features (random init)"
-    return f"DINO {arch}" if backbone.endswith(".dino") else f"{arch} features"
+    return f"{family} {arch}" if family else f"{arch} features"
 
 
 def paper_comparison(config: dict[str, dict[str, Any]], random_init: bool, protocol: str,

@@ -14,6 +14,9 @@ from pipeline.wording import plural
     ("vit_small_patch8_224.dino", False, "DINO ViT-S/8"),
     ("vit_base_patch16_224.dino", True, "ViT-B/16 features (random init)"),
     ("vit_base_patch8_224", False, "ViT-B/8 features"),
+    ("vit_small_patch14_reg4_dinov2.lvd142m", False, "DINOv2 ViT-S/14 reg4"),
+    ("vit_small_patch14_dinov2.lvd142m", True, "ViT-S/14 features (random init)"),
+    ("vit_base_patch16_dinov3.lvd1689m", False, "DINOv3 ViT-B/16"),
 ])
 def test_raw_rows_are_named_by_what_they_are(backbone, random_init, expected):
     assert raw_features_label(backbone, random_init) == expected
