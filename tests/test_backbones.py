@@ -438,3 +438,17 @@ def test_a_checkpoint_in_the_authors_layout_loads_through_timms_converter(name, 
     torch.save({k: torch.zeros(1).expand(v.shape) for k, v in other.state_dict().items()}, path)
     with pytest.raises(UserError, match=r"patch8\.pth.*shape mismatch.*vit_small_patch8_224\.dino"):
         load_backbone(name, str(path))
+
+
+def test_bench_features_reports_each_familys_grid(tmp_path, capsys):
+    """`bench features --backbone` per family: the grid, patch and prefix tokens it reports are the model's, and
+    the stored feature bytes per crop follow the grid (16x16 patches at 224 for patch 14, here 4x4 at 56)."""
+    import json
+
+    from pipeline.benches.features import features as bench_features
+
+    bench_features(2, 56, DINOV2_REG, "random", 1, 2, 1, tmp_path, True)
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (figures["patch"], figures["grid"], figures["prefix_tokens"]) == (14, 4, 5)
+    assert figures["passes_bare"] == figures["passes_stage"]
+    assert figures["raw_fp16_feature_bytes_per_image"] >= 4 * 4 * 384 * 2 * 2  # feat + one view, fp16, 16 patches

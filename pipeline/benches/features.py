@@ -150,6 +150,8 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "images": n,
         "backbone": backbone + (" [random-init]" if model.random_init else ""),
         "resolution": resolution,
+        "patch": model.patch_size, "grid": resolution // model.patch_size,  # a whole grid (checked by the stage)
+        "prefix_tokens": model.facts.num_prefix_tokens,  # CLS + registers: never stored
         "forward_passes_per_image": 1 + n_views,
         "passes_bare": passes["bare"], "passes_stage": passes["stage"],  # all repeats: equal, or the bench fails
         "bare_images_per_s": round(n / statistics.median(bare), 2),
