@@ -24,6 +24,8 @@ from pipeline.workers import feature_backbone
 
 
 def report(figures: dict, as_json: bool) -> None:
+    """A bench's result: its figures as a table on stdout (with --json, the same as one JSON line last). This is the
+    command's output, not a message, so it is printed whatever --quiet says."""
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         print(f"{key:{width}}  {value}")

@@ -38,6 +38,7 @@ from pipeline.hp import training as hp_training
 from pipeline.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.hp.pool import PoolIndex, pick_patches
 from pipeline.hp.step import HPHeads
+from pipeline.log import log
 from pipeline.planted import (
     N_CLASSES,
     PlantedSettings,
@@ -304,9 +305,9 @@ def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
     results = []
     for seed in range(seeds):
         r = run_seed_hcl(bench, seed, Path(workdir) / "bench-planted")
-        print(f"[planted] HCL seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
+        log.info(f"[planted] HCL seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
               f"{r['start']['miou']:.2f}, iteration {r['middle_iteration']} {r['middle']['miou']:.2f}, "
-              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  {r['seconds']:.0f}s", flush=True)
+              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  {r['seconds']:.0f}s")
         results.append(r)
     per = {name: [r[name]["miou"] for r in results] for name in ("end", "raw", "start", "middle")}
     figures = {
@@ -335,8 +336,7 @@ def with_style(method: str, style: float | None) -> PlantedBench | PlantedHCLBen
         return bench
     if not (style >= 0 and np.isfinite(style)):
         raise UserError(f"--style must be a finite number >= 0, got {style}")
-    print(f"[planted] control run: image style {style:g} (the bench's generator uses {bench.planted.style:g})",
-          flush=True)
+    log.info(f"[planted] control run: image style {style:g} (the bench's generator uses {bench.planted.style:g})")
     return dataclasses.replace(bench, planted=dataclasses.replace(bench.planted, style=style))
 
 
@@ -354,13 +354,12 @@ def planted_quality(seeds: int, workdir: Path, as_json: bool, bench: PlantedBenc
     for seed in range(seeds):
         r = run_seed(bench, seed, workdir)
         p = r["precision"]
-        print(f"[planted] seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HP head {r['head']['miou']:.2f}  "
+        log.info(f"[planted] seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HP head {r['head']['miou']:.2f}  "
               f"broken loss {r['broken']['miou']:.2f}  (head at the start {r['head_start']['miou']:.2f})  "
               f"| positive precision G {p['ghp_precision']:.1f}% "
               f"({p['ghp_own_image_share']:.0f}% from the anchor's image, {p['ghp_own_image_precision']:.0f}% "
               f"precise there, {p['ghp_cross_image_precision']:.0f}% across images)  H "
-              f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s",
-              flush=True)
+              f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s")
         results.append(r)
     per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "head_start")}
     prec = {key: [r["precision"][key] for r in results] for key in results[0]["precision"]}
