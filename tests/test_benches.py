@@ -37,3 +37,20 @@ def test_bare_side_of_bench_features_makes_the_stages_passes():
     _, passes = bare_forward_seconds(lambda x: seen.append(len(x)), np.zeros((7, 8, 8, 3), np.uint8), 2, 3)
     assert passes == 7 * (1 + 2) == sum(seen)
     assert seen == [3, 6, 3, 6, 1, 2]  # chunks of 3, 3, 1 images; each with its views in one batch
+
+
+def test_distinct_images_figures_follow_each_presets_settings():
+    """`bench train`'s data-order figures are computed with each preset's own batch, chunk, buffer, seeds and
+    epochs ([hp] and [train]), and hp-pipe's plan is within 1 % of an i.i.d. shuffle (issue 9's target)."""
+    from pipeline.benches.order import TRAIN_IMAGES, distinct_images_figures
+    from pipeline.config import load_config
+
+    figures = distinct_images_figures()
+    for dataset, n_images in TRAIN_IMAGES.items():
+        prefix = "" if dataset == "cocostuff27" else f"{dataset}_"
+        config, setup = load_config(dataset), figures[f"{prefix}distinct_images_setup"]
+        assert setup == {"images": n_images, "crops_per_image": 5, "batch_size": config["hp"]["batch_size"],
+                         "chunk_size": config["features"]["chunk_size"],
+                         "buffer_chunks": config["train"]["buffer_chunks"], "epochs": config["hp"]["epochs"],
+                         "features_seed": config["features"]["seed"], "train_seed": config["hp"]["seed"]}
+        assert 0.99 <= figures[f"{prefix}distinct_images_over_iid"] <= 1.01

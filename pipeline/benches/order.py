@@ -52,7 +52,7 @@ def distinct_images_figures() -> dict[str, Any]:
             f"{prefix}distinct_images_per_batch_image_order": round(old, 3),
             f"{prefix}distinct_images_setup": {
                 "images": n_images, "crops_per_image": crops, "batch_size": t["batch_size"],
-                "chunk_size": f["chunk_size"], "buffer_chunks": t["buffer_chunks"], "epochs": t["epochs"],
+                "chunk_size": f["chunk_size"], "buffer_chunks": config["train"]["buffer_chunks"], "epochs": t["epochs"],
                 "features_seed": f["seed"], "train_seed": t["seed"]},
         })
     figures["iid_distinct_images_method"] = "exact expectation n*(1 - C(N-c,B)/C(N,B)), N = n*c crops"
