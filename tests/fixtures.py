@@ -143,3 +143,24 @@ def kill_training_when(workdir: Path, run: str, sets: dict, ckpt: Path, should_k
     child.wait()
     assert child.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     return seen
+
+
+# ---------------------------------------------------------------- tiny runs shared by several test files
+TINY_TRAIN = {  # an HP run that trains in seconds and checkpoints every 2 iterations (tests/test_train.py, TensorBoard)
+    "dataset.n_train": "4", "dataset.n_val": "1", "dataset.size": "128",
+    "prepare.resolution": "64", "prepare.val_resolution": "64",
+    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
+    "features.n_views": "2", "features.chunk_size": "4",
+    "hp.batch_size": "4", "hp.epochs": "3", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
+}
+TINY_EVALUATE = {  # a run small enough to evaluate in seconds, CRF on (tests/test_evaluate.py, the HTML report)
+    "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
+    "prepare.resolution": "64", "prepare.val_resolution": "64",
+    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
+    "features.n_views": "1", "features.chunk_size": "4",
+    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "32", "hp.pool_size": "16",
+    "hp.renew_interval": "2", "hp.warmup": "2",
+    "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
+    "evaluate.crf_workers": "1", "evaluate.pictures": "2",
+}

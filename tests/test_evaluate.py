@@ -16,17 +16,9 @@ from pipeline.hp.step import HPHeads
 from pipeline.metrics import confusion_matrix, scores
 from stages import evaluate
 from stages import train as train_stage
+from tests.fixtures import TINY_EVALUATE
 
-TINY = {
-    "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
-    "prepare.resolution": "64", "prepare.val_resolution": "64",
-    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
-    "features.n_views": "1", "features.chunk_size": "4",
-    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "32", "hp.pool_size": "16",
-    "hp.renew_interval": "2", "hp.warmup": "2",
-    "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
-    "evaluate.crf_workers": "1", "evaluate.pictures": "2",
-}
+TINY = TINY_EVALUATE
 RAW = "ViT-S/16 features (random init)"  # the raw-feature rows' name: what they are (random weights here), not "DINO"
 
 

@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.html_report import write_html_report
 from pipeline.plots import blend
 from pipeline.report import results_cells
+from tests.fixtures import TINY_EVALUATE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=(
@@ -33,16 +34,7 @@ RESULTS = [
     {"name": "HP overcluster K=48 <b>", "probe": "overcluster", "features": "head", "crf": False, "miou": 20.0,
      "miou_std": 1.5, "acc": 50.0, "acc_std": 0.5, "acc_ref": 12.5, "acc_ref_std": 0.25, "iou": [1.0, 2.0, 3.0]},
 ]
-TINY = {  # a run small enough to evaluate in seconds, CRF on
-    "dataset.n_train": "4", "dataset.n_val": "3", "dataset.size": "128",
-    "prepare.resolution": "64", "prepare.val_resolution": "64",
-    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
-    "features.n_views": "1", "features.chunk_size": "4",
-    "hp.batch_size": "4", "hp.epochs": "2", "hp.head_dim": "32", "hp.pool_size": "16",
-    "hp.renew_interval": "2", "hp.warmup": "2",
-    "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
-    "evaluate.crf_workers": "1", "evaluate.pictures": "2", "evaluate.overcluster": "false",
-}
+TINY = {**TINY_EVALUATE, "evaluate.overcluster": "false"}  # test_evaluate's tiny run, no overclustering
 COMPARISON = {"source": "Table 1 (a test's numbers)", "dataset": "synthetic", "numbers": {},
               "differences": ["random-initialized backbone weights", "2 training epochs (the paper: 30)"]}
 

@@ -20,16 +20,9 @@ from pipeline.tensorboard import EVENTS, ITERATION_SECONDS, matched_clusters, re
 from pipeline.trainer import MetricsLog
 from stages import features
 from stages import train as train_stage
-from tests.fixtures import kill_training_when
+from tests.fixtures import TINY_TRAIN, kill_training_when
 
-TINY = {
-    "dataset.n_train": "4", "dataset.n_val": "2", "dataset.size": "128",
-    "prepare.resolution": "64", "prepare.val_resolution": "64",
-    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
-    "features.n_views": "2", "features.chunk_size": "4",
-    "hp.batch_size": "4", "hp.epochs": "3", "hp.head_dim": "32", "hp.pool_size": "16",
-    "hp.renew_interval": "2", "hp.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
-}
+TINY = {**TINY_TRAIN, "dataset.n_val": "2"}  # two val images: the overlays
 TOTAL = 15  # 20 training crops (4 images five-cropped) / batch 4 = 5 iterations per epoch, 3 epochs
 CHECKPOINTS = [2, 4, 6, 8, 10, 12, 14, 15]
 

@@ -12,16 +12,9 @@ from pipeline.hp import training as hp_training
 from pipeline.runner import read_manifest
 from stages import features
 from stages import train as train_stage
-from tests.fixtures import kill_training_when
+from tests.fixtures import TINY_TRAIN, kill_training_when
 
-TINY = {
-    "dataset.n_train": "4", "dataset.n_val": "1", "dataset.size": "128",
-    "prepare.resolution": "64", "prepare.val_resolution": "64",
-    "features.backbone": "vit_small_patch16_224.dino", "features.weights": "random",
-    "features.n_views": "2", "features.chunk_size": "4",
-    "hp.batch_size": "4", "hp.epochs": "3", "hp.head_dim": "32", "hp.pool_size": "16",
-    "hp.renew_interval": "2", "hp.warmup": "4", "train.log_interval": "1", "train.checkpoint_interval": "2",
-}
+TINY = TINY_TRAIN
 
 
 def tiny_config(**extra):
