@@ -4,7 +4,7 @@ Pure tensor code, no I/O: pipeline/hp/training.py wires these to the feature cac
 """
 
 from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
-from pipeline.hp.loss import LossOutput, anchor_losses, hp_loss, positive_masks
+from pipeline.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.hp.pool import BACKENDS, PoolIndex, pick_patches
 from pipeline.hp.schedule import lambda_at, renews_at
 
@@ -14,7 +14,6 @@ __all__ = [
     "PoolIndex",
     "ProjectionHead",
     "SegmentationHead",
-    "anchor_losses",
     "ema_update",
     "hp_loss",
     "lambda_at",
