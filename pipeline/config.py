@@ -47,7 +47,48 @@ def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
     check_config(config)
+    whole_grids(config, set(overrides or {}))
     return config
+
+
+# the resolutions a backbone cuts into patches; prepare.* are HP's, hcl_features.* HCL's (crop_resolution is a
+# resize before the views, not a grid)
+GRID_KEYS = ("prepare.resolution", "prepare.val_resolution", "hcl_features.resolution", "hcl_features.val_resolution")
+_said: set[str] = set()
+
+
+def nearest_whole(resolution: int, patch: int) -> int:
+    """The multiple of `patch` nearest to `resolution` (ties: the larger), at least one patch."""
+    return max(patch, patch * ((2 * resolution + patch) // (2 * patch)))
+
+
+def whole_grids(config: Config, explicit: set[str]) -> None:
+    """The preset resolutions are DINO's (patch 8 and 16 divide them all); for a backbone whose patch does not
+    divide one, the config holds the nearest whole multiple instead (320 -> 322 at patch 14), so every
+    fingerprint and run record carries the resolution actually used. A resolution set on the command line is
+    never changed: one that is not whole is refused here, before any work. Resolving the backbone here also
+    refuses a bad --backbone before any stage runs. The four DINO presets skip it (no timm import)."""
+    from pipeline.backbone import BACKBONES, backbone_facts, check_resolution
+    from pipeline.log import log
+
+    name = config["features"]["backbone"]
+    if name in BACKBONES:
+        return
+    facts = backbone_facts(name)
+    for key in GRID_KEYS:
+        section, _, field = key.partition(".")
+        value = config[section][field]
+        if key in explicit:
+            check_resolution(value, facts, key)
+            continue
+        whole = nearest_whole(value, facts.patch_size)
+        if whole != value:
+            config[section][field] = whole
+            line = (f"{key} {value} -> {whole} for patch {facts.patch_size} of {name} "
+                    f"({whole // facts.patch_size} x {whole // facts.patch_size} grid)")
+            if line not in _said:  # once per process: a command loads its config more than once
+                _said.add(line)
+                log.info(line)
 
 
 def set_value(config: Config, key: str, value: Any) -> None:

@@ -368,18 +368,26 @@ def test_a_store_of_one_backbone_is_refused_for_another(tmp_path):
 
 
 def test_a_resolution_that_is_not_a_whole_grid_is_refused_before_any_store(tmp_path):
-    """Patch 14 with a resolution of 70 + 2: the stage names the key and the whole resolutions around it, and writes
-    no store; a whole one goes through."""
+    """Patch 14 with a resolution of 70 + 2 set explicitly: refused when the config is loaded, naming the key and the
+    whole resolutions around it; a config edited past that check is refused by the stage itself, before any store."""
     from stages import features_hcl
 
     match = r"prepare\.val_resolution = 72 .* patch size 14 .*=70 or prepare\.val_resolution=84"
     with pytest.raises(UserError, match=match):
-        features.run(_tiny(DINOV2_REG, "random", **{"prepare.val_resolution": "72"}), tmp_path / "work", "val")
+        _tiny(DINOV2_REG, "random", **{"prepare.val_resolution": "72"})
+    config = _tiny(DINOV2_REG, "random")
+    config["prepare"]["val_resolution"] = 72
+    with pytest.raises(UserError, match=match):
+        features.run(config, tmp_path / "work", "val")
     assert not list((tmp_path / "work").rglob("*.zarr"))
-    config = load_config("synthetic", {
-        "dataset.n_train": "1", "dataset.n_val": "1", "dataset.size": "96", "features.backbone": DINOV2_REG,
-        "features.weights": "random", "train.method": "hcl", "hcl_features.val_resolution": "60"})
-    with pytest.raises(UserError, match=r"hcl_features\.val_resolution = 60 .*=56 or hcl_features\.val_resolution=70"):
+    hcl = {"dataset.n_train": "1", "dataset.n_val": "1", "dataset.size": "96", "features.backbone": DINOV2_REG,
+           "features.weights": "random", "train.method": "hcl"}
+    match = r"hcl_features\.val_resolution = 60 .*=56 or hcl_features\.val_resolution=70"
+    with pytest.raises(UserError, match=match):
+        load_config("synthetic", {**hcl, "hcl_features.val_resolution": "60"})
+    config = load_config("synthetic", hcl)
+    config["hcl_features"]["val_resolution"] = 60
+    with pytest.raises(UserError, match=match):
         features_hcl.run(config, tmp_path / "work", "val")
     assert not list((tmp_path / "work").rglob("*.zarr"))
 
