@@ -460,3 +460,30 @@ def test_bench_features_reports_each_familys_grid(tmp_path, capsys):
     assert (figures["patch"], figures["grid"], figures["prefix_tokens"]) == (14, 4, 5)
     assert figures["passes_bare"] == figures["passes_stage"]
     assert figures["raw_fp16_feature_bytes_per_image"] >= 4 * 4 * 384 * 2 * 2  # feat + one view, fp16, 16 patches
+
+
+@pytest.mark.parametrize("name", [DINO, DINOV2_REG, DINOV3])
+def test_an_interrupted_features_run_resumes_to_the_same_store(name, tmp_path, monkeypatch):
+    """Per family: Ctrl-C after the first chunk, then the same command again, gives arrays equal to an
+    uninterrupted run's (random init is seeded, so both runs use the same weights)."""
+    from cache import writer
+
+    reference = features.run(_tiny(name, "random"), tmp_path / "whole", "train")
+    real_write, written = writer.write_chunk, []
+
+    def first_chunk_then_ctrl_c(group, chunk, data, *args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        real_write(group, chunk, data, *args, **kwargs)
+        written.append(chunk)
+
+    monkeypatch.setattr(writer, "write_chunk", first_chunk_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        features.run(_tiny(name, "random"), tmp_path / "cut", "train")
+    monkeypatch.setattr(writer, "write_chunk", real_write)
+    resumed = features.run(_tiny(name, "random"), tmp_path / "cut", "train")
+    assert written and resumed["outputs"]["computed"] < resumed["outputs"]["samples"]  # the first chunk was kept
+    whole, cut = (FeatureStore.open(m["outputs"]["store"]) for m in (reference, resumed))
+    assert len(whole) == len(cut) > whole.chunk_size
+    for key in ("feat", "lhp", "cls_attn", "image"):
+        np.testing.assert_array_equal(cut.read(key, 0, len(cut)), whole.read(key, 0, len(whole)), err_msg=key)
