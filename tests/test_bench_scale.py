@@ -38,6 +38,8 @@ def test_tiny_scale_did_the_work_its_json_reports(tmp_path):
     bound = math.ceil(TINY["pool_size"] / TINY["chunk_size"])  # 16 chunks of 4: all of the 64-crop store
     assert figures["renewal_chunks_bound"] == bound and figures["renewal_chunks_read"] == {k: bound for k in keys}
     assert figures["flat"]["renewal_chunks_read"] is True
+    assert figures["renewals_timed"] == {k: TINY["repeats"] for k in keys}  # each size's median is of as many
+    assert all(figures["renewal_s_min"][k] <= figures["renewal_s"][k] <= figures["renewal_s_max"][k] for k in keys)
     assert set(figures["reader_crops_per_s_by_threads"]) == {"1", "2"} and figures["reader_crops"] == 64
     # the stores hold what they say: n crops, chunks past the unique ones equal to their template (links), checked
     store = FeatureStore.open(str(tmp_path / "bench-scale" / "store-1024-float16.zarr"))

@@ -149,7 +149,8 @@ def _old_sample_pool(store: FeatureStore, heads, size: int, specific: bool, rng:
 
 def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool_size: int, renew_interval: int,
                  repeats: int, renewal: str, isolated: bool) -> dict[str, Any]:
-    """Train from the store at `url` for `iterations` (renewals at their interval), then time `repeats` renewals."""
+    """Train from the store at `url` for `iterations` (renewals at their interval), then count the chunks that
+    `repeats` renewals read."""
     from pipeline.benches.train import cycle_epochs
     from pipeline.hp import training as hp_training
     from pipeline.hp.pool import PoolIndex
@@ -192,20 +193,39 @@ def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool
             done["iterations"] += 1
         train_s = time.perf_counter() - t0
         store.read_chunk = counted  # type: ignore[method-assign]
-        renew_s = []
-        for _ in range(repeats):
-            t1 = time.perf_counter()
+        for _ in range(repeats):  # chunks read per renewal (their time: renewal_times, all sizes taking turns)
             renew()
-            renew_s.append(time.perf_counter() - t1)
         store.read_chunk = real_read  # type: ignore[method-assign]
     return {
         "crops": len(store), "iterations": done["iterations"], "renewals": done["renewals"],
-        "iterations_per_s": iterations / train_s, "renewal_s": statistics.median(renew_s),
+        "iterations_per_s": iterations / train_s,
         "renewal_chunks_read": len(reads) / repeats, "store_chunks": -(-len(store) // store.chunk_size),
         "peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if isolated
                          else rss.sampled / 2**20),
         "threads": torch.get_num_threads(),
     }
+
+
+def renewal_times(urls: dict[str, str], head_dim: int, pool_size: int, repeats: int, renewal: str) -> dict[str, list]:
+    """Seconds of `repeats` Pool_sp renewals per store, in one process, the stores taking turns after one untimed
+    renewal each: every size sees the same load and a warm page cache (a first renewal pays the cold reads and
+    was up to 2x the rest here), so what remains is the renewal's own work."""
+    from pipeline.hp import training as hp_training
+    from pipeline.hp.step import HPHeads
+
+    sample_pool = _old_sample_pool if renewal == "gather" else hp_training.sample_pool
+    stores = {size: FeatureStore.open(url) for size, url in urls.items()}
+    torch.manual_seed(0)
+    heads = HPHeads(next(iter(stores.values())).array("feat").shape[-1], head_dim, 0.1)
+    rng, generator, cpu = np.random.default_rng(0), torch.Generator().manual_seed(0), torch.device("cpu")
+    times: dict[str, list] = {size: [] for size in stores}
+    for turn in range(repeats + 1):
+        for size, store in stores.items():
+            t0 = time.perf_counter()
+            sample_pool(store, heads, pool_size, True, rng, generator, cpu)
+            if turn:  # turn 0 warms the page cache and the thread pool
+                times[size].append(time.perf_counter() - t0)
+    return times
 
 
 def reader_throughput(store: FeatureStore, threads: int, crops: int, batch_size: int = 64) -> dict[str, float]:
@@ -262,7 +282,12 @@ def scale(sizes: list[int], workdir: Path, iterations: int = 40, batch_size: int
         else:
             per_size[str(n)] = measure_size(stores[n].url, *args, False)
         per_size[str(n)]["load_average_1min"] = round(load, 2)
+    timed = renewal_times({str(n): stores[n].url for n in sizes}, head_dim, pool_size, repeats, renewal)
+    for size, seconds in timed.items():  # the renewal time from the interleaved turns, not from each process
+        per_size[size].update(renewal_s=statistics.median(seconds), renewal_s_min=min(seconds),
+                              renewal_s_max=max(seconds), renewals_timed=len(seconds))
     for key, digits in (("iterations_per_s", 3), ("renewal_s", 4), ("peak_rss_mib", 1), ("renewal_chunks_read", 1),
+                        ("renewal_s_min", 4), ("renewal_s_max", 4), ("renewals_timed", 0),
                         ("iterations", 0), ("renewals", 0), ("store_chunks", 0), ("load_average_1min", 2)):
         figures[key] = {s: round(v[key], digits) if digits else int(v[key]) for s, v in per_size.items()}
     figures["flat"] = {key: _flat(figures[key]) for key in ("iterations_per_s", "renewal_s", "peak_rss_mib",
