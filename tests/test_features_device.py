@@ -199,8 +199,10 @@ def test_device_resolution():
         feature_device(tiny_config(**{"features.device": f"cuda:{torch.cuda.device_count() + 7}"}))
 
 
-@pytest.mark.parametrize(("name", "patch"), [("vit_small_patch16_224.dino", 16), ("vit_small_patch8_224.dino", 8)])
-def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, patch):
+@pytest.mark.parametrize(("name", "patch", "prefix"), [("vit_small_patch16_224.dino", 16, 1),
+                                                      ("vit_small_patch8_224.dino", 8, 1),
+                                                      ("vit_small_patch14_reg4_dinov2.lvd142m", 14, 5)])
+def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, patch, prefix):
     """`bench features` turns a forward rate into FLOPs with vit_forward_flops: it must equal torch's own count of
     the backbone's matmuls and convolution (attention unfused so that every product is seen), LHP's logits included."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -210,7 +212,9 @@ def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, 
     backbone = load_backbone(name, "random")
     for block in backbone.model.blocks:
         block.attn.fused_attn = False
+    height, width = (4 * patch, 3 * patch) if patch == 14 else (64, 48)
     with FlopCounterMode(display=False) as counter:
-        backbone(torch.zeros(2, 3, 64, 48))
-    assert counter.get_total_flops() == 2 * vit_forward_flops(patch, 384, 64, width=48)
+        backbone(torch.zeros(2, 3, height, width))
+    assert backbone.facts.num_prefix_tokens == prefix
+    assert counter.get_total_flops() == 2 * vit_forward_flops(patch, 384, height, width=width, prefix_tokens=prefix)
     assert round(vit_forward_flops(8, 384, 224) / 2e9, 2) == 22.64  # timm lists 22.44 GMACs without LHP's logits

@@ -48,13 +48,13 @@ def bare_forward_seconds(backbone, images: np.ndarray, n_views: int, chunk_size:
 
 
 def vit_forward_flops(patch: int, dim: int, resolution: int, depth: int = 12, mlp_ratio: int = 4,
-                      width: int | None = None) -> int:
+                      width: int | None = None, prefix_tokens: int = 1) -> int:
     """FLOPs (2 per multiply-add) of one ViT forward as the features stage runs it: patch embedding, `depth` blocks
-    of T = (resolution/patch)·(width/patch) + 1 tokens (qkv, q.k^T, attention x v, projection, MLP) and the last
-    block's logits recomputed once more for LHP / CLS attention (pipeline/backbone.py). Softmax, norms and GELU
-    (elementwise) left out."""
+    of T = (resolution/patch)·(width/patch) + prefix_tokens tokens (CLS and registers: qkv, q.k^T, attention x v,
+    projection, MLP) and the last block's logits recomputed once more for LHP / CLS attention
+    (pipeline/backbone.py). Softmax, norms and GELU (elementwise) left out."""
     n = (resolution // patch) * ((width or resolution) // patch)
-    t = n + 1
+    t = n + prefix_tokens
     embed = 2 * n * dim * 3 * patch * patch
     block = 2 * t * dim * (3 * dim + dim + 2 * mlp_ratio * dim) + 2 * 2 * t * t * dim
     return embed + depth * block + 2 * t * t * dim
