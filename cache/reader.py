@@ -202,7 +202,8 @@ class FeatureStore:
         return list(_decode_map(self.read_chunk, list(jobs),
                                 DEFAULT_READ_THREADS if threads is None else max(1, int(threads))))
 
-    def sample_chunks(self, name: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def sample_chunks(self, name: str, n: int, rng: np.random.Generator,
+                      patches: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(indices, values) of `n` random samples of `name`, reading ceil(n / chunk_size) random whole chunks.
 
         Pool renewal (docs/hp.md §4) without reading the store at large: a training store holds its crops in a
@@ -210,6 +211,7 @@ class FeatureStore:
         crops, and a renewal decodes O(n) samples whatever the store's size. The samples are distinct while the
         store holds at least `n`; a smaller store is read whole and sampled with replacement. One more chunk is
         read only when the store's short last chunk was among those drawn and they hold fewer than `n` samples.
+        `patches`: keep only patch `patches[i]` (flat over the grid) of the i-th sample (see `gather`).
         """
         size, total = self.chunk_size, len(self)
         if n <= 0:
@@ -222,20 +224,28 @@ class FeatureStore:
         chunks = np.sort(order[:take])
         held = np.concatenate([np.arange(c * size, min((c + 1) * size, total)) for c in chunks])
         indices = held[np.sort(rng.choice(len(held), n, replace=len(held) < n))]
-        return indices, self.gather(name, indices)  # only those chunks, a few at a time
+        return indices, self.gather(name, indices, patches)  # only those chunks, a few at a time
 
-    def gather(self, name: str, indices: Sequence[int]) -> np.ndarray:
-        """Samples `indices` (any order, repeats allowed), decoding each chunk they touch once."""
+    def gather(self, name: str, indices: Sequence[int], patches: np.ndarray | None = None) -> np.ndarray:
+        """Samples `indices` (any order, repeats allowed), decoding each chunk they touch once. With `patches`
+        ((len(indices),) flat positions over an (h, w, C) grid) only patch `patches[i]` of sample i is kept,
+        (len(indices), C): a pool renewal then holds 2,048 patches, not 2,048 whole crops (300 MB at ViT-S/16,
+        whose fresh allocation at every renewal stalled on page compaction here)."""
         array = self.array(name)
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), *array.shape[1:]), dtype=self.dtype(name))
+        shape = array.shape[1:] if patches is None else array.shape[-1:]
+        out = np.empty((len(indices), *shape), dtype=self.dtype(name))
         size = self.chunk_size
         chunks = np.unique(indices // size)
         step = 2 * DEFAULT_READ_THREADS  # chunks decoded at a time: bounded memory, parallel decoding
         for group in (chunks[i:i + step] for i in range(0, len(chunks), step)):
             for chunk, block in zip(group, self.read_chunks([(name, int(c)) for c in group]), strict=True):
                 hits = np.flatnonzero(indices // size == chunk)
-                out[hits] = block[indices[hits] - chunk * size]
+                rows = indices[hits] - chunk * size
+                if patches is None:
+                    out[hits] = block[rows]
+                else:  # (rows, h, w, C) seen as (rows, h·w, C)
+                    out[hits] = block.reshape(len(block), -1, block.shape[-1])[rows, patches[hits]]
         return out
 
 

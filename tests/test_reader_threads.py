@@ -124,3 +124,27 @@ def test_renewals_spread_uniformly_over_the_crops(tmp_path):
     assert counts.min() > 0.5 * expected and counts.max() < 1.5 * expected
     first_of_chunk = counts.reshape(-1, chunk)[:, 0].sum() / counts.sum()
     assert abs(first_of_chunk - 1 / chunk) < 0.02  # every position within a chunk as likely
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_renewal_reads_single_patches_equal_to_the_whole_crops_patch(tmp_path, dtype):
+    """sample_chunks(patches=...) keeps patch k of each crop: the same values, in the same order, as reading the
+    whole crops and indexing them, for the same draws; and the pool renewal built on it equals the whole-crop one."""
+    from pipeline.hp.pool import pick_patches
+    from pipeline.hp.step import HPHeads, pool_entries
+    from pipeline.hp.training import sample_pool
+
+    store = _store(tmp_path, 70, 8, dtype)
+    h, w, c = store.array("feat").shape[1:]
+    pick = np.random.default_rng(3).integers(0, h * w, 20)
+    idx_a, whole = store.sample_chunks("feat", 20, np.random.default_rng(5))
+    idx_b, single = store.sample_chunks("feat", 20, np.random.default_rng(5), patches=pick)
+    assert single.shape == (20, c) and np.array_equal(idx_a, idx_b)
+    np.testing.assert_array_equal(single, whole.reshape(20, h * w, c)[np.arange(20), pick])
+    torch.manual_seed(0)
+    heads = HPHeads(c, 8, 0.1)
+    torch.manual_seed(9)  # Pool_sp's dropout draws from torch's global generator
+    got = sample_pool(store, heads, 20, True, np.random.default_rng(5), torch.Generator().manual_seed(2), "cpu")
+    patches = pick_patches(torch.from_numpy(whole).reshape(20, h * w, c), torch.Generator().manual_seed(2)).float()
+    torch.manual_seed(9)
+    torch.testing.assert_close(got, pool_entries(heads, patches, True), rtol=0, atol=0)

@@ -75,5 +75,10 @@ def pick_patches(features: torch.Tensor, generator: torch.Generator) -> torch.Te
     Not normalized: Pool_ag and Pool_sp apply dropout (and S_m) to the patch before normalizing.
     """
     p, n, _ = features.shape
-    pick = torch.randint(0, n, (p,), generator=generator, device=generator.device).to(features.device)
+    pick = patch_choices(p, n, generator).to(features.device)
     return features[torch.arange(p, device=features.device), pick]
+
+
+def patch_choices(entries: int, patches: int, generator: torch.Generator) -> torch.Tensor:
+    """The random patch (flat index over the grid) of each pool entry (§4), as `pick_patches` draws it."""
+    return torch.randint(0, patches, (entries,), generator=generator, device=generator.device)

@@ -19,7 +19,7 @@ from pipeline import trainer
 from pipeline.config import Config
 from pipeline.hp.heads import ema_update
 from pipeline.hp.online_probes import OnlineProbes, online_probe_settings
-from pipeline.hp.pool import PoolIndex, pick_patches
+from pipeline.hp.pool import PoolIndex, patch_choices
 from pipeline.hp.schedule import lambda_at, renews_at
 from pipeline.hp.step import HPHeads, Pools, StepOutput, StepSettings, pool_entries, training_step
 from pipeline.plots import CURVES
@@ -37,9 +37,10 @@ def sample_pool(store: FeatureStore, heads: HPHeads, size: int, specific: bool, 
     """One random patch from each of `size` random training crops, as unit pool vectors (§4). The crops come from
     ceil(size / chunk_size) random whole chunks of the randomly permuted store (FeatureStore.sample_chunks): a renewal
     reads O(pool size) data, not a share of the store."""
-    feats = torch.from_numpy(store.sample_chunks("feat", size, rng)[1])  # (P, h, w, C)
-    patches = pick_patches(feats.reshape(size, -1, feats.shape[-1]), generator).to(device).float()
-    return pool_entries(heads, patches, specific)
+    h, w = store.array("feat").shape[1:3]
+    pick = patch_choices(size, h * w, generator).cpu().numpy()  # one random patch per crop, read alone
+    patches = torch.from_numpy(store.sample_chunks("feat", size, rng, patches=pick)[1])  # (P, C)
+    return pool_entries(heads, patches.to(device).float(), specific)
 
 
 # ---------------------------------------------------------------- optimizers (§2, §5)
