@@ -147,6 +147,13 @@ def _old_sample_pool(store: FeatureStore, heads, size: int, specific: bool, rng:
     return pool_entries(heads, patches, specific)
 
 
+def renewal_function(renewal: str):
+    """hp-pipe's renewal (`chunks`) or the old one (`gather`), as `sample_pool(store, heads, size, specific, ...)`."""
+    from pipeline.hp import training as hp_training
+
+    return _old_sample_pool if renewal == "gather" else hp_training.sample_pool
+
+
 def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool_size: int, renew_interval: int,
                  repeats: int, renewal: str, isolated: bool) -> dict[str, Any]:
     """Train from the store at `url` for `iterations` (renewals at their interval), then count the chunks that
@@ -157,7 +164,7 @@ def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool
     from pipeline.hp.schedule import renews_at
     from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
 
-    sample_pool = _old_sample_pool if renewal == "gather" else hp_training.sample_pool
+    sample_pool = renewal_function(renewal)
     with PeakRSS() as rss:
         store = FeatureStore.open(url)
         reads: list[int] = []
@@ -210,10 +217,9 @@ def renewal_times(urls: dict[str, str], head_dim: int, pool_size: int, repeats: 
     """Seconds of `repeats` Pool_sp renewals per store, in one process, the stores taking turns after one untimed
     renewal each: every size sees the same load and a warm page cache (a first renewal pays the cold reads and
     was up to 2x the rest here), so what remains is the renewal's own work."""
-    from pipeline.hp import training as hp_training
     from pipeline.hp.step import HPHeads
 
-    sample_pool = _old_sample_pool if renewal == "gather" else hp_training.sample_pool
+    sample_pool = renewal_function(renewal)
     stores = {size: FeatureStore.open(url) for size, url in urls.items()}
     torch.manual_seed(0)
     heads = HPHeads(next(iter(stores.values())).array("feat").shape[-1], head_dim, 0.1)
