@@ -216,7 +216,7 @@ def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool
 def renewal_times(urls: dict[str, str], head_dim: int, pool_size: int, repeats: int, renewal: str) -> dict[str, list]:
     """Seconds of `repeats` Pool_sp renewals per store, in one process, the stores taking turns after one untimed
     renewal each: every size sees the same load and a warm page cache (a first renewal pays the cold reads and
-    was up to 2x the rest here), so what remains is the renewal's own work."""
+    was 2-5x the rest here), so what remains is the renewal's own work."""
     from pipeline.hp.step import HPHeads
 
     sample_pool = renewal_function(renewal)
