@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.backbone import BACKBONES, backbone_facts
-from pipeline.config import GRID_KEYS, load_config, preset_names
+from pipeline.config import GRID_KEYS, load_config, nearest_whole, preset_names
 from pipeline.errors import UserError
 from pipeline.graph import plan
 
@@ -20,6 +20,11 @@ def nearest_by_search(value: int, patch: int) -> int:
     """Brute force: the multiple of `patch` closest to `value`, the larger on a tie."""
     candidates = [patch * k for k in range(1, value // patch + 3)]
     return min(candidates, key=lambda c: (abs(c - value), -c))
+
+
+@pytest.mark.parametrize("patch", [8, 14, 16])
+def test_nearest_whole_matches_a_brute_force_search(patch):
+    assert all(nearest_whole(value, patch) == nearest_by_search(value, patch) for value in range(1, 700))
 
 
 def grid_values(config) -> dict[str, int]:
