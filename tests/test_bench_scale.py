@@ -38,6 +38,8 @@ def test_tiny_scale_did_the_work_its_json_reports(tmp_path):
     bound = math.ceil(TINY["pool_size"] / TINY["chunk_size"])  # 16 chunks of 4: all of the 64-crop store
     assert figures["renewal_chunks_bound"] == bound and figures["renewal_chunks_read"] == {k: bound for k in keys}
     assert figures["flat"]["renewal_chunks_read"] is True
+    crop_bytes = 3 * 3 * TINY["dim"] * 2  # a 3 x 3 grid of 16 float16 channels
+    assert figures["renewal_mb_decoded"] == {k: round(bound * TINY["chunk_size"] * crop_bytes / 1e6, 3) for k in keys}
     assert figures["renewals_timed"] == {k: TINY["repeats"] for k in keys}  # each size's median is of as many
     assert all(figures["renewal_s_min"][k] <= figures["renewal_s"][k] <= figures["renewal_s_max"][k] for k in keys)
     assert set(figures["reader_crops_per_s_by_threads"]) == {"1", "2"} and figures["reader_crops"] == 64
@@ -57,6 +59,9 @@ def test_a_renewal_reading_a_share_of_the_store_fails_the_flatness_check(tmp_pat
     expected = 256 * (1 - (1 - 1 / 256) ** 64)  # distinct chunks of 64 random crops among 256 chunks: 56.9
     assert abs(reads["1024"] - expected) < 12 and reads["1024"] > 1.1 * reads["64"]
     assert figures["flat"]["renewal_chunks_read"] is False
+    assert figures["flat"]["renewal_mb_decoded"] is False  # the bytes grow with the chunks
+    crop_bytes = 3 * 3 * TINY["dim"] * 2
+    assert figures["renewal_mb_decoded"]["64"] == round(16 * TINY["chunk_size"] * crop_bytes / 1e6, 3)
 
 
 def test_cli_json_in_fresh_processes(tmp_path):

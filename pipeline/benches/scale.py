@@ -157,7 +157,7 @@ def renewal_function(renewal: str):
 def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool_size: int, renew_interval: int,
                  repeats: int, renewal: str, isolated: bool) -> dict[str, Any]:
     """Train from the store at `url` for `iterations` (renewals at their interval), then count the chunks that
-    `repeats` renewals read."""
+    `repeats` renewals read and the bytes they decode."""
     from pipeline.benches.train import cycle_epochs
     from pipeline.hp import training as hp_training
     from pipeline.hp.pool import PoolIndex
@@ -168,12 +168,15 @@ def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool
     with PeakRSS() as rss:
         store = FeatureStore.open(url)
         reads: list[int] = []
+        decoded = [0]  # bytes of the feature chunks those reads decoded
         real_read = store.read_chunk
 
         def counted(name: str, chunk: int) -> np.ndarray:
+            values = real_read(name, chunk)
             if name == "feat":
                 reads.append(chunk)
-            return real_read(name, chunk)
+                decoded[0] += values.nbytes
+            return values
 
         torch.manual_seed(0)
         generator, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
@@ -206,7 +209,8 @@ def measure_size(url: str, iterations: int, batch_size: int, head_dim: int, pool
     return {
         "crops": len(store), "iterations": done["iterations"], "renewals": done["renewals"],
         "iterations_per_s": iterations / train_s,
-        "renewal_chunks_read": len(reads) / repeats, "store_chunks": -(-len(store) // store.chunk_size),
+        "renewal_chunks_read": len(reads) / repeats, "renewal_mb_decoded": decoded[0] / 1e6 / repeats,
+        "store_chunks": -(-len(store) // store.chunk_size),
         "peak_rss_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if isolated
                          else rss.sampled / 2**20),
         "threads": torch.get_num_threads(),
@@ -293,11 +297,11 @@ def scale(sizes: list[int], workdir: Path, iterations: int = 40, batch_size: int
         per_size[size].update(renewal_s=statistics.median(seconds), renewal_s_min=min(seconds),
                               renewal_s_max=max(seconds), renewals_timed=len(seconds))
     for key, digits in (("iterations_per_s", 3), ("renewal_s", 4), ("peak_rss_mib", 1), ("renewal_chunks_read", 1),
-                        ("renewal_s_min", 4), ("renewal_s_max", 4), ("renewals_timed", 0),
+                        ("renewal_mb_decoded", 3), ("renewal_s_min", 4), ("renewal_s_max", 4), ("renewals_timed", 0),
                         ("iterations", 0), ("renewals", 0), ("store_chunks", 0), ("load_average_1min", 2)):
         figures[key] = {s: round(v[key], digits) if digits else int(v[key]) for s, v in per_size.items()}
     figures["flat"] = {key: _flat(figures[key]) for key in ("iterations_per_s", "renewal_s", "peak_rss_mib",
-                                                            "renewal_chunks_read")}
+                                                            "renewal_chunks_read", "renewal_mb_decoded")}
     figures["flat_bound"] = FLAT
     figures["store_write_s"] = write_s
     figures["peak_rss_method"] = "ru_maxrss of a fresh process per size" if isolate else "sampled every 5 ms"
