@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install install-gpu run prepare features train evaluate report tensorboard status bench test lint clean
+.PHONY: install install-gpu run prepare features train evaluate report compare tensorboard status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,7 @@ install-gpu: install
 	$(BIN)/python -m pip uninstall -q -y faiss-cpu
 	$(BIN)/python -m pip install -q faiss-gpu-cu12
 
-run: install   ## the main job on DATASET (default: the built-in synthetic set); METHOD=hcl for HCL
+run: install   ## the main job on DATASET (default: the built-in synthetic set); METHOD=hcl (any registered method) for another
 	$(HP) features --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
@@ -45,6 +45,9 @@ evaluate: install
 report: install   ## report.md and the self-contained report.html of the run's evaluation
 	$(HP) report --dataset $(DATASET) --workdir $(WORKDIR) --html
 
+compare: install   ## every evaluated run of DATASET, whatever its method, in one table (also compare.md)
+	$(HP) compare --dataset $(DATASET) --workdir $(WORKDIR)
+
 tensorboard: install   ## every run of DATASET side by side (hp-pipe itself never starts a server)
 	$(BIN)/tensorboard --logdir $(WORKDIR)/$(DATASET)/runs $(ARGS)
 
@@ -58,7 +61,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
 
 lint: install
-	$(BIN)/ruff check pipeline stages cache tests
+	$(BIN)/ruff check pipeline stages cache benches tests
 
 clean:
 	rm -rf $(WORKDIR)

@@ -291,7 +291,7 @@ def store_problems(url: str) -> list[str]:
 
 
 def recorded_store_check(url: str, manifest_file: str) -> Callable[[dict[str, Any]], list[str]]:
-    """A features stage's check before it calls itself up to date (pipeline.runner.run_stage `check`): its
+    """A features stage's check before it calls itself up to date (pipeline.orchestration.runner.run_stage `check`): its
     manifest names this run's store (an edited manifest cannot redirect hp-pipe to another store: refused),
     and that store passes the cheap check."""
 

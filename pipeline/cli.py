@@ -7,19 +7,21 @@ reaches any key that has no option of its own.
 from __future__ import annotations
 
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pipeline import paths
 from pipeline.config import Config, Preset, load_config, parse_sets
-from pipeline.dask_client import set_tls_files
 from pipeline.errors import UserError
-from pipeline.locks import LockHeld
-from pipeline.runs import RunSettings
+from pipeline.methods.registry import method_of
+from pipeline.methods.registry import names as method_names
+from pipeline.orchestration import paths
+from pipeline.orchestration.dask_client import set_tls_files
+from pipeline.orchestration.locks import LockHeld
+from pipeline.orchestration.runs import RunSettings
 from pipeline.settings import FeatureDtype, Probe, ProbeSet, Renewal, Scheduler, TrainDevice
-from pipeline.settings import Method as TrainMethod
 from pipeline.settings import Split as SplitChoice
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
@@ -75,7 +77,9 @@ Weights = Annotated[
     str | None,
     typer.Option(help="'pretrained' (timm download), 'auto' (pretrained else random), or a checkpoint file."),
 ]
-Method = Annotated[TrainMethod | None, typer.Option(help="hp or hcl (train.method); hcl has stores of its own.")]
+# the registered methods as a choice (pipeline/methods/registry.py): --help lists them, a typo is refused listing them
+MethodName = StrEnum("MethodName", {name: name for name in method_names()})
+Method = Annotated[MethodName | None, typer.Option(help=f"The method (train.method): {', '.join(method_names())}.")]
 RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
                                              "is <workdir>/<dataset>/runs/<run>.")]
 TrustWeights = Annotated[
@@ -118,8 +122,9 @@ def build_run_config(dataset: str, workdir: Path, run: str | None, data_root: st
                      random_init: bool = False, method: str | None = None,
                      trust_weights: bool = False, options: dict[str, object] | None = None) -> RunSettings:
     """For a command that reads a run (evaluate, predict, report, status): the preset, then the run's recorded
-    training settings (runs/<run>/config.toml, pipeline/runs.py), then the command line's explicit settings."""
-    from pipeline.runs import for_run
+    training settings (runs/<run>/config.toml, pipeline/orchestration/runs.py), then the command line's explicit
+    settings."""
+    from pipeline.orchestration.runs import for_run
 
     overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, options)
     settings = for_run(dataset, overrides, workdir, run)
@@ -166,7 +171,7 @@ def _say_folder_settings(config: Config, overrides: dict[str, object]) -> None:
 def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
             set_: Sets = None, force: Force = False) -> None:
     """Five-crop the training images and resize the validation images (docs/hp.md §7)."""
-    from pipeline.graph import build
+    from pipeline.orchestration.graph import build
 
     build(build_config(dataset, data_root, set_), workdir, "prepare", force=force)
 
@@ -197,7 +202,7 @@ def features(
 ) -> None:
     """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: HCL's own stores, made from
     the source images with HCL's crops and views; HP's prepare and stores are not needed)."""
-    from pipeline.graph import build, method_of
+    from pipeline.orchestration.graph import build
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
@@ -207,7 +212,7 @@ def features(
     if scheduler == "distributed" and not address:
         raise UserError("--scheduler distributed needs --address tls://HOST:PORT (or tcp://) of a dask scheduler")
     set_tls_files(tls_ca_file, tls_cert, tls_key)
-    prefix = "hcl-" if method_of(config) == "hcl" else ""
+    prefix = method_of(config).store_prefix  # the configured method's stores (HCL's own)
     build(config, workdir, [f"features:{s}" for s in splits], force=force,
           stores={f"{prefix}{splits[0]}": store} if store else None,
           options={"scheduler": scheduler, "address": address, "workers": workers})
@@ -233,13 +238,12 @@ def verify(
     """Read every chunk of the feature stores (the options of `features` locate them) and check its checksum and
     recorded digest. Exit 0 when all verify, 1 naming the bad chunks, which are recorded in the store so that the
     next `hp-pipe features` recomputes exactly them."""
-    from pipeline.graph import method_of
     from stages import verify as stage
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method,
                           n_views=n_views, chunk_size=chunk_size)
     splits = ["train", "val"] if split == "all" else [split]
-    where = paths.hcl_store_url if method_of(config) == "hcl" else paths.store_url
+    where = method_of(config).store_url  # the configured method's stores (HCL's own)
     urls = [store] if store else [where(config, workdir, s) for s in splits]
     raise typer.Exit(stage.run(urls, paths.stage_dir(config, workdir), max(1, threads)))
 
@@ -264,10 +268,10 @@ def train(
     force: Force = False,
 ) -> None:
     """Train the heads (HP, or HCL with --method hcl) from the feature cache (runs features first when needed)."""
-    from pipeline.graph import build, method_of
+    from pipeline.orchestration.graph import build
 
     preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
-    section = "hcl" if method_of(preset) == "hcl" else "hp"  # epochs and batch size are the method's own
+    section = method_of(preset).section  # epochs and batch size are the method's own
     typed = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights, typed)
     build(config, workdir, "train", run=run, force=force or not resume)
@@ -294,7 +298,7 @@ def evaluate(
 ) -> None:
     """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) and overclustering, on the run's head and on
     raw features."""
-    from pipeline.graph import build
+    from pipeline.orchestration.graph import build
 
     # evaluate.crf holds "True"/"False" from --crf/--no-crf, as evaluations were always fingerprinted with
     typed = {"evaluate.probes": "cluster,linear" if probe == "all" else probe,
@@ -348,7 +352,7 @@ def report(
     """Write report.md (table + pictures) from the run's metrics.json; with --html also report.html."""
     import json
 
-    from pipeline.report import write_report
+    from pipeline.reporting.report import write_report
 
     settings = build_run_config(dataset, workdir, run, method=method)
     config, run = settings.config, settings.run
@@ -360,12 +364,32 @@ def report(
     write_report(metrics, metrics.get("pictures", {}), out / "report.md")
     print(f"[report] {out / 'report.md'}")
     if html:
-        from pipeline.html_report import write_html_report
-        from pipeline.runner import read_manifest
+        from pipeline.orchestration.runner import read_manifest
+        from pipeline.reporting.compare import compare_rows
+        from pipeline.reporting.html_report import write_html_report
 
         trained = read_manifest(paths.stage_dir(config, workdir), f"train-{run}") or {}
-        page = write_html_report(metrics, out, out / "report.html", workdir, trained.get("config"))
+        page = write_html_report(metrics, out, out / "report.html", workdir, trained.get("config"),
+                                 compare_rows(paths.stage_dir(config, workdir)))
         print(f"[report] {page}")
+
+
+@app.command()
+def compare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work")) -> None:
+    """Every evaluated run of a dataset in one table (method, backbone, store dtype, protocol, cluster and linear
+    mIoU/Acc beside the method's paper, training time and rate); also written as <workdir>/<dataset>/compare.md.
+    Runs on a random-initialized backbone are marked in every row. Reads only."""
+    from pipeline.files import atomic_write_text
+    from pipeline.reporting.compare import compare_rows, to_markdown, to_text
+
+    folder = paths.stage_dir(load_config(dataset), workdir)
+    rows = compare_rows(folder)
+    if not rows:
+        raise UserError(f"no evaluated run in {folder / 'runs'}: run `hp-pipe evaluate --dataset {dataset} "
+                        "--method M` first (any registered method)")
+    print(to_text(rows))
+    atomic_write_text(folder / "compare.md", to_markdown(rows, dataset))
+    print(f"[compare] {folder / 'compare.md'}")
 
 
 @app.command()
@@ -387,14 +411,16 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
             as_json: bool = False) -> None:
     import json
 
-    from pipeline.runs import for_run
+    from pipeline.orchestration.runs import for_run
 
     # the dataset's stages as the default run (named after the method) recorded them, the command line on top
     overrides = cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights)
     config = for_run(dataset, overrides, workdir, None).config
     sdir = paths.stage_dir(config, workdir)
-    stores = {s: _recorded_store(sdir, s) for s in ("train", "val")}
-    stores.update({f"hcl-{s}": _recorded_store(sdir, s, "-hcl") for s in ("train", "val")})
+    from pipeline.methods.registry import methods
+
+    stores = {m.store_prefix + split: _recorded_store(sdir, stage) for m in methods().values()
+              for split, stage in m.stores.items()}  # each method's stores where its features stages put them
     run_overrides = cli_overrides(data_root, set_, backbone, weights, random_init, None, trust_weights)
     planner = _StatusPlans(dataset, workdir, config, stores, run_overrides)
     if not as_json:
@@ -405,7 +431,8 @@ def _status(dataset: str, workdir: Path, data_root: str | None, backbone: str | 
 
 
 class _StatusPlans:
-    """The plans `status` reads, made from pipeline/graph.py `plan` (one dataset listing per dataset): the dataset's
+    """The plans `status` reads, made from pipeline/orchestration/graph.py `plan` (one dataset listing per dataset):
+    the dataset's
     stages as the command line says, each run's as its recorded settings say."""
 
     def __init__(self, dataset: str, workdir: Path, config: Config, stores: dict[str, str | None],
@@ -415,7 +442,7 @@ class _StatusPlans:
         self.memo: dict[str, object] = {}
 
     def of(self, config: Config, run: str | None = None) -> dict:
-        from pipeline.graph import plan
+        from pipeline.orchestration.graph import plan
 
         return plan(config, self.workdir, runs=[run] if run else [], stores=self.stores, memo=self.memo)
 
@@ -424,9 +451,9 @@ class _StatusPlans:
         record: the command line's settings, in the method its train manifest names."""
         import copy
 
-        from pipeline.graph import method_of
-        from pipeline.runner import read_manifest
-        from pipeline.runs import for_run
+        from pipeline.methods.registry import names
+        from pipeline.orchestration.runner import read_manifest
+        from pipeline.orchestration.runs import for_run
 
         settings = for_run(self.dataset, self.overrides, self.workdir, run)
         if settings.record:
@@ -434,25 +461,38 @@ class _StatusPlans:
         train = read_manifest(paths.stage_dir(self.config, self.workdir), f"train-{run}") or {}
         config = copy.deepcopy(self.config)
         recorded = train.get("config", {}).get("train", {}).get("method")
-        config["train"]["method"] = recorded if recorded in ("hp", "hcl") else method_of(self.config)
+        config["train"]["method"] = recorded if recorded in names() else self.config["train"]["method"]
         return self.of(config, run)
 
 
 def _status_steps(config: Config, sdir: Path, planner: _StatusPlans) -> list[tuple]:
-    """(step, its sub-steps) for every stage `status` lists: the dataset's stages, then train and evaluate per run
-    (evaluate with its codes and probes)."""
-    from pipeline.graph import method_of, stages_of
-    from pipeline.runner import read_manifest
+    """(step, its sub-steps) for every stage `status` lists: the dataset's stages the configured method reads (and
+    any other method's that were built), then train and evaluate per run (evaluate with its codes and probes)."""
+    import copy
 
-    method, steps, out = method_of(config), planner.of(config), []
+    from pipeline.methods.registry import methods
+    from pipeline.orchestration.graph import method_stages, stages_of
+    from pipeline.orchestration.runner import read_manifest
+
+    method, steps, out, listed = method_of(config), planner.of(config), [], set()
+    needed = _dataset_stages_read(stages_of(config))
+    for other in [method, *(m for m in methods().values() if m is not method)]:
+        graph = method_stages(other)
+        other_steps = steps if other is method else None
+        for name, stage in graph.items():
+            if stage.level != "dataset" or name in listed:
+                continue
+            if not (other is method and name in needed) and read_manifest(sdir, name) is None:
+                continue  # a store the method does not read: shown once built
+            if other_steps is None:
+                other_config = copy.deepcopy(config)
+                other_config["train"]["method"] = other.name
+                other_steps = planner.of(other_config)
+            out.append((other_steps[name], []))
+            listed.add(name)
     for name, stage in stages_of(config).items():
-        if stage.level == "dataset":
-            hcl_stage, hp_stage = name.endswith("-hcl"), name in ("prepare", "features-train", "features-val")
-            if (hcl_stage if method != "hcl" else hp_stage) and read_manifest(sdir, name) is None:
-                continue  # the other method's stores: shown once built, or when the config is that method's
-            out.append((steps[name], []))
-        elif stage.level == "run":
-            runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method}"]
+        if stage.level == "run":
+            runs = sorted(p.stem for p in (sdir / "stages").glob(f"{name}-*.json")) or [f"{name}-{method.name}"]
             for manifest_name in runs:
                 run_steps = planner.run(manifest_name.removeprefix(f"{name}-"))
                 step = run_steps[manifest_name]
@@ -461,11 +501,23 @@ def _status_steps(config: Config, sdir: Path, planner: _StatusPlans) -> list[tup
     return out
 
 
+def _dataset_stages_read(stages: dict) -> set[str]:
+    """The dataset-level stages a method's runs read, directly or through others."""
+    seen: set[str] = set()
+    todo = [up for stage in stages.values() if stage.level != "dataset" for up in (*stage.inputs, *stage.after)]
+    while todo:
+        name = todo.pop()
+        if name in stages and stages[name].level == "dataset" and name not in seen:
+            seen.add(name)
+            todo += [*stages[name].inputs, *stages[name].after]
+    return seen
+
+
 def _status_row(sdir: Path, step, subs: list, as_json: bool) -> dict[str, object]:
     """One stage's row (printed unless `as_json`): its state, when it finished, where its output is; its sub-stages'
     states (evaluate's codes and probes)."""
     from cache.writer import store_problems
-    from pipeline.runner import missing_outputs, read_manifest, runner_of, stage_state
+    from pipeline.orchestration.runner import missing_outputs, read_manifest, runner_of, stage_state
 
     name = step.name
     manifest = read_manifest(sdir, name) or {}
@@ -491,10 +543,10 @@ def _status_row(sdir: Path, step, subs: list, as_json: bool) -> dict[str, object
     return row
 
 
-def _recorded_store(sdir: Path, split: str, suffix: str = "") -> str | None:
-    from pipeline.runner import read_manifest
+def _recorded_store(sdir: Path, stage: str) -> str | None:
+    from pipeline.orchestration.runner import read_manifest
 
-    manifest = read_manifest(sdir, f"features-{split}{suffix}") or {}
+    manifest = read_manifest(sdir, stage) or {}
     return manifest.get("config", {}).get("store")
 
 
@@ -519,7 +571,7 @@ def bench_features(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Whole features stage (decode -> backbone -> store) vs the bare backbone forward, in one run."""
-    from pipeline.benches import features as bench
+    from benches import features as bench
 
     bench.features(images, resolution, backbone, weights, n_views, chunk_size, repeats, workdir, json_)
 
@@ -535,23 +587,16 @@ def bench_train(
     pool_size: Annotated[int, typer.Option(help="Reference pool size.")] = 32,
     renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 5,
     repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
-    method: Annotated[TrainMethod, typer.Option(help="The method whose training is timed.")] = TrainMethod.hp,
+    method: Annotated[MethodName, typer.Option(help="The method whose training is timed.")] = "hp",
     workdir: Workdir = Path("work"),
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Training from the cache vs the reference's backbone-every-step iteration (HP: also renewal, lookup, loss
     memory; HCL: also the MoGoClustering pass)."""
-    from pipeline.benches import train as bench_train
+    from benches import train_bench
 
-    if method == "hcl":
-        from pipeline.benches import hcl as bench_hcl
-
-        bench_hcl.train(images, resolution, backbone, weights, batch_size, iterations, repeats, workdir, json_)
-        return
-    if method != "hp":
-        raise UserError(f"--method must be hp or hcl, got '{method}'")
-    bench_train.train(images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval,
-                      repeats, workdir, json_)
+    train_bench(str(getattr(method, "value", method)))(images, resolution, backbone, weights, batch_size, iterations,
+                                                       pool_size, renew_interval, repeats, workdir, json_)
 
 
 @bench_app.command("scale")
@@ -576,7 +621,7 @@ def bench_scale(
 ) -> None:
     """Training iterations/s, Pool_sp renewal time and peak RSS from random-feature stores of growing size (each in
     a fresh process), and the reader's crops/s and MB/s with 1 and 2 decoding threads."""
-    from pipeline.benches import scale as stage
+    from benches import scale as stage
 
     try:
         size_list = [int(s) for s in sizes.split(",") if s.strip()]
@@ -601,9 +646,9 @@ def bench_quality(
     planted: Annotated[bool, typer.Option("--planted", help="Planted features with a known answer (no backbone): "
                                                "HP head vs raw features vs a deliberately broken loss.")] = False,
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
-    method: Annotated[TrainMethod, typer.Option(
+    method: Annotated[MethodName, typer.Option(
         help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at the start, middle and end of "
-             "training).")] = TrainMethod.hp,
+             "training).")] = "hp",
     style: Annotated[float | None, typer.Option(help="With --planted: a control run with another image-style "
                                                      "strength (the bench's generator keeps 1.1; 0: no style).")
                      ] = None,
@@ -612,12 +657,12 @@ def bench_quality(
     """Raw backbone features vs the trained HP and HCL heads on the same cache: cluster probe and overclustering.
     With --planted: HP (or HCL) vs raw features on planted features (README, "Quality with a known answer")."""
     if planted:
-        from pipeline.benches import planted as bench_planted
+        from benches import planted as bench_planted
 
-        run = bench_planted.planted_hcl_quality if method == "hcl" else bench_planted.planted_quality
-        run(seeds, workdir, json_, bench_planted.with_style(method, style))
+        run, bench = bench_planted.planted_bench(str(getattr(method, "value", method)))
+        run(seeds, workdir, json_, bench_planted.with_style(bench, style))
         return
-    from pipeline.benches import train as bench_train
+    from benches import train as bench_train
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, trust_weights=trust_weights)
     bench_train.quality(config, workdir, json_)
@@ -635,7 +680,7 @@ def bench_evaluate(
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Dense CRF images/s serial vs parallel, and the evaluate stages' time split by step (CRF on)."""
-    from pipeline.benches import train as bench_train
+    from benches import train as bench_train
 
     bench_train.evaluate(build_config(dataset, None, set_), workdir, run, crf_images, crf_size, workers, json_)
 

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.methods.contract import Method
 from pipeline.settings import Config, check_config, check_keys, coerce, field_type, unknown_key
 
 
@@ -43,7 +44,9 @@ def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config
     config = _read_preset("_common")
     for section, values in _read_preset(dataset).items():
         config.setdefault(section, {}).update(values)
-    check_keys(config, f"preset '{dataset}' (pipeline/presets/{dataset}.toml on top of _common.toml)")
+    add_method_presets(config, dataset, overrides or {})
+    check_keys(config, f"preset '{dataset}' (pipeline/presets/{dataset}.toml on top of _common.toml, and the "
+                       "methods' presets.toml)")
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
     check_config(config)
@@ -51,9 +54,49 @@ def load_config(dataset: str, overrides: dict[str, Any] | None = None) -> Config
     return config
 
 
-# the resolutions a backbone cuts into patches; prepare.* are HP's, hcl_features.* HCL's (crop_resolution is a
-# resize before the views, not a grid)
-GRID_KEYS = ("prepare.resolution", "prepare.val_resolution", "hcl_features.resolution", "hcl_features.val_resolution")
+def method_presets(method: Method) -> dict[str, Config]:
+    """A method's presets.toml: {"defaults": {section: values}, "<dataset>": {section: values}, ...}."""
+    return tomllib.loads(resources.files(method.presets).joinpath("presets.toml").read_text())
+
+
+def add_method_presets(config: Config, dataset: str, overrides: dict[str, Any]) -> None:
+    """Every registered method's own sections: its defaults, then its table for `dataset`. The chosen method's
+    presets may also set other sections ([defaults.evaluate], [<dataset>.features]: the backbone its released
+    configuration uses, ...) and hold a table per backbone ([<dataset>.by_backbone."<name>"]) that applies when that
+    backbone is the one chosen. Sections are kept in the schema's order (pipeline/settings.py section_classes)."""
+    from pipeline.methods.registry import methods
+    from pipeline.settings import section_classes
+
+    given = overrides.get("train.method") or config.get("train", {}).get("method")
+    chosen = str(getattr(given, "value", given))
+    for method in methods().values():
+        presets = method_presets(method)
+        for section in method.sections:
+            config[section] = {**presets.get("defaults", {}).get(section, {}),
+                               **presets.get(dataset, {}).get(section, {})}
+        if method.name != chosen:
+            continue
+        for table in (presets.get("defaults", {}), presets.get(dataset, {})):  # the chosen method's other values
+            for section, values in table.items():
+                if section not in method.sections and section != "by_backbone":
+                    config.setdefault(section, {}).update(values)
+        backbone = overrides.get("features.backbone") or config.get("features", {}).get("backbone")
+        for section, values in presets.get(dataset, {}).get("by_backbone", {}).get(backbone, {}).items():
+            config.setdefault(section, {}).update(values)
+    order = list(section_classes())
+    for section in sorted(config, key=lambda s: order.index(s) if s in order else len(order)):
+        config[section] = config.pop(section)
+
+
+# the resolutions a backbone cuts into patches: [prepare]'s, and each method's own (Method.grid_keys: HCL's
+# hcl_features.resolution and val_resolution; its crop_resolution is a resize before the views, not a grid)
+GRID_KEYS = ("prepare.resolution", "prepare.val_resolution")
+
+
+def grid_keys() -> tuple[str, ...]:
+    from pipeline.methods.registry import methods
+
+    return GRID_KEYS + tuple(key for method in methods().values() for key in method.grid_keys)
 _said: set[str] = set()
 
 
@@ -68,14 +111,14 @@ def whole_grids(config: Config, explicit: set[str]) -> None:
     fingerprint and run record carries the resolution actually used. A resolution set on the command line is
     never changed: one that is not whole is refused here, before any work. Resolving the backbone here also
     refuses a bad --backbone before any stage runs. The four DINO presets skip it (no timm import)."""
-    from pipeline.backbone import BACKBONES, backbone_facts, check_resolution
+    from pipeline.extraction.backbone import BACKBONES, backbone_facts, check_resolution
     from pipeline.log import log
 
     name = config["features"]["backbone"]
     if name in BACKBONES:
         return
     facts = backbone_facts(name)
-    for key in GRID_KEYS:
+    for key in grid_keys():
         section, _, field = key.partition(".")
         value = config[section][field]
         if key in explicit:

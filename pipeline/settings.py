@@ -39,13 +39,6 @@ Rule = Callable[[Any], str | None]  # None when the value is fine, else what it 
 # ----------------------------------------------------------------------------- choices
 
 
-class Method(StrEnum):
-    """train.method: HP (docs/hp.md) or HCL (docs/hcl.md)."""
-
-    hp = "hp"
-    hcl = "hcl"
-
-
 class Protocol(StrEnum):
     """evaluate.protocol: the reference's probes trained online (paper) or fitted after training (kmeans)."""
 
@@ -176,12 +169,12 @@ def number(low: float, high: float = math.inf, low_open: bool = False, high_open
 
 
 def auto_or_boolean(v: Any) -> str | None:
-    """features.amp: read as given (pipeline/workers.py amp_setting), so only these exact spellings."""
+    """features.amp: read as given (pipeline/extraction/workers.py amp_setting), so only these exact spellings."""
     return None if isinstance(v, bool) or v in ("auto", "true", "false") else "true, false or auto"
 
 
 def auto_or_boolean_word(v: Any) -> str | None:
-    """evaluate.crf: `--crf` writes "True"/"False", read case-insensitively (pipeline/hp/online_probes.py)."""
+    """evaluate.crf: `--crf` writes "True"/"False", read case-insensitively (pipeline/evaluation/online_probes.py)."""
     ok = isinstance(v, bool) or (isinstance(v, str) and v.strip().lower() in {"auto", *BOOL_WORDS})
     return None if ok else "true, false or auto"
 
@@ -195,6 +188,12 @@ def known_dataset(v: Any) -> str | None:
     from pipeline.datasets import DATASETS  # the readers' registry is the list of names
 
     return None if isinstance(v, str) and v in DATASETS else f"one of {', '.join(DATASETS)}"
+
+
+def registered_method(v: Any) -> str | None:
+    from pipeline.methods.registry import names  # the registry is the list of methods
+
+    return None if isinstance(v, str) and v in names() else f"one of {', '.join(names())}"
 
 
 def probe_list(v: Any) -> str | None:
@@ -280,23 +279,12 @@ class FeaturesSection:
     workers: int = within(COUNT)
 
 
-@section
-class HclFeaturesSection:
-    crops: int = within(integer(2))
-    views: int = within(integer(2))
-    crop_resolution: int = within(POSITIVE)
-    resolution: int = within(POSITIVE)
-    val_resolution: int = within(POSITIVE)
-    mask_mass: float = within(OPEN_FRACTION)
-    mask_min_size: int = within(POSITIVE)
-    seed: int = within(COUNT)
-
 
 @section
 class TrainSection:
-    """[train]: what a run of either method reads (HP's own settings are [hp], HCL's [hcl])."""
+    """[train]: what a run of any method reads (a method's own settings are its sections: [hp], [hcl], ...)."""
 
-    method: Method
+    method: str = within(registered_method)  # a name in pipeline/methods/registry.py
     device: TrainDevice
     amp: bool
     log_interval: int = within(POSITIVE)
@@ -304,49 +292,6 @@ class TrainSection:
     buffer_chunks: int = within(POSITIVE)  # store chunks read and shuffled together
 
 
-@section
-class HpSection:
-    """[hp]: Hidden Positives' head, loss, pools, optimiser and schedule (docs/hp.md §2-§5); HCL never reads it."""
-
-    head_dim: int = within(POSITIVE)
-    epochs: int = within(POSITIVE)
-    batch_size: int = within(POSITIVE)
-    tau: float = within(POSITIVE_REAL)
-    alpha: float = within(NON_NEGATIVE)
-    rho: float = within(FRACTION)
-    pool_size: int = within(POSITIVE)
-    renew_interval: int = within(POSITIVE)
-    ema_m: float = within(FRACTION)
-    warmup: int = within(COUNT)
-    lr: float = within(POSITIVE_REAL)
-    weight_decay: float = within(NON_NEGATIVE)
-    grad_clip: float = within(POSITIVE_REAL)
-    dropout: float = within(number(0, 1, high_open=True))
-    seed: int = within(COUNT)
-    pool_backend: PoolBackend
-    anchor_tile: int = within(COUNT)  # 0: one round = one image's anchors
-
-
-@section
-class HclSection:
-    epochs: int = within(POSITIVE)
-    batch_size: int = within(POSITIVE)
-    lr: float = within(POSITIVE_REAL)
-    weight_decay: float = within(NON_NEGATIVE)
-    lr_drop_epoch: int = within(COUNT)
-    lr_drop: float = within(OPEN_FRACTION)
-    tau: float = within(POSITIVE_REAL)
-    ema_m: float = within(FRACTION)
-    clusters: int = within(POSITIVE)
-    kmeans_iterations: int = within(POSITIVE)
-    kmeans_min_points: int = within(POSITIVE)
-    sample_fraction: float = within(OPEN_FRACTION)
-    bank_replace: float = within(FRACTION)
-    dim: int = within(POSITIVE)
-    hidden: int = within(POSITIVE)
-    out_dim: int = within(POSITIVE)
-    heads: int = within(POSITIVE)
-    seed: int = within(COUNT)
 
 
 @section
@@ -393,20 +338,21 @@ class PaperSection:
     results: list[dict[str, Any]] = within(paper_rows)
 
 
-@section
-class Settings:
-    """The whole config, typed: one attribute per TOML section."""
+# the sections every config has, in the order a config prints them; each method adds its own after [train]
+# (pipeline/methods/<name>/settings.py, registered through its Method's `sections`)
+CORE_SECTIONS: dict[str, type] = {"dataset": DatasetSection, "prepare": PrepareSection, "features": FeaturesSection,
+                                  "train": TrainSection, "evaluate": EvaluateSection, "run": RunSection,
+                                  "paper": PaperSection}
 
-    dataset: DatasetSection
-    prepare: PrepareSection
-    features: FeaturesSection
-    hcl_features: HclFeaturesSection
-    train: TrainSection
-    hp: HpSection
-    hcl: HclSection
-    evaluate: EvaluateSection
-    run: RunSection
-    paper: PaperSection
+
+class Settings:
+    """The whole config, typed: one attribute per TOML section (`typed(config).hp.tau`)."""
+
+    def __init__(self, **sections: Any) -> None:
+        self.__dict__.update(sections)
+
+    def __getattr__(self, name: str) -> Any:  # a section no method registers
+        raise AttributeError(f"no config section [{name}]")
 
 
 # ----------------------------------------------------------------------------- cross-key checks
@@ -434,9 +380,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+@cache
 def section_classes() -> dict[str, type]:
-    """Section name -> its dataclass ([dataset]: the base class; see `section_class`)."""
-    return {f.name: _hints(Settings)[f.name] for f in fields(Settings)}
+    """Section name -> its dataclass ([dataset]: the base class; see `section_class`): the core sections, with the
+    registered methods' own after [train]."""
+    from pipeline.methods.registry import methods
+
+    own = {name: cls for method in methods().values() for name, cls in method.sections.items()}
+    order = list(CORE_SECTIONS)
+    at = order.index("train") + 1
+    return {name: {**CORE_SECTIONS, **own}[name] for name in [*order[:at], *own, *order[at:]]}
 
 
 def section_class(config: Config, name: str) -> type:
@@ -514,8 +467,10 @@ def _typed_value(value: Any, tp: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _fix(key: str, tp: Any) -> str:
+def _fix(key: str, tp: Any, problem: str = "") -> str:
     example = next(iter(tp)).value if isinstance(tp, type) and issubclass(tp, Enum) else "VALUE"
+    if problem.startswith("one of "):  # a choice a rule lists (train.method: the registered methods)
+        example = problem.removeprefix("one of ").split(",")[0].strip()
     return f"fix it with --set {key}={example} (or in the preset)"
 
 
@@ -577,7 +532,8 @@ def check_config(config: Config) -> Settings:
             problem = type_problem(value, tp) or (rule(value) if rule else None)
             if problem:
                 dotted = f"{name}.{key}"
-                raise UserError(f"config key '{dotted}' must be {problem}, got {value!r}; {_fix(dotted, tp)}")
+                raise UserError(f"config key '{dotted}' must be {problem}, got {value!r}; "
+                                f"{_fix(dotted, tp, problem)}")
         built[name] = cls(**{key: _typed_value(values[key], tp) for key, tp in hints.items()})
     settings = Settings(**built)
     for check in CROSS_CHECKS:

@@ -15,8 +15,8 @@ and `codes-<run>` writes only the val codes. The raw-feature rows keep the kmean
 (the reference evaluates no raw features).
 
 The checkpoint evaluated is always the run's last one: it is never chosen on validation labels. The sub-stages are
-declared in pipeline/graph.py; its executor runs them (and the run's training first) in order. What they
-compute is pipeline/evaluation.py.
+declared in pipeline/orchestration/graph.py; its executor runs them (and the run's training first) in order. What they
+compute is pipeline/evaluation/scoring.py.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from cache.reader import FeatureStore
-from pipeline import paths
-from pipeline.codes import write_codes
 from pipeline.config import Config
-from pipeline.encoders import load_encoder
 from pipeline.errors import UserError
-from pipeline.evaluation import (
+from pipeline.evaluation.codes import write_codes
+from pipeline.evaluation.encoders import load_encoder
+from pipeline.evaluation.online_probes import crf_enabled, protocol_of
+from pipeline.evaluation.probes import linear_optimizer, probes_of
+from pipeline.evaluation.scoring import (
     PREDICTIONS,
     export_online_probes,
     kind_label,
@@ -46,17 +47,18 @@ from pipeline.evaluation import (
     write_pictures,
 )
 from pipeline.files import atomic_write_text
-from pipeline.graph import Build, Step, build, method_of
-from pipeline.hp.online_probes import crf_enabled, online_probe_settings, protocol_of
 from pipeline.log import log
-from pipeline.paths import inside
-from pipeline.probes import linear_optimizer, probes_of
-from pipeline.report import relative_path
-from pipeline.runner import StageContext, manifest_path
+from pipeline.methods.registry import method_of
+from pipeline.orchestration import paths
+from pipeline.orchestration.graph import Build, Step, build
+from pipeline.orchestration.paths import inside
+from pipeline.orchestration.runner import StageContext, manifest_path
+from pipeline.reporting.report import relative_path
 from pipeline.wording import plural
 
 
-# ---------------------------------------------------------------- the stages (declared in pipeline/graph.py)
+# ---------------------------------------------------------------- the stages (declared in
+# pipeline/orchestration/graph.py)
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False) -> dict[str, Any]:
     """Evaluate run `run` (trained first when needed); --force recomputes its codes, probes and evaluation and may
     retrain a run whose settings changed."""
@@ -67,10 +69,11 @@ def check(config: Config) -> None:
     """A typo or an impossible protocol fails before any work."""
     probes_of(config)
     linear_optimizer(config)
-    method = method_of(config)
-    if protocol_of(config) == "paper" and method != "hp":
-        raise UserError(f"evaluate.protocol = paper is HP's evaluation (probes trained online with the HP head, "
-                        f"docs/hp.md §8); {method.upper()} has its own: use --set evaluate.protocol=kmeans")
+    method, protocol = method_of(config), protocol_of(config)
+    if protocol not in method.protocols:
+        raise UserError(f"evaluate.protocol = {protocol} is not one of {method.label}'s evaluations "
+                        f"({', '.join(method.protocols)}; {method.doc}): use --set evaluate.protocol="
+                        f"{method.protocols[0]}")
 
 
 def stores(job: Build, step: Step) -> tuple[FeatureStore, FeatureStore]:
@@ -104,9 +107,23 @@ def codes_body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     rdir, urls = paths.run_dir(job.config, job.workdir, step.run), {}
     for split, source in splits.items():
         urls[split] = str(paths.codes_dir(rdir) / f"{split}.zarr")
-        write_codes(encoder, source, urls[split], ctx.fresh, job.config["evaluate"]["batch_size"], ctx.fingerprint)
+        write_codes(encoder, source, urls[split], ctx.fresh, job.config["evaluate"]["batch_size"], ctx.fingerprint,
+                    val_extras(job, step) if split == "val" else None)
     counts = " and ".join(plural(len(source), f"{split} crop") for split, source in splits.items())
     return {**urls, "summary": f"codes of {counts}"}
+
+
+def val_extras(job: Build, step: Step) -> dict[str, tuple[FeatureStore, str]]:
+    """What the method's val codes read besides the val store (Method.val_inputs): each such stage's outputs name
+    its store and the arrays it provides ({"arrays": {encoder array: store array}}); a stage that wrote no store
+    (an option skipped it) provides nothing."""
+    extra = {}
+    for name in method_of(job.config).val_inputs:
+        outputs = job.upstream(step, name)["outputs"]
+        if outputs.get("store"):
+            store = FeatureStore.open(str(inside(outputs["store"], job.workdir, manifest_path(job.sdir, name))))
+            extra.update({array: (store, held) for array, held in outputs.get("arrays", {}).items()})
+    return extra
 
 
 def codes_then(job: Build, step: Step, manifest: dict[str, Any]) -> None:
@@ -118,7 +135,7 @@ def probe_body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     paper (§8), the probes trained online taken from the run's checkpoint."""
     kind = step.stage.removeprefix("probe-")
     out = paths.probe_dir(paths.run_dir(job.config, job.workdir, step.run), kind)
-    if kind == "head" and online_probe_settings(job.config):
+    if kind == "head" and method_of(job.config).online_probes(job.config):
         return export_online_probes(ctx, checkpoint_of(job, step), out)
     train_url = codes_of(job, step)["train"] if kind == "head" else stores(job, step)[0].url
     return run_probes(ctx, job.config, FeatureStore.open(train_url), out)
@@ -132,10 +149,10 @@ def probe_then(job: Build, step: Step, manifest: dict[str, Any]) -> None:
 
 def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     """Predictions on val for every probe, the metrics (before/after CRF), metrics.json, report.md, pictures."""
-    from pipeline.report import console_summary, paper_comparison, with_paper_numbers, write_report
-    from pipeline.tensorboard import write_evaluation
+    from pipeline.reporting.report import console_summary, paper_comparison, with_paper_numbers, write_report
+    from pipeline.reporting.tensorboard import write_evaluation
 
-    config, e_cfg, run, method = job.config, job.config["evaluate"], step.run, method_of(job.config)
+    config, e_cfg, run, method = job.config, job.config["evaluate"], step.run, method_of(job.config).name
     train_store, val_store = stores(job, step)
     kinds = {"head": codes_of(job, step)["val"], **({"raw": val_store.url} if e_cfg["baselines"] else {})}
     probe_outputs = {kind: job.upstream(step, f"probe-{kind}")["outputs"] for kind in kinds}
@@ -150,8 +167,9 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     metrics = {
         "dataset": config["dataset"]["name"], "run": run, "method": method, "random_init": train_store.random_init,
         "class_names": val_store.attrs.get("class_names") or [str(c) for c in range(config["dataset"]["n_classes"])],
-        "protocol": protocol_lines(config, settings, checkpoint_of(job, step), train_store, val_store,
-                                   overcluster_text(e_cfg, rows, notes), rel),
+        "protocol": {**protocol_lines(config, settings, checkpoint_of(job, step), train_store, val_store,
+                                      overcluster_text(e_cfg, rows, notes), rel),
+                     **method_of(config).protocol_notes(config)},  # the method's own lines (STEGO: flip averaging)
         "protocol_settings": settings,
         "paper": comparison,
         "results": with_paper_numbers([{k: v for k, v in r.items() if k != "confusion"} for r in rows], comparison),

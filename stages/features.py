@@ -5,8 +5,8 @@ Locally, a loader thread decodes the next chunks (in `features.workers` DataLoad
 writer thread compresses the previous ones while the backbone runs on `features.device` in forwards
 of `features.batch_size` crops (a slice of a chunk or several whole chunks); with dask, workers each
 load the backbone once and write disjoint chunks straight into the store (docs/cache.md, "Computing a store").
-What a chunk holds and how chunks are computed is pipeline/hp/store.py; this module creates the store, fills it
-and says what it wrote. Its upstream (`prepare`) is run by the executor (pipeline/graph.py).
+What a chunk holds and how chunks are computed is pipeline/methods/hp/store.py; this module creates the store, fills it
+and says what it wrote. Its upstream (`prepare`) is run by the executor (pipeline/orchestration/graph.py).
 """
 
 from __future__ import annotations
@@ -20,19 +20,20 @@ from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import Layout
 from cache.writer import stored_bytes
-from pipeline import paths, prepared
-from pipeline.backbone import Backbone, check_resolution
 from pipeline.config import Config
 from pipeline.datasets import open_split
 from pipeline.datasets.base import SPLITS
 from pipeline.errors import UserError
-from pipeline.extract import ExtractSettings
-from pipeline.graph import Build, Step, build
-from pipeline.hp.store import run_local, sample_order, settings_for, worker_chunk
-from pipeline.plots import feature_preview
-from pipeline.runner import StageContext
+from pipeline.extraction import prepared
+from pipeline.extraction.backbone import Backbone, check_resolution
+from pipeline.extraction.extract import ExtractSettings
+from pipeline.extraction.workers import extraction_attrs, feature_backbone, feature_batch_size, fill_chunks
+from pipeline.methods.hp.store import run_local, sample_order, settings_for, worker_chunk
+from pipeline.orchestration import paths
+from pipeline.orchestration.graph import Build, Step, build
+from pipeline.orchestration.runner import StageContext
+from pipeline.reporting.plots import feature_preview
 from pipeline.wording import plural
-from pipeline.workers import extraction_attrs, feature_backbone, feature_batch_size, fill_chunks
 
 
 def run(

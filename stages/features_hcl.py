@@ -1,8 +1,8 @@
 """`features --method hcl`: HCL's own stores (docs/hcl.md §1, §4, §5), written from the dataset's source images.
 
 HCL does not train on HP's five-crops nor evaluate on HP's crops: its stages (`features-<split>-hcl`) read the source
-images themselves (never `prepare` or HP's stores) and write one zarr group per split (pipeline/graph.py
-`hcl_store_url`), with the geometry of pipeline/hcl/views.py (chunks: pipeline/hcl/store.py):
+images themselves (never `prepare` or HP's stores) and write one zarr group per split (pipeline/orchestration/graph.py
+`hcl_store_url`), with the geometry of pipeline/methods/hcl/views.py (chunks: pipeline/methods/hcl/store.py):
 
 - training: sample s = (image slot j, crop r), s = j·R + r, R = hcl_features.crops square crops per image (each
   its own scale and offset), each with the plain view and V = hcl_features.views photometric variants through every
@@ -26,17 +26,11 @@ import numpy as np
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import HCL_SCHEMA, HCLLayout
-from pipeline import paths
-from pipeline.backbone import Backbone, check_resolution
 from pipeline.config import Config
 from pipeline.datasets import SegmentationDataset, open_split
 from pipeline.errors import UserError
-from pipeline.graph import Build, Step, build
-from pipeline.hcl.multilevel import patch_sizes
-from pipeline.hcl.store import Geometry, compute_chunks, geometry, image_order, load_chunk, mask_preview, worker_chunk
-from pipeline.runner import StageContext
-from pipeline.wording import plural
-from pipeline.workers import (
+from pipeline.extraction.backbone import Backbone, check_resolution
+from pipeline.extraction.workers import (
     SCHEDULERS,
     extraction_attrs,
     feature_backbone,
@@ -44,12 +38,28 @@ from pipeline.workers import (
     fill_chunks,
     overlapped,
 )
+from pipeline.methods.hcl.multilevel import patch_sizes
+from pipeline.methods.hcl.store import (
+    Geometry,
+    compute_chunks,
+    geometry,
+    image_order,
+    load_chunk,
+    mask_preview,
+    worker_chunk,
+)
+from pipeline.orchestration import paths
+from pipeline.orchestration.graph import Build, Step, build
+from pipeline.orchestration.runner import StageContext
+from pipeline.wording import plural
 
 
 def run(config: Config, workdir: Path, split: str, store: str | None = None, force: bool = False,
         scheduler: str = "local", address: str | None = None, workers: int = 2) -> dict[str, Any]:
-    """Build (or resume, or find up to date) HCL's store of `split`; its manifest."""
+    """Build (or resume, or find up to date) HCL's store of `split`; its manifest (whatever train.method says: the
+    stage belongs to HCL's graph)."""
     geometry(config, split)  # a bad split or geometry is refused before anything runs
+    config = {**config, "train": {**config["train"], "method": "hcl"}}
     return build(config, workdir, f"features-{split}-hcl", force=force,
                  stores={f"hcl-{split}": store} if store else None,
                  options={"scheduler": scheduler, "address": address, "workers": workers})

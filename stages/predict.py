@@ -23,26 +23,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
-from pipeline import paths
-from pipeline.backbone import normalize
-from pipeline.checkpoints import load_checkpoint
 from pipeline.config import Config
-from pipeline.encoders import load_encoder
+from pipeline.datasets.geometry import model_size  # noqa: F401  (re-exported: the resize policy)
 from pipeline.errors import UserError
+from pipeline.evaluation.encoders import load_encoder
+from pipeline.evaluation.probes import LinearProbe, cosine_scores
+from pipeline.extraction.backbone import normalize
+from pipeline.extraction.workers import resolve_backbone
 from pipeline.files import atomic_write_text
 from pipeline.log import log
-from pipeline.plots import blend, palette, save_label_png
-from pipeline.probes import LinearProbe, cosine_scores
-from pipeline.workers import resolve_backbone
+from pipeline.methods.contract import Method
+from pipeline.methods.registry import method_named, method_of
+from pipeline.orchestration import paths
+from pipeline.reporting.plots import blend, palette, save_label_png
+from pipeline.training.checkpoints import load_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def model_size(height: int, width: int, shorter: int, patch: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(resized size, cropped size): shorter side -> `shorter`, then both sides down to multiples of `patch`."""
-    scale = shorter / min(height, width)
-    resized = (max(patch, round(height * scale)), max(patch, round(width * scale)))
-    return resized, (resized[0] // patch * patch, resized[1] // patch * patch)
 
 
 def list_images(path: Path) -> list[Path]:
@@ -65,7 +61,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,
         crf: bool) -> dict[str, Any]:
-    run = run or config["train"]["method"]
+    run = run or method_of(config).name
     images = list_images(Path(source))  # a wrong path is named before any model is loaded
     metrics_path = paths.eval_dir(config, workdir, run) / "metrics.json"
     if not metrics_path.exists():
@@ -102,7 +98,7 @@ class Model:
 
     encoder: Any
     backbone: Any
-    method: str | None
+    method: Method
     score: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
     mapping: np.ndarray
 
@@ -123,23 +119,20 @@ def load_model(config: Config, workdir: Path, run: str, probe: str, row: dict[st
     n_classes = config["dataset"]["n_classes"]
     if probe == "cluster":
         centroids = torch.from_numpy(np.load(paths.probe_dir(rdir, "head") / "centroids.npy"))
-        return Model(encoder, backbone, state.get("method"),
+        return Model(encoder, backbone, method_named(state.get("method", "hp"), "the checkpoint's method"),
                      lambda codes, size: 2 * cosine_scores(codes, centroids, size),  # §8: 2·cos
                      np.asarray(row["cluster_to_class"]))
     linear = LinearProbe(encoder.dim, n_classes)
     linear.load_state_dict(load_checkpoint(paths.probe_dir(rdir, "head") / "linear.pt")["probe"])
-    return Model(encoder, backbone, state.get("method"), lambda codes, size: linear(codes, size),
+    return Model(encoder, backbone, method_named(state.get("method", "hp"), "the checkpoint's method"),
+                 lambda codes, size: linear(codes, size),
                  np.arange(n_classes))
 
 
 def segment(config: Config, model: Model, image: np.ndarray, crf: bool) -> np.ndarray:
     """One image's class ids at its own size (255: a cluster matched to no class)."""
-    if model.method == "hcl":  # HCL's evaluation geometry (docs/hcl.md §5): the whole image, square
-        side = config["hcl_features"]["val_resolution"]
-        resized = cropped = (side, side)
-    else:
-        resized, cropped = model_size(*image.shape[:2], config["prepare"]["val_resolution"],
-                                      model.backbone.patch_size)
+    # the method's evaluation geometry (HP: shorter side, patch multiples; HCL: the whole image, square)
+    resized, cropped = model.method.geometry(config, image.shape[:2], model.backbone.patch_size)
     x = F.interpolate(normalize(torch.from_numpy(image[None].copy())), size=resized, mode="bilinear",
                       align_corners=False)
     top, left = (resized[0] - cropped[0]) // 2, (resized[1] - cropped[1]) // 2
@@ -148,7 +141,7 @@ def segment(config: Config, model: Model, image: np.ndarray, crf: bool) -> np.nd
         codes = model.encoder.from_backbone(model.backbone, x)
         logits = model.score(codes, image.shape[:2])
     if crf:
-        from pipeline.crf import crf_labels
+        from pipeline.evaluation.crf import crf_labels
 
         pred = crf_labels(image[None], logits.numpy().astype(np.float32))[0]
     else:

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import paths
 from pipeline.config import Config, fingerprint
 from pipeline.datasets import dataset_root, open_split
 from pipeline.datasets.base import SPLITS
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
+from pipeline.extraction.prepared import crops_per_image
 from pipeline.files import atomic_write_png, atomic_write_text
-from pipeline.graph import Build, Step, build
-from pipeline.prepared import crops_per_image
-from pipeline.runner import StageContext
+from pipeline.orchestration import paths
+from pipeline.orchestration.graph import Build, Step, build
+from pipeline.orchestration.runner import StageContext
 from pipeline.wording import plural
 
 

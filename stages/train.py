@@ -1,7 +1,8 @@
 """`train`: the configured method's heads trained from the feature cache alone (docs/hp.md §2-§5, docs/hcl.md §2-§4).
 
-The stage picks the method's store and trainer (HP: pipeline/hp/training.py, HCL: pipeline/hcl/training.py, both run
-the loop of pipeline/trainer.py) and records the run. A run lives in `<workdir>/<dataset>/runs/<run>/`:
+The stage asks the configured method (pipeline/methods/registry.py) for its store and trainer (HP:
+pipeline/methods/hp/training.py, HCL: pipeline/methods/hcl/training.py, ...; all run
+the loop of pipeline/training/trainer.py) and records the run. A run lives in `<workdir>/<dataset>/runs/<run>/`:
 checkpoints/last.pt (atomic, every `checkpoint_interval` iterations and at the end), metrics.jsonl, curves.png. A
 killed run resumes from its checkpoint to the same final weights as an uninterrupted one.
 """
@@ -12,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from cache.reader import FeatureStore
-from pipeline import paths, runs
 from pipeline.config import Config
-from pipeline.graph import Build, Step, build, method_of
-from pipeline.hcl import training as hcl_training
-from pipeline.hcl.store import hcl_arrays
-from pipeline.hp import training as hp_training
-from pipeline.runner import StageContext
+from pipeline.methods.registry import method_of
+from pipeline.orchestration import paths, runs
+from pipeline.orchestration.graph import Build, Step, build
+from pipeline.orchestration.runner import StageContext
 
 
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False,
@@ -27,7 +26,8 @@ def run(config: Config, workdir: Path, run: str | None = None, force: bool = Fal
 
     A run that exists with other settings is refused before anything runs (`preflight`), unless `force`
     (start over) or `replace` (evaluate --force: retrain it if its settings differ, reuse it if they do not). The
-    run's whole config is recorded in its folder (pipeline/runs.py) for evaluate, predict, report and status.
+    run's whole config is recorded in its folder (pipeline/orchestration/runs.py) for evaluate, predict, report and
+    status.
     """
     return build(config, workdir, "train", run=run, force=force, replace=replace)
 
@@ -40,16 +40,14 @@ def preflight(job: Build, step: Step) -> None:
 
 
 def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
-    """The method's trainer on the store the features stage wrote (it records the fingerprint of that stage)."""
-    if method_of(job.config) == "hcl":  # HCL's own store (docs/hcl.md §4)
-        trainer, needs = hcl_training.train, hcl_arrays
-    else:
-        trainer, needs = hp_training.train, lambda store: [store.array(n) for n in ("feat_aug", "lhp")]
-    features = job.done[step.upstream[0]]  # features-train, or HCL's own features-train-hcl
+    """The method's trainer on the store its features stage wrote (it records the fingerprint of that stage)."""
+    method = method_of(job.config)
+    upstream = {name: job.upstream(step, name) for name in step.inputs}  # by declared stage name
+    features = upstream[method.stores["train"]]  # features-train, or HCL's own features-train-hcl
     store = FeatureStore.open(features["outputs"]["store"],
                               expect={"split": "train", "fingerprint": features["fingerprint"]})
-    needs(store)  # a clear message when the store lacks what the method needs
-    return trainer(ctx, job.config, store, paths.run_dir(job.config, job.workdir, step.run))
+    method.check_store(store)  # a clear message when the store lacks what the method needs
+    return method.train(ctx, job.config, store, paths.run_dir(job.config, job.workdir, step.run), upstream)
 
 
 def then(job: Build, step: Step, manifest: dict[str, Any]) -> None:

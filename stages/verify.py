@@ -22,8 +22,8 @@ from cache import writer
 from cache.integrity import SIZE, StoreCheck, mark_bad, read_records, record_arrays, summarize, verify_chunks
 from cache.schema import SCHEMA_VERSION
 from pipeline.errors import UserError
-from pipeline.locks import hold, store_lock
 from pipeline.log import log
+from pipeline.orchestration.locks import hold, store_lock
 
 
 def require_store(url: str) -> zarr.Group:

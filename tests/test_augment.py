@@ -5,8 +5,8 @@ import random
 import torch
 import torchvision.transforms as T
 
-from pipeline.augment import photometric_view
-from pipeline.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize
+from pipeline.extraction.augment import photometric_view
+from pipeline.extraction.backbone import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)

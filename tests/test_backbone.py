@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from pipeline.backbone import (
+from pipeline.errors import UserError
+from pipeline.extraction.backbone import (
     BACKBONES,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,7 +20,6 @@ from pipeline.backbone import (
     normalize,
     state_dict_hash,
 )
-from pipeline.errors import UserError
 
 NAME = "vit_small_patch16_224.dino"
 

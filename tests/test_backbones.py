@@ -15,7 +15,9 @@ import timm
 import torch
 
 from cache.reader import FeatureStore
-from pipeline.backbone import (
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.extraction.backbone import (
     BACKBONES,
     Backbone,
     backbone_facts,
@@ -26,11 +28,9 @@ from pipeline.backbone import (
     normalize,
     state_dict_hash,
 )
-from pipeline.config import load_config
-from pipeline.errors import UserError
-from pipeline.extract import ExtractSettings, extract_chunk
-from pipeline.hcl.multilevel import branch_forward, branch_sizes, multilevel_features, patch_sizes
-from pipeline.lhp import lhp_weights
+from pipeline.extraction.extract import ExtractSettings, extract_chunk
+from pipeline.extraction.lhp import lhp_weights
+from pipeline.methods.hcl.multilevel import branch_forward, branch_sizes, multilevel_features, patch_sizes
 from stages import features
 
 DINO = "vit_small_patch16_224.dino"
@@ -290,7 +290,7 @@ def test_coarse_branch_sees_patchwise_upsampled_image_as_native(backbones, name)
 @pytest.mark.parametrize("name", [DINOV2_REG, DINOV3])
 def test_branch_equals_timm_forward_with_the_resized_kernel(backbones, name):
     """A coarse branch is timm's own forward_features with the patch conv swapped for the FlexiViT-resized one."""
-    from pipeline.hcl.multilevel import resize_patch_kernel
+    from pipeline.methods.hcl.multilevel import resize_patch_kernel
 
     bb = backbones[name]
     p, prefix = bb.patch_size, bb.num_prefix_tokens
@@ -394,7 +394,7 @@ def test_a_resolution_that_is_not_a_whole_grid_is_refused_before_any_store(tmp_p
 
 def test_hcl_features_stage_with_patch_14(tmp_path):
     """HCL's own store from a DINOv2-with-registers backbone: branches 14/28/56, registers dropped, CLS kept."""
-    from pipeline.hcl.extract import hcl_chunk
+    from pipeline.methods.hcl.extract import hcl_chunk
     from stages import features_hcl
 
     config = load_config("synthetic", {
@@ -453,7 +453,7 @@ def test_bench_features_reports_each_familys_grid(tmp_path, capsys):
     the stored feature bytes per crop follow the grid (16x16 patches at 224 for patch 14, here 4x4 at 56)."""
     import json
 
-    from pipeline.benches.features import features as bench_features
+    from benches.features import features as bench_features
 
     bench_features(2, 56, DINOV2_REG, "random", 1, 2, 1, tmp_path, True)
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -496,8 +496,8 @@ def test_an_interrupted_features_run_resumes_to_the_same_store(name, tmp_path, m
 def test_a_training_checkpoint_round_trips_per_family(name, tmp_path):
     """Per family: an HP run killed after a checkpoint and resumed from it ends with weights bit-identical to an
     uninterrupted run's (the checkpoint saved and loaded carries every weight and RNG state)."""
-    from pipeline import paths
-    from pipeline.checkpoints import load_checkpoint
+    from pipeline.orchestration import paths
+    from pipeline.training.checkpoints import load_checkpoint
     from stages import train as train_stage
     from tests.fixtures import TINY_TRAIN, kill_training_when
 

@@ -12,11 +12,12 @@ from cache import writer
 from cache.order import crop_permutation, iid_distinct_images, plan_distinct_images, store_order
 from cache.reader import FeatureStore, batch_plan
 from cache.schema import SCHEMA_VERSION
-from pipeline import paths, prepared
 from pipeline.config import load_config
 from pipeline.datasets import dataset_options, open_dataset
 from pipeline.datasets.geometry import five_crop
 from pipeline.errors import UserError
+from pipeline.extraction import prepared
+from pipeline.orchestration import paths
 from stages import features
 
 TINY = {

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, mm_flop
 
+from benches import scale as bench_scale
+from benches.train import loss_matmul_figures
 from cache.reader import FeatureStore
-from pipeline.benches import scale as bench_scale
-from pipeline.benches.train import loss_matmul_figures
-from pipeline.hp.loss import hp_loss
-from pipeline.hp.schedule import renews_at
+from pipeline.methods.hp.loss import hp_loss
+from pipeline.methods.hp.schedule import renews_at
 
 TINY = {"iterations": 5, "batch_size": 4, "head_dim": 16, "pool_size": 64, "renew_interval": 2, "chunk_size": 4,
         "resolution": 48, "patch": 16, "dim": 16, "views": 2, "unique_chunks": 8, "repeats": 2, "reader_crops": 64}

@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.benches.train import cycle_epochs
-from pipeline.hp.schedule import renews_at
+from benches.train import cycle_epochs
+from pipeline.methods.hp.schedule import renews_at
 
 
 def test_cache_side_runs_as_many_iterations_as_asked_across_epochs():
@@ -31,7 +31,7 @@ def test_bare_side_of_bench_features_makes_the_stages_passes():
     """Per image: one clean pass plus one per photometric view, batched by chunk, as the features stage does."""
     import numpy as np
 
-    from pipeline.benches.features import bare_forward_seconds
+    from benches.features import bare_forward_seconds
 
     seen = []
     _, passes = bare_forward_seconds(lambda x: seen.append(len(x)), np.zeros((7, 8, 8, 3), np.uint8), 2, 3)
@@ -42,7 +42,7 @@ def test_bare_side_of_bench_features_makes_the_stages_passes():
 def test_distinct_images_figures_follow_each_presets_settings():
     """`bench train`'s data-order figures are computed with each preset's own batch, chunk, buffer, seeds and
     epochs ([hp] and [train]), and hp-pipe's plan is within 1 % of an i.i.d. shuffle (issue 9's target)."""
-    from pipeline.benches.order import TRAIN_IMAGES, distinct_images_figures
+    from benches.order import TRAIN_IMAGES, distinct_images_figures
     from pipeline.config import load_config
 
     figures = distinct_images_figures()

@@ -59,7 +59,7 @@ def test_fingerprint_is_order_independent_and_value_sensitive():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
-    from pipeline.hcl.multilevel import patch_sizes
+    from pipeline.methods.hcl.multilevel import patch_sizes
 
     config = load_config(name)
     patch = 8 if "patch8" in config["features"]["backbone"] else 16
@@ -69,7 +69,9 @@ def test_every_preset_loads_and_runs_hcl_with_the_spec_settings(name):
         1e-4, 0.04, 0.07, 0.996, 0.3, 0.5)  # docs/hcl.md §3-§4
     if name != "synthetic":  # the synthetic preset shrinks the head and K for a CPU
         assert (h["dim"], h["hidden"], h["out_dim"], h["heads"], h["clusters"]) == (768, 2048, 256, 12, 500)
-        from pipeline.hcl.heads import build_model  # what the trainer builds from the preset: the spec's shapes (§2)
+        from pipeline.methods.hcl.heads import (
+            build_model,  # what the trainer builds from the preset: the spec's shapes (§2)
+        )
 
         model = build_model(1536, h)
         assert [tuple(m.weight.shape) for m in model.projector.mlp if hasattr(m, "weight")] == [
@@ -189,14 +191,40 @@ def _presets_dir():
     return resources.files("pipeline.presets")
 
 
-def _merged_toml(name):
-    """The preset on top of _common.toml, merged here with plain tomllib (independent of load_config)."""
+def _method_presets():
+    """Each method package's presets.toml, read here with plain tomllib: {package: tables}."""
+    import tomllib
+    from pathlib import Path
+
+    import pipeline
+
+    root = Path(pipeline.__file__).parent / "methods"
+    return {p.parent.name: tomllib.loads(p.read_text()) for p in sorted(root.glob("*/presets.toml"))}
+
+
+def _merged_toml(name, method="hp"):
+    """The preset on top of _common.toml, then every method's own sections (the tables of its [defaults] that
+    _common.toml lacks: its defaults, then its table for the dataset) and the chosen method's values for the other
+    sections, merged here with plain tomllib (independent of load_config). Sections keyed by name."""
     import tomllib
 
     merged = tomllib.loads(_presets_dir().joinpath("_common.toml").read_text())
+    core = set(merged)
     for section, values in tomllib.loads(_presets_dir().joinpath(f"{name}.toml").read_text()).items():
         merged[section] = {**merged.get(section, {}), **values}
+    for package, tables in _method_presets().items():
+        own = set(tables["defaults"]) - core
+        for section in own:
+            merged[section] = {**tables["defaults"][section], **tables.get(name, {}).get(section, {})}
+        if package == method:
+            for table in (tables["defaults"], tables.get(name, {})):
+                for section in set(table) - own - {"by_backbone"}:
+                    merged[section] = {**merged[section], **table[section]}
     return merged
+
+
+def _by_section(config):
+    return {section: _typed_tree(values) for section, values in config.items()}
 
 
 def _typed_tree(value):
@@ -211,7 +239,11 @@ def _typed_tree(value):
 @pytest.mark.parametrize("name", preset_names())
 def test_every_preset_loads_to_exactly_its_merged_toml(name):
     config = load_config(name)
-    assert _typed_tree(config) == _typed_tree(_merged_toml(name))
+    assert _by_section(config) == _by_section(_merged_toml(name))
+    for method in _method_presets():  # the chosen method's presets: its values for [features], [evaluate], ...
+        expected = _merged_toml(name, method)
+        expected["train"]["method"] = method
+        assert _by_section(load_config(name, {"train.method": method})) == _by_section(expected)
     assert all(type(v) in (bool, int, float, str, list) for values in config.values() for v in values.values())
 
 
@@ -222,7 +254,9 @@ def test_the_dataclasses_hold_no_defaults_and_match_the_common_preset():
     from pipeline.settings import DATASET_SECTIONS, section_classes
 
     common = tomllib.loads(_presets_dir().joinpath("_common.toml").read_text())
-    assert list(section_classes()) == list(common)
+    for tables in _method_presets().values():  # each method's own sections: the defaults in its presets.toml
+        common.update({s: v for s, v in tables["defaults"].items() if s not in common})
+    assert set(section_classes()) == set(common)
     for name, cls in [*section_classes().items(), *(("dataset", c) for c in DATASET_SECTIONS.values())]:
         for f in dataclasses.fields(cls):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, (name, f.name)
@@ -239,16 +273,25 @@ def test_a_preset_missing_a_key_is_refused_at_load(name, monkeypatch):
     dropped = [(section, next(iter(values))) for section, values in merged.items()]
     if name == "synthetic":
         dropped.append(("dataset", "n_train"))  # the generated dataset's own options
+    read_method = config_module.method_presets
     for section, key in dropped:
         def without(preset, section=section, key=key):
             data = read(preset)
             data.get(section, {}).pop(key, None)
             return data
 
-        monkeypatch.setattr(config_module, "_read_preset", without)
+        def method_without(method, section=section, key=key):  # a method's own section: its presets.toml
+            tables = read_method(method)
+            for table in tables.values():
+                table.get(section, {}).pop(key, None)
+            return tables
+
+        monkeypatch.setattr(config_module, "_read_preset", without)  # the key gone from every file that has it
+        monkeypatch.setattr(config_module, "method_presets", method_without)
         with pytest.raises(UserError, match=rf"preset '{name}'.* has no key '{section}\.{key}'"):
             load_config(name)
     monkeypatch.setattr(config_module, "_read_preset", read)
+    monkeypatch.setattr(config_module, "method_presets", read_method)
     load_config(name)
 
 
@@ -260,12 +303,25 @@ def test_a_preset_with_an_unknown_key_or_section_is_refused(monkeypatch):
     def extra(preset):
         data = read(preset)
         if preset == "voc":
-            data["hp"]["tua"] = 0.5
+            data["features"]["backbon"] = "x"
         return data
 
     monkeypatch.setattr(config_module, "_read_preset", extra)
+    with pytest.raises(UserError, match=r"preset 'voc'.*unknown config key 'features\.backbon'.*did you mean "
+                                        r"'features\.backbone'"):
+        load_config("voc")
+    read_method = config_module.method_presets
+
+    def method_extra(method):  # a method's own section, in its presets.toml
+        tables = read_method(method)
+        tables.get("voc", tables["defaults"]).setdefault(method.section, {})["tua"] = 0.5
+        return tables
+
+    monkeypatch.setattr(config_module, "_read_preset", read)
+    monkeypatch.setattr(config_module, "method_presets", method_extra)
     with pytest.raises(UserError, match=r"preset 'voc'.*unknown config key 'hp\.tua'.*did you mean 'hp\.tau'"):
         load_config("voc")
+    monkeypatch.setattr(config_module, "method_presets", read_method)
     monkeypatch.setattr(config_module, "_read_preset", lambda p: {**read(p), **({"trian": {}} if p == "voc" else {})})
     with pytest.raises(UserError, match=r"unknown section \[trian\]"):
         load_config("voc")
@@ -300,7 +356,7 @@ def test_a_wrong_choice_is_refused_with_the_choices_and_a_valid_fix(key, value, 
 
 
 @pytest.mark.parametrize("key,value,expected", [
-    ("features.amp", "True", "true, false or auto"),  # read literally (pipeline/workers.py amp_setting): "True" would
+    ("features.amp", "True", "true, false or auto"),  # read literally (extraction/workers.py amp_setting): "True" would
                                                       # silently mean off
     ("evaluate.crf", "maybe", "true, false or auto"), ("evaluate.probes", "cluster,knn", "comma-separated list"),
     ("dataset.name", "mnist", "one of cityscapes"), ("paper.results", [{"backbone": "b", "features": "head",
@@ -314,17 +370,17 @@ def test_out_of_range_words_and_rows_are_refused(key, value, expected):
 
 
 def test_command_line_words_are_kept_as_written_and_typed_in_the_view():
-    from pipeline.settings import Auto, Method, Protocol, typed
+    from pipeline.settings import Auto, Protocol, typed
 
     overrides = {"evaluate.crf": "True", "features.amp": "true", "hp.alpha": 0, "hp.tau": "0.7",
-                 "run.tensorboard": "no", "train.method": Method.hcl}
+                 "run.tensorboard": "no", "train.method": "hcl"}
     config = load_config("synthetic", overrides)
     assert _typed_tree({k: config[k.split(".")[0]][k.split(".")[1]] for k in overrides}) == _typed_tree(
         {"evaluate.crf": "True", "features.amp": "true", "hp.alpha": 0, "hp.tau": 0.7,
          "run.tensorboard": False, "train.method": "hcl"})  # as today: the dict holds plain values, as given
     view = typed(config)
     assert view.hp.tau == 0.7 and type(view.hp.alpha) is float and view.hp.alpha == 0.0
-    assert view.train.method is Method.hcl and view.evaluate.protocol is Protocol.kmeans
+    assert view.train.method == "hcl" and view.evaluate.protocol is Protocol.kmeans
     assert view.evaluate.crf is True and view.features.amp is True and view.run.tensorboard is False
     assert typed(load_config("synthetic")).evaluate.crf is Auto.auto
     assert view.dataset.n_train == 16 and not hasattr(typed(load_config("voc")).dataset, "n_train")

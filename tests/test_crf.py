@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from pipeline import crf
-from pipeline.crf import crf_bench, crf_labels, dense_crf
 from pipeline.errors import UserError
+from pipeline.evaluation import crf
+from pipeline.evaluation.crf import crf_bench, crf_labels, dense_crf
 
 BLUE, ORANGE = (20, 30, 110), (250, 160, 30)
 
@@ -108,7 +108,7 @@ def test_parallel_schedulers_equal_serial():
 
 
 def test_bench_sides_do_the_same_work_and_can_fail(monkeypatch):
-    import pipeline.crf as crf
+    import pipeline.evaluation.crf as crf
 
     report = crf_bench(n_images=2, size=32, workers=2, n_classes=4, repeats=2)
     assert report["identical"] is True

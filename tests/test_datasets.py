@@ -11,11 +11,11 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from pipeline import prepared
 from pipeline.datasets import DATASETS, ensure_synthetic, open_dataset
 from pipeline.datasets.cocostuff import FINE_TO_COARSE
 from pipeline.datasets.geometry import five_crop, resize_shorter_center_crop
 from pipeline.errors import UserError
+from pipeline.extraction import prepared
 from tests.fixtures import H, W, make_cityscapes, make_coco, make_potsdam, make_voc, picture, raw_ids, save
 
 

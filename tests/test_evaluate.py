@@ -9,11 +9,12 @@ import torch
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
-from pipeline import evaluation, paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.hp.step import HPHeads
-from pipeline.metrics import confusion_matrix, scores
+from pipeline.evaluation import scoring as evaluation
+from pipeline.evaluation.metrics import confusion_matrix, scores
+from pipeline.methods.hp.step import HPHeads
+from pipeline.orchestration import paths
 from stages import evaluate
 from stages import train as train_stage
 from tests.fixtures import TINY_EVALUATE
@@ -110,7 +111,7 @@ def test_model_size_keeps_aspect_and_patch_multiples():
 def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     from PIL import Image
 
-    from pipeline.probes import cosine_scores
+    from pipeline.evaluation.probes import cosine_scores
     from stages import predict
 
     config, workdir, _ = evaluated
@@ -126,7 +127,7 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     assert odd.shape == (70, 90) and set(np.unique(odd)) <= set(range(8)) | {255}
     assert (tmp_path / "out" / "odd_overlay.png").exists()
     # label PNGs are palette PNGs: ids as pixel values, class colours (those of the overlays) in the colour table
-    from pipeline.plots import palette
+    from pipeline.reporting.plots import palette
 
     label_png = Image.open(tmp_path / "out" / "odd.png")
     assert label_png.mode == "P"
@@ -288,8 +289,9 @@ def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys
 
 def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(evaluated):
     """Every head and raw row of metrics.json (cluster, linear; CRF off and on) recomputed from the stored
-    centroids, linear probes, codes and labels with plain numpy (the CRF itself is the tested pipeline.crf)."""
-    from pipeline.crf import dense_crf
+    centroids, linear probes, codes and labels with plain numpy (the CRF itself is the tested
+    pipeline.evaluation.crf)."""
+    from pipeline.evaluation.crf import dense_crf
     from tests.test_online_probes import bilinear_matrix
 
     config, workdir, _ = evaluated

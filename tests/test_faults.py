@@ -39,10 +39,11 @@ from cache import writer
 from cache.integrity import CorruptChunk, chunk_key
 from cache.reader import FeatureStore
 from cache.schema import DONE, RECORDS
-from pipeline import cli, paths
+from pipeline import cli
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.runner import manifest_path
+from pipeline.orchestration import paths
+from pipeline.orchestration.runner import manifest_path
 from stages import features
 
 TINY = {

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from cache.reader import FeatureStore
-from pipeline.backbone import load_backbone, normalize
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.graph import stage_plan
-from pipeline.hp import store as hp_store
-from pipeline.workers import feature_amp, feature_device
+from pipeline.extraction.backbone import load_backbone, normalize
+from pipeline.extraction.workers import feature_amp, feature_device
+from pipeline.methods.hp import store as hp_store
+from pipeline.orchestration.graph import stage_plan
 from stages import features, features_hcl
 
 TINY = {
@@ -145,8 +145,9 @@ def test_fingerprints_follow_the_numerics_not_the_machine(tmp_path):
     fp32 (the fingerprint of amp = false); device, batch_size and workers change no fingerprint."""
     def fingerprints(**extra):
         plan = stage_plan(tiny_config(**extra), tmp_path)
-        return {name: plan[name] for name in ("features-train", "features-val", "features-train-hcl",
-                                              "features-val-hcl")}
+        hcl = stage_plan(tiny_config(**extra, **{"train.method": "hcl"}), tmp_path)  # HCL's own stores
+        return {**{name: plan[name] for name in ("features-train", "features-val")},
+                **{name: hcl[name] for name in ("features-train-hcl", "features-val-hcl")}}
 
     auto = fingerprints()
     on, off = fingerprints(**{"features.amp": "true"}), fingerprints(**{"features.amp": "false"})
@@ -207,7 +208,7 @@ def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, 
     the backbone's matmuls and convolution (attention unfused so that every product is seen), LHP's logits included."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.benches.features import vit_forward_flops
+    from benches.features import vit_forward_flops
 
     backbone = load_backbone(name, "random")
     for block in backbone.model.blocks:

@@ -14,12 +14,12 @@ from PIL import Image
 
 from cache.reader import FeatureStore
 from cache.writer import finished_chunks, open_group
-from pipeline import paths
-from pipeline.backbone import load_backbone, normalize
 from pipeline.config import load_config
-from pipeline.hp import store as hp_store
-from pipeline.lhp import lhp_weights
-from pipeline.runner import read_manifest
+from pipeline.extraction.backbone import load_backbone, normalize
+from pipeline.extraction.lhp import lhp_weights
+from pipeline.methods.hp import store as hp_store
+from pipeline.orchestration import paths
+from pipeline.orchestration.runner import read_manifest
 from stages import features, prepare
 
 TINY = {

@@ -37,7 +37,8 @@ RUNS = {"hp": {**TINY_EVALUATE, "evaluate.crf": "false"}, "hcl": HCL_TINY}
 
 
 def machine() -> str:
-    """What decides float rounding: the CPU model and vector instructions, torch's version and the thread count the runs use (1)."""
+    """What decides float rounding: the CPU model and vector instructions, torch's version and the thread count the
+    runs use (1)."""
     model = platform.processor()
     try:
         model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

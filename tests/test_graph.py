@@ -1,4 +1,5 @@
-"""The stage graph's executor (pipeline/graph.py `build`), with every stage body replaced by a recorder: the order it
+"""The stage graph's executor (pipeline/orchestration/graph.py `build`), with every stage body replaced by a
+recorder: the order it
 runs stages in, that it lists the dataset once per command, what --force and a changed setting rerun, and that
 `status` shows a run's sub-stages (codes, probes) from the same plan."""
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cache import writer
-from pipeline import graph
 from pipeline.config import load_config
+from pipeline.orchestration import graph
 
 TINY = {"dataset.n_train": "2", "dataset.n_val": "1", "dataset.size": "64", "evaluate.crf": "false"}
 CALLS: list[str] = []
@@ -32,9 +33,9 @@ def fake(stage: graph.Stage) -> graph.Stage:
 @pytest.fixture
 def listings(monkeypatch):
     """The recorder in place of every body; the list of the dataset listings made."""
-    monkeypatch.setattr(graph, "STAGES", {name: fake(s) for name, s in graph.STAGES.items()})
-    monkeypatch.setattr(graph, "METHOD_STAGES", {m: {name: fake(s) for name, s in stages.items()}
-                                                 for m, stages in graph.METHOD_STAGES.items()})
+    real_stages = graph.method_stages
+    monkeypatch.setattr(graph, "method_stages", lambda method: {name: fake(s) for name, s in
+                                                                real_stages(method).items()})
     monkeypatch.setattr(writer, "recorded_store_check", lambda url, where: lambda manifest: [])
     monkeypatch.setattr(writer, "store_problems", lambda url: [])  # the fake stores are empty folders
     made, real = [], graph._list_sources

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backbone import load_backbone, normalize
-from pipeline.hcl.foreground import foreground_mask, mass_threshold, remove_small
-from pipeline.hcl.multilevel import branch_forward, concat_levels, multilevel_features, resize_patch_kernel
+from pipeline.extraction.backbone import load_backbone, normalize
+from pipeline.methods.hcl.foreground import foreground_mask, mass_threshold, remove_small
+from pipeline.methods.hcl.multilevel import branch_forward, concat_levels, multilevel_features, resize_patch_kernel
 
 NAME = "vit_small_patch16_224.dino"
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a 2nd thread only adds contention
@@ -218,7 +218,8 @@ def test_remove_small_uses_eight_connectivity():
     np.testing.assert_array_equal(remove_small(mask, 3), np.eye(6, dtype=bool) & (np.arange(6) < 3)[:, None])
 
 
-# --- HCL's own views (docs/hcl.md §4-§5, pipeline/hcl/views.py) -------------------------------------------------
+# --- HCL's own views (docs/hcl.md §4-§5, pipeline/methods/hcl/views.py)
+# -------------------------------------------------
 
 import torchvision.transforms.functional as TF  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
@@ -226,7 +227,7 @@ from PIL import Image, ImageFilter  # noqa: E402
 from cache import writer  # noqa: E402
 from cache.reader import FeatureStore, batch_plan  # noqa: E402
 from cache.schema import CodesLayout  # noqa: E402
-from pipeline.hcl.views import (  # noqa: E402
+from pipeline.methods.hcl.views import (  # noqa: E402
     Photometric,
     apply_photometric,
     crop_box,

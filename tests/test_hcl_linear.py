@@ -9,13 +9,13 @@ import torch
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
-from pipeline import evaluation
-from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
-from pipeline.crf import CRF_PARAMS
 from pipeline.errors import UserError
-from pipeline.hp.online_probes import crf_enabled
-from pipeline.probes import LinearProbe, linear_optimizer, linear_probe_loss
+from pipeline.evaluation import scoring as evaluation
+from pipeline.evaluation.crf import CRF_PARAMS
+from pipeline.evaluation.online_probes import crf_enabled
+from pipeline.evaluation.probes import LinearProbe, linear_optimizer, linear_probe_loss
+from pipeline.training.checkpoints import load_checkpoint
 
 SGD = {"optimizer": "SGD", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "lr_drop_epoch": 4, "lr_drop": 0.1}
 

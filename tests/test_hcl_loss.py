@@ -7,9 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.hcl.heads import HCLModel
-from pipeline.hcl.loss import hcl_loss, prototype_loss
-from pipeline.hcl.mogo import (
+from pipeline.evaluation.metrics import remap_confusion, scores
+from pipeline.evaluation.overcluster import (
+    many_to_one_match,
+    nearest_resize,
+    overcluster_maps,
+    overcluster_scores,
+    standardize_pca,
+)
+from pipeline.methods.hcl.heads import HCLModel
+from pipeline.methods.hcl.loss import hcl_loss, prototype_loss
+from pipeline.methods.hcl.mogo import (
     MAX_POINTS_PER_CENTROID,
     MemoryBank,
     kmeans_centroids,
@@ -17,15 +25,7 @@ from pipeline.hcl.mogo import (
     nearest_l2,
     sample_tokens,
 )
-from pipeline.hcl.step import param_groups
-from pipeline.metrics import remap_confusion, scores
-from pipeline.overcluster import (
-    many_to_one_match,
-    nearest_resize,
-    overcluster_maps,
-    overcluster_scores,
-    standardize_pca,
-)
+from pipeline.methods.hcl.step import param_groups
 
 
 def _unit(*shape, seed):

@@ -13,20 +13,20 @@ import torch.nn.functional as F
 from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import CodesLayout
-from pipeline import paths
-from pipeline.backbone import normalize
 from pipeline.config import load_config
 from pipeline.datasets import open_split
 from pipeline.errors import UserError
-from pipeline.hcl import training as hcl_training
-from pipeline.hcl.foreground import foreground_mask
-from pipeline.hcl.heads import build_model
-from pipeline.hcl.multilevel import branch_forward
-from pipeline.hcl.step import lr_at, param_groups, two_variants
-from pipeline.hcl.store import hcl_arrays
-from pipeline.hcl.views import crop_box, draw_photometric, epoch_keep, train_views
-from pipeline.runner import read_manifest
-from pipeline.workers import resolve_backbone
+from pipeline.extraction.backbone import normalize
+from pipeline.extraction.workers import resolve_backbone
+from pipeline.methods.hcl import training as hcl_training
+from pipeline.methods.hcl.foreground import foreground_mask
+from pipeline.methods.hcl.heads import build_model
+from pipeline.methods.hcl.multilevel import branch_forward
+from pipeline.methods.hcl.step import lr_at, param_groups, two_variants
+from pipeline.methods.hcl.store import hcl_arrays
+from pipeline.methods.hcl.views import crop_box, draw_photometric, epoch_keep, train_views
+from pipeline.orchestration import paths
+from pipeline.orchestration.runner import read_manifest
 from stages import evaluate, features_hcl
 from stages import train as train_stage
 from tests.fixtures import kill_training_when
@@ -293,8 +293,8 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
     """HCL stores of another version, and HCL arrays added to one of HP's stores (schema 1-2), are refused with the
     command that rebuilds them; a new HCL schema changes the features-<split>-hcl fingerprint."""
     from cache.schema import HCL_SCHEMA
-    from pipeline import graph
     from pipeline.config import fingerprint
+    from pipeline.orchestration import graph
 
     config, store = tiny_config(), store_of(workdir)
     assert store.attrs["hcl_schema"] == HCL_SCHEMA == 4
@@ -313,7 +313,9 @@ def test_stores_of_another_version_are_refused(workdir, monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"HCL arrays of version 2 added to HP's five-crop store.*--method hcl"):
         hcl_arrays(FeatureStore.open(str(tmp_path / "hp.zarr")))
     now = graph.stage_plan(config, workdir)["features-train-hcl"]
-    monkeypatch.setattr(graph, "HCL_SCHEMA", 2)
+    import pipeline.methods.hcl.method as hcl_method
+
+    monkeypatch.setattr(hcl_method, "HCL_SCHEMA", 2)
     before = graph.stage_plan(config, workdir)["features-train-hcl"]
     assert now[0]["hcl_schema"] == 4 and before[0]["hcl_schema"] == 2
     assert fingerprint(*now) != fingerprint(*before)  # an old manifest is stale: the store is rebuilt
@@ -372,7 +374,7 @@ def test_native_grids_against_the_concatenated_form():
 def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, tmp_path):
     from PIL import Image
 
-    from pipeline.probes import cosine_scores
+    from pipeline.evaluation.probes import cosine_scores
     from stages import predict
 
     config = tiny_config()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
-from pipeline.lhp import WINDOW_OFFSETS
+from pipeline.extraction.lhp import WINDOW_OFFSETS
+from pipeline.methods.hp.heads import ProjectionHead, SegmentationHead, ema_update, lhp_mix
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,8 +136,8 @@ def test_lhp_mix_refuses_mismatched_weights():
 
 def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
     """The reference computes cluster1(drop(f)) + cluster2(drop(f)): two masks per head call (§2)."""
-    from pipeline.hp.pool import PoolIndex
-    from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
+    from pipeline.methods.hp.pool import PoolIndex
+    from pipeline.methods.hp.step import HPHeads, Pools, StepSettings, training_step
 
     torch.manual_seed(0)
     b, c, h, w = 2, 16, 3, 3
@@ -164,8 +164,8 @@ def test_each_branch_of_S_and_S_m_draws_its_own_dropout_mask():
 
 def test_ema_uses_the_weights_from_before_each_optimizer_step():
     """The reference updates S_m inside the training forward, before the optimizer step (§2)."""
-    from pipeline.hp.step import HPHeads
-    from pipeline.hp.training import make_optimizers, optimize
+    from pipeline.methods.hp.step import HPHeads
+    from pipeline.methods.hp.training import make_optimizers, optimize
 
     torch.manual_seed(0)
     heads = HPHeads(6, 4)

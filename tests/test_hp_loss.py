@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pipeline.hp.loss import hp_loss, positive_masks
-from pipeline.hp.schedule import lambda_at, renews_at
+from pipeline.methods.hp.loss import hp_loss, positive_masks
+from pipeline.methods.hp.schedule import lambda_at, renews_at
 
 B, NP, C, D = 3, 6, 5, 4  # images, patches per image (n), backbone width, head width
 TAU, LAM, RHO = 0.7, 0.6, 0.3
@@ -269,7 +269,7 @@ def test_large_logits_take_the_row_max_out(monkeypatch):
     single = {k: v.float() for k, v in inputs.items()}
     got = hp_loss(**leaves(single), u=u.float(), lam=LAM, tau=tau, rho=RHO)
     assert float(got.loss.detach()) == pytest.approx(float(want), rel=1e-5)
-    monkeypatch.setattr("pipeline.hp.loss.SAFE_EXP", float("inf"))
+    monkeypatch.setattr("pipeline.methods.hp.loss.SAFE_EXP", float("inf"))
     unshifted = hp_loss(**leaves(single), u=u.float(), lam=LAM, tau=tau, rho=RHO)
     assert not torch.isfinite(unshifted.loss)
 

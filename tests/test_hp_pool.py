@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
-from pipeline.hp import pool as pool_module
-from pipeline.hp.pool import PoolIndex, pick_patches
+from pipeline.methods.hp import pool as pool_module
+from pipeline.methods.hp.pool import PoolIndex, pick_patches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""One HP training step (pipeline/hp/step.py) against a naive float64 recomputation from docs/hp.md §2-§5.
+"""One HP training step (pipeline/methods/hp/step.py) against a naive float64 recomputation from docs/hp.md §2-§5.
 
 The dropout masks are the only randomness a recomputation cannot know in advance: they are recorded through a
 hook on the heads' Dropout2d and replayed; the uniform contrast mask u comes from a clone of the step's generator.
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.hp.pool import PoolIndex
-from pipeline.hp.step import HPHeads, Pools, StepSettings, training_step
+from pipeline.methods.hp.pool import PoolIndex
+from pipeline.methods.hp.step import HPHeads, Pools, StepSettings, training_step
 from tests.test_hp_loss import naive_hp_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.html_report import write_html_report
-from pipeline.plots import blend
-from pipeline.report import results_cells
+from pipeline.reporting.html_report import write_html_report
+from pipeline.reporting.plots import blend
+from pipeline.reporting.report import results_cells
 from tests.fixtures import TINY_EVALUATE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -234,10 +234,10 @@ def test_report_html_command_on_an_evaluated_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from typer.testing import CliRunner
 
-    from pipeline import paths
     from pipeline.cli import app
     from pipeline.config import load_config
-    from pipeline.tensorboard import result_tag
+    from pipeline.orchestration import paths
+    from pipeline.reporting.tensorboard import result_tag
     from stages import evaluate
 
     config = load_config("synthetic", TINY)

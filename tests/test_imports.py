@@ -1,7 +1,8 @@
-"""The import graph (issue 11): no stage module imports another (the stage graph, pipeline/graph.py, runs their
+"""The import graph (issue 11): no stage module imports another (the stage graph, pipeline/orchestration/graph.py,
+runs their
 upstream); no import cycle among the project's modules; the library (pipeline/, cache/) never imports a stage (the
 command line, pipeline/cli.py, is the one entry point that dispatches to them), and only the executor
-(pipeline/graph.py) resolves the "stages.<module>:<function>" strings of the graph."""
+(pipeline/orchestration/graph.py) resolves the "stages.<module>:<function>" strings of the graph."""
 
 import ast
 from pathlib import Path
@@ -102,21 +103,26 @@ def test_no_import_cycle_among_the_project_modules():
 
 
 def test_only_the_executor_resolves_stage_strings():
-    """The graph's bodies are data ("stages.features:body"): declared in pipeline/graph.py and resolved there with
-    importlib, nowhere else (no other module of the library names a stage module, even as a string)."""
+    """The bodies of the stages of stages/ are names ("stages.features:body"): declared in
+    pipeline/orchestration/graph.py, or by a method for a stage of its own (its method.py), and resolved by the
+    executor alone with importlib; the only other importlib user is the method registry (entry-point style)."""
     named = {module_name(p): stage_strings(p)
              for folder in ("pipeline", "cache") for p in (ROOT / folder).rglob("*.py")}
-    assert {k for k, v in named.items() if v} == {"pipeline.graph"}
+    namers = {k for k, v in named.items() if v}
+    assert "pipeline.orchestration.graph" in namers
+    assert all(k == "pipeline.orchestration.graph" or k.startswith("pipeline.methods.") and k.endswith(".method")
+               for k in namers), namers
     importers = {module_name(p) for folder in PACKAGES for p in (ROOT / folder).rglob("*.py")
                  if "importlib" in imported_modules(p) and "import_module" in p.read_text()}
-    assert importers <= {"pipeline.graph"}, importers
+    assert importers <= {"pipeline.orchestration.graph", "pipeline.methods.registry"}, importers
 
 
 def test_every_declared_body_resolves():
     """Each stage's body, check, preflight and `then` name a function that exists, in a stage module or the library."""
-    from pipeline.graph import METHOD_STAGES, STAGES, resolve
+    from pipeline.methods.registry import methods
+    from pipeline.orchestration.graph import method_stages, resolve
 
-    stages = [*STAGES.values(), *(s for method in METHOD_STAGES.values() for s in method.values())]
+    stages = [s for method in methods().values() for s in method_stages(method).values()]
     for stage in stages:
         for dotted in filter(None, (stage.body, stage.check, stage.preflight, stage.then)):
             assert callable(resolve(dotted)), dotted
@@ -134,3 +140,20 @@ def test_the_checks_catch_what_they_forbid(tmp_path):
     assert stage_offenders({"stages.features": deps}) == {"stages.features": ["stages.prepare"]}
     assert stage_offenders({"stages.features": {m for m in imported_modules(ROOT / "stages" / "features.py", known)
                                                 if m in known}}) == {}
+
+
+def test_the_library_never_imports_the_benches():
+    """Bench code lives in its own package (benches/): only the CLI's bench commands import it, lazily, and
+    importing the library or a stage pulls none of it."""
+    import subprocess
+    import sys
+
+    offenders = {module_name(p): sorted(m for m in imported_modules(p) if m == "benches" or m.startswith("benches."))
+                 for folder in ("pipeline", "cache", "stages") for p in (ROOT / folder).rglob("*.py")
+                 if p != ROOT / "pipeline" / "cli.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    probe = ("import sys, pipeline.cli, pipeline.orchestration.graph, stages.train, stages.evaluate, stages.features\n"
+             "from pipeline.methods.registry import methods\nmethods()\n"
+             "print(sorted(m for m in sys.modules if m == 'benches' or m.startswith('benches.')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]"

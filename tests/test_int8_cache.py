@@ -10,11 +10,11 @@ from cache.quant import dequantize
 from cache.reader import FeatureStore
 from cache.schema import Layout
 from cache.writer import open_group
-from pipeline import paths
-from pipeline.checkpoints import load_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.runner import read_manifest
+from pipeline.orchestration import paths
+from pipeline.orchestration.runner import read_manifest
+from pipeline.training.checkpoints import load_checkpoint
 from stages import features
 from stages import train as train_stage
 
@@ -143,7 +143,7 @@ def test_bad_dtype_is_refused_with_the_key():
 
 
 def test_bench_features_int8_figures_compare_the_same_crops(tmp_path):
-    from pipeline.benches.features import float_array_bytes, int8_figures
+    from benches.features import float_array_bytes, int8_figures
 
     config = tiny_config("float16")
     fp16 = features.run(config, tmp_path, "train")

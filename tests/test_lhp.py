@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.lhp import WINDOW_OFFSETS, lhp_weights, window_counts
+from pipeline.extraction.lhp import WINDOW_OFFSETS, lhp_weights, window_counts
 
 
 def naive_lhp(attn: torch.Tensor, h: int, w: int, sigma: float = 28.0) -> torch.Tensor:

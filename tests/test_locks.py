@@ -1,4 +1,5 @@
-"""Faults: concurrency (README, "Reliability"). One runner per stage and one writer per store (pipeline/locks.py).
+"""Faults: concurrency (README, "Reliability"). One runner per stage and one writer per store
+(pipeline/orchestration/locks.py).
 
 - a second runner while a live process holds the stage's (or the store's) lock -> refused before anything is written,
   one `error:` line naming the holder (pid, host, since when), exit 1; `--force` does not break it
@@ -24,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import locks
-from pipeline.locks import Holder, LockHeld, acquire, release, stage_lock, store_lock
-from pipeline.runner import manifest_path, read_manifest, run_stage, stage_state
+from pipeline.orchestration import locks
+from pipeline.orchestration.locks import Holder, LockHeld, acquire, release, stage_lock, store_lock
+from pipeline.orchestration.runner import manifest_path, read_manifest, run_stage, stage_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def test_several_runners_meeting_one_stale_lock_exactly_one_gets_it(tmp_path):
     write_lock(lock, dead_pid())
     script = (
         "import sys, time, pathlib\n"
-        "from pipeline.locks import acquire, release, LockHeld\n"
+        "from pipeline.orchestration.locks import acquire, release, LockHeld\n"
         "lock, stop = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
         "try:\n"
         "    mine = acquire(lock, 'stage s', log=lambda m: None)\n"

@@ -10,8 +10,8 @@ import time
 import pytest
 from tqdm import tqdm
 
-from pipeline.dask_client import dask_client
 from pipeline.log import get_logger, log, set_verbosity
+from pipeline.orchestration.dask_client import dask_client
 
 
 @pytest.fixture(autouse=True)

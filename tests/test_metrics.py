@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
-from pipeline.probes import adam_cluster_probe, assign, spherical_kmeans
+from pipeline.evaluation.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
+from pipeline.evaluation.probes import adam_cluster_probe, assign, spherical_kmeans
 
 
 def test_confusion_and_scores_against_hand_counts():

@@ -7,14 +7,14 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.hp.online_probes import (
+from pipeline.evaluation.online_probes import (
     OnlineProbes,
     cluster_lookup_loss,
     crf_enabled,
     online_probe_settings,
     protocol_of,
 )
-from pipeline.probes import linear_probe_loss
+from pipeline.evaluation.probes import linear_probe_loss
 
 ADAM_EPS = 1e-8
 
@@ -179,14 +179,17 @@ def test_protocol_and_crf_keys():
     config["evaluate"]["protocol"] = "stego"
     with pytest.raises(UserError, match="evaluate.protocol must be one of paper, kmeans"):
         protocol_of(config)
+    from pipeline.methods.registry import method_of
+
     hcl = load_config("synthetic", {"train.method": "hcl", "evaluate.protocol": "paper"})
-    assert online_probe_settings(hcl) is None  # HCL trains no HP probes
+    assert method_of(hcl).online_probes(hcl) is None  # HCL trains no probes with its head
 
 
 def test_paper_protocol_is_refused_for_hcl_before_any_work(tmp_path):
     from stages import evaluate
 
     config = load_config("synthetic", {"train.method": "hcl", "evaluate.protocol": "paper"})
-    with pytest.raises(UserError, match="evaluate.protocol = paper is HP's evaluation.*--set evaluate.protocol=kmeans"):
+    with pytest.raises(UserError, match="evaluate.protocol = paper is not one of HCL's evaluations.*--set "
+                                        "evaluate.protocol=kmeans"):
         evaluate.run(config, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing was prepared or trained

@@ -6,10 +6,10 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline import evaluation
 from pipeline.config import load_config
-from pipeline.overcluster import nearest_index, nearest_resize, overcluster_maps, reference_scores
-from pipeline.report import ACC_REF_HEADER, results_table
+from pipeline.evaluation import scoring as evaluation
+from pipeline.evaluation.overcluster import nearest_index, nearest_resize, overcluster_maps, reference_scores
+from pipeline.reporting.report import ACC_REF_HEADER, results_table
 
 
 class RecordingKmeans(faiss.Kmeans):

@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.hp.step as hp_model
-from cache.reader import FeatureStore
-from pipeline.benches.planted import PlantedBench, loss_replaced, run_seed, shuffled_positives
-from pipeline.benches.train import cluster_probe
-from pipeline.datasets.synthetic import render_scene
-from pipeline.hp.loss import hp_loss
-from pipeline.hp.pool import PoolIndex
-from pipeline.lhp import WINDOW_OFFSETS, lhp_weights
-from pipeline.planted import (
+import pipeline.methods.hp.step as hp_model
+from benches.planted import PlantedBench, loss_replaced, run_seed, shuffled_positives
+from benches.planted_data import (
     N_CLASSES,
     PlantedSettings,
     generate,
@@ -29,6 +23,12 @@ from pipeline.planted import (
     write_hcl_store,
     write_store,
 )
+from benches.train import cluster_probe
+from cache.reader import FeatureStore
+from pipeline.datasets.synthetic import render_scene
+from pipeline.extraction.lhp import WINDOW_OFFSETS, lhp_weights
+from pipeline.methods.hp.loss import hp_loss
+from pipeline.methods.hp.pool import PoolIndex
 
 SMALL = dataclasses.replace(PlantedSettings(), grid=8)  # 64 px scenes: the bench's generator, smaller
 
@@ -277,8 +277,8 @@ def test_hcl_foreground_is_the_object_classes_and_variants_move_the_style():
 
 def test_hcl_store_is_read_as_hcl_stores_are(tmp_path):
     """Chunks of 3 samples cut images' crops apart: every sample still equals its image regenerated alone."""
-    from pipeline.hcl.store import hcl_arrays
-    from pipeline.hcl.views import epoch_keep
+    from pipeline.methods.hcl.store import hcl_arrays
+    from pipeline.methods.hcl.views import epoch_keep
 
     s = PlantedSettings()
     store = FeatureStore.open(write_hcl_store(str(tmp_path / "t.zarr"), s, 1, "train", 5, crops=2, n_views=2,
@@ -297,7 +297,7 @@ def test_hcl_store_is_read_as_hcl_stores_are(tmp_path):
 def test_bench_training_settings_do_not_follow_the_preset(monkeypatch):
     """Every HP setting the bench's figures depend on is the bench's own: a preset with other [hp] values
     (e.g. a synthetic preset shrunk for `make run`) leaves the bench's config unchanged."""
-    import pipeline.benches.planted as bp
+    import benches.planted as bp
 
     real = bp.load_config
     other = {"head_dim": 8, "epochs": 1, "batch_size": 2, "tau": 0.1, "alpha": 0.9, "rho": 0.5, "pool_size": 4,
@@ -317,10 +317,10 @@ def test_bench_training_settings_do_not_follow_the_preset(monkeypatch):
 def test_tiny_planted_hcl_bench_stopping_at_the_middle_changes_nothing(tmp_path):
     """The HCL bench stops after half the epochs (its middle figure) and resumes: the resumed run ends
     with exactly the weights of a run trained straight through."""
-    import pipeline.benches.planted as bp
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.hcl import training as hcl_training
-    from pipeline.runner import StageContext
+    import benches.planted as bp
+    from pipeline.methods.hcl import training as hcl_training
+    from pipeline.orchestration.runner import StageContext
+    from pipeline.training.checkpoints import load_checkpoint
 
     bench = bp.PlantedHCLBench(n_train=16, n_val=4, chunk_size=8, planted=SMALL, hcl={
         "batch_size": 8, "epochs": 2, "clusters": 4, "kmeans_min_points": 5, "dim": 16, "hidden": 32, "out_dim": 16,
@@ -344,15 +344,16 @@ def test_tiny_planted_hcl_bench_stopping_at_the_middle_changes_nothing(tmp_path)
 def test_a_style_control_changes_only_the_style_and_never_the_bench_default(capsys):
     """`--style` is a control run: only the image-style strength differs from the bench's generator, it says so, and
     the default bench keeps the generator fixed before any head was trained."""
-    from pipeline.benches.planted import PlantedHCLBench, with_style
+    from benches.planted import PlantedHCLBench, planted_bench, with_style
     from pipeline.errors import UserError
 
-    assert with_style("hp", None) == PlantedBench() and with_style("hcl", None) == PlantedHCLBench()
-    for method, base in (("hp", PlantedBench()), ("hcl", PlantedHCLBench())):
-        control = with_style(method, 0.0)
+    assert planted_bench("hp")[1] == PlantedBench() and planted_bench("hcl")[1] == PlantedHCLBench()
+    assert with_style(PlantedBench(), None) == PlantedBench()
+    for base in (PlantedBench(), PlantedHCLBench()):
+        control = with_style(base, 0.0)
         assert control.planted.style == 0.0
         assert dataclasses.replace(control.planted, style=base.planted.style) == base.planted
         assert dataclasses.replace(control, planted=base.planted) == base
     assert "control run: image style 0" in capsys.readouterr().out
     with pytest.raises(UserError, match="--style"):
-        with_style("hp", -1.0)
+        with_style(PlantedBench(), -1.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.plots import (
+from pipeline.reporting.plots import (
     NA_NOTE,
     blend,
     colorize,
@@ -22,7 +22,7 @@ from pipeline.plots import (
     overlay_layout,
     palette,
 )
-from pipeline.report import RANDOM_INIT_NOTE, write_report
+from pipeline.reporting.report import RANDOM_INIT_NOTE, write_report
 
 
 def _png(path: Path) -> np.ndarray:
@@ -235,7 +235,7 @@ def test_report_random_init_note_only_when_flagged(tmp_path):
 
 def test_paper_comparison_names_every_departure_from_the_paper():
     from pipeline.config import load_config
-    from pipeline.report import paper_comparison, with_paper_numbers
+    from pipeline.reporting.report import paper_comparison, with_paper_numbers
 
     faithful = paper_comparison(load_config("cocostuff27"), False, "paper", True)
     assert faithful["numbers"]["head cluster"] == {"miou": 24.6, "acc": 57.2}
@@ -278,7 +278,7 @@ def test_report_puts_the_paper_numbers_beside_the_rows(tmp_path):
 
 
 def test_console_summary_is_a_short_aligned_table_with_every_file():
-    from pipeline.report import console_summary
+    from pipeline.reporting.report import console_summary
 
     rows = [{"name": "HP cluster", "miou": 19.654, "acc": 40.7}, {"name": "DINO ViT-S/8 linear + CRF", "miou": 8.0,
                                                                   "acc": 100.0}]

@@ -130,9 +130,9 @@ def test_renewals_spread_uniformly_over_the_crops(tmp_path):
 def test_a_renewal_reads_single_patches_equal_to_the_whole_crops_patch(tmp_path, dtype):
     """sample_chunks(patches=...) keeps patch k of each crop: the same values, in the same order, as reading the
     whole crops and indexing them, for the same draws; and the pool renewal built on it equals the whole-crop one."""
-    from pipeline.hp.pool import pick_patches
-    from pipeline.hp.step import HPHeads, pool_entries
-    from pipeline.hp.training import sample_pool
+    from pipeline.methods.hp.pool import pick_patches
+    from pipeline.methods.hp.step import HPHeads, pool_entries
+    from pipeline.methods.hp.training import sample_pool
 
     store = _store(tmp_path, 70, 8, dtype)
     h, w, c = store.array("feat").shape[1:]

@@ -4,8 +4,8 @@
 import numpy as np
 import pytest
 
-from pipeline.overcluster import FAISS_MIN_POINTS, few_points_note, overcluster_maps
-from pipeline.report import raw_features_label, relative_path, write_report
+from pipeline.evaluation.overcluster import FAISS_MIN_POINTS, few_points_note, overcluster_maps
+from pipeline.reporting.report import raw_features_label, relative_path, write_report
 from pipeline.wording import plural
 
 
@@ -64,7 +64,7 @@ def test_capped_overclustering_prints_no_faiss_warning_and_keeps_the_result(capf
     assert "WARNING clustering" not in printed and out["k"] == 18
     assert out["note"] == few_points_note(18, 18, 500)
     x = rng.normal(size=(40, 4)).astype(np.float32)  # min_points_per_centroid only silences the warning
-    from pipeline.overcluster import kmeans_assign
+    from pipeline.evaluation.overcluster import kmeans_assign
 
     plain = faiss.Kmeans(4, 8, niter=5, nredo=2, seed=3, verbose=False)
     plain.train(x)

@@ -1,4 +1,4 @@
-"""Faults: runs and their settings (README, "Reliability"; pipeline/runs.py).
+"""Faults: runs and their settings (README, "Reliability"; pipeline/orchestration/runs.py).
 
 - `evaluate` without repeating the options given to `train` -> evaluates that run as trained (its recorded
   config.toml); the run is untouched (checkpoint bytes and mtime), where it used to be retrained and deleted
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.runs import apply_record, read_record, training_keys
+from pipeline.orchestration import paths
+from pipeline.orchestration.runs import apply_record, read_record, training_keys
 
 # the run's settings: given once, to `train`
 TRAIN = {

@@ -3,8 +3,8 @@ import json
 import pytest
 
 from pipeline.config import load_config
-from pipeline.graph import stage_plan
-from pipeline.runner import read_manifest, run_stage, stage_state
+from pipeline.orchestration.graph import stage_plan
+from pipeline.orchestration.runner import read_manifest, run_stage, stage_state
 
 
 def _body(calls, outputs=None):
@@ -50,26 +50,27 @@ def test_failure_is_recorded_and_next_run_resumes(tmp_path):
 
 
 def test_changed_config_invalidates_the_stage_and_later_stages(tmp_path):
-    config = load_config("cityscapes", {"dataset.root": str(tmp_path)})
-    for name, (stage_config, inputs) in stage_plan(config, tmp_path).items():
+    def plan(**overrides):  # HP's stages, and HCL's own stores (from an HCL config of the same settings)
+        hp = stage_plan(load_config("cityscapes", {"dataset.root": str(tmp_path), **overrides}), tmp_path)
+        hcl = stage_plan(load_config("cityscapes", {"dataset.root": str(tmp_path), "train.method": "hcl",
+                                                    **overrides}), tmp_path)
+        return {**hp, **{n: hcl[n] for n in ("features-train-hcl", "features-val-hcl")}}
+
+    for name, (stage_config, inputs) in plan().items():
         run_stage(tmp_path, name, stage_config, inputs, _body([]))
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(config, tmp_path).items()}
+    states = {n: stage_state(tmp_path, n, *p) for n, p in plan().items()}
     assert set(states.values()) == {"complete"}
-    changed = load_config("cityscapes", {"prepare.crop_ratio": "0.4", "dataset.root": str(tmp_path)})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(changed, tmp_path).items()}
+    states = {n: stage_state(tmp_path, n, *p) for n, p in plan(**{"prepare.crop_ratio": "0.4"}).items()}
     hcl_stores = {"features-train-hcl", "features-val-hcl"}  # HCL's own stores never read HP's prepare/features
     assert {n for n, state in states.items() if state == "stale"} == set(states) - hcl_stores
     assert {states[n] for n in hcl_stores} == {"complete"}
-    only_features = load_config("cityscapes", {"features.n_views": "1", "dataset.root": str(tmp_path)})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_features, tmp_path).items()}
+    states = {n: stage_state(tmp_path, n, *p) for n, p in plan(**{"features.n_views": "1"}).items()}
     assert states == {"prepare": "complete", "features-train": "stale", "features-val": "stale", "train": "stale",
                       "evaluate": "stale", "features-train-hcl": "complete", "features-val-hcl": "complete"}
-    backbone = load_config("cityscapes", {"features.backbone": "vit_small_patch16_224.dino",
-                                          "dataset.root": str(tmp_path)})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(backbone, tmp_path).items()}
+    states = {n: stage_state(tmp_path, n, *p)
+              for n, p in plan(**{"features.backbone": "vit_small_patch16_224.dino"}).items()}
     assert {states[n] for n in hcl_stores} == {"stale"}  # but they do depend on the backbone
-    only_hcl = load_config("cityscapes", {"hcl_features.views": "3", "dataset.root": str(tmp_path)})
-    states = {n: stage_state(tmp_path, n, *p) for n, p in stage_plan(only_hcl, tmp_path).items()}
+    states = {n: stage_state(tmp_path, n, *p) for n, p in plan(**{"hcl_features.views": "3"}).items()}
     stale = {n for n, state in states.items() if state == "stale"}
     assert stale == {"features-train-hcl", "features-val-hcl"}  # HP's train and evaluate do not read them
 

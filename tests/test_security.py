@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from cache.reader import FeatureStore
-from pipeline import paths
-from pipeline.checkpoints import check_plain, load_checkpoint, save_checkpoint
 from pipeline.config import load_config
-from pipeline.dask_client import client_security, dask_client
 from pipeline.errors import UserError
-from pipeline.runner import manifest_path
+from pipeline.orchestration import paths
+from pipeline.orchestration.dask_client import client_security, dask_client
+from pipeline.orchestration.runner import manifest_path
+from pipeline.training.checkpoints import check_plain, load_checkpoint, save_checkpoint
 from stages import evaluate, features
 from stages import train as train_stage
 

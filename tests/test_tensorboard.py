@@ -13,11 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cache.reader import FeatureStore
-from pipeline import paths, trainer
 from pipeline.config import load_config
-from pipeline.plots import blend
-from pipeline.tensorboard import EVENTS, ITERATION_SECONDS, matched_clusters, result_tag, write_evaluation
-from pipeline.trainer import MetricsLog
+from pipeline.orchestration import paths
+from pipeline.reporting.plots import blend
+from pipeline.reporting.tensorboard import EVENTS, ITERATION_SECONDS, matched_clusters, result_tag, write_evaluation
+from pipeline.training import trainer
+from pipeline.training.trainer import MetricsLog
 from stages import features
 from stages import train as train_stage
 from tests.fixtures import TINY_TRAIN, kill_training_when

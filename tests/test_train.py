@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from pipeline import paths
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.hp import training as hp_training
-from pipeline.runner import read_manifest
+from pipeline.methods.hp import training as hp_training
+from pipeline.orchestration import paths
+from pipeline.orchestration.runner import read_manifest
 from stages import features
 from stages import train as train_stage
 from tests.fixtures import TINY_TRAIN, kill_training_when
@@ -126,7 +126,7 @@ def test_nan_before_any_checkpoint_says_there_is_none(workdir, monkeypatch):
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path):
-    from pipeline.checkpoints import save_checkpoint
+    from pipeline.training.checkpoints import save_checkpoint
 
     weights = torch.ones(3)
     weights[1] = float("inf")

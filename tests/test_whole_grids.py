@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
-from pipeline.backbone import BACKBONES, backbone_facts
-from pipeline.config import GRID_KEYS, load_config, nearest_whole, preset_names
+from pipeline.config import grid_keys, load_config, nearest_whole, preset_names
 from pipeline.errors import UserError
-from pipeline.graph import plan
+from pipeline.extraction.backbone import BACKBONES, backbone_facts
+from pipeline.orchestration.graph import plan
 
 DINOV2 = "vit_small_patch14_reg4_dinov2.lvd142m"
 DINOV3 = "vit_small_patch16_dinov3.lvd1689m"
@@ -28,7 +28,7 @@ def test_nearest_whole_matches_a_brute_force_search(patch):
 
 
 def grid_values(config) -> dict[str, int]:
-    return {key: config[key.partition(".")[0]][key.partition(".")[2]] for key in GRID_KEYS}
+    return {key: config[key.partition(".")[0]][key.partition(".")[2]] for key in grid_keys()}
 
 
 @pytest.mark.parametrize("preset", preset_names())

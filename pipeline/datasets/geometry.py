@@ -43,3 +43,10 @@ def _resize_nearest(array: np.ndarray, new_w: int, new_h: int) -> np.ndarray:
         return np.asarray(out).astype(array.dtype)
     raise TypeError(f"resize_shorter_center_crop takes (H,W,3) uint8 or (H,W) integer arrays, "
                     f"got {array.dtype} {array.shape}")
+
+
+def model_size(height: int, width: int, shorter: int, patch: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized size, cropped size): shorter side -> `shorter`, then both sides down to multiples of `patch`."""
+    scale = shorter / min(height, width)
+    resized = (max(patch, round(height * scale)), max(patch, round(width * scale)))
+    return resized, (resized[0] // patch * patch, resized[1] // patch * patch)

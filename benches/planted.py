@@ -1,0 +1,398 @@
+"""`hp-pipe bench quality --planted`: HP against raw features on planted features whose answer is known (issue 9 §4).
+
+For each seed: a planted train and val store (`benches.planted_data`, no backbone), the HP heads trained on the
+train store by the project's own trainer (`pipeline.methods.hp.training.train`) with the bench's own training settings
+(`HP_TRAIN`, written out in full so that no preset edit changes the bench), then the cluster probe of
+docs/hp.md §8 (k-means on training codes, cosine assignment at label size, Hungarian on the whole val set)
+on the head's codes and on the raw features.
+A second run of the same trainer with the hidden positives shuffled across anchors (a deliberately broken
+loss) shows the bench can fail: it must not beat raw features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import pipeline.methods.hp.step as hp_model
+from benches.features import report
+from benches.planted_data import (
+    N_CLASSES,
+    PlantedSettings,
+    hcl_patch_sizes,
+    label_fractions,
+    patch_labels,
+    write_hcl_store,
+    write_store,
+)
+from benches.train import cluster_probe, positive_precision
+from cache.reader import FeatureStore
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.evaluation.codes import encode_range
+from pipeline.evaluation.encoders import encoder_of, load_encoder
+from pipeline.log import log
+from pipeline.methods.hcl import training as hcl_training
+from pipeline.methods.hcl.heads import build_model
+from pipeline.methods.hp import training as hp_training
+from pipeline.methods.hp.loss import LossOutput, hp_loss, positive_masks
+from pipeline.methods.hp.pool import PoolIndex, pick_patches
+from pipeline.methods.hp.step import HPHeads
+from pipeline.orchestration.runner import StageContext
+from pipeline.settings import TrainSection
+from pipeline.training.checkpoints import load_checkpoint
+
+# Every [hp] setting HP's result depends on, for a store of 200 planted scenes: the values the synthetic preset had
+# when the bench's figures were first taken (batch 16, 10 epochs = 120 iterations, warm-up and Pool_sp renewal every
+# 20 iterations, pool 256), D scaled to C = 64, the optimiser and dropout of docs/hp.md §2 and §5. Written out so that
+# the bench does not follow the synthetic preset (which is sized for `make run`).
+HP_TRAIN: dict[str, Any] = {
+    "head_dim": 64, "epochs": 10, "batch_size": 16, "tau": 0.6, "alpha": 0.05, "rho": 0.02, "pool_size": 256,
+    "renew_interval": 20, "ema_m": 0.99, "warmup": 20, "lr": 5e-4, "weight_decay": 0.1, "grad_clip": 10.0,
+    "dropout": 0.1,
+}
+
+
+@dataclass(frozen=True)
+class PlantedBench:
+    """Sizes of the bench and its HP training settings (`HP_TRAIN` with `train`'s entries replacing them)."""
+
+    n_train: int = 200  # 12 batches of 16 per epoch: the size HP_TRAIN's schedule was set for
+    n_val: int = 64
+    chunk_size: int = 16
+    n_views: int = 2
+    train: dict[str, Any] = field(default_factory=dict)  # replaces HP_TRAIN's entries (tests, experiments)
+    planted: PlantedSettings = PlantedSettings()
+    precision_images: int = 16  # training images whose positives are checked against their labels
+
+
+def train_config(bench: PlantedBench, seed: int) -> dict[str, Any]:
+    """A whole config whose [hp] section carries HP_TRAIN (and the bench's replacements, run settings such as
+    log_interval going to [train]) over any preset value; the k-means protocol, so that the trainer trains no online
+    probe."""
+    run_keys = {f.name for f in dataclasses.fields(TrainSection)}
+    overrides = {f"{'train' if k in run_keys else 'hp'}.{k}": v for k, v in {**HP_TRAIN, **bench.train}.items()}
+    return load_config("synthetic", {**overrides, "hp.seed": seed, "train.method": "hp",
+                                     "evaluate.protocol": "kmeans"})
+
+
+def shuffled_positives(seed: int) -> tuple[Any, list[int]]:
+    """A deliberately broken L_hp: the mining inputs (f, s_m, r, r^m) permuted over the batch's patches.
+
+    G and H keep their sizes but become G[π(i), π(j)]: each anchor's positives are another patch's, i.e.
+    random patches (precision at chance). Returns the loss and a call counter (the bench checks it ran).
+    """
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    calls = [0]
+
+    def loss(f: torch.Tensor, s_m: torch.Tensor, z: torch.Tensor, z_mix: torch.Tensor, r: torch.Tensor,
+             r_m: torch.Tensor, **kwargs: Any) -> LossOutput:
+        calls[0] += 1
+        b, n = f.shape[:2]
+        perm = torch.randperm(b * n, generator=generator).to(f.device)
+        shuffle = lambda x: x.reshape(b * n, *x.shape[2:])[perm].reshape(x.shape)  # noqa: E731
+        return hp_loss(shuffle(f), shuffle(s_m), z, z_mix, shuffle(r), shuffle(r_m), **kwargs)
+
+    return loss, calls
+
+
+@contextlib.contextmanager
+def loss_replaced(loss: Any) -> Iterator[None]:
+    """The trainer's training step calls `loss` in place of hp_loss while inside (the broken run only)."""
+    original = hp_model.hp_loss
+    hp_model.hp_loss = loss
+    try:
+        yield
+    finally:
+        hp_model.hp_loss = original
+
+
+def _codes(checkpoint: str | dict[str, Any], train: FeatureStore, val: FeatureStore
+           ) -> tuple[np.ndarray, list[torch.Tensor]]:
+    """Training codes as rows and val codes per image, from a checkpoint file or a checkpoint-like state."""
+    encoder = load_encoder(checkpoint) if isinstance(checkpoint, str) else \
+        encoder_of(checkpoint)
+    train_codes = encode_range(encoder, train, 0, len(train), 16)
+    val_codes = encode_range(encoder, val, 0, len(val), 16)
+    return train_codes.permute(0, 2, 3, 1).reshape(-1, train_codes.shape[1]).numpy(), list(val_codes)
+
+
+def _heads(checkpoint: str) -> tuple[HPHeads, torch.Tensor]:
+    """The trained heads (eval mode) and the run's last Pool_sp."""
+    state = load_checkpoint(checkpoint)
+    heads = HPHeads(state["in_dim"], state["head_dim"])
+    heads.load_state_dict(state["heads"])
+    return heads.eval(), state["pool_sp"]
+
+
+def positive_sources(x: torch.Tensor, r: torch.Tensor, patch_label: torch.Tensor, image: torch.Tensor,
+                     prefix: str) -> dict[str, float]:
+    """Where the hidden positives of unit `x` (criteria `r`, §5) come from: the anchor's own image or another,
+    and how often each kind shares the anchor's class. Patches of one image share the planted style, so own-image
+    positives can be of any class; only cross-image ones teach the head to ignore the style."""
+    mask = positive_masks(x, x, r, r, torch.arange(len(x)))
+    same = patch_label[:, None] == patch_label[None, :]
+    own = image[:, None] == image[None, :]
+    total = max(int(mask.sum()), 1)
+    pct = lambda m: round(100 * float(same[m].float().mean()), 1) if bool(m.any()) else float("nan")  # noqa: E731
+    return {f"{prefix}_own_image_share": round(100 * int((mask & own).sum()) / total, 1),
+            f"{prefix}_own_image_precision": pct(mask & own),
+            f"{prefix}_cross_image_precision": pct(mask & ~own),
+            f"{prefix}_cross_image_per_anchor": round(int((mask & ~own).sum()) / len(x), 1)}
+
+
+def code_geometry(x: torch.Tensor, patch_label: torch.Tensor, image: torch.Tensor, prefix: str) -> dict[str, float]:
+    """Mean cosine of same-class patches of other images vs other-class patches of the same image: which one
+    the features (or codes) group by, the class or the image."""
+    sim = x @ x.T
+    same = patch_label[:, None] == patch_label[None, :]
+    own = image[:, None] == image[None, :]
+    return {f"{prefix}_cos_same_class_other_image": round(float(sim[same & ~own].mean()), 3),
+            f"{prefix}_cos_other_class_same_image": round(float(sim[~same & own].mean()), 3)}
+
+
+def diagnose(checkpoint: str, store: FeatureStore, pool_size: int, images: int, seed: int) -> dict[str, float]:
+    """Positive precision of G and H (bench quality's measure, with the trained S_m and its last Pool_sp), split
+    by the positives' source image, and the geometry of raw features and head codes, on `images` training images."""
+    heads, pool_sp = _heads(checkpoint)
+    out = positive_precision(store, pool_size, heads, pool_sp, images=images, seed=seed)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(store), min(len(store), images), replace=False))
+    feats = torch.from_numpy(store.gather("feat", idx)).float()  # (b, h, w, C)
+    b, h, w, c = feats.shape
+    labels = store.gather("label", idx)
+    patch_label = torch.from_numpy(np.stack([patch_labels(label_fractions(lab, h)) for lab in labels]).reshape(-1))
+    image = torch.arange(b).repeat_interleave(h * w)
+    f = torch.nn.functional.normalize(feats.reshape(-1, c), dim=1)
+    pool_images = np.sort(rng.choice(len(store), pool_size, replace=len(store) < pool_size))
+    pool_feats = torch.from_numpy(store.gather("feat", pool_images)).float().reshape(pool_size, -1, c)
+    pool_ag = torch.nn.functional.normalize(pick_patches(pool_feats, torch.Generator().manual_seed(seed)), dim=1)
+    with torch.no_grad():
+        as_rows = lambda t: torch.nn.functional.normalize(t, dim=1).flatten(2).transpose(1, 2).reshape(b * h * w, -1)  # noqa: E731
+        s_m = as_rows(heads.S_m(feats.permute(0, 3, 1, 2)))
+        s = as_rows(heads.codes(feats.permute(0, 3, 1, 2)))
+    out.update(positive_sources(f, PoolIndex(pool_ag, "torch").max_similarity(f), patch_label, image, "ghp"))
+    out.update(positive_sources(s_m, PoolIndex(pool_sp, "torch").max_similarity(s_m), patch_label, image,
+                                "task_specific"))
+    out.update(code_geometry(f, patch_label, image, "raw"))
+    out.update(code_geometry(s, patch_label, image, "head"))
+    return out
+
+
+def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
+    """Planted stores, HP (and the broken loss) trained, cluster probe on head codes and raw features."""
+    t0 = time.perf_counter()
+    root = Path(workdir) / f"seed-{seed}"
+    urls = {split: str(root / f"{split}.zarr") for split in ("train", "val")}
+    write_store(urls["train"], bench.planted, seed, "train", bench.n_train, bench.n_views, bench.chunk_size)
+    write_store(urls["val"], bench.planted, seed, "val", bench.n_val, 0, bench.chunk_size)
+    train, val = FeatureStore.open(urls["train"]), FeatureStore.open(urls["val"])
+    labels = val.read("label", 0, len(val))
+    config = train_config(bench, seed)
+    pool_size = config["hp"]["pool_size"]
+
+    raw_val = list(torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))
+    raw_train = train.read("feat", 0, len(train)).reshape(-1, bench.planted.dim).astype(np.float32)
+    out: dict[str, Any] = {"seed": seed, "raw": cluster_probe(raw_train, raw_val, labels, N_CLASSES, seed)}
+
+    def trained(name: str) -> str:
+        ctx = StageContext(name=f"planted-{name}-seed{seed}", fingerprint=f"planted-{name}-{seed}", fresh=True,
+                           manifest={})
+        return hp_training.train(ctx, config, train, root / name)["checkpoint"]
+
+    runs = {"head": trained("hp")}
+    if broken:
+        loss, calls = shuffled_positives(seed)
+        with loss_replaced(loss):
+            runs["broken"] = trained("broken")
+        if not calls[0]:
+            raise RuntimeError("the broken loss was never called: the trainer no longer reaches "
+                               "pipeline.methods.hp.step.hp_loss, so the broken run would be a plain HP run")
+    for name, checkpoint in runs.items():
+        out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
+    # the trainer's initial heads: the same seed, then HPHeads (pipeline/methods/hp/training.py)
+    torch.manual_seed(seed)
+    start = HPHeads(bench.planted.dim, config["hp"]["head_dim"], config["hp"]["dropout"])
+    out["head_start"] = cluster_probe(*_codes({"in_dim": bench.planted.dim, "head_dim": start.dim,
+                                               "heads": start.state_dict()}, train, val), labels, N_CLASSES, seed)
+    out["precision"] = diagnose(runs["head"], train, pool_size, bench.precision_images, seed)
+    out["iterations"] = (len(train) // config["hp"]["batch_size"]) * config["hp"]["epochs"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# ---------------------------------------------------------------- HCL on planted features (issue 9 §4, issue 18)
+# HCL's settings (docs/hcl.md §2-§4) for a planted store of 200 images, written out like HP_TRAIN: the reference's
+# optimiser, τ, momentum, MoGo sampling and bank renewal, 10 epochs with the lr drop from epoch 3; batch 16 so that an
+# epoch has 12 steps (120 in all, as HP's bench); the head and the clusters of the synthetic preset's CPU scaling
+# (768/2048/256/12 -> 192/512/128/4; K = 32 per bank with >= 20 points each, banks of ~2,000 / ~9,500 tokens).
+HCL_TRAIN: dict[str, Any] = {
+    "epochs": 10, "batch_size": 16, "lr": 1e-4, "weight_decay": 0.04, "lr_drop_epoch": 3, "lr_drop": 0.1,
+    "tau": 0.07, "ema_m": 0.996, "clusters": 32, "kmeans_iterations": 20, "kmeans_min_points": 20,
+    "sample_fraction": 0.3, "bank_replace": 0.5, "dim": 192, "hidden": 512, "out_dim": 128, "heads": 4,
+}
+
+
+@dataclass(frozen=True)
+class PlantedHCLBench:
+    """Sizes of HCL's planted bench (R crops with V variants per image) and its settings over HCL_TRAIN."""
+
+    n_train: int = 200
+    n_val: int = 64
+    crops: int = 2
+    n_views: int = 2
+    chunk_size: int = 16
+    hcl: dict[str, Any] = field(default_factory=dict)
+    planted: PlantedSettings = PlantedSettings()
+
+
+def hcl_config(bench: PlantedHCLBench, seed: int, epochs: int | None = None) -> dict[str, Any]:
+    """A whole config whose [hcl] section carries HCL_TRAIN (and the bench's replacements), seeded by `seed`."""
+    h = {**HCL_TRAIN, **bench.hcl, "seed": seed, **({"epochs": epochs} if epochs is not None else {})}
+    return load_config("synthetic", {**{f"hcl.{k}": v for k, v in h.items()}, "train.method": "hcl",
+                                     "evaluate.protocol": "kmeans", "train.checkpoint_interval": 10**9})
+
+
+def run_seed_hcl(bench: PlantedHCLBench, seed: int, workdir: Path) -> dict[str, Any]:
+    """Planted HCL stores, HCL trained by its own trainer, the cluster probe on HCL's segmentation features at the
+    start (the trainer's initial model), after half the epochs and at the end, and on the raw (finest) features.
+
+    The middle point is a real stop: the run is trained for half the epochs, then resumed to the end by the
+    trainer's own resume (HCL's schedule depends on the epoch alone, so the run is the same as one without a stop).
+    """
+    t0 = time.perf_counter()
+    root = Path(workdir) / f"hcl-seed-{seed}"
+    s = bench.planted
+    train = FeatureStore.open(write_hcl_store(str(root / "train.zarr"), s, seed, "train", bench.n_train,
+                                              bench.crops, bench.n_views, bench.chunk_size))
+    val = FeatureStore.open(write_hcl_store(str(root / "val.zarr"), s, seed, "val", bench.n_val,
+                                            chunk_size=bench.chunk_size))
+    labels = val.read("label", 0, len(val))
+    raw_val = list(torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))
+    raw_train = train.read("feat", 0, len(train)).reshape(-1, s.dim).astype(np.float32)
+    out: dict[str, Any] = {"seed": seed, "raw": cluster_probe(raw_train, raw_val, labels, N_CLASSES, seed)}
+    config = hcl_config(bench, seed)
+    epochs = config["hcl"]["epochs"]
+    width = (len(hcl_patch_sizes(s)) + 1) * s.dim
+    # the trainer's initial model: the same seed, then build_model (pipeline/methods/hcl/training.py)
+    torch.manual_seed(seed)
+    start = {"method": "hcl", "width": width, "hcl": config["hcl"], "patch_sizes": list(hcl_patch_sizes(s)),
+             "model": build_model(width, config["hcl"]).state_dict()}
+    out["start"] = cluster_probe(*_codes(start, train, val), labels, N_CLASSES, seed)
+    for name, stop, fresh in (("middle", epochs // 2, True), ("end", epochs, False)):
+        ctx = StageContext(name=f"planted-hcl-seed{seed}", fingerprint=f"planted-hcl-{seed}", fresh=fresh,
+                           manifest={})
+        result = hcl_training.train(ctx, hcl_config(bench, seed, stop), train, root / "hcl")
+        out[name] = cluster_probe(*_codes(result["checkpoint"], train, val), labels, N_CLASSES, seed)
+        out[f"{name}_iteration"] = result["iterations"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
+                        bench: PlantedHCLBench | None = None) -> dict[str, Any]:
+    """HCL on planted features: every seed printed as it finishes, then the figures (JSON on the last line)."""
+    bench = bench or PlantedHCLBench()
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    results = []
+    for seed in range(seeds):
+        r = run_seed_hcl(bench, seed, Path(workdir) / "bench-planted")
+        log.info(f"[planted] HCL seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
+              f"{r['start']['miou']:.2f}, iteration {r['middle_iteration']} {r['middle']['miou']:.2f}, "
+              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  {r['seconds']:.0f}s")
+        results.append(r)
+    per = {name: [r[name]["miou"] for r in results] for name in ("end", "raw", "start", "middle")}
+    figures = {
+        "hcl_miou": _mean(per["end"]), "raw_miou": _mean(per["raw"]),
+        "hcl_start_miou": _mean(per["start"]), "hcl_middle_miou": _mean(per["middle"]),
+        "hcl_minus_raw_miou": round(_mean(per["end"]) - _mean(per["raw"]), 2),
+        "hcl_minus_start_miou": round(_mean(per["end"]) - _mean(per["start"]), 2),
+        "seeds": [r["seed"] for r in results],
+        "hcl_miou_per_seed": per["end"], "raw_miou_per_seed": per["raw"],
+        "hcl_start_miou_per_seed": per["start"], "hcl_middle_miou_per_seed": per["middle"],
+        "iterations": results[0]["end_iteration"], "middle_iteration": results[0]["middle_iteration"],
+        "train_images": bench.n_train, "crops": bench.crops, "views": bench.n_views, "val_images": bench.n_val,
+        "hcl_settings": {k: hcl_config(bench, 0)["hcl"][k] for k in HCL_TRAIN},
+        "planted": dataclasses.asdict(bench.planted),
+        "seconds": round(sum(r["seconds"] for r in results), 1), "threads": torch.get_num_threads(),
+    }
+    report(figures, as_json)
+    return figures
+
+
+def planted_bench(method: str) -> tuple[Any, PlantedBench | PlantedHCLBench]:
+    """(the quality run, its bench settings) of `bench quality --planted --method M`."""
+    benches = {"hp": (planted_quality, PlantedBench()), "hcl": (planted_hcl_quality, PlantedHCLBench())}
+    if method not in benches:
+        raise UserError(f"bench quality --planted has no planted bench for method '{method}' (benches: "
+                        f"{', '.join(benches)})")
+    return benches[method]
+
+
+def with_style(bench: PlantedBench | PlantedHCLBench, style: float | None) -> PlantedBench | PlantedHCLBench:
+    """The bench, or a control run of it whose generator has another image-style strength (`--style`): the bench's
+    own setting (1.1) was fixed from the raw figure alone and is never changed; a control says what the style does."""
+    if style is None:
+        return bench
+    if not (style >= 0 and np.isfinite(style)):
+        raise UserError(f"--style must be a finite number >= 0, got {style}")
+    log.info(f"[planted] control run: image style {style:g} (the bench's generator uses {bench.planted.style:g})")
+    return dataclasses.replace(bench, planted=dataclasses.replace(bench.planted, style=style))
+
+
+def _mean(values: list[float]) -> float:
+    return round(statistics.fmean(values), 2)
+
+
+def planted_quality(seeds: int, workdir: Path, as_json: bool, bench: PlantedBench | None = None) -> dict[str, Any]:
+    """Every seed printed as it finishes, then the figures (means over seeds first; JSON on the last line)."""
+    bench = bench or PlantedBench()
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    workdir = Path(workdir) / "bench-planted"
+    results = []
+    for seed in range(seeds):
+        r = run_seed(bench, seed, workdir)
+        p = r["precision"]
+        log.info(f"[planted] seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HP head {r['head']['miou']:.2f}  "
+              f"broken loss {r['broken']['miou']:.2f}  (head at the start {r['head_start']['miou']:.2f})  "
+              f"| positive precision G {p['ghp_precision']:.1f}% "
+              f"({p['ghp_own_image_share']:.0f}% from the anchor's image, {p['ghp_own_image_precision']:.0f}% "
+              f"precise there, {p['ghp_cross_image_precision']:.0f}% across images)  H "
+              f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s")
+        results.append(r)
+    per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "head_start")}
+    prec = {key: [r["precision"][key] for r in results] for key in results[0]["precision"]}
+    cfg = train_config(bench, 0)["hp"]
+    figures = {
+        "head_miou": _mean(per["head"]), "raw_miou": _mean(per["raw"]), "broken_miou": _mean(per["broken"]),
+        "head_minus_raw_miou": round(_mean(per["head"]) - _mean(per["raw"]), 2),
+        "broken_minus_raw_miou": round(_mean(per["broken"]) - _mean(per["raw"]), 2),
+        "head_beats_raw_by_5": _mean(per["head"]) >= _mean(per["raw"]) + 5,  # issue 9 §4's target
+        "broken_beats_raw": _mean(per["broken"]) > _mean(per["raw"]),  # must stay false: the bench can fail
+        "seeds": [r["seed"] for r in results],
+        "head_start_miou": _mean(per["head_start"]),  # the trainer's initial heads: what training changed
+        "head_miou_per_seed": per["head"], "head_start_miou_per_seed": per["head_start"],
+        "raw_miou_per_seed": per["raw"], "broken_miou_per_seed": per["broken"],
+        "head_acc_per_seed": [r["head"]["acc"] for r in results],
+        "raw_acc_per_seed": [r["raw"]["acc"] for r in results],
+        "broken_acc_per_seed": [r["broken"]["acc"] for r in results],
+        **{f"{key}_per_seed": values for key, values in prec.items()},
+        "train_images": bench.n_train, "val_images": bench.n_val, "iterations": results[0]["iterations"],
+        "train_settings": {k: cfg[k] for k in HP_TRAIN},
+        "planted": dataclasses.asdict(bench.planted),
+        "seconds": round(sum(r["seconds"] for r in results), 1),
+        "threads": torch.get_num_threads(),
+    }
+    report(figures, as_json)
+    return figures

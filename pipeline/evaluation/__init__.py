@@ -1,0 +1,1 @@
+"""Evaluation: probes, metrics, Hungarian matching, dense CRF, overclustering, codes and encoders."""

@@ -1,0 +1,83 @@
+"""Hidden Positives as hp-pipe's method contract (pipeline/methods/contract.py): what the rest of hp-pipe asks of HP.
+
+The maths is docs/hp.md: the heads (heads.py, step.py), the loss (loss.py), the pools (pool.py), the schedule
+(schedule.py), the training hooks (training.py). HP reads the shared stores: `prepare`'s five-crops and `features`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.datasets.geometry import model_size
+from pipeline.evaluation.online_probes import online_probe_settings
+from pipeline.methods.contract import Config, Method
+from pipeline.methods.hp.settings import HpSection
+from pipeline.orchestration import paths
+
+PAPER_BATCH = 64  # docs/hp.md §5-§6: every preset of the paper trains with batch 64
+
+
+def _train(ctx, config: Config, store, out, upstream=None) -> dict[str, Any]:
+    from pipeline.methods.hp import training
+
+    return training.train(ctx, config, store, out)
+
+
+def _check_store(store) -> None:
+    for name in ("feat_aug", "lhp"):
+        store.array(name)  # a clear message when the store lacks an array HP trains on
+
+
+def _encoder(state: dict[str, Any]):
+    from pipeline.evaluation.encoders import Encoder
+    from pipeline.methods.hp.step import HPHeads
+
+    heads = HPHeads(state["in_dim"], state["head_dim"])
+    heads.load_state_dict(state["heads"])
+    heads.eval()
+    return Encoder(heads.dim, ("feat",),
+                   lambda a: heads.codes(a["feat"].float().permute(0, 3, 1, 2)),
+                   lambda backbone, x: heads.codes(backbone(x).feat.permute(0, 3, 1, 2)))
+
+
+def shorter_side_geometry(config: Config, size: tuple[int, int], patch: int) -> tuple[tuple[int, int],
+                                                                                    tuple[int, int]]:
+    """(resized, cropped) for predict: the shorter side to prepare.val_resolution, both sides cropped down to
+    multiples of the patch (the val store's geometry, docs/hp.md §7)."""
+    return model_size(*size, config["prepare"]["val_resolution"], patch)
+
+
+def _paper_rows(config: Config) -> list[dict[str, Any]]:
+    return list((config.get("paper") or {}).get("results") or [])  # the dataset presets' [paper]: HP's tables
+
+
+def _paper_differences(config: Config, protocol: str) -> list[str]:
+    """How an HP run's settings differ from the paper's: head width, epochs, batch, protocol."""
+    paper, h = config.get("paper") or {}, config["hp"]
+    same = [r for r in _paper_rows(config) if r["backbone"] == config["features"]["backbone"]]
+    head_dims = {r["head_dim"] for r in same if r.get("head_dim")}
+    out = []
+    if head_dims and h["head_dim"] not in head_dims:
+        out.append(f"head width D = {h['head_dim']} (the paper: {', '.join(map(str, head_dims))})")
+    if paper.get("epochs") and h["epochs"] != paper["epochs"]:
+        out.append(f"{h['epochs']} training epochs (the paper: {paper['epochs']})")
+    if h["batch_size"] != PAPER_BATCH:
+        out.append(f"batch {h['batch_size']} (the paper: {PAPER_BATCH})")
+    if protocol != "paper":
+        out.append(f"evaluation protocol {protocol}: probes fitted after training (the paper: probes trained online "
+                   "with the head; --set evaluate.protocol=paper)")
+    return out
+
+
+HP = Method(
+    name="hp", label="HP", title="Hidden Positives (Seong et al., CVPR 2023)", doc="docs/hp.md",
+    sections={"hp": HpSection}, section="hp", presets="pipeline.methods.hp",
+    stores={"train": "features-train", "val": "features-val"}, store_url=paths.store_url,
+    training_sections=("dataset", "prepare", "features", "train", "hp"),
+    train=_train, check_store=_check_store,
+    checkpoint=("heads (S, S_m, P)", "optimizers", "scaler", "pools", "online probes (protocol paper)"),
+    curves=(("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",)),
+    encoder=_encoder, geometry=shorter_side_geometry,
+    online_probes=online_probe_settings, protocols=("kmeans", "paper"), crf_by_default=False,
+    linear_optimizer="adam", paper_rows=_paper_rows, paper_differences=_paper_differences,
+)

@@ -1,0 +1,1 @@
+"""Orchestration: the stage graph and its executor, the runner and manifests, run records, paths, locks."""

@@ -1,0 +1,1 @@
+"""Training: the one loop every method runs, and its atomic checkpoints."""
