@@ -121,6 +121,8 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, met
                                 "seconds": round(time.perf_counter() - t0, 3)})
                 if t % run_cfg["checkpoint_interval"] == 0 or t == plan.total:
                     checkpoint()
+                if t == plan.total:  # max_steps may end a run inside an epoch
+                    break
     return method.finish(run_outputs(ctx, plan, log, store, out, t - t_start, time.perf_counter() - t0,
                                      method.label, method.curves))
 
