@@ -17,6 +17,7 @@ from pipeline.methods.contract import Config, Method
 REGISTERED: dict[str, str] = {
     "hp": "pipeline.methods.hp.method:HP",
     "hcl": "pipeline.methods.hcl.method:HCL",
+    "stego": "pipeline.methods.stego.method:STEGO",
 }
 
 

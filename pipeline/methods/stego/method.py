@@ -1,0 +1,108 @@
+"""STEGO as hp-pipe's method contract (pipeline/methods/contract.py): what the rest of hp-pipe asks of STEGO.
+
+The maths is docs/stego.md: the head (head.py), the correspondence loss (loss.py), the neighbour table (knn.py),
+the training hooks (training.py). STEGO reads HP's `prepare` and `features` stores and adds two stages of its own
+(stages.py): the neighbour table and the mirrored val features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.datasets.geometry import model_size
+from pipeline.evaluation.online_probes import online_probe_settings
+from pipeline.methods.contract import Config, Method
+from pipeline.methods.stego.settings import StegoCacheSection, StegoSection
+from pipeline.methods.stego.stages import STAGES
+from pipeline.orchestration import paths
+
+# §7: the numbers STEGO reports (Acc, mIoU %), after CRF, per dataset and backbone
+PAPER = {
+    "cocostuff27": [("vit_small_patch8_224.dino", 48.3, 24.5, 74.4, 38.3),
+                    ("vit_base_patch8_224.dino", 56.9, 28.2, 76.1, 41.0),
+                    ("vit_small_patch16_224.dino", 52.5, 23.7, 70.6, 34.5)],
+    "cityscapes": [("vit_base_patch8_224.dino", 73.2, 21.0, 90.3, 26.8)],
+    "potsdam": [("vit_small_patch8_224.dino", 77.0, None, None, None)],
+}
+CURVES = (("loss", "intra", "inter", "neg"), ("cd_intra", "cd_inter", "cd_neg"))  # curves.png, one panel each
+SOURCE = ("STEGO (Hamilton et al., ICLR 2022): cluster and linear probes trained with the head, dense CRF and flip "
+          "averaging; ViT-B/8 COCO from the released checkpoint, the others as the HP paper's tables cite them")
+
+
+def _train(ctx, config: Config, store, out, upstream=None) -> dict[str, Any]:
+    from pipeline.methods.stego import training
+
+    return training.train(ctx, config, store, out, upstream or {})
+
+
+def _encoder(state: dict[str, Any]):
+    """STEGO's codes (§2, evaluation mode); with the mirrored features at hand, the reference's flip averaging
+    (§6): c = (c(x) + flip(c(flip x))) / 2."""
+    from pipeline.evaluation.encoders import Encoder
+    from pipeline.methods.stego.head import StegoHead
+
+    head = StegoHead(state["in_dim"], state["head_dim"], state.get("dropout", 0.1))
+    head.load_state_dict(state["head"])
+    head.eval()
+
+    def codes(feat: torch.Tensor) -> torch.Tensor:
+        return head.codes(feat.float().permute(0, 3, 1, 2))
+
+    def from_arrays(a: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = codes(a["feat"])
+        if "feat_flip" in a:
+            c = (c + codes(a["feat_flip"]).flip(-1)) / 2
+        return c
+
+    def live(backbone, x: torch.Tensor) -> torch.Tensor:
+        return (codes(backbone(x).feat) + codes(backbone(x.flip(-1)).feat).flip(-1)) / 2
+
+    return Encoder(head.dim, ("feat", "feat_flip"), from_arrays, live)
+
+
+def _paper_rows(config: Config) -> list[dict[str, Any]]:
+    rows = []
+    for backbone, acc, miou, linear_acc, linear_miou in PAPER.get(config["dataset"]["name"], []):
+        rows.append({"backbone": backbone, "features": "head", "probe": "cluster", "acc": acc, "miou": miou})
+        if linear_acc is not None:
+            rows.append({"backbone": backbone, "features": "head", "probe": "linear", "acc": linear_acc,
+                         "miou": linear_miou})
+    return rows
+
+
+def _paper_differences(config: Config, protocol: str) -> list[str]:
+    out = []
+    if protocol != "paper":
+        out.append(f"evaluation protocol {protocol}: probes fitted after training (the paper: probes trained with "
+                   "the head; --set evaluate.protocol=paper)")
+    if not config["stego_cache"]["flip_tta"]:
+        out.append("no flip averaging (stego_cache.flip_tta = false; the paper averages each val image's codes "
+                   "with its mirror's)")
+    out.append("features from the cache in float16 (the reference: float32, computed at every step)")
+    return out
+
+
+def _notes(config: Config) -> dict[str, str]:
+    on = config["stego_cache"]["flip_tta"]
+    return {"flip_averaging": "val codes averaged with those of the mirrored image (STEGO's flip averaging)" if on
+            else "no flip averaging (stego_cache.flip_tta = false): the reference averages with the mirrored image"}
+
+
+STEGO = Method(
+    name="stego", label="STEGO", title="STEGO (Hamilton et al., ICLR 2022)", doc="docs/stego.md",
+    sections={"stego": StegoSection, "stego_cache": StegoCacheSection}, section="stego",
+    presets="pipeline.methods.stego",
+    stores={"train": "features-train", "val": "features-val"}, store_url=paths.store_url,
+    stages=STAGES, train_inputs=("features-train", "knn-train"), val_inputs=("features-val-flip",),
+    training_sections=("dataset", "prepare", "features", "train", "stego", "stego_cache"),
+    train=_train, check_store=lambda store: store.array("feat"),
+    checkpoint=("head", "optimizer", "online probes (protocol paper)"),
+    curves=CURVES,
+    encoder=_encoder,
+    geometry=lambda config, size, patch: model_size(*size, config["prepare"]["val_resolution"], patch),
+    online_probes=online_probe_settings, protocols=("paper", "kmeans"), protocol_notes=_notes,
+    crf_by_default=False, linear_optimizer="adam",
+    paper_rows=_paper_rows, paper_differences=_paper_differences, paper_source=lambda config: SOURCE,
+)
