@@ -2,6 +2,9 @@ import pytest
 
 from pipeline.config import fingerprint, load_config, parse_sets, preset_names
 from pipeline.errors import UserError
+from pipeline.methods.registry import names
+
+METHODS = names()  # the registered methods, in registration order
 
 # docs/hp.md §6, transcribed independently of the preset files.
 SPEC = {
@@ -115,7 +118,7 @@ def test_presets_evaluate_with_the_paper_protocol_and_hold_its_numbers():
     ("hp.batch_size", "-4", "integer >= 1"), ("hp.epochs", "0", "integer >= 1"),
     ("features.chunk_size", "-8", "integer >= 1"), ("hp.tau", "0", "(0, inf)"), ("hp.tau", "nan", "finite"),
     ("hp.rho", "1.5", "[0, 1]"), ("hp.dropout", "1", "[0, 1)"), ("hcl.bank_replace", "-0.1", "[0, 1]"),
-    ("train.method", "hpp", "one of hp, hcl"), ("evaluate.protocol", "stego", "one of paper, kmeans"),
+    ("train.method", "hpp", "one of " + ", ".join(METHODS)), ("evaluate.protocol", "stego", "one of paper, kmeans"),
     ("hcl_features.views", "1", "integer >= 2"), ("hp.lr", "inf", "finite"),
 ])
 def test_out_of_range_values_are_refused_when_the_config_is_built(key, value, expected):
@@ -176,7 +179,8 @@ def test_cli_conventions():
                                      (["train"], "--device", ("auto", "cpu", "cuda")),
                                      (["bench", "scale"], "--dtype", ("float16", "int8")),
                                      (["bench", "scale"], "--renewal", ("chunks", "gather")),
-                                     (["bench", "train"], "--method", ("hp", "hcl"))):
+                                     (["bench", "train"], "--method", METHODS),
+                                     (["train"], "--method", METHODS)):
         assert f"{option} <{'|'.join(choices)}>" in runner.invoke(app, [*command, "-h"]).output
         result = runner.invoke(app, [*command, option, "x"])
         listed = ", ".join(f"'{c}'" for c in choices)
@@ -345,7 +349,7 @@ def test_a_value_of_the_wrong_type_is_refused(key, value, expected):
     ("features.compressor", "gzip", "zstd, lz4, blosclz, none"), ("features.dtype", "int4", "float16, int8"),
     ("hp.pool_backend", "cuda", "faiss, torch"), ("train.device", "cuda:0", "auto, cpu, cuda"),
     ("evaluate.cluster_method", "spectral", "kmeans, adam"), ("evaluate.linear_optimizer", "adamw", "auto, adam, sgd"),
-    ("evaluate.crf_scheduler", "threads", "processes, distributed"), ("train.method", "HP", "hp, hcl"),
+    ("evaluate.crf_scheduler", "threads", "processes, distributed"), ("train.method", "HP", ", ".join(METHODS)),
 ])
 def test_a_wrong_choice_is_refused_with_the_choices_and_a_valid_fix(key, value, choices):
     with pytest.raises(UserError) as info:

@@ -327,7 +327,8 @@ def test_hcl_needs_two_crops_two_variants_and_a_known_method(workdir):
         config["hcl_features"][key] = 1  # past the config checks: the stage refuses it too
         with pytest.raises(UserError, match=f"hcl_features.{key} = 1.*--set hcl_features.{key}=2"):
             features_hcl.run(config, workdir, "train")
-    with pytest.raises(UserError, match="train.method'? must be one of hp, hcl"):  # when built, or when run
+    with pytest.raises(UserError, match="train.method'? must be one of hp, hcl"):  # when built, or when run (the
+        # registered methods, in order: HP and HCL first)
         train_stage.run(tiny_config(**{"train.method": "hcp"}), workdir)
 
 

@@ -16,6 +16,7 @@ from pipeline.evaluation.online_probes import online_probe_settings
 from pipeline.methods.contract import Config, Method
 from pipeline.methods.stego.settings import StegoCacheSection, StegoSection
 from pipeline.methods.stego.stages import STAGES
+from pipeline.methods.stego.training import CURVES
 from pipeline.orchestration import paths
 
 # §7: the numbers STEGO reports (Acc, mIoU %), after CRF, per dataset and backbone
@@ -26,7 +27,6 @@ PAPER = {
     "cityscapes": [("vit_base_patch8_224.dino", 73.2, 21.0, 90.3, 26.8)],
     "potsdam": [("vit_small_patch8_224.dino", 77.0, None, None, None)],
 }
-CURVES = (("loss", "intra", "inter", "neg"), ("cd_intra", "cd_inter", "cd_neg"))  # curves.png, one panel each
 SOURCE = ("STEGO (Hamilton et al., ICLR 2022): cluster and linear probes trained with the head, dense CRF and flip "
           "averaging; ViT-B/8 COCO from the released checkpoint, the others as the HP paper's tables cite them")
 

@@ -21,10 +21,11 @@ from pipeline.config import Config
 from pipeline.evaluation.online_probes import OnlineProbes, online_probe_settings
 from pipeline.methods.stego.head import StegoHead
 from pipeline.methods.stego.loss import StegoLossSettings, stego_loss
-from pipeline.methods.stego.method import CURVES
 from pipeline.methods.stego.stages import read_table
 from pipeline.orchestration.runner import StageContext
 from pipeline.training import trainer
+
+CURVES = (("loss", "intra", "inter", "neg"), ("cd_intra", "cd_inter", "cd_neg"))  # curves.png, a panel each
 
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path,
