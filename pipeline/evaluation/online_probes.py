@@ -122,6 +122,11 @@ class OnlineProbes:
         self.steps += 1
         return terms
 
+    def outputs(self) -> dict[str, Any]:
+        """What the train stage's manifest records of the probes (evaluate reads it back)."""
+        return {**self.settings, "trained": self.trained, "iterations": self.steps,
+                "linear_iterations": self.linear_steps}
+
     @property
     def trained(self) -> list[str]:
         """The probes this run trains (the linear one needs training labels)."""

@@ -173,9 +173,7 @@ class HPTraining:
 
     def finish(self, outputs: dict[str, Any]) -> dict[str, Any]:
         if self.probes is not None:
-            p = self.probes
-            outputs["online_probes"] = {**p.settings, "trained": p.trained, "iterations": p.steps,
-                                        "linear_iterations": p.linear_steps}
+            outputs["online_probes"] = self.probes.outputs()
         return outputs
 
     def _sample(self, specific: bool) -> torch.Tensor:

@@ -133,7 +133,5 @@ class StegoTraining:
 
     def finish(self, outputs: dict[str, Any]) -> dict[str, Any]:
         if self.probes is not None:
-            p = self.probes
-            outputs["online_probes"] = {**p.settings, "trained": p.trained, "iterations": p.steps,
-                                        "linear_iterations": p.linear_steps}
+            outputs["online_probes"] = self.probes.outputs()
         return outputs
