@@ -115,7 +115,7 @@ def knn_body(job, step, ctx) -> dict[str, Any]:
             writer.write_chunk(table_group, chunk, {"feat": table[0][start:stop]})
 
     writer.fill_store(table_group, url, search, ctx.log)
-    return {"store": url, "global": global_url, "neighbours": k,
+    return {"store": url, "global": global_url, "neighbours": k, "random_init": source.random_init,
             "summary": f"{n} training crops, {k} nearest crops each -> {url}"}
 
 
