@@ -97,3 +97,52 @@ def test_a_run_of_one_method_is_not_evaluated_as_another(tmp_path):
     with pytest.raises(UserError, match=rf"run 'hp' was trained with method hp .*not {other}"):
         for_run("synthetic", {"train.method": other}, tmp_path, "hp")
     assert for_run("synthetic", {}, tmp_path, "hp").config["train"]["method"] == "hp"
+
+
+# Fingerprints of every step as the code before the methods became plug-ins computed them (the same settings, work
+# folder /tmp/nowork, an unreadable dataset root): a work folder finished before the change stays up to date.
+BEFORE = {
+    ("synthetic", "hp", "kmeans"): {"prepare": "2679438e10adb12d", "features-train": "bfe190c2aae35c8b",
+                                    "features-val": "7a71cb28f298da19", "train-hp": "7b4a4d7c09c855ed",
+                                    "codes-hp": "41e2cc06455ca316", "probe-head-hp": "81fc4d1e2a07e29a",
+                                    "probe-raw-hp": "1031d9317da51aad", "evaluate-hp": "5bc19cd8f2aa6284"},
+    ("synthetic", "hp", "paper"): {"train-hp": "dd3ffcd91e90e021", "codes-hp": "0f36c6250e3fdcea",
+                                   "probe-head-hp": "21e6cbd88690e088", "probe-raw-hp": "446896269d89efaf",
+                                   "evaluate-hp": "ea20faccf81faed8"},
+    ("synthetic", "hcl", "kmeans"): {"features-train-hcl": "055df3d08acd0b67", "features-val-hcl": "448623250e674ffe",
+                                     "train-hcl": "a24a231e02e6ae05", "codes-hcl": "40f242e72dc5ccf2",
+                                     "probe-head-hcl": "662a4d4ec994b411", "probe-raw-hcl": "011b99c4a6fdce03",
+                                     "evaluate-hcl": "7a52c0e8183c35aa"},
+    ("voc", "hcl", "kmeans"): {"features-train-hcl": "309381dc30ffb202", "features-val-hcl": "4140c98dbd306194",
+                               "train-hcl": "2e25e8cd2cafa402", "codes-hcl": "d57c050a8b0ac3c9",
+                               "evaluate-hcl": "4913b99b8b02507c"},
+}
+
+
+@pytest.mark.parametrize("dataset,method,protocol", list(BEFORE))
+def test_fingerprints_from_before_the_plugin_refactor_are_unchanged(dataset, method, protocol):
+    from pipeline.orchestration.graph import plan
+
+    config = load_config(dataset, {"train.method": method, "evaluate.protocol": protocol,
+                                   "dataset.root": "/nonexistent"})
+    steps = plan(config, Path("/tmp/nowork"), runs=[method])
+    assert {name: steps[name].fingerprint for name in BEFORE[dataset, method, protocol]} == \
+        BEFORE[dataset, method, protocol]
+
+
+def test_a_run_record_written_before_the_change_still_loads(tmp_path):
+    """A record in the old layout (HCL's sections before [train], no section of a method added since) gives the run
+    its recorded training settings."""
+    from pipeline.config import to_toml
+    from pipeline.orchestration import paths
+    from pipeline.orchestration.runs import for_run
+
+    config = load_config("synthetic", {"hp.tau": "0.5"})
+    order = ["dataset", "prepare", "features", "hcl_features", "train", "hp", "hcl", "evaluate", "run", "paper"]
+    old = {section: config[section] for section in order}
+    folder = paths.run_dir(config, tmp_path, "hp")
+    folder.mkdir(parents=True)
+    paths.run_config_path(folder).write_text(to_toml(old))
+    settings = for_run("synthetic", {}, tmp_path, "hp")
+    assert settings.config["hp"]["tau"] == 0.5 and settings.taken["hp.tau"] == (0.5, 0.6)
+    assert set(settings.config) == set(load_config("synthetic"))  # every section of today's schema
