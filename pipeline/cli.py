@@ -26,7 +26,8 @@ from pipeline.settings import Split as SplitChoice
 
 HELP = {"help_option_names": ["-h", "--help"], "max_content_width": 110, "terminal_width": 110}
 app = typer.Typer(
-    help="hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache.\n\n"
+    help=f"hp-pipe: unsupervised semantic segmentation from a frozen DINO feature cache; methods (--method): "
+    f"{', '.join(method_names())}.\n\n"
     "Stages: prepare -> features -> train -> evaluate. Each skips itself when up to date and resumes when "
     "interrupted.",
     no_args_is_help=True,
@@ -54,7 +55,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors (and the "
                                                                   "progress bars).")] = False,
           verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also debug lines.")] = False) -> None:
-    """hp-pipe: unsupervised semantic segmentation (Hidden Positives, HCL) from a frozen DINO feature cache."""
+    """hp-pipe: unsupervised semantic segmentation from a frozen DINO feature cache (every registered method)."""
     from pipeline.log import set_verbosity
 
     if quiet and verbose:
@@ -267,7 +268,8 @@ def train(
     set_: Sets = None,
     force: Force = False,
 ) -> None:
-    """Train the heads (HP, or HCL with --method hcl) from the feature cache (runs features first when needed)."""
+    """Train the configured method's head (--method: any registered method) from the feature cache (runs features
+    and the method's own stages first when needed)."""
     from pipeline.orchestration.graph import build
 
     preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
