@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from cache.reader import FeatureStore
 from pipeline.config import Config
+from pipeline.datasets.base import read_rgb
 from pipeline.datasets.geometry import model_size  # noqa: F401  (re-exported: the resize policy)
 from pipeline.errors import UserError
 from pipeline.evaluation.encoders import load_encoder
@@ -53,10 +54,8 @@ def list_images(path: Path) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except Exception as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    """The image as a viewer shows it (EXIF rotation, grey and 16-bit as RGB): the datasets' own reader."""
+    return read_rgb(path)
 
 
 def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.errors import UserError
 
@@ -169,15 +169,29 @@ def check_same_size(image: np.ndarray, label: np.ndarray, image_path: Path, labe
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB from any PIL-readable image; unreadable files are reported by name."""
+    """(H, W, 3) uint8 RGB from any PIL-readable image, as a viewer shows it: the EXIF orientation applied, a single
+    channel (grey, binary, 16-bit grey) replicated, a palette looked up, alpha dropped, 16 bits scaled to 8 (the
+    nearest 8-bit value of v / 65535). Unreadable files are reported by name."""
     if not path.is_file():
         raise UserError(f"missing image {path} — restore it or remove it from the dataset")
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return as_rgb(ImageOps.exif_transpose(im))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e} — re-download or delete it") from None
+
+
+def as_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as (H, W, 3) uint8 (see `read_rgb`)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (Pillow reads some as 32-bit "I")
+        grey = np.asarray(im, dtype=np.float64)
+        grey = np.clip(np.rint(grey * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":  # float grey, taken as 0..1
+        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_index_png(path: Path) -> np.ndarray:
