@@ -171,7 +171,7 @@ def plan(config: Config, workdir: Path, *, runs: Iterable[str] = (), stores: dic
         if stage.level == "dataset":
             steps[name] = Step(name, name, None, *base[name], stage.inputs)
     for run in runs:
-        configs = run_configs(config, workdir, base, stages, run)
+        configs = run_configs(config, workdir, base, run)
         for name, stage in stages.items():
             if name in configs:
                 upstream = tuple(step_name(up, stages, run) for up in (*stage.inputs, *stage.after) if up in configs
@@ -181,7 +181,7 @@ def plan(config: Config, workdir: Path, *, runs: Iterable[str] = (), stores: dic
     return steps
 
 
-def run_configs(config: Config, workdir: Path, base: dict[str, tuple[dict, dict]], stages: dict[str, Stage],
+def run_configs(config: Config, workdir: Path, base: dict[str, tuple[dict, dict]],
                 run: str) -> dict[str, tuple[dict, dict]]:
     """(config, inputs) of run `run`'s stages, exactly as their manifests have always recorded them."""
     from pipeline.evaluation.online_probes import protocol_of
