@@ -47,7 +47,8 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     store = FeatureStore.open(features["outputs"]["store"],
                               expect={"split": "train", "fingerprint": features["fingerprint"]})
     method.check_store(store)  # a clear message when the store lacks what the method needs
-    return method.train(ctx, job.config, store, paths.run_dir(job.config, job.workdir, step.run), upstream)
+    return method.train(ctx, job.config, store, paths.run_dir(job.config, job.workdir, step.run), upstream,
+                        preview=method.store_url(job.config, job.workdir, "val"))  # TensorBoard's val images
 
 
 def then(job: Build, step: Step, manifest: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ class Method:
     training_sections: tuple[str, ...] = ()  # every section its run's training and stores read (run records)
 
     # ---- training: the train stage's body calls these
-    # (ctx, config, train store, run folder, upstream manifests by stage name) -> stage outputs
+    # (ctx, config, train store, run folder, upstream manifests by stage name, preview=val store URL) -> outputs
     train: Callable[..., dict[str, Any]] | None = None
     check_store: Callable[[Any], Any] | None = None  # (store) -> a clear error when it lacks what `train` reads
     checkpoint: tuple[str, ...] = ()  # what its checkpoint holds besides iteration, rng, config (docs/methods.md)

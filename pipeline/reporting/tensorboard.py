@@ -160,18 +160,14 @@ def overlay_rows(images: np.ndarray, labels: np.ndarray, pred: np.ndarray, n_cla
 
 
 def open_training_board(config: dict[str, dict[str, Any]], run_folder: Path, resume_from: int,
-                        log) -> TrainingBoard | None:
-    """The run's board (None under run.tensorboard = false), with the val preview of the method's own store."""
+                        log, preview: str | None = None) -> TrainingBoard | None:
+    """The run's board (None under run.tensorboard = false), with the images of the val store `preview` (the train
+    stage names its method's own; a bench's run has none)."""
     if not enabled(config):
         return None
-
-    if Path(run_folder).parent.name != "runs":  # a bench's own folder, not a run of the work folder: no preview
+    if preview is None:
         return TrainingBoard(run_folder, resume_from)
-    workdir = Path(run_folder).parent.parent.parent  # <workdir>/<dataset>/runs/<run>
-    from pipeline.methods.registry import method_of
-
-    url = method_of(config).store_url(config, workdir, "val")  # the method's own val store
-    return TrainingBoard(run_folder, resume_from, ValPreview.open(url, config["dataset"]["n_classes"], log))
+    return TrainingBoard(run_folder, resume_from, ValPreview.open(preview, config["dataset"]["n_classes"], log))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -71,7 +71,8 @@ class MethodHooks(Protocol):
 
 
 # ---------------------------------------------------------------- the loop
-def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, method: MethodHooks) -> dict[str, Any]:
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, method: MethodHooks,
+          preview: str | None = None) -> dict[str, Any]:
     """Train `method` on `store` into the run folder `out`, from its checkpoint when it has one; the stage outputs.
 
     Epoch e reads the store in the order seeded by seed·1000 + e, so a run resumed at iteration t reads, from batch
@@ -85,7 +86,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, met
     generator = torch.Generator().manual_seed(section["seed"])  # every draw of the steps
     method.build(plan, generator)
     t = start_or_resume(ctx, method, plan, generator)
-    log = MetricsLog(out / "metrics.jsonl", keep_until=t, config=config, log=ctx.log)
+    log = MetricsLog(out / "metrics.jsonl", keep_until=t, config=config, log=ctx.log, preview=preview)
 
     def checkpoint() -> None:  # atomic, and refused if a weight is not finite (pipeline/training/checkpoints.py)
         save_checkpoint(plan.ckpt, {
@@ -188,7 +189,8 @@ class MetricsLog:
     run.tensorboard = false, the same lines as TensorBoard scalars (pipeline/reporting/tensorboard.py, same rule on
     resume)."""
 
-    def __init__(self, path: Path, keep_until: int, config: Config | None = None, log=print):
+    def __init__(self, path: Path, keep_until: int, config: Config | None = None, log=print,
+                 preview: str | None = None):
         self.path = path
         self.records = []
         if path.exists():
@@ -200,7 +202,7 @@ class MetricsLog:
                 if record["iteration"] <= keep_until:
                     self.records.append(record)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self.board = open_training_board(config, path.parent, keep_until, log) if config is not None else None
+        self.board = open_training_board(config, path.parent, keep_until, log, preview) if config is not None else None
         if self.board is not None and keep_until > 0:  # its writer purged step keep_until: write that step again
             for record in [r for r in self.records if r["iteration"] == keep_until][-1:]:
                 self.board.scalars(record, timed=False)  # its seconds count from another process's start

@@ -48,10 +48,10 @@ def _store_stage(split: str) -> Stage:
                  then=_check_manifest, extras=_store_extras(split))
 
 
-def _train(ctx, config: Config, store, out, upstream=None) -> dict[str, Any]:
+def _train(ctx, config: Config, store, out, upstream=None, preview=None) -> dict[str, Any]:
     from pipeline.methods.hcl import training
 
-    return training.train(ctx, config, store, out)
+    return training.train(ctx, config, store, out, preview=preview)
 
 
 def _check_store(store) -> None:

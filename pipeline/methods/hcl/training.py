@@ -45,10 +45,11 @@ from pipeline.training import trainer
 MOGO_VIEW = 1  # §3.1: the pass runs the momentum head on view 2, i.e. cached variant 1
 
 
-def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, preview: str | None = None
+          ) -> dict[str, Any]:
     """HCL's heads trained on its `store` into the run folder `out` (the train stage's trainer for
-    train.method = hcl)."""
-    return trainer.train(ctx, config, store, out, HCLTraining(ctx, config, store))
+    train.method = hcl); `preview`: the val store whose images TensorBoard shows at each checkpoint."""
+    return trainer.train(ctx, config, store, out, HCLTraining(ctx, config, store), preview)
 
 
 def step_names(patch_sizes: tuple[int, ...]) -> list[str]:

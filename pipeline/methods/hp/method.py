@@ -17,10 +17,10 @@ from pipeline.orchestration import paths
 PAPER_BATCH = 64  # docs/hp.md §5-§6: every preset of the paper trains with batch 64
 
 
-def _train(ctx, config: Config, store, out, upstream=None) -> dict[str, Any]:
+def _train(ctx, config: Config, store, out, upstream=None, preview=None) -> dict[str, Any]:
     from pipeline.methods.hp import training
 
-    return training.train(ctx, config, store, out)
+    return training.train(ctx, config, store, out, preview=preview)
 
 
 def _check_store(store) -> None:

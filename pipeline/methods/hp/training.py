@@ -26,9 +26,11 @@ from pipeline.reporting.plots import CURVES
 from pipeline.training import trainer
 
 
-def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path) -> dict[str, Any]:
-    """The HP heads trained on `store` into the run folder `out` (the train stage's trainer for train.method = hp)."""
-    return trainer.train(ctx, config, store, out, HPTraining(ctx, config, store))
+def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, preview: str | None = None
+          ) -> dict[str, Any]:
+    """The HP heads trained on `store` into the run folder `out` (the train stage's trainer for train.method = hp);
+    `preview`: the val store whose images TensorBoard shows at each checkpoint."""
+    return trainer.train(ctx, config, store, out, HPTraining(ctx, config, store), preview)
 
 
 # ---------------------------------------------------------------- pools (§4)

@@ -31,10 +31,10 @@ SOURCE = ("STEGO (Hamilton et al., ICLR 2022): cluster and linear probes trained
           "averaging; ViT-B/8 COCO from the released checkpoint, the others as the HP paper's tables cite them")
 
 
-def _train(ctx, config: Config, store, out, upstream=None) -> dict[str, Any]:
+def _train(ctx, config: Config, store, out, upstream=None, preview=None) -> dict[str, Any]:
     from pipeline.methods.stego import training
 
-    return training.train(ctx, config, store, out, upstream or {})
+    return training.train(ctx, config, store, out, upstream or {}, preview=preview)
 
 
 def _encoder(state: dict[str, Any]):

@@ -29,10 +29,11 @@ CURVES = (("loss", "intra", "inter", "neg"), ("cd_intra", "cd_inter", "cd_neg"))
 
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path,
-          upstream: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The STEGO head trained on `store` with the neighbour table of `upstream["knn-train"]` into the run folder."""
+          upstream: dict[str, dict[str, Any]], preview: str | None = None) -> dict[str, Any]:
+    """The STEGO head trained on `store` with the neighbour table of `upstream["knn-train"]` into the run folder;
+    `preview`: the val store whose images TensorBoard shows at each checkpoint."""
     table = read_table(upstream["knn-train"], len(store))
-    return trainer.train(ctx, config, store, out, StegoTraining(ctx, config, store, table))
+    return trainer.train(ctx, config, store, out, StegoTraining(ctx, config, store, table), preview)
 
 
 def loss_settings(s: dict[str, Any]) -> StegoLossSettings:
