@@ -50,3 +50,9 @@ def model_size(height: int, width: int, shorter: int, patch: int) -> tuple[tuple
     scale = shorter / min(height, width)
     resized = (max(patch, round(height * scale)), max(patch, round(width * scale)))
     return resized, (resized[0] // patch * patch, resized[1] // patch * patch)
+
+
+def shorter_side_geometry(config: dict, size: tuple[int, int], patch: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized, cropped) for predict with the val store's geometry (docs/hp.md §7): the shorter side to
+    prepare.val_resolution, both sides cropped down to multiples of the patch. HP's and STEGO's Method.geometry."""
+    return model_size(*size, config["prepare"]["val_resolution"], patch)

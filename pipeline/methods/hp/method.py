@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.datasets.geometry import model_size
+from pipeline.datasets.geometry import shorter_side_geometry
 from pipeline.evaluation.online_probes import online_probe_settings
 from pipeline.methods.contract import Config, Method
 from pipeline.methods.hp.settings import HpSection
@@ -38,13 +38,6 @@ def _encoder(state: dict[str, Any]):
     return Encoder(heads.dim, ("feat",),
                    lambda a: heads.codes(a["feat"].float().permute(0, 3, 1, 2)),
                    lambda backbone, x: heads.codes(backbone(x).feat.permute(0, 3, 1, 2)))
-
-
-def shorter_side_geometry(config: Config, size: tuple[int, int], patch: int) -> tuple[tuple[int, int],
-                                                                                    tuple[int, int]]:
-    """(resized, cropped) for predict: the shorter side to prepare.val_resolution, both sides cropped down to
-    multiples of the patch (the val store's geometry, docs/hp.md §7)."""
-    return model_size(*size, config["prepare"]["val_resolution"], patch)
 
 
 def _paper_rows(config: Config) -> list[dict[str, Any]]:

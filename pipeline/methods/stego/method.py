@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from pipeline.datasets.geometry import model_size
+from pipeline.datasets.geometry import shorter_side_geometry
 from pipeline.evaluation.online_probes import online_probe_settings
 from pipeline.methods.contract import Config, Method
 from pipeline.methods.stego.settings import StegoCacheSection, StegoSection
@@ -101,7 +101,7 @@ STEGO = Method(
     checkpoint=("head", "optimizer", "online probes (protocol paper)"),
     curves=CURVES,
     encoder=_encoder,
-    geometry=lambda config, size, patch: model_size(*size, config["prepare"]["val_resolution"], patch),
+    geometry=shorter_side_geometry,
     online_probes=online_probe_settings, protocols=("paper", "kmeans"), protocol_notes=_notes,
     crf_by_default=False, linear_optimizer="adam",
     paper_rows=_paper_rows, paper_differences=_paper_differences, paper_source=lambda config: SOURCE,
