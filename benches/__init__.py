@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.methods.registry import REGISTERED, names
 
 
 def train_bench(method: str) -> Callable[..., None]:
@@ -22,22 +23,24 @@ def train_bench(method: str) -> Callable[..., None]:
                   pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
         hcl.train(images, resolution, backbone, weights, batch_size, iterations, repeats, workdir, as_json)
 
-    benches = {"hp": train.train, "hcl": hcl_bench, **_more_train_benches()}
-    if method not in benches:
-        raise UserError(f"bench train has no bench for method '{method}' (benches: {', '.join(benches)})")
+    benches = {"hp": train.train, "hcl": hcl_bench}
+    if method not in benches:  # a method's own bench, beside its package (pipeline/methods/<name>/bench.py)
+        own = method_bench(method)
+        if own is None:
+            with_own = [n for n in names() if n in benches or method_bench(n) is not None]
+            raise UserError(f"bench train has no bench for method '{method}' (benches: {', '.join(with_own)})")
+        return own
     return benches[method]
 
 
-def _more_train_benches() -> dict[str, Callable[..., None]]:
-    """Benches a method's package provides itself (its `bench.py` with a `train` of the common signature)."""
+def method_bench(method: str) -> Callable[..., None] | None:
+    """`train` of the bench module beside a registered method's package, None when it has none. Only a missing
+    bench module means none: an import error inside one is raised, not taken for its absence."""
     import importlib
+    import importlib.util
 
-    from pipeline.methods.registry import names
-
-    out = {}
-    for name in names():
-        try:
-            out[name] = importlib.import_module(f"pipeline.methods.{name}.bench").train
-        except ModuleNotFoundError:
-            continue
-    return out
+    where = REGISTERED.get(method)
+    if where is None:
+        return None
+    module = where.partition(":")[0].rpartition(".")[0] + ".bench"  # "pipeline.methods.stego.method" -> ".bench"
+    return importlib.import_module(module).train if importlib.util.find_spec(module) else None
