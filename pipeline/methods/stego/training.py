@@ -18,6 +18,7 @@ import torch
 
 from cache.reader import FeatureStore
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.evaluation.online_probes import OnlineProbes, online_probe_settings
 from pipeline.methods.stego.head import StegoHead
 from pipeline.methods.stego.loss import StegoLossSettings, stego_loss
@@ -65,8 +66,6 @@ class StegoTraining:
     def __init__(self, ctx: StageContext, config: Config, store: FeatureStore, table: np.ndarray):
         self.ctx, self.config, self.store, self.table, self.s = ctx, config, store, table, config["stego"]
         if self.s["num_neighbors"] >= table.shape[1]:
-            from pipeline.errors import UserError
-
             raise UserError(f"stego.num_neighbors = {self.s['num_neighbors']} needs a neighbour table wider than "
                             f"that, but it keeps {table.shape[1]} (stego_cache.knn_size); lower one or raise the "
                             "other")
