@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install install-gpu run prepare features train evaluate report compare tensorboard status bench test lint clean
+.PHONY: install install-gpu run segment prepare features train evaluate report compare tensorboard status bench test lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ run: install   ## the main job on DATASET (default: the built-in synthetic set);
 	$(HP) train --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 	$(HP) evaluate --dataset $(DATASET) --workdir $(WORKDIR) $(M) $(ARGS)
 	$(HP) status --dataset $(DATASET) --workdir $(WORKDIR) $(M)
+
+segment: install   ## your own photos, no labels needed: make segment DIR=photos (METHOD=stego, ARGS="--clusters 8")
+	$(if $(DIR),,$(error give the folder of images: make segment DIR=photos))
+	$(HP) segment $(DIR) --workdir $(WORKDIR) $(M) $(ARGS)
 
 prepare: install
 	$(HP) prepare --dataset $(DATASET) --workdir $(WORKDIR) $(ARGS)

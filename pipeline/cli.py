@@ -93,6 +93,8 @@ TlsCert = Annotated[str | None, typer.Option("--tls-cert", help="This client's c
                                              "scheduler (default: distributed.comm.tls.client.cert).")]
 TlsKey = Annotated[str | None, typer.Option("--tls-key", help="This client's private key (PEM) for a tls:// "
                                             "scheduler (default: distributed.comm.tls.client.key).")]
+Clusters = Annotated[int | None, typer.Option(min=1, max=255, help="Clusters to find (dataset.n_classes): on a "
+                                               "folder without labels, the segments' vocabulary (default 5).")]
 RandomInit = Annotated[
     bool, typer.Option(help="Use a random-initialized backbone (testing only; said in every output).")
 ]
@@ -121,15 +123,17 @@ def build_config(
 def build_run_config(dataset: str, workdir: Path, run: str | None, data_root: str | None = None,
                      sets: list[str] | None = None, backbone: str | None = None, weights: str | None = None,
                      random_init: bool = False, method: str | None = None,
-                     trust_weights: bool = False, options: dict[str, object] | None = None) -> RunSettings:
+                     trust_weights: bool = False, options: dict[str, object] | None = None,
+                     strict: bool = False) -> RunSettings:
     """For a command that reads a run (evaluate, predict, report, status): the preset, then the run's recorded
     training settings (runs/<run>/config.toml, pipeline/orchestration/runs.py), then the command line's explicit
-    settings."""
+    settings (`strict`, predict's: an explicit training setting other than the record's is refused)."""
     from pipeline.orchestration.runs import for_run
 
     overrides = cli_overrides(data_root, sets, backbone, weights, random_init, method, trust_weights, options)
-    settings = for_run(dataset, overrides, workdir, run)
-    _say_folder_settings(settings.config, overrides)
+    settings = for_run(dataset, overrides, workdir, run, strict)
+    if settings.record is None:  # a recorded run has its folder settings already: never derived again over them
+        _say_folder_settings(settings.config, overrides)
     if settings.note():
         print(f"[run] {settings.note()}", file=sys.stderr, flush=True)
     return settings
@@ -260,6 +264,7 @@ def train(
     weights: Weights = None,
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
+    clusters: Clusters = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (hp.epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per batch (hp.batch_size).")] = None,
     device: Annotated[TrainDevice | None, typer.Option(help="train.device.")] = None,
@@ -274,7 +279,8 @@ def train(
 
     preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
     section = method_of(preset).section  # epochs and batch size are the method's own
-    typed = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device}
+    typed = {f"{section}.epochs": epochs, f"{section}.batch_size": batch_size, "train.device": device,
+             "dataset.n_classes": clusters}
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights, typed)
     build(config, workdir, "train", run=run, force=force or not resume)
 
@@ -290,6 +296,7 @@ def evaluate(
     weights: Weights = None,
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
+    clusters: Clusters = None,
     probe: Annotated[ProbeSet | None, typer.Option(help="evaluate.probes: one probe, or all.")] = None,
     crf: Annotated[bool | None, typer.Option("--crf/--no-crf", help="Dense CRF on the val predictions.")] = None,
     tls_ca_file: TlsCa = None,
@@ -304,7 +311,7 @@ def evaluate(
 
     # evaluate.crf holds "True"/"False" from --crf/--no-crf, as evaluations were always fingerprinted with
     typed = {"evaluate.probes": "cluster,linear" if probe == "all" else probe,
-             "evaluate.crf": None if crf is None else str(crf)}
+             "evaluate.crf": None if crf is None else str(crf), "dataset.n_classes": clusters}
     # the run's training settings come from its record: options given to train are never repeated
     settings = build_run_config(dataset, workdir, run, data_root, set_, backbone, weights, random_init, method,
                                 trust_weights, typed)
@@ -322,23 +329,67 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="Output folder (default: <run>/eval/predictions).")] = None,
     probe: Annotated[Probe, typer.Option(help="Which trained probe maps codes to classes.")] = Probe.cluster,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Dense CRF on each prediction.")] = False,
+    data_root: DataRoot = None,
     backbone: Backbone = None,
     weights: Weights = None,
     random_init: RandomInit = False,
     trust_weights: TrustWeights = False,
     set_: Sets = None,
 ) -> None:
-    """Segment new images: backbone (live) -> head -> probe; writes label PNGs and overlays.
+    """Segment new images: backbone (live) -> head -> probe; writes label PNGs, overlays, a contact sheet and
+    legend.json. A run evaluated without labels segments into its clusters, numbered and coloured by the palette.
 
     Resize policy: the shorter side is resized to prepare.val_resolution (320 px by default), both
     sides are centre-cropped down to multiples of the patch size, and the prediction is upsampled
-    back to the original image size.
+    back to the original image size. The run's recorded training settings win: a different explicit --data-root,
+    --backbone or --weights is refused, naming both.
     """
     from stages import predict as stage
 
-    settings = build_run_config(dataset, workdir, run, None, set_, backbone, weights, random_init, method,
-                                trust_weights)  # the backbone and geometry the run was trained with
+    settings = build_run_config(dataset, workdir, run, data_root, set_, backbone, weights, random_init, method,
+                                trust_weights, strict=True)  # the backbone and geometry the run was trained with
     stage.run(settings.config, workdir, settings.run, source, out, probe, crf)
+
+
+@app.command()
+def segment(
+    folder: Annotated[Path, typer.Argument(help="A folder of images (or <folder>/images, <folder>/train/images and "
+                                           "<folder>/val/images); labels are optional.")],
+    method: Method = None,
+    run: RunName = None,
+    workdir: Workdir = Path("work"),
+    clusters: Clusters = None,
+    backbone: Backbone = None,
+    weights: Weights = None,
+    random_init: RandomInit = False,
+    trust_weights: TrustWeights = False,
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Dense CRF on each image's segments.")] = False,
+    set_: Sets = None,
+    force: Force = False,
+) -> None:
+    """Segment a folder of your own images, no labels needed: prepare -> features -> train -> evaluate -> predict
+    with the folder preset (dataset `folder`, settings derived from the folder's size), then says where the pictures
+    are. Every step resumes and skips itself when done, like the commands it runs. Without labels each segment is a
+    cluster (5 unless --clusters K), reported with its pixel share and example crops; with labels (in
+    <folder>/labels) the evaluation is also scored."""
+    from pipeline.datasets.folder import images_of
+    from pipeline.orchestration.graph import build
+    from stages import predict as stage
+
+    root = folder.expanduser()
+    if not root.is_dir():
+        raise UserError(f"{folder} is not a folder: give the folder that holds your images")
+    config = build_config("folder", str(root), set_, backbone, weights, random_init, method, trust_weights,
+                          {"dataset.n_classes": clusters})
+    evaluated = build(config, workdir, "evaluate", run=run, force=force)
+    run_name = paths.run_name(run or method_of(config).name)
+    images = list(dict.fromkeys(image for split in ("train", "val") for image in images_of(root, split)[1]))
+    predicted = stage.run(config, workdir, run_name, images, None, "cluster", crf)
+    eval_dir = paths.eval_dir(config, workdir, run_name)
+    pictures = evaluated["outputs"].get("report", str(eval_dir / "report.md"))
+    print(f"[segment] {len(images)} images -> {predicted['out']} (<image>.png labels, <image>_overlay.png, "
+          f"contact_sheet.png); the evaluation: {pictures}"
+          + (f", clusters: {eval_dir / 'clusters.png'}" if (eval_dir / "clusters.png").exists() else ""))
 
 
 @app.command()

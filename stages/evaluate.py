@@ -36,6 +36,7 @@ from pipeline.evaluation.online_probes import crf_enabled, protocol_of
 from pipeline.evaluation.probes import linear_optimizer, probes_of
 from pipeline.evaluation.scoring import (
     PREDICTIONS,
+    cluster_outputs,
     export_online_probes,
     kind_label,
     overcluster_text,
@@ -77,14 +78,11 @@ def check(config: Config) -> None:
 
 
 def stores(job: Build, step: Step) -> tuple[FeatureStore, FeatureStore]:
-    """(train store, val store) the run was trained on and is evaluated on; the val split must have labels."""
+    """(train store, val store) the run was trained on and is evaluated on (the val split may lack labels: then
+    the clusters are reported, not scored)."""
     train = FeatureStore.open(job.upstream(step, "train")["outputs"]["store"])
     val_name = next(name for name in step.upstream if name.startswith("features-val"))
-    val = FeatureStore.open(job.done[val_name]["outputs"]["store"])
-    if "label" not in val.names():
-        raise UserError(f"the val split of {job.config['dataset']['name']} has no labels ({val.url}): "
-                        "nothing to evaluate against")
-    return train, val
+    return train, FeatureStore.open(job.done[val_name]["outputs"]["store"])
 
 
 def checkpoint_of(job: Build, step: Step) -> str:
@@ -154,6 +152,8 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
 
     config, e_cfg, run, method = job.config, job.config["evaluate"], step.run, method_of(job.config).name
     train_store, val_store = stores(job, step)
+    if "label" not in val_store.names():
+        return clusters_body(job, step, ctx, train_store, val_store)
     kinds = {"head": codes_of(job, step)["val"], **({"raw": val_store.url} if e_cfg["baselines"] else {})}
     probe_outputs = {kind: job.upstream(step, f"probe-{kind}")["outputs"] for kind in kinds}
     out, rdir = paths.eval_dir(config, job.workdir, run), paths.run_dir(config, job.workdir, run)
@@ -191,3 +191,62 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
             [{k: r[k] for k in ("name", "miou", "acc")} for r in rows], "random_init": train_store.random_init,
             "timings": {"evaluate_seconds": round(time.perf_counter() - t0, 3)},
             "summary": f"{best} -> {out / 'metrics.json'}{note}"}
+
+
+def clusters_body(job: Build, step: Step, ctx: StageContext, train_store: FeatureStore,
+                  val_store: FeatureStore) -> dict[str, Any]:
+    """A val split without labels: the cluster probe's segments on every val image, reported per cluster (pixel
+    share, images, example crops) with overlays; nothing is scored (docs/evaluation.md, "Without labels")."""
+    from pipeline.reporting.plots import cluster_examples, overlay_grid, palette
+    from pipeline.reporting.report import NO_LABELS_NOTE, clusters_console, write_report
+
+    config, e_cfg, run, method = job.config, job.config["evaluate"], step.run, method_of(job.config)
+    kinds = {"head": codes_of(job, step)["val"], **({"raw": val_store.url} if e_cfg["baselines"] else {})}
+    probe_outputs = {kind: job.upstream(step, f"probe-{kind}")["outputs"] for kind in kinds}
+    out = paths.eval_dir(config, job.workdir, run)
+    out.mkdir(parents=True, exist_ok=True)
+    keep, t0 = min(e_cfg["pictures"], len(val_store)), time.perf_counter()
+    tally, kept = cluster_outputs(config, kinds, val_store, probe_outputs, keep)
+    if tally is None:
+        raise UserError(f"the val split of {config['dataset']['name']} has no labels and evaluate.probes = "
+                        f"{e_cfg['probes']} has no cluster probe: without labels only the cluster probe can be "
+                        "fitted; use --probe cluster")
+    names = [f"cluster {c}" for c in range(tally.k)]
+    clusters = [{**row, "name": names[row["id"]], "rgb": rgb} for row, rgb in
+                zip(tally.table(), palette(tally.k).tolist(), strict=True)]
+    pictures = {"clusters": out / "clusters.png"}
+    cluster_examples(clusters, tally.best, pictures["clusters"],
+                     title=f"{method.label} clusters on {len(val_store)} unlabelled images (examples: most pixels)")
+    labels = {kind: kind_label(kind, method.name, val_store) for kind in kinds}
+    columns = {f"{labels[kind]} clusters" + (" + CRF" if crf else ""): maps for (kind, crf), maps in kept.items()}
+    if keep:
+        pictures["overlays"] = out / "overlays.png"
+        overlay_grid(val_store.read("image", 0, keep), columns, tally.k, pictures["overlays"], names)
+    pictures = {name: str(path.resolve()) for name, path in pictures.items()}
+    settings = ran_settings(config, probe_outputs, train_store)
+    rel = partial(relative_path, folder=out)
+    lines = protocol_lines(config, settings, checkpoint_of(job, step), train_store, val_store, "off", rel)
+    lines.pop("ignore")
+    metrics = {
+        "dataset": config["dataset"]["name"], "run": run, "method": method.name, "random_init":
+        train_store.random_init, "labelled": False, "class_names": names, "clusters": clusters,
+        "protocol": {**lines, "scores": NO_LABELS_NOTE,
+                     "val_resolution": f"{val_store.attrs['resolution']} px",
+                     "overcluster": "off: it matches clusters to classes by label", **method.protocol_notes(config)},
+        "protocol_settings": settings, "paper": None, "results": [],
+        "probes": {k: rel(v) if k in ("dir", "centroids", "linear") else v for k, v in probe_outputs["head"].items()},
+        "pictures": {name: rel(picture) for name, picture in pictures.items()},
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    save_predictions(out / PREDICTIONS, val_store, {"cluster" + (" + CRF" if crf else ""): maps
+                                                    for (kind, crf), maps in kept.items() if kind == "head"}, keep)
+    write_report(metrics, pictures, out / "report.md")
+    files = {"metrics": out / "metrics.json", "report": out / "report.md", **pictures}
+    log.info(clusters_console(clusters, len(val_store), files, train_store.random_init))
+    largest = max(clusters, key=lambda c: c["pixel_share"])
+    note = " [RANDOM-INIT backbone]" if train_store.random_init else ""
+    return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md"), "results": [],
+            "clusters": tally.k, "random_init": train_store.random_init,
+            "timings": {"evaluate_seconds": round(time.perf_counter() - t0, 3)},
+            "summary": f"no labels: {tally.k} clusters (largest: cluster {largest['id']}, "
+                       f"{largest['pixel_share']:.1f}% of pixels) -> {out / 'metrics.json'}{note}"}

@@ -5,11 +5,13 @@ Resize policy: each image is resized (bilinear) so that its shorter side is `pre
 so both sides are multiples of the patch size; the logits are upsampled bilinearly back to the
 original image size, so the label PNG has the input's size. HCL runs see their evaluation geometry instead: the
 whole image resized (bilinear) to `hcl_features.val_resolution` square. Clusters are mapped to classes with the
-Hungarian matching found at evaluation (raw cluster ids where there was none).
+Hungarian matching found at evaluation; a run evaluated without labels has no matching, and each cluster is its own
+segment, numbered and coloured by the palette (legend.json names them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
-from pipeline.config import Config
+from pipeline.config import Config, fingerprint
 from pipeline.datasets.base import read_rgb
 from pipeline.datasets.geometry import model_size  # noqa: F401  (re-exported: the resize policy)
 from pipeline.errors import UserError
@@ -31,12 +33,12 @@ from pipeline.evaluation.encoders import load_encoder
 from pipeline.evaluation.probes import LinearProbe, cosine_scores
 from pipeline.extraction.backbone import normalize
 from pipeline.extraction.workers import resolve_backbone
-from pipeline.files import atomic_write_text
+from pipeline.files import atomic_write, atomic_write_text
 from pipeline.log import log
 from pipeline.methods.contract import Method
 from pipeline.methods.registry import method_named, method_of
 from pipeline.orchestration import paths
-from pipeline.reporting.plots import blend, palette, save_label_png
+from pipeline.reporting.plots import blend, contact_sheet, palette, save_label_png
 from pipeline.training.checkpoints import load_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -58,37 +60,109 @@ def read_image(path: Path) -> np.ndarray:
     return read_rgb(path)
 
 
-def run(config: Config, workdir: Path, run: str | None, source: Path, out: Path | None, probe: str,
+def run(config: Config, workdir: Path, run: str | None, source: Path | list[Path], out: Path | None, probe: str,
         crf: bool) -> dict[str, Any]:
+    """Segment `source` (an image, a folder, or a list of either) with run `run`'s head and fitted probe: a label
+    PNG and an overlay per image, a contact sheet and legend.json in `out` (default: <run>/eval/predictions).
+
+    Resumes: an image whose two outputs exist from the same run, metrics and options is not computed again."""
     run = run or method_of(config).name
-    images = list_images(Path(source))  # a wrong path is named before any model is loaded
+    images = [image for part in ([source] if isinstance(source, str | Path) else source)
+              for image in list_images(Path(part))]  # a wrong path is named before any model is loaded
     metrics_path = paths.eval_dir(config, workdir, run) / "metrics.json"
     if not metrics_path.exists():
         raise UserError(f"no {metrics_path}: run `hp-pipe evaluate --dataset {config['dataset']['name']} "
                         f"--run {run}` first (predict uses its fitted probes)")
     metrics = json.loads(metrics_path.read_text())
+    labelled = metrics.get("labelled", True)  # without labels: the cluster probe's own ids, numbered
     row = next((r for r in metrics["results"] if r["features"] == "head" and r["probe"] == probe and not r["crf"]),
                None)
-    if row is None:
-        raise UserError(f"run {run} has no {probe} probe; evaluate it with --probe {probe} (or all)")
+    if row is None and (labelled or probe != "cluster"):
+        why = "its val split has no labels, so only the cluster probe was fitted" if not labelled else \
+            f"evaluate it with --probe {probe} (or all)"
+        raise UserError(f"run {run} has no {probe} probe: {why}")
     model = load_model(config, workdir, run, probe, row)
-    n_classes = config["dataset"]["n_classes"]
+    names = metrics.get("class_names") or [f"class {c}" for c in range(len(model.mapping))]
+    n_colours = len(names)
     out = Path(out or paths.eval_dir(config, workdir, run) / "predictions")
     out.mkdir(parents=True, exist_ok=True)
-    for path in tqdm(images, desc="predict", unit="img"):
+    identity = fingerprint(hashlib.sha256(metrics_path.read_bytes()).hexdigest(), file_digest(model.checkpoint),
+                           probe, crf)
+    legend = {"classes": [{"id": c, "name": name, "rgb": rgb.tolist()}
+                          for c, (name, rgb) in enumerate(zip(names, palette(n_colours), strict=True))],
+              "ignore": {"id": 255, "rgb": [0, 0, 0]}, "probe": probe, "crf": crf, "run": run,
+              "labelled": labelled, "random_init_backbone": model.backbone.random_init, "identity": identity}
+    done = _done_before(out, identity)
+    atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))  # first: a resumed predict checks it
+    stems = output_stems(images)
+    todo = [(path, stem) for path, stem in zip(images, stems, strict=True)
+            if not (done and (out / f"{stem}.png").exists() and (out / f"{stem}_overlay.png").exists())]
+    if len(todo) < len(images):
+        log.info(f"[predict] {len(images) - len(todo)} of {len(images)} images done before: not computed again")
+    for path, stem in tqdm(todo, desc="predict", unit="img"):
         image = read_image(path)
         labels = segment(config, model, image, crf)
-        save_label_png(labels, n_classes, out / f"{path.stem}.png")
-        Image.fromarray(blend(image, labels, n_classes)).save(out / f"{path.stem}_overlay.png")
-    names = metrics.get("class_names") or [f"class {c}" for c in range(n_classes)]
-    legend = {"classes": [{"id": c, "name": name, "rgb": rgb.tolist()}
-                          for c, (name, rgb) in enumerate(zip(names, palette(n_classes), strict=True))],
-              "ignore": {"id": 255, "rgb": [0, 0, 0]}, "probe": probe, "crf": crf, "run": run,
-              "random_init_backbone": model.backbone.random_init}
-    atomic_write_text(out / "legend.json", json.dumps(legend, indent=2))
+        save_label_png(labels, n_colours, out / f"{stem}.png")
+        overlay = Image.fromarray(blend(image, labels, n_colours))
+        atomic_write(out / f"{stem}_overlay.png", lambda tmp, picture=overlay: picture.save(tmp, format="PNG"))
+    sheets = write_contact_sheets(out, stems)
     note = " [RANDOM-INIT backbone]" if model.backbone.random_init else ""
-    log.info(f"[predict] {len(images)} images -> {out} (palette label PNGs, overlays, legend.json){note}")
-    return {"out": str(out), "images": len(images)}
+    what = "class" if labelled else "cluster"
+    log.info(f"[predict] {len(images)} images -> {out} (palette {what} PNGs, overlays, "
+             f"{', '.join(p.name for p in sheets)}, legend.json){note}")
+    return {"out": str(out), "images": len(images), "contact_sheets": [str(p) for p in sheets]}
+
+
+SHEET = 48  # overlays per contact sheet page
+
+
+def output_stems(images: list[Path]) -> list[str]:
+    """A file stem per image, unique: two images with one stem (a.jpg and a.png, or the same name in two folders)
+    get their extension and then a counter added, so no prediction overwrites another."""
+    stems: list[str] = []
+    taken: set[str] = set()
+    for path in images:
+        stem = path.stem
+        if stem in taken:
+            stem = f"{path.stem}_{path.suffix.lstrip('.')}"
+        base, n = stem, 1
+        while stem in taken:
+            n += 1
+            stem = f"{base}_{n}"
+        taken.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _done_before(out: Path, identity: str) -> bool:
+    """Whether `out` holds predictions of this very run, metrics and options (then existing images are kept)."""
+    try:
+        return json.loads((out / "legend.json").read_text()).get("identity") == identity
+    except (OSError, ValueError):
+        return False
+
+
+def write_contact_sheets(out: Path, stems: list[str]) -> list[Path]:
+    """contact_sheet.png (contact_sheet_2.png, ... past SHEET images): every overlay of this predict, in order."""
+    pages = [stems[i:i + SHEET] for i in range(0, len(stems), SHEET)]
+    written = []
+    for number, page in enumerate(pages, 1):
+        path = out / ("contact_sheet.png" if number == 1 else f"contact_sheet_{number}.png")
+        overlays = [np.asarray(Image.open(out / f"{stem}_overlay.png").convert("RGB")) for stem in page]
+        contact_sheet(overlays, page, path)
+        written.append(path)
+    for stale in out.glob("contact_sheet_*.png"):  # pages of an earlier, longer predict
+        if stale not in written:
+            stale.unlink()
+    return written
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -99,12 +173,14 @@ class Model:
     backbone: Any
     method: Method
     score: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
-    mapping: np.ndarray
+    mapping: np.ndarray  # cluster (or linear class) -> class id; -1: matched to no class
+    checkpoint: Path
 
 
-def load_model(config: Config, workdir: Path, run: str, probe: str, row: dict[str, Any]) -> Model:
+def load_model(config: Config, workdir: Path, run: str, probe: str, row: dict[str, Any] | None) -> Model:
     """The run's head and probe, read from the run layout (never a path read from a file); the backbone must be the
-    one the run was trained on."""
+    one the run was trained on. `row`: the probe's result row (its Hungarian mapping), None without labels (each
+    cluster is its own segment)."""
     rdir = paths.run_dir(config, workdir, run)
     checkpoint = paths.checkpoint_path(rdir)
     encoder = load_encoder(str(checkpoint))
@@ -118,14 +194,15 @@ def load_model(config: Config, workdir: Path, run: str, probe: str, row: dict[st
     n_classes = config["dataset"]["n_classes"]
     if probe == "cluster":
         centroids = torch.from_numpy(np.load(paths.probe_dir(rdir, "head") / "centroids.npy"))
+        mapping = np.asarray(row["cluster_to_class"]) if row is not None else np.arange(len(centroids))
         return Model(encoder, backbone, method_named(state.get("method", "hp"), "the checkpoint's method"),
                      lambda codes, size: 2 * cosine_scores(codes, centroids, size),  # §8: 2·cos
-                     np.asarray(row["cluster_to_class"]))
+                     mapping, checkpoint)
     linear = LinearProbe(encoder.dim, n_classes)
     linear.load_state_dict(load_checkpoint(paths.probe_dir(rdir, "head") / "linear.pt")["probe"])
     return Model(encoder, backbone, method_named(state.get("method", "hp"), "the checkpoint's method"),
                  lambda codes, size: linear(codes, size),
-                 np.arange(n_classes))
+                 np.arange(n_classes), checkpoint)
 
 
 def segment(config: Config, model: Model, image: np.ndarray, crf: bool) -> np.ndarray:

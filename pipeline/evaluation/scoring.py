@@ -18,6 +18,7 @@ from tqdm import tqdm
 from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.evaluation.clusters import ClusterTally
 from pipeline.evaluation.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
 from pipeline.evaluation.online_probes import crf_enabled, protocol_of
 from pipeline.evaluation.overcluster import overcluster_maps
@@ -218,7 +219,8 @@ def probe_lines(settings: dict[str, Any]) -> dict[str, str]:
 # ---------------------------------------------------------------- predictions and metrics on val
 def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: dict[str, Any], n_classes: int,
                     batch: int):
-    """Yield (index, {probe: logits (B, K, H, W)}, labels, images) over the val set, in store order."""
+    """Yield (index, {probe: logits (B, K, H, W)}, labels, images) over the val set, in store order; labels are
+    None when the split has none (the logits are then at the images' size)."""
     centroids = torch.from_numpy(np.load(probe_outputs["centroids"])) if "centroids" in probe_outputs else None
     linear = None
     if "linear" in probe_outputs:
@@ -228,15 +230,16 @@ def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: di
     for start in range(0, len(store), batch):
         stop = min(start + batch, len(store))
         codes = torch.from_numpy(store.read("feat", start, stop)).float().permute(0, 3, 1, 2)
-        labels = images.read("label", start, stop)
-        size = labels.shape[-2:]
+        labels = images.read("label", start, stop) if "label" in images.names() else None
+        pixels = images.read("image", start, stop)
+        size = pixels.shape[1:3] if labels is None else labels.shape[-2:]
         logits = {}
         with torch.no_grad():
             if centroids is not None:  # §8: cluster logits = 2·cos at label resolution
                 logits["cluster"] = 2 * cosine_scores(codes, centroids, size)
             if linear is not None:
                 logits["linear"] = linear(codes, size)
-        yield start, logits, labels, images.read("image", start, stop)
+        yield start, logits, labels, pixels
 
 
 def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, probe_outputs: dict[str, Any],
@@ -313,12 +316,14 @@ PREDICTIONS = "predictions.npz"  # eval/: the drawn val images, their labels and
 
 
 def save_predictions(path: Path, val_images: FeatureStore, predictions: dict[str, np.ndarray], keep: int) -> None:
-    """The first `keep` val images, labels and the head's predictions per probe ("cluster", "cluster + CRF", ...;
-    class ids, 255 = ignore) as one .npz (`hp-pipe report --html` draws its grid from it); none when keep = 0."""
+    """The first `keep` val images, labels (when the split has them) and the head's predictions per probe
+    ("cluster", "cluster + CRF", ...; class ids, or cluster ids without labels; 255 = ignore) as one .npz
+    (`hp-pipe report --html` draws its grid from it); none when keep = 0."""
     path.unlink(missing_ok=True)
     if not keep or not predictions:
         return
-    arrays = {"image": val_images.read("image", 0, keep), "label": val_images.read("label", 0, keep),
+    arrays = {"image": val_images.read("image", 0, keep),
+              **({"label": val_images.read("label", 0, keep)} if "label" in val_images.names() else {}),
               **{f"pred/{name}": pred.astype(np.uint8) for name, pred in predictions.items()}}
 
     def write(tmp: Path) -> None:
@@ -425,3 +430,40 @@ def result_rows(config: Config, log: Callable[[str], None], kinds: dict[str, str
             predictions = kind_pred
     rows.sort(key=lambda r: (r["features"] != "raw", r["probe"], r["crf"]))
     return rows, predictions, notes
+
+
+# ---------------------------------------------------------------- a val split without labels
+def cluster_outputs(config: Config, kinds: dict[str, str], val_store: FeatureStore,
+                    probe_outputs: dict[str, dict[str, Any]], keep: int
+                    ) -> tuple[ClusterTally | None, dict[tuple[str, bool], np.ndarray]]:
+    """Without labels: the cluster probe's ids on every val image, nothing scored. Returns the head's tally
+    (pixel share, images and example crops per cluster, from its cluster probe without CRF: what `predict` writes
+    by default; None when the head has no cluster probe) and the first `keep` cluster maps per (feature kind,
+    CRF)."""
+    e_cfg, k = config["evaluate"], config["dataset"]["n_classes"]
+    crf_states = [False, True] if crf_enabled(config) else [False]
+    tally: ClusterTally | None = None
+    kept: dict[tuple[str, bool], list[np.ndarray]] = {}
+    for kind, url in kinds.items():
+        if "centroids" not in probe_outputs[kind]:
+            continue  # no cluster probe asked for (evaluate.probes = linear): nothing needs no labels
+        store = FeatureStore.open(url)
+        batches = val_predictions(store, val_store, {"centroids": probe_outputs[kind]["centroids"]}, k,
+                                  e_cfg["batch_size"])
+        for start, logits, _, images in tqdm(batches, total=-(-len(store) // e_cfg["batch_size"]),
+                                             desc=f"clusters {kind}", leave=False):
+            for crf in crf_states:
+                if crf:
+                    from pipeline.evaluation.crf import crf_labels
+
+                    pred = crf_labels(images, logits["cluster"].numpy().astype(np.float32),
+                                      workers=e_cfg["crf_workers"], scheduler=e_cfg["crf_scheduler"],
+                                      address=e_cfg["crf_address"] or None)
+                else:
+                    pred = logits["cluster"].argmax(1).numpy()
+                if kind == "head" and not crf:
+                    tally = tally or ClusterTally(logits["cluster"].shape[1])
+                    tally.add(images, pred)
+                if start < keep:
+                    kept.setdefault((kind, crf), []).append(pred[:keep - start].astype(np.uint8))
+    return tally, {key: np.concatenate(parts) for key, parts in kept.items()}

@@ -153,8 +153,31 @@ class RunSettings:
         return f"run '{self.run}': its recorded settings from {self.record}: {', '.join(shown)}{more}"
 
 
-def for_run(dataset: str, overrides: dict[str, Any], workdir: Path, run: str | None) -> RunSettings:
-    """The preset, the run's recorded training settings, then `overrides` (the command line's explicit keys)."""
+def same_value(key: str, recorded: Any, now: Any) -> bool:
+    """Whether a training key's recorded value is the one given now (a data root: the same folder, however
+    spelled)."""
+    if key == "dataset.root" and recorded and now:
+        return Path(str(recorded)).expanduser().resolve() == Path(str(now)).expanduser().resolve()
+    return recorded == now
+
+
+def refuse_other_training_settings(recorded: Config, config: Config, explicit: Iterable[str], run: str,
+                                   source: Path) -> None:
+    """For a command that only uses a trained run (predict): an explicit training setting other than the run's is
+    refused, naming both, instead of being silently ignored or making it use another backbone than the head's."""
+    for key in training_keys(recorded):
+        section, _, name = key.partition(".")
+        if key in set(explicit) and name in config.get(section, {}) and name in recorded.get(section, {}):
+            if not same_value(key, recorded[section][name], config[section][name]):
+                raise UserError(f"run '{run}' was trained with {key} = {recorded[section][name]!r} ({source}); "
+                                f"this command gives {config[section][name]!r}. Leave the option out to use the "
+                                "run's value, or train another run with it (--run NEW)")
+
+
+def for_run(dataset: str, overrides: dict[str, Any], workdir: Path, run: str | None,
+            strict: bool = False) -> RunSettings:
+    """The preset, the run's recorded training settings, then `overrides` (the command line's explicit keys).
+    `strict` (predict): an explicit training key that differs from the record is refused, the record wins."""
     from pipeline.methods.registry import method_of
 
     config = load_config(dataset, overrides)  # the command line's own values checked first
@@ -169,6 +192,8 @@ def for_run(dataset: str, overrides: dict[str, Any], workdir: Path, run: str | N
     if asked and trained and asked != trained:  # another method's run: never evaluated (or retrained) as this one
         raise UserError(f"run '{name}' was trained with method {trained} ({source}), not {asked}: leave --method out "
                         f"to use the run as it was trained, or train a {asked} run beside it with --run NEW")
+    if strict:
+        refuse_other_training_settings(recorded, config, overrides, name, source)
     merged, taken = apply_record(config, recorded, overrides, source)
     return RunSettings(merged, name, source, taken)
 

@@ -332,3 +332,59 @@ def iou_bars(rows: dict[str, list[float | None]], class_names: list[str], path: 
     fig.savefig(path, dpi=DPI, bbox_inches=bbox)
     plt.close(fig)
     return pixel
+
+
+def cluster_examples(table: list[dict[str, Any]], best: dict[int, list[tuple[int, int, np.ndarray, np.ndarray]]],
+                     path: Path, title: str = "", examples: int = 4) -> None:
+    """The cluster report on unlabelled images: a row per cluster with its palette colour, its pixel share and the
+    images it appears in, then its example crops (the cluster's pixels as they are, the rest dimmed to a third).
+
+    `table`: ClusterTally.table() rows; `best`: ClusterTally.best (cluster -> [(pixels, image, crop, mask)])."""
+    if not table:
+        raise ValueError("cluster_examples needs at least one cluster")
+    colours = palette(len(table)) / 255
+    n_cols = 1 + examples
+    fig = plt.figure(figsize=(1.6 * n_cols + 1.0, 1.5 * len(table) + (0.5 if title else 0.2)), dpi=DPI)
+    grid = fig.add_gridspec(len(table), n_cols, width_ratios=[1.6] + [1] * examples, wspace=0.05, hspace=0.15)
+    for row, cluster in enumerate(table):
+        ax = fig.add_subplot(grid[row, 0])
+        ax.add_patch(plt.Rectangle((0.02, 0.55), 0.3, 0.35, color=colours[row]))
+        ax.text(0.38, 0.72, f"cluster {cluster['id']}", va="center", fontsize=9, weight="bold")
+        ax.text(0.02, 0.35, f"{cluster['pixel_share']:.1f}% of pixels", va="center", fontsize=8)
+        ax.text(0.02, 0.12, f"in {cluster['images']} image" + ("s" if cluster["images"] != 1 else ""), va="center",
+                fontsize=8)
+        ax.set_axis_off()
+        for col, (_, _, crop, mask) in enumerate(best.get(int(cluster["id"]), [])[:examples]):
+            ax = fig.add_subplot(grid[row, 1 + col])
+            shown = np.where(mask[..., None], crop, crop // 3).astype(np.uint8)
+            ax.imshow(shown, interpolation="nearest")
+            ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+
+
+def contact_sheet(overlays: list[np.ndarray], names: list[str], path: Path, columns: int = 4,
+                  cell: int = 240) -> None:
+    """Overlays side by side on one page: `columns` per row, each scaled to fit a `cell`-pixel square (aspect
+    kept), its file name under it. Drawn with PIL, so a page of many pictures costs what their pixels cost."""
+    from PIL import ImageDraw
+
+    if not overlays or len(overlays) != len(names):
+        raise ValueError(f"contact_sheet needs pictures and as many names, got {len(overlays)} and {len(names)}")
+    columns = max(1, min(columns, len(overlays)))
+    rows, caption = math.ceil(len(overlays) / columns), 16
+    sheet = Image.new("RGB", (columns * (cell + GAP_PX) + GAP_PX, rows * (cell + caption + GAP_PX) + GAP_PX),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (picture, name) in enumerate(zip(overlays, names, strict=True)):
+        thumb = Image.fromarray(np.asarray(picture, np.uint8))
+        scale = cell / max(thumb.width, thumb.height)  # small pictures are enlarged too: every cell is filled
+        thumb = thumb.resize((max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale))),
+                             Image.Resampling.BILINEAR)
+        x = GAP_PX + (i % columns) * (cell + GAP_PX)
+        y = GAP_PX + (i // columns) * (cell + caption + GAP_PX)
+        sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        draw.text((x + 2, y + cell + 2), name[:40], fill="black")
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

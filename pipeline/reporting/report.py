@@ -92,6 +92,31 @@ def console_summary(results: list[dict], files: dict[str, str | Path], random_in
     return "\n".join(lines)
 
 
+NO_LABELS_NOTE = ("No scores: the val split has no labels, so there is nothing to score against and no Hungarian "
+                  "matching; each segment is a cluster of the head's cluster probe (k-means on its codes), numbered "
+                  "and coloured by the palette.")
+
+
+def clusters_table(clusters: list[dict]) -> list[str]:
+    """Markdown lines: a row per cluster with its colour, pixel share (%) and the images it appears in."""
+    lines = [_row(["cluster", "colour", "pixels (%)", "images"]), _row(["---", "---", "---:", "---:"])]
+    lines += [_row([str(c["id"]), "#{:02x}{:02x}{:02x}".format(*c["rgb"]), f"{c['pixel_share']:.2f}",
+                    str(c["images"])]) for c in clusters]
+    return lines
+
+
+def clusters_console(clusters: list[dict], images: int, files: dict[str, str | Path], random_init: bool) -> str:
+    """What `evaluate` prints on a split without labels: the one-line reason there are no scores, a line per cluster
+    and where every output is."""
+    lines = [f"no scores: the val split has no labels ({images} images); the cluster probe's {len(clusters)} "
+             "clusters:", f"{'cluster':>7}  {'pixels':>7}  images"]
+    lines += [f"{c['id']:>7}  {c['pixel_share']:6.1f}%  {c['images']}/{images}" for c in clusters]
+    if random_init:
+        lines.append("random-initialized backbone: these clusters test the pipeline, not the method")
+    lines += [f"{name}: {path}" for name, path in files.items()]
+    return "\n".join(lines)
+
+
 def backbone_family(name: str) -> str | None:
     """DINO, DINOv2 or DINOv3 from a timm name (its tag or its model name), None for any other ViT."""
     for family, mark in (("DINOv3", "dinov3"), ("DINOv2", "dinov2")):
@@ -203,8 +228,11 @@ def write_report(metrics: dict, pictures: dict[str, str], path: Path) -> None:
     comparison = metrics.get("paper")
     if comparison:
         lines += [""] + paper_section(comparison)
-    lines += ["", "## Results", ""]
-    lines += results_table(metrics.get("results", []), paper=bool(comparison))
+    if "clusters" in metrics:  # a val split without labels: what the cluster probe found, nothing scored
+        lines += ["", "## Clusters", "", NO_LABELS_NOTE, ""] + clusters_table(metrics["clusters"])
+    else:
+        lines += ["", "## Results", ""]
+        lines += results_table(metrics.get("results", []), paper=bool(comparison))
     for heading, picture in pictures.items():
         lines += ["", f"## {heading}", "", f"![{heading}]({relative_link(picture, path.parent)})"]
     path.parent.mkdir(parents=True, exist_ok=True)
