@@ -203,6 +203,10 @@ def test_compare_lists_every_method_on_the_dataset(workdir):
         cluster = next(r for r in metrics[run]["results"] if r["features"] == "head" and r["probe"] == "cluster"
                        and not r["crf"])
         assert f"| {cluster['miou']:.1f} |" in line  # the run's own cluster mIoU, read back from its metrics
+        trained = json.loads((workdir / "synthetic" / "stages" / f"train-{run}.json").read_text())
+        seconds = trained["timings"]["train_seconds"]  # the runner's timings, at the manifest's top level
+        rate = trained["outputs"]["iterations"] / seconds
+        assert line.rstrip(" |").endswith(f"| {seconds:.1f} | {rate:.2f}")  # train s, it/s: never "–"
 
 
 def test_stego_registers_its_paper_numbers():

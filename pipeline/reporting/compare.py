@@ -37,7 +37,8 @@ def run_row(run_folder: Path, train_manifest: dict[str, Any] | None) -> dict[str
     config = tomllib.loads(record.read_text()) if record.exists() else {}
     features = config.get("features", {})
     outputs = (train_manifest or {}).get("outputs", {})
-    seconds = outputs.get("timings", {}).get("train_seconds")
+    # the runner keeps a stage's timings beside its outputs, at the manifest's top level
+    seconds = ((train_manifest or {}).get("timings") or outputs.get("timings") or {}).get("train_seconds")
     iterations = outputs.get("iterations")
     mark = RANDOM_INIT_MARK if metrics.get("random_init") else ""
     row: dict[str, Any] = {
@@ -47,6 +48,8 @@ def run_row(run_folder: Path, train_manifest: dict[str, Any] | None) -> dict[str
         "random_init": bool(metrics.get("random_init")), "crf": False,
         "train_seconds": seconds, "iterations_per_s": (iterations / seconds) if iterations and seconds else None,
     }
+    if metrics.get("labelled") is False:  # clusters on unlabelled images: nothing to score, said in the row
+        row["protocol"] = f"{row['protocol']} (no labels)"
     for probe in ("cluster", "linear"):
         result = _head_row(metrics.get("results", []), probe)
         if result is not None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.reporting.report import RANDOM_INIT_NOTE, paper_section, results_cells
+from pipeline.reporting.report import NO_LABELS_NOTE, RANDOM_INIT_NOTE, paper_section, results_cells
 
 PICTURE_TITLES = {"overlays": "Validation overlays", "confusion": "Confusion matrix (head, cluster probe)",
                   "iou": "Per-class IoU", "curves": "Training curves"}
@@ -138,16 +138,17 @@ def prediction_grid(predictions: dict[str, np.ndarray], n_classes: int, head_lab
     """One table row per validation image: image | ground truth | each prediction, blended over the image."""
     from pipeline.reporting.plots import blend
 
-    images, labels = predictions["image"], predictions["label"]
+    images, labels = predictions["image"], predictions.get("label")  # no labels: no ground-truth column
     columns = {name.removeprefix("pred/"): pred for name, pred in predictions.items() if name.startswith("pred/")}
     columns = dict(sorted(columns.items(), key=lambda kv: (kv[0].replace(" + CRF", ""), "+ CRF" in kv[0])))
-    header = ["#", "image", "ground truth", *(f"{head_label} {name}" for name in columns)]
+    truth = ["ground truth"] if labels is not None else []
+    header = ["#", "image", *truth, *(f"{head_label} {name}" for name in columns)]
     out = ['<table class="grid" id="predictions">',
            "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>", "<tbody>"]
     for i, image in enumerate(images):
-        cells = [image, blend(image, labels[i], n_classes),
+        cells = [image, *([blend(image, labels[i], n_classes)] if truth else []),
                  *(blend(image, pred[i], n_classes) for pred in columns.values())]
-        alts = ["image", "ground truth", *columns]
+        alts = ["image", *truth, *columns]
         out.append(f"<tr><td>{i}</td>" + "".join(f'<td><img alt="{_e(alt)} {i}" src="{data_uri(png_bytes(c))}"></td>'
                                                    for alt, c in zip(alts, cells, strict=True)) + "</tr>")
     return out + ["</tbody></table>"]
@@ -183,10 +184,16 @@ def render(metrics: dict[str, Any], pictures: dict[str, Path], predictions: dict
     sections = SECTIONS + ((("compare", "Methods on this dataset"),) if compared else ())
     out.append("<p>" + " · ".join(f'<a href="#{anchor}">{name}</a>' for anchor, name in sections) + "</p>")
 
-    header, rows, text_columns = results_cells(metrics.get("results", []), paper=bool(comparison))
     out.append('<h2 id="results-section">Results</h2>')
-    out += _table(header, rows, text_columns, ' id="results"',
-                  ["crf" if r.get("crf") else "" for r in metrics.get("results", [])])
+    if "clusters" in metrics:  # a val split without labels: the clusters, nothing scored
+        out.append(f"<p>{_e(NO_LABELS_NOTE)}</p>")
+        out += _table(["cluster", "colour", "pixels (%)", "images"],
+                      [[str(c["id"]), "#{:02x}{:02x}{:02x}".format(*c["rgb"]), f"{c['pixel_share']:.2f}",
+                        str(c["images"])] for c in metrics["clusters"]], 2, ' id="clusters"')
+    else:
+        header, rows, text_columns = results_cells(metrics.get("results", []), paper=bool(comparison))
+        out += _table(header, rows, text_columns, ' id="results"',
+                      ["crf" if r.get("crf") else "" for r in metrics.get("results", [])])
 
     out.append('<h2 id="paper">Compared with the paper</h2>')
     if comparison:  # report.md's section (pipeline/reporting/report.py): prose as paragraphs, differences as items
@@ -207,7 +214,9 @@ def render(metrics: dict[str, Any], pictures: dict[str, Path], predictions: dict
     out.append('<h2 id="grid">Validation predictions</h2>')
     if predictions is not None:
         out += ["<p>Each map is blended 50/50 over the image in the class colours below (hover a picture to "
-                "enlarge it); cluster predictions after Hungarian matching.</p>", legend(class_names)]
+                "enlarge it); " + ("cluster predictions after Hungarian matching." if "clusters" not in metrics
+                                 else "each cluster in its own colour (no labels: no matching).") + "</p>",
+                legend(class_names)]
         out += prediction_grid(predictions, len(class_names), str(metrics.get("method", "head")).upper())
     else:
         out.append("<p>No predictions were kept (evaluate.pictures = 0).</p>")
