@@ -225,3 +225,60 @@ def test_output_stems_never_collide():
 
     stems = output_stems([Path("a/x.jpg"), Path("b/x.jpg"), Path("x.png"), Path("y.png"), Path("c/x.jpg")])
     assert stems[0] == "x" and stems[3] == "y" and len(set(stems)) == 5
+
+
+def test_html_report_of_an_unlabelled_evaluation():
+    """The page shows the cluster table instead of scores, and its prediction grid has no ground-truth column."""
+    from pipeline.reporting.html_report import render
+
+    clusters = [{"id": c, "name": f"cluster {c}", "rgb": [10 * c, 20, 30], "pixels": 5, "pixel_share": 50.0,
+                 "images": 1} for c in range(2)]
+    metrics = {"dataset": "folder", "run": "hp", "method": "hp", "labelled": False, "clusters": clusters,
+               "class_names": ["cluster 0", "cluster 1"], "results": [], "protocol": {}}
+    images = np.zeros((1, 4, 4, 3), np.uint8)
+    page = render(metrics, {}, {"image": images, "pred/cluster": np.zeros((1, 4, 4), np.uint8)})
+    assert '<table id="clusters">' in page and "No scores" in page and "#0a141e" in page
+    assert "<th>ground truth</th>" not in page and "<th>HP cluster</th>" in page
+
+
+def test_clusters_option_sets_the_number_of_classes(tmp_path, monkeypatch):
+    """`segment --clusters K` (and train/evaluate's) is dataset.n_classes = K, an explicit setting the folder's
+    derivation never changes; 0 is refused by the option."""
+    from typer.testing import CliRunner
+
+    import stages.predict
+    from pipeline.cli import app
+    from pipeline.orchestration import graph
+
+    photos = tmp_path / "photos"
+    for k in range(3):
+        save(photos / "images" / f"{k}.png", picture(k, 32, 32))
+    seen = {}
+    monkeypatch.setattr(graph, "build", lambda config, *a, **kw: seen.update(config=config) or {"outputs": {}})
+    monkeypatch.setattr(stages.predict, "run", lambda *a, **kw: {"out": "x"})
+    result = CliRunner().invoke(app, ["segment", str(photos), "--workdir", str(tmp_path / "w"), "--clusters", "3"])
+    assert result.exit_code == 0, result.output
+    assert seen["config"]["dataset"]["n_classes"] == 3 and seen["config"]["dataset"]["root"] == str(photos)
+    refused = CliRunner().invoke(app, ["segment", str(photos), "--clusters", "0"])
+    assert refused.exit_code == 2 and "--clusters" in refused.output
+
+
+def test_a_recorded_run_keeps_its_folder_settings(tmp_path):
+    """evaluate/predict read a folder run's recorded settings: the folder's size-derived values are never derived
+    again over them (a run trained with --set hp.batch_size=4 is evaluated as trained, not refused)."""
+    from pipeline.cli import build_run_config
+    from pipeline.config import load_config
+    from pipeline.datasets.folder import small_data_settings
+    from pipeline.orchestration import paths
+    from pipeline.orchestration.runs import write_record
+
+    photos = tmp_path / "photos"
+    for k in range(12):
+        save(photos / "images" / f"{k}.png", picture(k, 32, 32))
+    trained = load_config("folder", {"dataset.root": str(photos), "hp.batch_size": "4"})
+    small_data_settings(trained, {"dataset.root", "hp.batch_size"})
+    write_record(paths.run_dir(trained, tmp_path, "hp"), trained)
+    settings = build_run_config("folder", tmp_path, None, str(photos))
+    assert settings.config["hp"] == trained["hp"] and settings.config["hp"]["batch_size"] == 4
+    fresh = load_config("folder", {"dataset.root": str(photos)})
+    assert small_data_settings(fresh, {"dataset.root"}) and fresh["hp"]["batch_size"] == 8  # what it would derive
