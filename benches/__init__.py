@@ -1,7 +1,8 @@
 """`hp-pipe bench …`: the benchmarks, side by side in one run (features, train, hcl, order, planted).
 
 Outside the library: importing `pipeline` never imports this package; the CLI imports it when a bench runs. A bench
-runs stages through `pipeline.orchestration.graph.build`, never by importing `stages`.
+runs stages through `pipeline.orchestration.graph.build`, never a stage module's function: this package imports the
+`stages` package once, so that every stage module has registered its functions (pipeline/orchestration/stage.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import stages  # noqa: F401  (the stage modules implement the graph's stages)
 from pipeline.errors import UserError
 from pipeline.methods.registry import REGISTERED, names
 

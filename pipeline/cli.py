@@ -100,6 +100,15 @@ RandomInit = Annotated[
 ]
 
 
+def executor():
+    """pipeline/orchestration/graph.py `build`, with the functions of every stage: importing the stage modules
+    registers them (the command line is their entry point; the library never imports them)."""
+    import stages  # noqa: F401
+    from pipeline.orchestration.graph import build
+
+    return build
+
+
 def build_config(
     dataset: str,
     data_root: str | None = None,
@@ -176,7 +185,7 @@ def _say_folder_settings(config: Config, overrides: dict[str, object]) -> None:
 def prepare(dataset: Dataset = "synthetic", workdir: Workdir = Path("work"), data_root: DataRoot = None,
             set_: Sets = None, force: Force = False) -> None:
     """Five-crop the training images and resize the validation images (docs/hp.md §7)."""
-    from pipeline.orchestration.graph import build
+    build = executor()
 
     build(build_config(dataset, data_root, set_), workdir, "prepare", force=force)
 
@@ -207,7 +216,7 @@ def features(
 ) -> None:
     """Run the frozen backbone once per crop into a resumable zarr store (--method hcl: HCL's own stores, made from
     the source images with HCL's crops and views; HP's prepare and stores are not needed)."""
-    from pipeline.orchestration.graph import build
+    build = executor()
 
     config = build_config(dataset, data_root, set_, backbone, weights, random_init, method, trust_weights,
                           n_views=n_views, chunk_size=chunk_size)
@@ -275,7 +284,7 @@ def train(
 ) -> None:
     """Train the configured method's head (--method: any registered method) from the feature cache (runs features
     and the method's own stages first when needed)."""
-    from pipeline.orchestration.graph import build
+    build = executor()
 
     preset = load_config(dataset, cli_overrides(data_root, set_, backbone, weights, random_init, method, trust_weights))
     section = method_of(preset).section  # epochs and batch size are the method's own
@@ -307,7 +316,7 @@ def evaluate(
 ) -> None:
     """Cluster and linear probes (Hungarian mIoU/Acc, optional CRF) and overclustering, on the run's head and on
     raw features."""
-    from pipeline.orchestration.graph import build
+    build = executor()
 
     # evaluate.crf holds "True"/"False" from --crf/--no-crf, as evaluations were always fingerprinted with
     typed = {"evaluate.probes": "cluster,linear" if probe == "all" else probe,
@@ -373,7 +382,7 @@ def segment(
     cluster (5 unless --clusters K), reported with its pixel share and example crops; with labels (in
     <folder>/labels) the evaluation is also scored."""
     from pipeline.datasets.folder import images_of
-    from pipeline.orchestration.graph import build
+    build = executor()
     from stages import predict as stage
 
     root = folder.expanduser()

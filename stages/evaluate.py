@@ -54,6 +54,7 @@ from pipeline.orchestration import paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.paths import inside
 from pipeline.orchestration.runner import StageContext, manifest_path
+from pipeline.orchestration.stage import implement
 from pipeline.reporting.report import relative_path
 from pipeline.wording import plural
 
@@ -250,3 +251,9 @@ def clusters_body(job: Build, step: Step, ctx: StageContext, train_store: Featur
             "timings": {"evaluate_seconds": round(time.perf_counter() - t0, 3)},
             "summary": f"no labels: {tally.k} clusters (largest: cluster {largest['id']}, "
                        f"{largest['pixel_share']:.1f}% of pixels) -> {out / 'metrics.json'}{note}"}
+
+
+# this module's functions for the stages the graph declares (pipeline/orchestration/stage.py)
+implement("codes", body=codes_body, then=codes_then)
+implement("probe-head", "probe-raw", body=probe_body, then=probe_then)
+implement("evaluate", body=body, check=check)

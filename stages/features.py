@@ -32,6 +32,7 @@ from pipeline.methods.hp.store import run_local, sample_order, settings_for, wor
 from pipeline.orchestration import paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
+from pipeline.orchestration.stage import implement
 from pipeline.reporting.plots import feature_preview
 from pipeline.wording import plural
 
@@ -124,3 +125,7 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
                    f"{plural(1 + settings.n_views, 'backbone pass', 'backbone passes')} each), "
                    f"{stored / 2**20:.1f} MiB -> {url}{note}",
     }
+
+
+# this module's functions for the stages the graph declares (pipeline/orchestration/stage.py)
+implement("features-train", "features-val", body=body)

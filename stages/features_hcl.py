@@ -51,6 +51,7 @@ from pipeline.methods.hcl.store import (
 from pipeline.orchestration import paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
+from pipeline.orchestration.stage import implement
 from pipeline.wording import plural
 
 
@@ -168,3 +169,7 @@ def outputs_of(job: Build, url: str, geo: Geometry, backbone: Backbone, layout: 
     outputs["summary"] = (f"HCL {geo.split} store: {what}, patches {'/'.join(map(str, sizes))}, "
                           f"{stored / 2**20:.1f} MiB -> {url}{note}")
     return outputs
+
+
+# this module's functions for the stages the graph declares (pipeline/orchestration/stage.py)
+implement("features-train-hcl", "features-val-hcl", body=body, preflight=preflight)

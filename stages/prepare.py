@@ -24,6 +24,7 @@ from pipeline.files import atomic_write_png, atomic_write_text
 from pipeline.orchestration import paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
+from pipeline.orchestration.stage import implement
 from pipeline.wording import plural
 
 
@@ -93,3 +94,7 @@ def run(config: Config, workdir: Path, force: bool = False) -> dict[str, Any]:
 def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
     outputs = {split: prepare_split(job.config, job.workdir, split, ctx.forced) for split in SPLITS}
     return {**outputs, "summary": f"{summary(outputs)} -> {job.sdir / 'prepared'}"}
+
+
+# this module's functions for the stages the graph declares (pipeline/orchestration/stage.py)
+implement("prepare", body=body)

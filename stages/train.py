@@ -18,6 +18,7 @@ from pipeline.methods.registry import method_of
 from pipeline.orchestration import paths, runs
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
+from pipeline.orchestration.stage import implement
 
 
 def run(config: Config, workdir: Path, run: str | None = None, force: bool = False,
@@ -54,3 +55,7 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
 def then(job: Build, step: Step, manifest: dict[str, Any]) -> None:
     """A run from before records existed gets one now."""
     runs.ensure_record(paths.run_dir(job.config, job.workdir, step.run), job.config)
+
+
+# this module's functions for the stages the graph declares (pipeline/orchestration/stage.py)
+implement("train", body=body, preflight=preflight, then=then)

@@ -27,7 +27,7 @@ def record(job, step, ctx) -> dict:
 
 
 def fake(stage: graph.Stage) -> graph.Stage:
-    return dataclasses.replace(stage, body="tests.test_graph:record", check=None, preflight=None, then=None)
+    return dataclasses.replace(stage, body=record, check=None, preflight=None, then=None)
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
 """The import graph (issue 11): no stage module imports another (the stage graph, pipeline/orchestration/graph.py,
-runs their
-upstream); no import cycle among the project's modules; the library (pipeline/, cache/) never imports a stage (the
-command line, pipeline/cli.py, is the one entry point that dispatches to them), and only the executor
-(pipeline/orchestration/graph.py) resolves the "stages.<module>:<function>" strings of the graph."""
+runs their upstream); no import cycle among the project's modules; the library (pipeline/, cache/) never imports a
+stage (the command line, pipeline/cli.py, is the one entry point that dispatches to them), and no stage is named by
+a string: the stage modules register their functions (pipeline/orchestration/stage.py `implement`)."""
 
 import ast
 from pathlib import Path
@@ -102,30 +101,33 @@ def test_no_import_cycle_among_the_project_modules():
     assert "stages.train_hcl" not in project_modules()  # the former cycle: both loops are the library's
 
 
-def test_only_the_executor_resolves_stage_strings():
-    """The bodies of the stages of stages/ are names ("stages.features:body"): declared in
-    pipeline/orchestration/graph.py, or by a method for a stage of its own (its method.py), and resolved by the
-    executor alone with importlib; the only other importlib user is the method registry (entry-point style)."""
+def test_no_stage_is_named_by_a_string():
+    """Stage functions are callables, never "stages.<module>:<function>" names: the library declares a stage of
+    stages/ without functions and the stage module registers them (pipeline/orchestration/stage.py `implement`);
+    importlib is used by the method registry alone (entry-point style)."""
     named = {module_name(p): stage_strings(p)
              for folder in ("pipeline", "cache") for p in (ROOT / folder).rglob("*.py")}
-    namers = {k for k, v in named.items() if v}
-    assert "pipeline.orchestration.graph" in namers
-    assert all(k == "pipeline.orchestration.graph" or k.startswith("pipeline.methods.") and k.endswith(".method")
-               for k in namers), namers
+    assert {k: v for k, v in named.items() if v} == {}
     importers = {module_name(p) for folder in PACKAGES for p in (ROOT / folder).rglob("*.py")
                  if "importlib" in imported_modules(p) and "import_module" in p.read_text()}
-    assert importers <= {"pipeline.orchestration.graph", "pipeline.methods.registry"}, importers
+    assert importers <= {"pipeline.methods.registry"}, importers
 
 
-def test_every_declared_body_resolves():
-    """Each stage's body, check, preflight and `then` name a function that exists, in a stage module or the library."""
+def test_every_stage_of_every_method_is_implemented_by_one_function():
+    """Once `stages` is imported, each stage of each method's graph has a callable body (and its hooks are
+    callables), from a module of stages/ or the method's own package."""
+    import stages  # noqa: F401
     from pipeline.methods.registry import methods
-    from pipeline.orchestration.graph import method_stages, resolve
+    from pipeline.orchestration.graph import method_stages
+    from pipeline.orchestration.stage import implemented
 
-    stages = [s for method in methods().values() for s in method_stages(method).values()]
-    for stage in stages:
-        for dotted in filter(None, (stage.body, stage.check, stage.preflight, stage.then)):
-            assert callable(resolve(dotted)), dotted
+    for method in methods().values():
+        for name, declared in method_stages(method).items():
+            stage = implemented(name, declared)
+            assert callable(stage.body), (method.name, name)
+            assert stage.body.__module__.startswith(("stages.", f"pipeline.methods.{method.name}.")), stage.body
+            for hook in (stage.check, stage.preflight, stage.then):
+                assert hook is None or callable(hook), (name, hook)
 
 
 def test_the_checks_catch_what_they_forbid(tmp_path):

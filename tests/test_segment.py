@@ -103,8 +103,8 @@ def test_the_cluster_report_matches_the_predictions(segmented):
         assert cluster["images"] == sum(int((p == c).any()) for p in pred)
     assert abs(sum(c["pixel_share"] for c in metrics["clusters"]) - 100) < 0.05
     assert set(metrics["pictures"]) == {"clusters", "overlays"}
-    for picture in metrics["pictures"].values():
-        assert (evaluation / picture).stat().st_size > 0
+    for drawn in metrics["pictures"].values():
+        assert (evaluation / drawn).stat().st_size > 0
     report = (evaluation / "report.md").read_text()
     assert "## Clusters" in report and "No scores" in report and "## Results" not in report
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import stages as stage_modules  # noqa: F401  (graph.build runs their functions)
 from cache.reader import FeatureStore
 from pipeline.cli import app
 from pipeline.config import load_config

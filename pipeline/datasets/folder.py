@@ -5,6 +5,8 @@ from pathlib import Path
 
 from pipeline.datasets.base import Item, SegmentationDataset, identity_lut
 from pipeline.errors import UserError
+from pipeline.methods.contract import MIN_ITERATIONS as MIN_ITERATIONS  # what small_data rules guarantee
+from pipeline.methods.registry import method_of
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -44,7 +46,8 @@ class Folder(SegmentationDataset):
             raise UserError(f"{labels} holds labels: say how many classes they have with "
                             f"--set dataset.n_classes=K (ids 0..K-1, 255 = ignore)")
         self.n_classes = int(n_classes or 0)
-        self.class_names = list(class_names) if class_names else [f"class {i}" for i in range(self.n_classes)]
+        kind = "class" if labelled else "cluster"  # unlabelled: n_classes is the clusters to find
+        self.class_names = list(class_names) if class_names else [f"{kind} {i}" for i in range(self.n_classes)]
         if len(self.class_names) != self.n_classes:
             raise UserError(f"dataset.class_names has {len(self.class_names)} names for "
                             f"dataset.n_classes = {self.n_classes}")
@@ -60,7 +63,8 @@ class Folder(SegmentationDataset):
 
 
 # ---------------------------------------------------------------- small folders (a handful of photos, no --set)
-MIN_ITERATIONS = 60  # HP iterations a small folder trains for at least, whatever its size
+UNLABELLED_CLUSTERS = 5  # dataset.n_classes of a folder without labels: the clusters to find (STEGO's
+                         # reference default for a directory of images, dir_dataset_n_classes: 5)
 
 
 def images_of(root: Path, split: str) -> tuple[Path | None, list[Path]]:
@@ -85,14 +89,15 @@ def label_classes(folders: list[Path]) -> int:
 
 
 def small_data_settings(config: dict, explicit: set[str]) -> list[str]:
-    """Settings derived from the size of a `folder` dataset, set in `config`; returns them as "key = value (why)".
+    """Settings derived from a `folder` dataset, set in `config`; returns them as "key = value (why)".
 
-    The preset keeps the reference's values (batch 64, pool 2048, warm-up 1000 iterations), which on a dozen images
-    would train for no iteration at all (fewer crops than a batch). For a folder that small: the batch halves until
-    four batches fit in the crops (at least 2), the pool holds at most one entry per crop, the run lasts at least
-    MIN_ITERATIONS iterations, Pool_sp is renewed at least once per epoch and the λ warm-up takes the first quarter.
-    With labels and dataset.n_classes = 0, the number of classes is read from the labels. A key the user set
-    (`explicit`, "section.key") is never changed; a folder big enough for the preset gets no change at all.
+    dataset.n_classes first, whatever the folder's size: with labels and n_classes = 0 it is read from the labels;
+    without labels it is UNLABELLED_CLUSTERS, the number of clusters to find. Then the configured method's own rule
+    (its `Method.small_data`, pipeline/methods/contract.py): the presets keep the references' values (HP's batch 64,
+    pool 2048 and warm-up 1000, ...), which on a dozen images would train for no iteration at all (fewer crops than
+    a batch), so for a folder that small each method says what its batch, its length (MIN_ITERATIONS iterations at
+    least) and whatever else is larger than the data become. A key the user set (`explicit`, "section.key") is
+    never changed; a folder big enough for the preset gets no change from the method's rule.
     """
     root = str(config["dataset"].get("root") or "")
     if config["dataset"]["name"] != "folder" or not root or not Path(root).is_dir():
@@ -118,19 +123,12 @@ def small_data_settings(config: dict, explicit: set[str]) -> list[str]:
         if n_classes:
             put("dataset.n_classes", n_classes, "1 + the largest class id in the labels; --set dataset.n_classes=K "
                 "if some class never appears")
-    t_cfg = config["hp"]
-    crops = len(train) * (5 if config["prepare"]["five_crop"] else 1)
-    batch = t_cfg["batch_size"]
-    while batch > 2 and 4 * batch > crops:
-        batch //= 2
-    per_epoch = max(1, crops // batch)
-    epochs = max(t_cfg["epochs"], -(-MIN_ITERATIONS // per_epoch))
-    size = f"{len(train)} training images, {crops} crops"
-    put("hp.batch_size", batch, f"{size}: four batches per epoch at least")
-    put("hp.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all")
-    put("hp.pool_size", min(t_cfg["pool_size"], crops), "at most one pool entry per crop")
-    put("hp.renew_interval", min(t_cfg["renew_interval"], per_epoch), "Pool_sp renewed at least once per epoch")
-    put("hp.warmup", min(t_cfg["warmup"], per_epoch * epochs // 4), "λ ramps up after the first quarter")
+        elif not any(folder.is_dir() and any(folder.glob("*.png")) for folder in folders):
+            put("dataset.n_classes", UNLABELLED_CLUSTERS, f"no labels: {UNLABELLED_CLUSTERS} clusters to find; choose "
+                "with --clusters K or --set dataset.n_classes=K")
+    crops = len(train) * (5 if config["prepare"]["five_crop"] else 1)  # the shared prepare store's training crops
+    for key, value, why in method_of(config).small_data(config, len(train), crops, explicit):
+        put(key, value, why)
     if val_dir == train_dir:
         lines.append(f"no separate val images: the same {len(train)} images serve as train and val "
                      "(add train/images and val/images folders to keep them apart)")

@@ -44,6 +44,12 @@ class Method:
     check_store: Callable[[Any], Any] | None = None  # (store) -> a clear error when it lacks what `train` reads
     checkpoint: tuple[str, ...] = ()  # what its checkpoint holds besides iteration, rng, config (docs/methods.md)
     curves: tuple[tuple[str, ...], ...] = ()  # metrics.jsonl keys drawn in curves.png, one panel per tuple
+    # a small `folder` (pipeline/datasets/folder.py small_data_settings): (config, training images, training crops
+    # of the shared prepare store, the keys the user set) -> (dotted key, value, why) for each of its settings
+    # derived from that size, so that training runs with no --set: at least four batches an epoch, MIN_ITERATIONS
+    # iterations at least, nothing larger than the data; a value the user set is used as set
+    small_data: Callable[[Config, int, int, set[str]], list[tuple[str, Any, str]]] = (
+        lambda config, images, crops, explicit: [])
 
     # ---- evaluation
     encoder: Callable[[dict[str, Any]], Any] | None = None  # checkpoint -> Encoder (val images -> codes)
@@ -60,6 +66,23 @@ class Method:
     paper_differences: Callable[[Config, str], list[str]] = lambda config, protocol: []  # (config, protocol)
     paper_source: Callable[[Config], str] = lambda config: (config.get("paper") or {}).get("source", "")
     paper_note: str = ""  # said first among the differences (HCL: whose numbers the presets' [paper] are)
+
+
+# ---------------------------------------------------------------- small data: what a `small_data` rule may use
+MIN_ITERATIONS = 60  # iterations a small folder trains for at least, whatever its size and method
+
+
+def four_batches(batch: int, samples: int, low: int, chosen: bool = False) -> int:
+    """`batch` halved until four batches fit in the `samples` an epoch passes over, never below `low`; as it is
+    when the user `chosen` it (the rest of a rule is derived from the batch that will run)."""
+    while not chosen and batch > low and 4 * batch > samples:
+        batch = max(low, batch // 2)
+    return batch
+
+
+def at_least(epochs: int, per_epoch: int) -> int:
+    """`epochs`, raised until `per_epoch` iterations an epoch make MIN_ITERATIONS at least."""
+    return max(epochs, -(-MIN_ITERATIONS // max(1, per_epoch)))
 
 
 # what training reads of [evaluate] when a method trains its probes online (evaluate.protocol = paper)

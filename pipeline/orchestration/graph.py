@@ -3,8 +3,9 @@
 The generic stages are declared in `STAGES` (a run's sub-stages included); the configured method adds its own and
 wires its train and evaluate stages to the stores it reads (`method_stages`, from its registered Method,
 pipeline/methods/contract.py). A stage declares the config sections in its fingerprint, the stages whose
-fingerprints are its inputs, the stages that must run before it, and its body: a callable, or for the stages of
-stages/ a "module:function" name that only the executor (`build`) resolves. A stage's fingerprint covers its
+fingerprints are its inputs, the stages that must run before it, and its functions (body, check, preflight,
+then): those of the module of stages/ that implements it (pipeline/orchestration/stage.py `implement`), or a
+method's own. A stage's fingerprint covers its
 sections and its inputs' fingerprints, so changing a value invalidates exactly the stages that read it and
 everything downstream of them.
 
@@ -16,8 +17,7 @@ Stages never run each other (docs/stages.md).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +28,25 @@ from pipeline.errors import UserError
 from pipeline.methods.contract import Method
 from pipeline.methods.registry import method_of
 from pipeline.orchestration import paths
-from pipeline.orchestration.stage import Stage
+from pipeline.orchestration.stage import Stage, implemented
 
 # the generic stages; a method adds its own (its Method's `stages`: HCL's stores, STEGO's neighbour table, ...) and
-# says which stores its train and evaluate stages read (its Method's `stores`, `train_inputs`, `val_inputs`)
-_FEATURES = Stage("stages.features:body", ("dataset", "prepare", "features"), ("prepare",))
+# says which stores its train and evaluate stages read (its Method's `stores`, `train_inputs`, `val_inputs`). Their
+# functions are those of stages/<stage>.py, registered there (pipeline/orchestration/stage.py `implement`).
+_FEATURES = Stage(sections=("dataset", "prepare", "features"), inputs=("prepare",))
 STAGES: dict[str, Stage] = {
-    "prepare": Stage("stages.prepare:body", ("dataset", "prepare"), once=True),
-    "features-train": _FEATURES,
+    "prepare": Stage(sections=("dataset", "prepare"), once=True),  # stages/prepare.py
+    "features-train": _FEATURES,  # stages/features.py
     "features-val": _FEATURES,
-    "train": Stage("stages.train:body", ("train",), level="run", preflight="stages.train:preflight",
-                   then="stages.train:then"),
-    # evaluate's sub-stages (docs/evaluation.md): the head's codes, then the probes per feature kind
-    "codes": Stage("stages.evaluate:codes_body", (), level="sub", then="stages.evaluate:codes_then"),
-    "probe-head": Stage("stages.evaluate:probe_body", (), level="sub", then="stages.evaluate:probe_then"),
-    "probe-raw": Stage("stages.evaluate:probe_body", (), level="sub", then="stages.evaluate:probe_then"),
+    "train": Stage(sections=("train",), level="run"),  # stages/train.py
+    # evaluate's sub-stages (docs/evaluation.md): the head's codes, then the probes per feature kind; all in
+    # stages/evaluate.py
+    "codes": Stage(level="sub"),
+    "probe-head": Stage(level="sub"),
+    "probe-raw": Stage(level="sub"),
     # [paper]: the numbers the report compares with. Its "train" input is the training settings' fingerprint (the
     # run's name aside), as evaluate manifests have always recorded it; codes and probes read the run's own.
-    "evaluate": Stage("stages.evaluate:body", ("evaluate", "paper"), after=("codes", "probe-head", "probe-raw"),
-                      level="run", check="stages.evaluate:check"),
+    "evaluate": Stage(sections=("evaluate", "paper"), after=("codes", "probe-head", "probe-raw"), level="run"),
 }
 # [features] keys that change where and how fast a store is computed, not what it holds: outside every fingerprint
 # (decode workers give bit-identical stores; device and batch size change only float rounding), so a store written
@@ -238,15 +238,6 @@ class Build:
         return self.done[step_name(stage, stages_of(self.config), step.run)]
 
 
-def resolve(body: Callable[..., Any] | str) -> Callable[..., Any]:
-    """A stage's callable: itself, or for "module:function" the function. The one place a stage module of stages/
-    is imported by name (the library never imports stages/)."""
-    if callable(body):
-        return body
-    module, _, name = body.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def targets_of(config: Config, target: str | Iterable[str]) -> list[str]:
     """Declared stage names; "features:<split>" is the configured method's store of that split."""
     stages, out = stages_of(config), []
@@ -287,10 +278,10 @@ def build(config: Config, workdir: Path, target: str | Iterable[str], *, run: st
     stages extract ({"scheduler", "address", "workers"}).
     """
     names = targets_of(config, target)
-    stages = stages_of(config)
+    stages = {name: implemented(name, stage) for name, stage in stages_of(config).items()}
     for name in names:  # a typo or an impossible setting fails before any work (and before the dataset is listed)
         if stages[name].check:
-            resolve(stages[name].check)(config)
+            stages[name].check(config)
     per_run = any(stages[name].level != "dataset" for name in names)
     run = paths.run_name(run or method_of(config).name) if per_run else None
     steps = plan(config, Path(workdir), runs=[run] if run else [], stores=stores)
@@ -301,7 +292,7 @@ def build(config: Config, workdir: Path, target: str | Iterable[str], *, run: st
     order = walk(steps, wanted)
     for name in reversed(order):  # the target's own checks first: a refused command changes nothing
         if stages[steps[name].stage].preflight:
-            resolve(stages[steps[name].stage].preflight)(job, steps[name])
+            stages[steps[name].stage].preflight(job, steps[name])
     for name in order:
         job.done[name] = execute(job, steps[name], stages[steps[name].stage], name in forced)
     return job.done[wanted[-1]]
@@ -327,7 +318,7 @@ def execute(job: Build, step: Step, stage: Stage, force: bool) -> dict[str, Any]
     url = step.config.get("store")
     where = manifest_path(job.sdir, step.name)
     check = writer.recorded_store_check(url, str(where)) if isinstance(url, str) else None  # up to date only if ok
-    manifest = run_stage(job.sdir, step.name, step.config, step.inputs, partial(resolve(stage.body), job, step),
+    manifest = run_stage(job.sdir, step.name, step.config, step.inputs, partial(stage.body, job, step),
                          force, check)
     if isinstance(url, str) and manifest["outputs"].get("store") != url:  # later stages read the store named here
         raise UserError(f"{where} names the store {manifest['outputs'].get('store')!r}, but this run's store is "
@@ -337,5 +328,5 @@ def execute(job: Build, step: Step, stage: Stage, force: bool) -> dict[str, Any]
     if stage.once:
         _SEEN.add(key)
     if stage.then:
-        resolve(stage.then)(job, step, manifest)
+        stage.then(job, step, manifest)
     return manifest

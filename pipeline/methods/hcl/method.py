@@ -13,7 +13,7 @@ import torch
 
 from cache.schema import HCL_SCHEMA
 from pipeline.config import fingerprint
-from pipeline.methods.contract import Config, Method
+from pipeline.methods.contract import MIN_ITERATIONS, Config, Method, at_least, four_batches
 from pipeline.methods.hcl.settings import HclFeaturesSection, HclSection
 from pipeline.orchestration import paths
 from pipeline.orchestration.stage import Stage
@@ -44,8 +44,8 @@ def _check_manifest(job, step, manifest) -> None:
 
 def _store_stage(split: str) -> Stage:
     # HCL's own stores (docs/hcl.md §4-§5): read the source images themselves, never HP's prepare or features
-    return Stage("stages.features_hcl:body", ("dataset", "hcl_features"), preflight="stages.features_hcl:preflight",
-                 then=_check_manifest, extras=_store_extras(split))
+    # body and preflight: stages/features_hcl.py, which implements both
+    return Stage(sections=("dataset", "hcl_features"), then=_check_manifest, extras=_store_extras(split))
 
 
 def _train(ctx, config: Config, store, out, upstream=None, preview=None) -> dict[str, Any]:
@@ -102,6 +102,22 @@ def _raw_rows(config: Config) -> list[dict[str, Any]]:
     return [r for r in (config.get("paper") or {}).get("results") or [] if r["features"] == "raw"]
 
 
+def _small_data(config: Config, images: int, crops: int, explicit: set[str]) -> list[tuple[str, Any, str]]:
+    """A small folder's [hcl] (pipeline/datasets/folder.py): an HCL epoch passes over the images, one cached crop of
+    each (docs/hcl.md §4; the shared five-crops `crops` are not what it reads), so the preset's batch 64 trains a
+    dozen images for no iteration. The batch halves until four batches fit in the images (at least 1: the head has
+    no batch statistics, hcl.batch_size >= 1) and the run lasts MIN_ITERATIONS iterations at least."""
+    h = config["hcl"]
+    batch = four_batches(h["batch_size"], images, 1, "hcl.batch_size" in explicit)
+    per_epoch = max(1, images // batch)
+    return [
+        ("hcl.batch_size", batch, f"{images} training images, one crop of each per epoch: four batches per epoch "
+                                  "at least"),
+        ("hcl.epochs", at_least(h["epochs"], per_epoch), f"{per_epoch} iterations per epoch: at least "
+                                                          f"{MIN_ITERATIONS} in all"),
+    ]
+
+
 HCL = Method(
     name="hcl", label="HCL", title="Hierarchical Context Learning (2025)", doc="docs/hcl.md",
     sections={"hcl_features": HclFeaturesSection, "hcl": HclSection}, section="hcl", presets="pipeline.methods.hcl",
@@ -112,7 +128,7 @@ HCL = Method(
     grid_keys=("hcl_features.resolution", "hcl_features.val_resolution"),
     train=_train, check_store=_check_store,
     checkpoint=("model (online, momentum head, predictor)", "optimizer", "memory banks", "numpy RNG"),
-    curves=(("loss", "fg", "bg", "pred"), ("lr",)),
+    curves=(("loss", "fg", "bg", "pred"), ("lr",)), small_data=_small_data,
     encoder=_encoder, geometry=square_geometry,
     protocols=("kmeans",), crf_by_default=True, linear_optimizer="sgd",
     paper_rows=_raw_rows,

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.datasets.geometry import shorter_side_geometry
 from pipeline.evaluation.online_probes import online_probe_settings
-from pipeline.methods.contract import Config, Method
+from pipeline.methods.contract import MIN_ITERATIONS, Config, Method, at_least, four_batches
 from pipeline.methods.hp.settings import HpSection
 from pipeline.orchestration import paths
 
@@ -62,6 +62,24 @@ def _paper_differences(config: Config, protocol: str) -> list[str]:
     return out
 
 
+def _small_data(config: Config, images: int, crops: int, explicit: set[str]) -> list[tuple[str, Any, str]]:
+    """A small folder's [hp] (pipeline/datasets/folder.py): the preset's batch 64, pool 2048 and warm-up 1000 would
+    train a dozen images for no iteration at all. The batch halves until four batches fit in the five-crops (at
+    least 2), the run lasts MIN_ITERATIONS iterations at least, the pool holds at most one entry per crop, Pool_sp is
+    renewed at least once per epoch and the λ warm-up ends within the first quarter."""
+    h = config["hp"]
+    batch = four_batches(h["batch_size"], crops, 2, "hp.batch_size" in explicit)
+    per_epoch = max(1, crops // batch)
+    epochs = at_least(h["epochs"], per_epoch)
+    return [
+        ("hp.batch_size", batch, f"{images} training images, {crops} crops: four batches per epoch at least"),
+        ("hp.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all"),
+        ("hp.pool_size", min(h["pool_size"], crops), "at most one pool entry per crop"),
+        ("hp.renew_interval", min(h["renew_interval"], per_epoch), "Pool_sp renewed at least once per epoch"),
+        ("hp.warmup", min(h["warmup"], per_epoch * epochs // 4), "λ ramps up after the first quarter"),
+    ]
+
+
 HP = Method(
     name="hp", label="HP", title="Hidden Positives (Seong et al., CVPR 2023)", doc="docs/hp.md",
     sections={"hp": HpSection}, section="hp", presets="pipeline.methods.hp",
@@ -69,7 +87,7 @@ HP = Method(
     training_sections=("dataset", "prepare", "features", "train", "hp"),
     train=_train, check_store=_check_store,
     checkpoint=("heads (S, S_m, P)", "optimizers", "scaler", "pools", "online probes (protocol paper)"),
-    curves=(("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",)),
+    curves=(("loss", "ghp", "lhp"), ("consistency",), ("lambda",), ("positives",)), small_data=_small_data,
     encoder=_encoder, geometry=shorter_side_geometry,
     online_probes=online_probe_settings, protocols=("kmeans", "paper"), crf_by_default=False,
     linear_optimizer="adam", paper_rows=_paper_rows, paper_differences=_paper_differences,

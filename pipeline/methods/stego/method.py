@@ -13,7 +13,7 @@ import torch
 
 from pipeline.datasets.geometry import shorter_side_geometry
 from pipeline.evaluation.online_probes import online_probe_settings
-from pipeline.methods.contract import Config, Method
+from pipeline.methods.contract import MIN_ITERATIONS, Config, Method, at_least, four_batches
 from pipeline.methods.stego.settings import StegoCacheSection, StegoSection
 from pipeline.methods.stego.stages import STAGES
 from pipeline.methods.stego.training import CURVES
@@ -90,6 +90,38 @@ def _notes(config: Config) -> dict[str, str]:
             else "no flip averaging (stego_cache.flip_tta = false): the reference averages with the mirrored image"}
 
 
+MAX_PASSES = 10  # passes over a small folder's crops that stego.max_steps may make at most
+
+
+def _small_data(config: Config, images: int, crops: int, explicit: set[str]) -> list[tuple[str, Any, str]]:
+    """A small folder's [stego] and [stego_cache] (pipeline/datasets/folder.py): STEGO trains on the shared store's
+    crops, each with a positive from its nearest crops. The batch halves until four batches fit in the crops (at
+    least 2: the negatives are the batch's other images); the run lasts MIN_ITERATIONS iterations at least, in whole
+    epochs (stego.epochs, raised as needed); stego.max_steps passes over the crops MAX_PASSES times at most (the
+    reference's 5000 batches of 16 are under half a pass over COCO-Stuff's five-crops; on a dozen images they would
+    pass over the same crops more than a thousand times; 10 passes are HCL's epochs), so that only a folder of
+    1,600 images or more keeps the reference's 5000 steps; the neighbour table keeps no more
+    neighbours than there are crops (the knn stage needs knn_size <= crops) and the positive is drawn from fewer
+    ranks than the table keeps (num_neighbors < knn_size, rank 0 being the crop itself)."""
+    s, c = config["stego"], config["stego_cache"]
+    batch = four_batches(s["batch_size"], crops, 2, "stego.batch_size" in explicit)
+    per_epoch = max(1, crops // batch)
+    knn = min(c["knn_size"], crops)
+    epochs = at_least(s["epochs"], per_epoch)
+    out = [("stego.batch_size", batch, f"{images} training images, {crops} crops: four batches per epoch at least")]
+    if s["max_steps"]:
+        passes = max(MAX_PASSES, epochs)  # whole epochs, MIN_ITERATIONS iterations at least
+        out.append(("stego.max_steps", min(s["max_steps"], per_epoch * passes),
+                    f"{per_epoch} iterations per epoch: at most {passes} passes over the {crops} crops, at least "
+                    f"{MIN_ITERATIONS} iterations"))
+    else:
+        out.append(("stego.epochs", epochs, f"{per_epoch} iterations per epoch: at least {MIN_ITERATIONS} in all"))
+    return [*out,
+            ("stego_cache.knn_size", knn, f"{crops} training crops: no more neighbours kept than crops"),
+            ("stego.num_neighbors", max(1, min(s["num_neighbors"], knn - 1)),
+             f"positives drawn from ranks 1..{knn - 1} of the {knn} the neighbour table keeps")]
+
+
 STEGO = Method(
     name="stego", label="STEGO", title="STEGO (Hamilton et al., ICLR 2022)", doc="docs/stego.md",
     sections={"stego": StegoSection, "stego_cache": StegoCacheSection}, section="stego",
@@ -99,7 +131,7 @@ STEGO = Method(
     training_sections=("dataset", "prepare", "features", "train", "stego", "stego_cache"),
     train=_train, check_store=lambda store: store.array("feat"),
     checkpoint=("head", "optimizer", "online probes (protocol paper)"),
-    curves=CURVES,
+    curves=CURVES, small_data=_small_data,
     encoder=_encoder,
     geometry=shorter_side_geometry,
     online_probes=online_probe_settings, protocols=("paper", "kmeans"), protocol_notes=_notes,
