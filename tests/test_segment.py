@@ -282,3 +282,36 @@ def test_a_recorded_run_keeps_its_folder_settings(tmp_path):
     assert settings.config["hp"] == trained["hp"] and settings.config["hp"]["batch_size"] == 4
     fresh = load_config("folder", {"dataset.root": str(photos)})
     assert small_data_settings(fresh, {"dataset.root"}) and fresh["hp"]["batch_size"] == 8  # what it would derive
+
+
+SMALL = {  # every method small enough for seconds on this CPU (the folder's own derivations are tested above)
+    "hcl": {"hcl_features.resolution": "64", "hcl_features.crop_resolution": "128", "hcl_features.val_resolution":
+            "64", "hcl.batch_size": "2", "hcl.epochs": "1", "hcl.dim": "32", "hcl.hidden": "64", "hcl.out_dim": "16",
+            "hcl.heads": "2", "hcl.clusters": "4", "hcl.kmeans_min_points": "1"},
+    "stego": {"prepare.resolution": "64", "prepare.val_resolution": "64", "features.n_views": "1",
+              "stego.max_steps": "6", "stego.head_dim": "16", "stego.feature_samples": "5"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(SMALL))
+def test_segment_works_for_every_method(tmp_path, method):
+    """`segment --method M --clusters 3`: HCL (its own stores, protocol kmeans) and STEGO (the HP stores, its probes
+    trained with the head under protocol paper) segment the same unlabelled folder into 3 clusters."""
+    from pipeline.methods.registry import names
+
+    assert set(SMALL) == set(names()) - {"hp"}  # HP runs in the tests above, with no --set at all
+    photos = tmp_path / "photos"
+    (photos / "images").mkdir(parents=True)
+    for k in range(4):
+        Image.fromarray(photo(k, 48, 64)).save(photos / "images" / f"p{k}.png")
+    sets = [a for key, value in {**SMALL[method], "evaluate.crf": "false"}.items() for a in ("--set", f"{key}={value}")]
+    proc = hp_pipe("segment", photos, "--method", method, "--clusters", "3", "--random-init", "--workdir",
+                   tmp_path / "w", *sets)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    evaluation = tmp_path / "w" / "folder" / "runs" / method / "eval"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["method"] == method and not metrics["labelled"] and len(metrics["clusters"]) == 3
+    for k in range(4):
+        labels = np.asarray(Image.open(evaluation / "predictions" / f"p{k}.png"))
+        assert labels.shape == (48, 64) and labels.max() < 3
+        assert (evaluation / "predictions" / f"p{k}_overlay.png").exists()
