@@ -70,9 +70,16 @@ def test_gather_reads_any_indices(tmp_path):
 
 
 def test_fsspec_url(tmp_path):
+    """A store written and read through an fsspec URL holds, element for element, what the same writes give at a
+    plain path."""
     url = "file://" + str(tmp_path / "s.zarr")
     writer.mark_complete(_write_all(url))
-    assert len(FeatureStore.open(url)) == 11
+    writer.mark_complete(_write_all(str(tmp_path / "plain.zarr")))
+    through, plain = FeatureStore.open(url), FeatureStore.open(str(tmp_path / "plain.zarr"))
+    assert len(through) == len(plain) == 11 and through.names() == plain.names()
+    for name in plain.names():
+        np.testing.assert_array_equal(through.read(name, 0, 11), plain.read(name, 0, 11), err_msg=name)
+        assert through.read(name, 0, 11).dtype == plain.read(name, 0, 11).dtype
 
 
 @pytest.mark.parametrize("batch_size,chunk,buffer,drop_last", [(3, 4, 1, False), (5, 2, 2, True), (16, 4, 8, False)])

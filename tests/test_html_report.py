@@ -4,6 +4,7 @@ chromium: `apt-get install -y chromium`; .ci/run installs it)."""
 import base64
 import io
 import json
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -16,13 +17,27 @@ from PIL import Image
 from pipeline.errors import UserError
 from pipeline.reporting.html_report import write_html_report
 from pipeline.reporting.plots import blend
-from pipeline.reporting.report import results_cells
 from tests.fixtures import TINY_EVALUATE
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=(
-    "no chromium browser (/usr/bin/chromium): the page is not opened in a browser; install Debian's package with "
-    "`apt-get install -y chromium` (.ci/run does)"))
+NO_BROWSER = ("no chromium browser (/usr/bin/chromium): the page is not opened in a browser; install Debian's package "
+              "with `apt-get update && apt-get install -y chromium` (.ci/run does)")
+
+
+def require_chromium() -> None:
+    """A browser test without a browser: a failure in CI (CI is set: the page must have been opened), a skip that
+    says why elsewhere. Never a silent pass."""
+    if Path(CHROMIUM).exists():
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{NO_BROWSER}; CI is set, so the browser test is required")
+    pytest.skip(NO_BROWSER)
+
+
+@pytest.fixture
+def chromium() -> str:
+    require_chromium()
+    return CHROMIUM
 CLASSES = ["sky", "water", "road"]
 RESULTS = [
     {"name": "DINO ViT-S/16 cluster", "probe": "cluster", "features": "raw", "crf": False, "protocol": "kmeans",
@@ -126,12 +141,24 @@ def test_the_page_holds_everything_and_loads_nothing(evaluation):
     assert page.links and all(link.startswith(("data:image/png;base64,", "#")) for link in page.links)
     assert "http://" not in text and "https://" not in text and "file:" not in text
     assert "default-src 'none'; img-src data:" in text
-    # the results table is report.py's (the Markdown report's) cells, the paper's columns included
-    header, rows, _ = results_cells(RESULTS, paper=True)
+    # the results table, cell by cell from the metrics themselves (an oracle of its own, not the function that
+    # draws the table): one decimal, "±" where a spread over seeds exists, "–" for none, the paper's columns last
     results = [[cell for cell, _ in row] for row in page.tables["results"]]
-    assert results == [header, *rows]
-    assert results[4][0] == "HP overcluster K=48 <b>" and "paper mIoU (%)" in header  # escaped, not markup
-    assert results[1][-2:] == ["30.0", "60.5"] and results[2][-2:] == ["–", "–"]
+    header = results[0]
+    assert header[:7] == ["result", "probe", "features", "CRF", "protocol", "mIoU (%)", "Acc (%)"]
+    assert header[-2:] == ["paper mIoU (%)", "paper Acc (%)"] and len(results) == 1 + len(RESULTS)
+    for shown, result in zip(results[1:], RESULTS, strict=True):
+        cells = dict(zip(header, shown, strict=True))
+        spread = f" ± {result['miou_std']:.1f}" if "miou_std" in result else ""
+        assert (cells["result"], cells["probe"], cells["features"]) == (result["name"], result["probe"],
+                                                                        result["features"])
+        assert cells["CRF"] == ("yes" if result["crf"] else "no") and cells["protocol"] == result.get("protocol", "–")
+        assert cells["mIoU (%)"] == f"{result['miou']:.1f}{spread}"
+        assert cells["Acc (%)"].split(" ± ")[0] == f"{result['acc']:.1f}"
+        for key, column in (("paper_miou", "paper mIoU (%)"), ("paper_acc", "paper Acc (%)")):
+            assert cells[column] == (f"{result[key]:.1f}" if result.get(key) is not None else "–")
+    assert results[4][0] == "HP overcluster K=48 <b>"  # escaped, not markup
+    assert results[4][5] == "20.0 ± 1.5" and results[1][-2:] == ["30.0", "60.5"] and results[2][-2:] == ["–", "–"]
     # per-class IoU: one row per class, one column per result
     iou = [[cell for cell, _ in row] for row in page.tables["iou"]]
     assert iou[0] == ["class", *(r["name"] for r in RESULTS)]
@@ -196,8 +223,7 @@ def rendered(page: Path, tmp_path: Path) -> tuple[dict[str, str], Tables, list[s
     return attrs, body, console
 
 
-@needs_chromium
-def test_the_page_renders_in_a_real_browser(evaluation, tmp_path):
+def test_the_page_renders_in_a_real_browser(evaluation, tmp_path, chromium):
     attrs, dom, console = rendered(evaluation["page"], tmp_path)
     n_images = 3 + len(evaluation["images"]) * (2 + len(evaluation["preds"]))
     assert attrs["data-images"] == str(n_images)
@@ -214,8 +240,7 @@ def test_the_page_renders_in_a_real_browser(evaluation, tmp_path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables and pictures, not a blank page
 
 
-@needs_chromium
-def test_the_browser_check_catches_a_broken_picture(evaluation, tmp_path):
+def test_the_browser_check_catches_a_broken_picture(evaluation, tmp_path, chromium):
     """The same check on a page with a picture that cannot decode and one from the network: both are caught."""
     broken = tmp_path / "broken.html"
     text = evaluation["page"].read_text()
@@ -256,6 +281,20 @@ def test_report_html_command_on_an_evaluated_run(tmp_path):
         for key in ("miou", "acc"):
             assert [(e.step, e.value) for e in events.Scalars(f"{result_tag(row)}/{key}")] == [
                 (iterations["iteration"], np.float32(row[key]))]
-    if Path(CHROMIUM).exists():
-        attrs, _, console = rendered(out / "report.html", tmp_path)
-        assert attrs["data-images-loaded"] == attrs["data-images"] and attrs["data-errors"] == "0" and not console
+    require_chromium()  # the page of a real evaluation, in the browser too (after the checks above have passed)
+    attrs, _, console = rendered(out / "report.html", tmp_path)
+    assert attrs["data-images-loaded"] == attrs["data-images"] and attrs["data-errors"] == "0" and not console
+
+
+def test_a_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    """CI (CI set, as .ci/run sets it) must open the page: no browser is a failure naming the install command;
+    elsewhere a skip that says why. Either way never a silent pass."""
+    import tests.test_html_report as module
+
+    monkeypatch.setattr(module, "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get update && apt-get install -y chromium"):
+        require_chromium()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="no chromium browser"):
+        require_chromium()
