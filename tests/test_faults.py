@@ -27,8 +27,12 @@ Each section below holds one fault family; tests of other families (locks, run s
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,31 +350,90 @@ def test_deleted_done_flags_recompute_the_store(store, capsys):
 
 
 # ---------------------------------------------------------------- store integrity: creation killed, foreign groups
-class Killed(BaseException):
-    pass
-
-
-@pytest.mark.parametrize("force", [False, True])
-def test_store_creation_killed_midway_is_recovered(store, capsys, monkeypatch, force):
-    """A kill after the group and three arrays were written (any point would do: the group's metadata, with its
-    identity, is written first)."""
-    real, made = writer._create_array, []
-
-    def dies(group, name, *args):
-        if len(made) == 3:
-            raise Killed
+# Real kills: the child is the real command line, started by a launcher that wraps one of the writer's functions to
+# signal "here" (a file) and wait; the test SIGKILLs the whole process there, as a kill -9 or an OOM kill would.
+LAUNCHER = """
+import os, sys, time, pathlib
+from cache import writer
+ready, pause = pathlib.Path(os.environ["HP_TEST_READY"]), os.environ["HP_TEST_PAUSE"]
+def wait_here():
+    ready.touch()
+    time.sleep(600)
+if pause.startswith("arrays:"):  # the group's metadata and N arrays written, the rest not yet
+    made, create = [], writer._create_array
+    def _create_array(group, name, *args):
+        if len(made) == int(pause.split(":")[1]):
+            wait_here()
         made.append(name)
-        real(group, name, *args)
+        return create(group, name, *args)
+    writer._create_array = _create_array
+else:  # every array created (the store folder complete), no chunk written yet
+    def write_chunk(*args, **kwargs):
+        wait_here()
+    writer.write_chunk = write_chunk
+from pipeline import cli
+sys.argv = ["hp-pipe", *sys.argv[1:]]
+cli.main()
+"""
 
-    monkeypatch.setattr(writer, "_create_array", dies)
-    with pytest.raises(Killed):
-        features.run(store["config"], store["workdir"], "train", force=True)
-    monkeypatch.setattr(writer, "_create_array", real)
-    group = writer.open_group(store["url"], "r")
-    assert group.attrs["creating"] and len(list(group.array_keys())) == 3  # half-created
-    code, out, err = features_cli(store, capsys, *(["--force"] if force else []))
+
+def kill_when_paused(args: list[str], pause: str, ready: Path, timeout: float = 180) -> None:
+    """Run `hp-pipe ARGS` in a child process that stops at `pause`; SIGKILL it there."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HP_TEST_READY": str(ready),
+           "HP_TEST_PAUSE": pause}
+    child = subprocess.Popen([sys.executable, "-c", LAUNCHER, *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if child.poll() is not None:
+        pytest.fail(f"the child ended before the moment to kill it ({pause}): {child.stderr.read()[-2000:]}")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("pause", ["arrays:2", "first-chunk"])
+def test_features_killed_during_store_creation_is_rebuilt(store, capsys, tmp_path, pause):
+    """Killed with the group and two arrays written, or with every array created and no chunk: the next
+    `features` (without --force) rebuilds the store, byte for byte the uninterrupted run's."""
+    args = ["features", "--dataset", "synthetic", "--split", "train", "--workdir", str(store["workdir"]), *SETS,
+            "--force"]
+    kill_when_paused(args, pause, tmp_path / "ready")
+    assert Path(store["url"]).exists() and tree(store["url"]) != store["reference"]  # a half-made store is there
+    code, out, err = features_cli(store, capsys)
     assert code == 0, err
+    assert "up to date" not in out
     assert tree(store["url"]) == store["reference"]
+
+
+def test_stego_neighbour_table_killed_before_its_first_chunk_is_rebuilt(tmp_path, capsys):
+    """STEGO's `knn-train` killed with its store created and no chunk written: the next `train --method stego`
+    builds the table again and never reads a partial one; the table equals an uninterrupted build's."""
+    import numpy as np
+
+    from cache.reader import FeatureStore
+    from pipeline.orchestration.runner import read_manifest
+    from tests.test_faults import hp
+
+    sets = [*SETS, "--set", "stego_cache.knn_size=3", "--set", "stego.num_neighbors=2", "--set",
+            "stego.max_steps=1", "--set", "stego.batch_size=2", "--set", "stego.head_dim=8", "--set",
+            "stego.feature_samples=3"]
+    work = tmp_path / "work"
+    code, _, err = hp(capsys, "features", "--dataset", "synthetic", "--split", "train", "--workdir", str(work), *sets)
+    assert code == 0, err
+    kill_when_paused(["train", "--dataset", "synthetic", "--method", "stego", "--workdir", str(work), *sets],
+                     "first-chunk", tmp_path / "ready")
+    code, out, err = hp(capsys, "train", "--dataset", "synthetic", "--method", "stego", "--workdir", str(work), *sets)
+    assert code == 0, err
+    assert "[knn-train] up to date" not in out
+    again = tmp_path / "again"  # an uninterrupted build of the same table
+    code, _, err = hp(capsys, "train", "--dataset", "synthetic", "--method", "stego", "--workdir", str(again), *sets)
+    assert code == 0, err
+    stores = [read_manifest(w / "synthetic", "knn-train")["outputs"]["store"] for w in (work, again)]
+    tables = [FeatureStore.open(url).read("feat", 0, len(FeatureStore.open(url))) for url in stores]
+    assert len(tables[0]) == 5  # 1 image x 5 crops
+    np.testing.assert_array_equal(tables[0], tables[1])
 
 
 @pytest.mark.parametrize("force", [False, True])
