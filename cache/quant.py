@@ -3,7 +3,10 @@
 Symmetric, per patch: s = max_i |x_i| / 127 rounded *up* to the next float16, q = round(x / s) in [-127, 127].
 Rounding the scale up keeps every |x_i / s| <= 127, so nothing clips and each element's error is at most s / 2:
 
-    |x_i - q_i·s| <= s/2 <= (1 + 2^-10) · max_i |x_i| / 254
+    |x_i - q_i·s| <= s/2 <= (1 + 2^-10) · max_i |x_i| / 254     (while s is a normal float16: max |x_i| >= 127·2^-14)
+
+A vector so small that its scale is a float16 subnormal (max |x_i| < 127·2^-14 ≈ 7.8e-3) still has every error
+within s/2, but s is then a multiple of 2^-24, so the right-hand bound no longer holds: its error is at most 2^-25.
 
 Relative to the vector, ||x - x̂|| <= sqrt(D)·s/2, so cos(x, x̂) >= sqrt(1 - D·s²/(4·||x||²)) — about 0.9999 for
 DINO-like vectors (D = 384, max |x_i| a few times the RMS). A vector of zeros keeps scale 0 and decodes to zeros.

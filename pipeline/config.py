@@ -161,13 +161,14 @@ def parse_sets(pairs: list[str] | None) -> dict[str, str]:
 
 
 def toml_value(value: Any) -> str:
-    """One value in TOML syntax (strings as JSON strings are valid TOML basic strings)."""
+    """One value in TOML syntax (strings as JSON strings are TOML basic strings, once DEL, which JSON leaves as it
+    is and TOML forbids, is escaped too)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
