@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install install-gpu run segment prepare features train evaluate report compare tensorboard status bench test lint clean
+.PHONY: install install-gpu run segment prepare features train evaluate report compare tensorboard status bench test mutation lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ bench: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+
+mutation: install   ## mutation testing of the numeric and integrity core (slow, not in CI): docs/results.md; ARGS=MODULE for one
+	$(BIN)/python -m pip install -q 'mutmut>=3.3'
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/mutation.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check pipeline stages cache benches tests
