@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.reporting.report import NO_LABELS_NOTE, RANDOM_INIT_NOTE, paper_section, results_cells
+from pipeline.reporting.report import NO_LABELS_NOTE, RANDOM_INIT_NOTE, clusters_cells, paper_section, results_cells
 
 PICTURE_TITLES = {"overlays": "Validation overlays", "confusion": "Confusion matrix (head, cluster probe)",
                   "iou": "Per-class IoU", "curves": "Training curves"}
@@ -187,9 +187,7 @@ def render(metrics: dict[str, Any], pictures: dict[str, Path], predictions: dict
     out.append('<h2 id="results-section">Results</h2>')
     if "clusters" in metrics:  # a val split without labels: the clusters, nothing scored
         out.append(f"<p>{_e(NO_LABELS_NOTE)}</p>")
-        out += _table(["cluster", "colour", "pixels (%)", "images"],
-                      [[str(c["id"]), "#{:02x}{:02x}{:02x}".format(*c["rgb"]), f"{c['pixel_share']:.2f}",
-                        str(c["images"])] for c in metrics["clusters"]], 2, ' id="clusters"')
+        out += _table(*clusters_cells(metrics["clusters"]), 2, ' id="clusters"')
     else:
         header, rows, text_columns = results_cells(metrics.get("results", []), paper=bool(comparison))
         out += _table(header, rows, text_columns, ' id="results"',

@@ -97,12 +97,18 @@ NO_LABELS_NOTE = ("No scores: the val split has no labels, so there is nothing t
                   "and coloured by the palette.")
 
 
+def clusters_cells(clusters: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, a row of cell texts per cluster: its id, colour, pixel share (%) and the images it appears in); the
+    Markdown report and the HTML one both draw this."""
+    return ["cluster", "colour", "pixels (%)", "images"], [
+        [str(c["id"]), "#{:02x}{:02x}{:02x}".format(*c["rgb"]), f"{c['pixel_share']:.2f}", str(c["images"])]
+        for c in clusters]
+
+
 def clusters_table(clusters: list[dict]) -> list[str]:
-    """Markdown lines: a row per cluster with its colour, pixel share (%) and the images it appears in."""
-    lines = [_row(["cluster", "colour", "pixels (%)", "images"]), _row(["---", "---", "---:", "---:"])]
-    lines += [_row([str(c["id"]), "#{:02x}{:02x}{:02x}".format(*c["rgb"]), f"{c['pixel_share']:.2f}",
-                    str(c["images"])]) for c in clusters]
-    return lines
+    """Markdown lines of `clusters_cells`."""
+    header, rows = clusters_cells(clusters)
+    return [_row(header), _row(["---", "---", "---:", "---:"])] + [_row(cells) for cells in rows]
 
 
 def clusters_console(clusters: list[dict], images: int, files: dict[str, str | Path], random_init: bool) -> str:
