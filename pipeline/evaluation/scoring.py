@@ -242,6 +242,17 @@ def val_predictions(store: FeatureStore, images: FeatureStore, probe_outputs: di
         yield start, logits, labels, pixels
 
 
+def probe_labels(images: np.ndarray, logits: torch.Tensor, e_cfg: dict[str, Any], crf: bool) -> np.ndarray:
+    """(B, H, W) labels from a probe's (B, K, H, W) logits: the argmax, or with `crf` the dense CRF on the images
+    (evaluate.crf_workers / crf_scheduler / crf_address decide where it runs)."""
+    if not crf:
+        return logits.argmax(1).numpy()
+    from pipeline.evaluation.crf import crf_labels
+
+    return crf_labels(images, logits.numpy().astype(np.float32), workers=e_cfg["crf_workers"],
+                      scheduler=e_cfg["crf_scheduler"], address=e_cfg["crf_address"] or None)
+
+
 def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, probe_outputs: dict[str, Any],
                   config: Config, keep: int, label: str,
                   protocol: str = "kmeans") -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
@@ -258,13 +269,7 @@ def evaluate_kind(kind: str, store: FeatureStore, val_images: FeatureStore, prob
         for probe, probe_logits in logits.items():
             k = probe_logits.shape[1]
             for crf in crf_states:
-                if crf:
-                    from pipeline.evaluation.crf import crf_labels
-
-                    pred = crf_labels(images, probe_logits.numpy().astype(np.float32), workers=e_cfg["crf_workers"],
-                                      scheduler=e_cfg["crf_scheduler"], address=e_cfg["crf_address"] or None)
-                else:
-                    pred = probe_logits.argmax(1).numpy()
+                pred = probe_labels(images, probe_logits, e_cfg, crf)
                 key = (probe, crf)
                 confusions[key] = confusions.get(key, 0) + confusion_matrix(pred, labels, k, n_classes)
                 have = sum(len(p) for p in kept.get(key, []))
@@ -453,14 +458,7 @@ def cluster_outputs(config: Config, kinds: dict[str, str], val_store: FeatureSto
         for start, logits, _, images in tqdm(batches, total=-(-len(store) // e_cfg["batch_size"]),
                                              desc=f"clusters {kind}", leave=False):
             for crf in crf_states:
-                if crf:
-                    from pipeline.evaluation.crf import crf_labels
-
-                    pred = crf_labels(images, logits["cluster"].numpy().astype(np.float32),
-                                      workers=e_cfg["crf_workers"], scheduler=e_cfg["crf_scheduler"],
-                                      address=e_cfg["crf_address"] or None)
-                else:
-                    pred = logits["cluster"].argmax(1).numpy()
+                pred = probe_labels(images, logits["cluster"], e_cfg, crf)
                 if kind == "head" and not crf:
                     tally = tally or ClusterTally(logits["cluster"].shape[1])
                     tally.add(images, pred)
