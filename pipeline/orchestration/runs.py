@@ -165,9 +165,10 @@ def refuse_other_training_settings(recorded: Config, config: Config, explicit: I
                                    source: Path) -> None:
     """For a command that only uses a trained run (predict): an explicit training setting other than the run's is
     refused, naming both, instead of being silently ignored or making it use another backbone than the head's."""
+    explicit = set(explicit)
     for key in training_keys(recorded):
         section, _, name = key.partition(".")
-        if key in set(explicit) and name in config.get(section, {}) and name in recorded.get(section, {}):
+        if key in explicit and name in config.get(section, {}) and name in recorded.get(section, {}):
             if not same_value(key, recorded[section][name], config[section][name]):
                 raise UserError(f"run '{run}' was trained with {key} = {recorded[section][name]!r} ({source}); "
                                 f"this command gives {config[section][name]!r}. Leave the option out to use the "
