@@ -1,34 +1,22 @@
-"""No unfingerprinted value can change a result: every config key a stage reads while it runs is covered by its
-fingerprint (its own sections and keys, and its inputs' fingerprints, transitively), or is one of the few keys that
-by design change where or how fast a result is computed, never what it is.
+"""No unfingerprinted value can change a result: a stage body reads only the config keys its fingerprint covers
+(pipeline/orchestration/coverage.py; `graph.execute` hands every body that view of the config).
 
-Each method's tiny run is executed with a config that records, per stage, every key read (a section iterated or
-copied counts as all of it). Writing the run's record and TensorBoard's hparams read the whole config on purpose
-(they are records of it, not results) and are not counted.
+Every test of the suite that runs a stage runs under the guard, so any path a test takes that reads an uncovered key
+fails there. Here: each method's tiny run end to end under it, a read outside the fingerprint stopped with the stage
+and key named, and the view itself (what counts as a read, records of the whole config, pickling).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections import defaultdict
+import copy
+import pickle
 
 import pytest
 
 import stages  # noqa: F401  (the stage modules implement the graph's stages)
 from pipeline.config import load_config
-from pipeline.orchestration import graph
-from pipeline.orchestration.graph import EXTRACTION_ONLY_KEYS
-
-# read by stages on purpose, outside every fingerprint: where and how fast (extraction), whether a weights file may be
-# unpickled (a permission, never a value), whether TensorBoard files are written, which method's graph runs (a stage
-# of another method's graph never runs), and the protocol, whose change adds or removes the train stage's
-# `online_probes` (protocol paper) and so is covered through them
-NEUTRAL = {*(f"features.{k}" for k in EXTRACTION_ONLY_KEYS), "features.trust_weights", "run.tensorboard",
-           "train.method", "evaluate.protocol"}
-# a fingerprinted value computed from config keys of other names
-DERIVED = {"linear_optimizer": {"evaluate.linear_optimizer", "evaluate.linear_lr", "evaluate.linear_sgd_lr",
-                                "evaluate.linear_sgd_momentum", "evaluate.linear_sgd_weight_decay",
-                                "evaluate.linear_sgd_drop_epoch"}}
+from pipeline.orchestration import coverage, graph
+from pipeline.orchestration.stage import IMPLEMENTATIONS
 
 TINY = {"dataset.n_train": "3", "dataset.n_val": "2", "dataset.size": "96", "prepare.resolution": "48",
         "prepare.val_resolution": "48", "features.backbone": "vit_small_patch16_224.dino",
@@ -46,129 +34,61 @@ METHODS = {
 }
 
 
-class Reads:
-    """Which keys each step read: step name -> {"section.key"}; paused while a record of the config is written."""
-
-    def __init__(self) -> None:
-        self.by_step: dict[str, set[str]] = defaultdict(set)
-        self.step: list[str] = []
-        self.paused = 0
-
-    def add(self, key: str) -> None:
-        if self.step and not self.paused:
-            self.by_step[self.step[-1]].add(key)
-
-    @contextlib.contextmanager
-    def pause(self):
-        self.paused += 1
-        try:
-            yield
-        finally:
-            self.paused -= 1
-
-
-def recording_config(config: dict, reads: Reads) -> dict:
-    """`config` whose sections note every read in `reads` (and are plain dicts to pickle and copy)."""
-
-    class Section(dict):
-        def __init__(self, *args, name: str = "") -> None:
-            super().__init__(*args)
-            self.name = name
-
-        def __getitem__(self, key):
-            reads.add(f"{self.name}.{key}")
-            return super().__getitem__(key)
-
-        def get(self, key, default=None):
-            reads.add(f"{self.name}.{key}")
-            return super().get(key, default)
-
-        def __iter__(self):
-            for key in dict.keys(self):
-                reads.add(f"{self.name}.{key}")
-            return super().__iter__()
-
-        def items(self):
-            return [(key, self[key]) for key in dict.keys(self)]
-
-        def values(self):
-            return [self[key] for key in dict.keys(self)]
-
-        def __deepcopy__(self, memo):
-            import copy
-
-            return {key: copy.deepcopy(value, memo) for key, value in self.items()}
-
-    return {name: Section(dict.items(values), name=name) if isinstance(values, dict) else values
-            for name, values in config.items()}
-
-
-def named(key: str, value, config: dict) -> set[str]:
-    """The config keys a fingerprinted entry holds: a whole section, a value derived from keys of other names
-    (DERIVED), or a key of the same name in whichever section has one (nested entries alike)."""
-    if key in config and isinstance(value, dict):
-        return {f"{key}.{k}" for k in value}
-    out = DERIVED.get(key, set()) | {f"{section}.{key}" for section, values in config.items() if key in values}
-    for inner, held in (value.items() if isinstance(value, dict) else ()):
-        out |= named(inner, held, config)
-    return out
-
-
-def covered_keys(steps: dict[str, graph.Step], name: str, config: dict) -> set[str]:
-    """The config keys step `name`'s fingerprint covers: those its own fingerprinted config holds, then its upstream
-    steps', transitively."""
-    step = steps[name]
-    out = set().union(*(named(key, value, config) for key, value in step.config.items()))
-    for up in step.upstream:
-        out |= covered_keys(steps, up, config)
-    return out
-
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_key_a_stage_reads_is_in_its_fingerprint(tmp_path, monkeypatch, method):
-    from pipeline.evaluation import scoring
-    from pipeline.orchestration import runs
-    from pipeline.reporting import tensorboard
-    from pipeline.training import trainer
-
+def test_each_method_runs_with_every_stage_under_the_guard(tmp_path, monkeypatch, method):
     config = load_config("synthetic", {**TINY, **METHODS[method], "train.method": method})
-    reads = Reads()
-    execute, write_record, hparams_of = graph.execute, runs.write_record, tensorboard.hparams_of
-    save = trainer.save_checkpoint
+    guarded: dict[str, frozenset[str]] = {}
+    view = coverage.covered_view
 
-    def plain(value):  # a checkpoint holds plain data only (its loader refuses any other class)
-        if isinstance(value, dict):
-            return {key: plain(inner) for key, inner in dict.items(value)}
-        return [plain(inner) for inner in value] if isinstance(value, list) else value
+    def recorded(config, allowed, stage):
+        guarded[stage] = frozenset(allowed)
+        return view(config, allowed, stage)
 
-    recording = recording_config(config, reads)
-
-    def recorded_execute(job, step, stage, force):
-        reads.step.append(step.name)
-        try:
-            job.config = recording
-            return execute(job, step, stage, force)
-        finally:
-            reads.step.pop()
-
-    def paused(function):
-        def call(*args, **kwargs):
-            with reads.pause():
-                return function(*args, **kwargs)
-        return call
-
-    monkeypatch.setattr(graph, "execute", recorded_execute)
-    monkeypatch.setattr(runs, "write_record", paused(write_record))  # a record of the whole config, not a result
-    monkeypatch.setattr(tensorboard, "hparams_of", paused(hparams_of))
-    for module in (trainer, scoring):  # a checkpoint's copy of the config is a record too
-        monkeypatch.setattr(module, "save_checkpoint", paused(lambda path, state, *a, **k: save(path, plain(state),
-                                                                                               *a, **k)))
-    graph.build(config, tmp_path, "evaluate")
+    monkeypatch.setattr(coverage, "covered_view", recorded)
+    graph.build(config, tmp_path, "evaluate")  # an uncovered read anywhere raises UncoveredRead
 
     steps = graph.plan(config, tmp_path, runs=[method])
-    assert {f"train-{method}", f"evaluate-{method}"} < set(reads.by_step) <= set(steps)  # what ran was recorded
-    existing = {f"{section}.{key}" for section, values in config.items() for key in values}  # .get of no key: no read
-    outside = {name: sorted((keys & existing) - covered_keys(steps, name, config) - NEUTRAL)
-               for name, keys in reads.by_step.items()}
-    assert {name: keys for name, keys in outside.items() if keys} == {}
-    assert any(key.startswith(f"{method}.") for key in reads.by_step[f"train-{method}"])  # the recorder records
+    assert {f"train-{method}", f"evaluate-{method}", f"codes-{method}"} <= set(guarded) <= set(steps)
+    train = guarded[f"train-{method}"]
+    assert any(key.startswith(f"{method}.") for key in train)  # its method's section is covered, ...
+    assert "dataset.name" in train  # ... and the stores' settings through its inputs
+    assert not any(key.startswith("evaluate.") and key[9:] in {"pictures", "crf"} for key in train)
+
+
+def test_a_stage_reading_an_uncovered_key_is_stopped_naming_it(tmp_path, monkeypatch):
+    config = load_config("synthetic", {**TINY, **METHODS["hp"], "train.method": "hp"})
+    real = IMPLEMENTATIONS["train"]["body"]
+
+    def body(job, step, ctx):
+        job.config["evaluate"]["pictures"]  # an evaluation setting cannot change what training computes
+        return real(job, step, ctx)
+
+    monkeypatch.setitem(IMPLEMENTATIONS, "train", {**IMPLEMENTATIONS["train"], "body": body})
+    with pytest.raises(coverage.UncoveredRead, match=r"stage train-hp read the config key evaluate\.pictures"):
+        graph.build(config, tmp_path, "train")
+    assert not (tmp_path / "synthetic" / "runs" / "hp" / "checkpoint.pt").exists()
+
+
+def test_the_view_lets_read_only_covered_and_neutral_keys():
+    config = {"hp": {"tau": 0.1, "lr": 1.0}, "train": {"method": "hp", "seed": 0}, "name": "x"}
+    view = coverage.covered_view(config, {"hp.tau"}, "train-hp")
+    assert view["hp"]["tau"] == 0.1 and view["train"]["method"] == "hp"  # covered, NEUTRAL
+    assert view["hp"].get("absent", 3) == 3 and "lr" in view["hp"] and len(view["hp"]) == 2  # no value read
+    for read in (lambda: view["hp"]["lr"], lambda: view["hp"].get("lr"), lambda: view["train"]["seed"],
+                 lambda: dict(view["hp"]), lambda: list(view["hp"].items()), lambda: {**view["train"]},
+                 lambda: copy.deepcopy(view), lambda: view["hp"].copy()):
+        with pytest.raises(coverage.UncoveredRead, match="train-hp"):
+            read()
+    assert coverage.whole(view) == config and type(coverage.whole(view)["hp"]) is dict  # a record reads it all
+    assert pickle.loads(pickle.dumps(view)) == config  # a worker process gets plain sections
+    assert config["hp"] == {"tau": 0.1, "lr": 1.0}  # the config itself is untouched
+
+
+def test_covered_keys_follow_sections_derived_values_and_upstream_steps(tmp_path):
+    config = load_config("synthetic", {**TINY, **METHODS["hp"], "train.method": "hp"})
+    steps = graph.plan(config, tmp_path, runs=["hp"])
+    train, probe = (coverage.covered_keys(steps, name, config) for name in ("train-hp", "probe-head-hp"))
+    assert {f"hp.{k}" for k in config["hp"]} <= train and {f"prepare.{k}" for k in config["prepare"]} <= train
+    assert "features.device" not in train  # where a store is computed is outside it (NEUTRAL instead)
+    assert train <= probe  # a probe of the head covers everything the head's training does

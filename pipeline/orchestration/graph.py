@@ -27,7 +27,7 @@ from pipeline.config import Config, fingerprint, sections
 from pipeline.errors import UserError
 from pipeline.methods.contract import Method
 from pipeline.methods.registry import method_of
-from pipeline.orchestration import paths
+from pipeline.orchestration import coverage, paths
 from pipeline.orchestration.stage import Stage, implemented
 
 # the generic stages; a method adds its own (its Method's `stages`: HCL's stores, STEGO's neighbour table, ...) and
@@ -318,15 +318,20 @@ def execute(job: Build, step: Step, stage: Stage, force: bool) -> dict[str, Any]
     url = step.config.get("store")
     where = manifest_path(job.sdir, step.name)
     check = writer.recorded_store_check(url, str(where)) if isinstance(url, str) else None  # up to date only if ok
-    manifest = run_stage(job.sdir, step.name, step.config, step.inputs, partial(stage.body, job, step),
-                         force, check)
-    if isinstance(url, str) and manifest["outputs"].get("store") != url:  # later stages read the store named here
-        raise UserError(f"{where} names the store {manifest['outputs'].get('store')!r}, but this run's store is "
-                        f"{url}: refused (an edited manifest cannot redirect hp-pipe to another store). Rerun with "
-                        "--force")
-    job.done[step.name] = manifest
-    if stage.once:
-        _SEEN.add(key)
-    if stage.then:
-        stage.then(job, step, manifest)
+    config = job.config  # the body and its `then` read only the keys this step's fingerprint covers (coverage.py)
+    job.config = coverage.covered_view(config, coverage.covered_keys(job.steps, step.name, config), step.name)
+    try:
+        manifest = run_stage(job.sdir, step.name, step.config, step.inputs, partial(stage.body, job, step),
+                             force, check)
+        if isinstance(url, str) and manifest["outputs"].get("store") != url:  # later stages read the store named here
+            raise UserError(f"{where} names the store {manifest['outputs'].get('store')!r}, but this run's store is "
+                            f"{url}: refused (an edited manifest cannot redirect hp-pipe to another store). Rerun "
+                            "with --force")
+        job.done[step.name] = manifest
+        if stage.once:
+            _SEEN.add(key)
+        if stage.then:
+            stage.then(job, step, manifest)
+    finally:
+        job.config = config
     return manifest

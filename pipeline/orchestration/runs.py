@@ -31,7 +31,7 @@ from typing import Any
 from pipeline.config import Config, load_config, to_toml
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
-from pipeline.orchestration import paths
+from pipeline.orchestration import coverage, paths
 from pipeline.settings import MOVED, check_config, section_classes
 
 NEVER_FROM_A_FILE = frozenset({"dataset.name", "features.trust_weights"})
@@ -63,7 +63,7 @@ def write_record(run_folder: Path, config: Config) -> Path:
     header = (f"# hp-pipe run settings, recorded when the run was created ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
               f"hp-pipe {' '.join(sys.argv[1:])}).\n# evaluate, predict, report and status read the training "
               "settings from here: options given once to train are never repeated.\n\n")
-    atomic_write_text(path, header + to_toml(config))
+    atomic_write_text(path, header + to_toml(coverage.whole(config)))  # a record of it all (coverage.py)
     return path
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.orchestration import coverage
+
 EVENTS = "events.out.tfevents.*"  # the file names SummaryWriter writes
 PREVIEW_IMAGES = 4  # validation images per checkpoint
 PREVIEW_PX = 128  # images and labels shrunk (every k-th pixel) to at most this side: a checkpoint's image stays small
@@ -212,7 +214,7 @@ def write_evaluation(config: dict[str, dict[str, Any]], metrics: dict[str, Any],
                 values[f"{result_tag(result)}/{key}"] = float(result[key])
     writer = _writer(folder)
     try:
-        experiment, start, end = hparams(hparams_of(config, metrics), values)
+        experiment, start, end = hparams(hparams_of(coverage.whole(config), metrics), values)  # a record
         for summary in (experiment, start, end):
             writer.file_writer.add_summary(summary)
         for tag, value in values.items():

@@ -80,6 +80,16 @@ def check_plain(value: Any, where: str = "state") -> None:
                     "data only (tensors, numbers, strings, lists, dicts) so that they load without running code")
 
 
+def as_dicts(value: Any) -> Any:
+    """`value` with every dict subclass (a stage's view of a config section: a record, not a computation) as a plain
+    dict, which torch.save writes without naming a class."""
+    if isinstance(value, dict):
+        return {key: as_dicts(item) for key, item in dict.items(value)}
+    if type(value) in (list, tuple):
+        return type(value)(as_dicts(item) for item in value)
+    return value
+
+
 def non_finite(value: Any, where: str = "state") -> str | None:
     """The first floating tensor holding NaN or inf, by its place in `value` (None when all are finite)."""
     if isinstance(value, torch.Tensor):
@@ -95,6 +105,7 @@ def non_finite(value: Any, where: str = "state") -> str | None:
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Plain, finite data only, written to a temporary file and renamed: never torn, never poisoned (a resumed run
     must not start from NaN weights), always loadable without running code."""
+    state = as_dicts(state)
     check_plain(state)
     bad = non_finite(state)
     if bad:
