@@ -61,6 +61,35 @@ def test_start_batch_resumes_the_same_order(tmp_path, start):
         np.testing.assert_array_equal(b["feat"].numpy(), expected[b["index"].numpy()])
 
 
+def test_every_shuffled_batch_is_the_plans_and_mixed_within_its_buffer(tmp_path):
+    """Each batch, not only the epoch as a whole: its indices are the plan's batch (a reader that served half its
+    batches in store order would fail here), its data the store's rows for them, its samples from the chunks its
+    buffer read (or the previous buffer's carry), and no batch in store order."""
+    layout = Layout(n_samples=100, resolution=32, patch_size=16, embed_dim=8, num_heads=2, n_views=1, with_lhp=False,
+                    labelled=True)
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url, layout, chunk=8))
+    store = FeatureStore.open(url)
+    label = store.read("label", 0, 100)
+    plan = batch_plan(100, 8, 12, 7, 3, False)
+    planned = [b for _, batches in plan for b in batches]
+    served = list(store.batches(["label"], batch_size=12, shuffle_seed=7, buffer_chunks=3))
+    assert len(served) == len(planned) == 9
+    allowed, carry = [], set()
+    for chunks, batches in plan:
+        held = carry | {i for c in chunks for i in range(c * 8, min(c * 8 + 8, 100))}
+        for b in batches:
+            allowed.append(held)
+        carry = held - {int(i) for b in batches for i in b}
+    for batch, expected, held in zip(served, planned, allowed, strict=True):
+        idx = batch["index"].numpy()
+        np.testing.assert_array_equal(idx, expected)
+        np.testing.assert_array_equal(batch["label"].numpy(), label[idx])
+        assert set(idx.tolist()) <= held and len(set(idx.tolist())) == len(idx)
+        assert not np.all(np.diff(idx) > 0)  # 12 shuffled samples in rising order: chance 1/12!
+    assert sorted(int(i) for b in served for i in b["index"]) == list(range(100))
+
+
 def test_gather_reads_any_indices(tmp_path):
     url = str(tmp_path / "s.zarr")
     writer.mark_complete(_write_all(url))
