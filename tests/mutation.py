@@ -8,12 +8,15 @@ Each module runs in a copy of the working tree of its own (mutmut writes its `mu
 
 from __future__ import annotations
 
+import ast
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # module -> the tests that cover it (only these run against each mutant)
@@ -27,9 +30,12 @@ MODULES = {
     "cache/integrity.py": ["tests/test_cache.py", "tests/test_properties.py"],
     "cache/quant.py": ["tests/test_quant.py", "tests/test_int8_cache.py", "tests/test_properties.py"],
 }
-# mutmut's summary line: killed 🎉, no tests 🫥, timeout ⏰, suspicious 🤔, survived 🙁, skipped 🔇
-SUMMARY = re.compile(r"(\d+)/(\d+)\s+🎉 (\d+) 🫥 (\d+)\s+⏰ (\d+)\s+🤔 (\d+)\s+🙁 (\d+)\s+🔇 (\d+)")
 SKIP = {".git", ".venv", "work", "data", "mutants", ".hypothesis", "__pycache__", ".pytest_cache", ".ruff_cache"}
+# out of scope: a mutant whose only change is the text of a message (a string inside `raise`, an assert's message,
+# or a call of one of these), which no numeric or integrity test should pin down
+MESSAGE_CALLS = {"print", "log", "warn", "warning", "info", "debug", "error", "echo", "UserError"}
+MUTANT = re.compile(r"^(?P<function>.+)__mutmut_(?P<n>\d+|orig)$")
+SURVIVORS = ROOT / "work" / "mutation"  # each module's surviving mutants, as diffs (for docs/results.md)
 
 
 def settings(module: str, tests: list[str]) -> str:
@@ -40,38 +46,104 @@ def settings(module: str, tests: list[str]) -> str:
             f"also_copy = {listed(['pipeline/', 'cache/', 'stages/', 'benches/', 'tests/'])}\n")
 
 
-def mutate(module: str, tests: list[str]) -> dict[str, int]:
-    """mutmut on `module` in a copy of the tree: its counts (total, killed, timeout, survived, no tests, ...)."""
+def _message_context(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    """Whether `node` lies in a message: under a `raise`, an assert's message, or a call of MESSAGE_CALLS."""
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, ast.Raise) or (isinstance(parent, ast.Assert) and node is parent.msg):
+            return True
+        if isinstance(parent, ast.Call) and node is not parent.func:
+            func = parent.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) in MESSAGE_CALLS:
+                return True
+        node = parent
+    return False
+
+
+def message_only(original: ast.AST, mutant: ast.AST) -> bool:
+    """Whether `mutant` differs from `original` only in the text of messages (same tree, string constants changed
+    only where _message_context says a message is)."""
+    parents = {child: node for node in ast.walk(mutant) for child in ast.iter_child_nodes(node)}
+    pairs = list(zip(ast.walk(original), ast.walk(mutant), strict=False))
+    if len(pairs) != sum(1 for _ in ast.walk(original)) or len(pairs) != sum(1 for _ in ast.walk(mutant)):
+        return False
+    changed = False
+    for old, new in pairs:
+        if type(old) is not type(new):
+            return False
+        if isinstance(old, ast.Constant) and old.value != new.value:
+            if not (isinstance(old.value, str) and _message_context(new, parents)):
+                return False
+            changed = True
+        elif not isinstance(old, ast.Constant):
+            plain = [f for f in old._fields if not isinstance(getattr(old, f), ast.AST | list)]
+            if any(getattr(old, f) != getattr(new, f) for f in plain if f not in ("ctx", "type_comment")):
+                return False
+    return changed
+
+
+def message_mutants(mutated_file: Path, module_name: str) -> set[str]:
+    """The mutants of one mutated file (mutmut's copy, holding each function's original and its mutants) that change
+    only a message's text, by mutmut's names (`pipeline.x.y.x_f__mutmut_3`)."""
+    tree = ast.parse(mutated_file.read_text())
+    functions = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
+    out = set()
+    for name, node in functions.items():
+        match = MUTANT.match(name)
+        if match and match["n"] != "orig":
+            original = functions.get(f"{match['function']}__mutmut_orig")
+            if original is not None:
+                node.name = original.name  # the names differ by construction
+                if message_only(original, node):
+                    out.add(f"{module_name}.{name}")
+                node.name = name
+    return out
+
+
+def mutate(module: str, tests: list[str]) -> dict[str, Any]:
+    """mutmut on `module` in a copy of the tree: its counts by status (message-only mutants counted apart), and
+    the survivors' diffs written to work/mutation/."""
     with tempfile.TemporaryDirectory(prefix="hp-pipe-mutation-") as folder:
         copy = Path(folder) / "tree"
         shutil.copytree(ROOT, copy, ignore=lambda _, names: [n for n in names if n in SKIP])
         with (copy / "pyproject.toml").open("a") as f:
             f.write(settings(module, tests))
         mutmut = Path(sys.executable).with_name("mutmut")
-        proc = subprocess.run([str(mutmut), "run"], cwd=copy, capture_output=True, text=True,
-                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
-        found = SUMMARY.findall(proc.stdout.replace("\r", "\n"))
-        if not found:
-            raise SystemExit(f"mutmut gave no summary for {module}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-        done, total, killed, untested, timeout, suspicious, survived, skipped = map(int, found[-1])
-        names = subprocess.run([str(mutmut), "results"], cwd=copy, capture_output=True, text=True).stdout
-        return {"total": total, "killed": killed, "timeout": timeout, "survived": survived, "untested": untested,
-                "suspicious": suspicious, "skipped": skipped,
-                "survivors": [line.split(":")[0].strip() for line in names.splitlines() if "survived" in line]}
+        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+        proc = subprocess.run([str(mutmut), "run"], cwd=copy, capture_output=True, text=True, env=env)
+        listing = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=copy, capture_output=True,
+                                 text=True, env=env).stdout
+        status = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line)
+        if not status:
+            raise SystemExit(f"mutmut gave no results for {module}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        messages = message_mutants(copy / "mutants" / module, module.removesuffix(".py").replace("/", "."))
+        counts = Counter(state for name, state in status.items() if name not in messages)
+        survivors = sorted(name for name, state in status.items() if state == "survived" and name not in messages)
+        SURVIVORS.mkdir(parents=True, exist_ok=True)
+        diffs = [subprocess.run([str(mutmut), "show", name], cwd=copy, capture_output=True, text=True,
+                                env=env).stdout for name in survivors]
+        (SURVIVORS / f"{Path(module).stem}.diff").write_text("\n".join(diffs))
+        return {"total": sum(counts.values()), "messages": len(messages & set(status)), "counts": counts,
+                "survivors": survivors}
 
 
 def main(selected: list[str]) -> None:
-    print("| module | mutants | killed | timeout | survived | no tests | killed or timed out (%) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| module | mutants | killed | timeout | survived | other | caught (%) | message-only (excluded) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for module, tests in MODULES.items():
         if selected and module not in selected:
             continue
-        c = mutate(module, tests)
-        caught = 100 * (c["killed"] + c["timeout"]) / max(c["total"] - c["skipped"], 1)
-        print(f"| `{module}` | {c['total']} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['untested']} "
-              f"| {caught:.1f} |", flush=True)
-        for name in c["survivors"]:
-            print(f"|   survived: `{name}` | | | | | | |", flush=True)
+        r = mutate(module, tests)
+        c = r["counts"]
+        caught = c["killed"] + c["timeout"]
+        other = r["total"] - caught - c["survived"]
+        print(f"| `{module}` | {r['total']} | {c['killed']} | {c['timeout']} | {c['survived']} | {other} "
+              f"| {100 * caught / max(r['total'], 1):.1f} | {r['messages']} |", flush=True)
+        for name in r["survivors"]:
+            print(f"|   survived: `{name}` | | | | | | | |", flush=True)
+        if other:
+            print(f"|   other: {dict((k, v) for k, v in c.items() if k not in ('killed', 'timeout', 'survived'))} "
+                  "| | | | | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,8 +78,7 @@ def test_every_shuffled_batch_is_the_plans_and_mixed_within_its_buffer(tmp_path)
     allowed, carry = [], set()
     for chunks, batches in plan:
         held = carry | {i for c in chunks for i in range(c * 8, min(c * 8 + 8, 100))}
-        for b in batches:
-            allowed.append(held)
+        allowed += [held] * len(batches)
         carry = held - {int(i) for b in batches for i in b}
     for batch, expected, held in zip(served, planned, allowed, strict=True):
         idx = batch["index"].numpy()
