@@ -7,6 +7,11 @@ docs/hp.md §8 (k-means on training codes, cosine assignment at label size, Hung
 on the head's codes and on the raw features.
 A second run of the same trainer with the hidden positives shuffled across anchors (a deliberately broken
 loss) shows the bench can fail: it must not beat raw features.
+
+`--method hcl` (`run_seed_hcl`): HCL's planted multi-level stores, HCL at the start, middle and end of training.
+`--method stego` (`run_seed_stego`): HP's planted stores, STEGO's neighbour table by its own knn stage, STEGO trained
+by its own trainer (`STEGO_TRAIN`), and a broken run whose neighbour table holds random crops (positives without
+information), each probed like HP's head, with the trainer's initial head.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -47,6 +53,10 @@ from pipeline.methods.hp import training as hp_training
 from pipeline.methods.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.methods.hp.pool import PoolIndex, pick_patches
 from pipeline.methods.hp.step import HPHeads
+from pipeline.methods.stego import stages as stego_stages
+from pipeline.methods.stego import training as stego_training
+from pipeline.methods.stego.head import StegoHead
+from pipeline.methods.stego.stages import knn_body
 from pipeline.orchestration.runner import StageContext
 from pipeline.settings import TrainSection
 from pipeline.training.checkpoints import load_checkpoint
@@ -188,21 +198,28 @@ def diagnose(checkpoint: str, store: FeatureStore, pool_size: int, images: int, 
     return out
 
 
-def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
-    """Planted stores, HP (and the broken loss) trained, cluster probe on head codes and raw features."""
-    t0 = time.perf_counter()
-    root = Path(workdir) / f"seed-{seed}"
+def planted_stores(bench: PlantedBench | PlantedStegoBench, seed: int, root: Path
+                   ) -> tuple[FeatureStore, FeatureStore, np.ndarray, dict[str, float]]:
+    """HP's planted train and val stores of `seed` under `root`, the val labels and the cluster probe on the raw
+    features (HP's and STEGO's benches share them: the same sizes and seed give the same stores)."""
     urls = {split: str(root / f"{split}.zarr") for split in ("train", "val")}
     write_store(urls["train"], bench.planted, seed, "train", bench.n_train, bench.n_views, bench.chunk_size)
     write_store(urls["val"], bench.planted, seed, "val", bench.n_val, 0, bench.chunk_size)
     train, val = FeatureStore.open(urls["train"]), FeatureStore.open(urls["val"])
     labels = val.read("label", 0, len(val))
-    config = train_config(bench, seed)
-    pool_size = config["hp"]["pool_size"]
-
     raw_val = list(torch.from_numpy(val.read("feat", 0, len(val))).float().permute(0, 3, 1, 2))
     raw_train = train.read("feat", 0, len(train)).reshape(-1, bench.planted.dim).astype(np.float32)
-    out: dict[str, Any] = {"seed": seed, "raw": cluster_probe(raw_train, raw_val, labels, N_CLASSES, seed)}
+    return train, val, labels, cluster_probe(raw_train, raw_val, labels, N_CLASSES, seed)
+
+
+def run_seed(bench: PlantedBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
+    """Planted stores, HP (and the broken loss) trained, cluster probe on head codes and raw features."""
+    t0 = time.perf_counter()
+    root = Path(workdir) / f"seed-{seed}"
+    train, val, labels, raw = planted_stores(bench, seed, root)
+    config = train_config(bench, seed)
+    pool_size = config["hp"]["pool_size"]
+    out: dict[str, Any] = {"seed": seed, "raw": raw}
 
     def trained(name: str) -> str:
         ctx = StageContext(name=f"planted-{name}-seed{seed}", fingerprint=f"planted-{name}-{seed}", fresh=True,
@@ -330,16 +347,214 @@ def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
     return figures
 
 
-def planted_bench(method: str) -> tuple[Any, PlantedBench | PlantedHCLBench]:
+# ---------------------------------------------------------------- STEGO on planted features (issue 27 §6)
+# Every [stego] setting STEGO's result depends on, for HP's planted store of 200 scenes, written out like HP_TRAIN:
+# the loss weights and shifts, Adam's lr, the dropout and the neighbour ranks of the ViT-S/8 COCO configuration
+# (presets.toml [defaults.stego]); the head width and the S = 7 sampled points per side of the synthetic preset,
+# whose stores have this grid (14 × 14 patches); batch 16 for 10 epochs: 12 batches an epoch, 120 in all, as HP's
+# and HCL's benches (max_steps 0: whole epochs).
+STEGO_TRAIN: dict[str, Any] = {
+    "head_dim": 32, "batch_size": 16, "max_steps": 0, "epochs": 10, "lr": 5e-4, "feature_samples": 7,
+    "neg_samples": 5, "num_neighbors": 7, "pointwise": True, "zero_clamp": True, "stabilize": False,
+    "w_intra": 0.67, "w_inter": 0.25, "w_neg": 0.63, "b_intra": 0.08, "b_inter": 0.02, "b_neg": 0.66,
+    "correspondence_weight": 1.0, "dropout": 0.1,
+}
+# The neighbour table's [stego_cache] settings: the reference's 30 neighbours and its dropout before pooling.
+STEGO_KNN: dict[str, Any] = {"knn_size": 30, "knn_dropout": 0.1, "knn_seed": 0}
+
+
+@dataclass(frozen=True)
+class PlantedStegoBench:
+    """Sizes of STEGO's planted bench (HP's stores: the same sizes give the same stores) and its settings over
+    STEGO_TRAIN and STEGO_KNN."""
+
+    n_train: int = 200
+    n_val: int = 64
+    chunk_size: int = 16
+    n_views: int = 2  # unused by STEGO; kept so that the train store is HP's bench's, raw figure included
+    stego: dict[str, Any] = field(default_factory=dict)  # replaces STEGO_TRAIN's entries (tests, experiments)
+    knn: dict[str, Any] = field(default_factory=dict)  # replaces STEGO_KNN's entries
+    planted: PlantedSettings = PlantedSettings()
+
+
+def stego_config(bench: PlantedStegoBench, seed: int) -> dict[str, Any]:
+    """A whole config whose [stego] and [stego_cache] carry STEGO_TRAIN and STEGO_KNN (and the bench's
+    replacements) over any preset value, seeded by `seed`; the k-means protocol, so that no online probe trains."""
+    s = {**STEGO_TRAIN, **bench.stego, "seed": seed}
+    knn = {**STEGO_KNN, **bench.knn}
+    return load_config("synthetic", {**{f"stego.{k}": v for k, v in s.items()},
+                                     **{f"stego_cache.{k}": v for k, v in knn.items()}, "train.method": "stego",
+                                     "evaluate.protocol": "kmeans", "train.checkpoint_interval": 10**9})
+
+
+def neighbour_table(config: dict[str, Any], store: FeatureStore, root: Path) -> dict[str, Any]:
+    """The knn-train stage's own body (pipeline/methods/stego/stages.py) on the planted train store: global
+    features, then the nearest crops by faiss. Returns the stage's manifest as STEGO's trainer reads it upstream."""
+    job = SimpleNamespace(config=config, upstream=lambda step, stage: {
+        "outputs": {"store": store.url}, "fingerprint": store.attrs["fingerprint"]})
+    step = SimpleNamespace(config={"store": str(root / "stego-knn-train.zarr")})
+    ctx = StageContext(name="planted-knn", fingerprint=f"planted-knn-{store.attrs['fingerprint']}", fresh=True,
+                       manifest={})
+    return {"outputs": knn_body(job, step, ctx)}
+
+
+def random_neighbours(seed: int) -> tuple[Any, list[int]]:
+    """A deliberately broken STEGO: `read_table` whose table keeps each crop at rank 0 and replaces every other
+    rank by a random other crop, so that each positive is a random image (no information). Returns the reader and
+    a call counter (the bench checks the trainer read through it)."""
+    rng = np.random.default_rng(20_000 + seed)
+    calls = [0]
+
+    def read(manifest: dict[str, Any], n_samples: int) -> np.ndarray:
+        calls[0] += 1
+        k = stego_stages.read_table(manifest, n_samples).shape[1]
+        others = (np.arange(n_samples)[:, None] + rng.integers(1, n_samples, (n_samples, k - 1))) % n_samples
+        return np.concatenate([np.arange(n_samples)[:, None], others], axis=1).astype(np.int64)
+
+    return read, calls
+
+
+def recorded_positives() -> tuple[Any, list[tuple[np.ndarray, np.ndarray]]]:
+    """STEGO's `positives` that also keeps every (anchors, positives) pair it draws: what the trainer really used."""
+    original = stego_training.positives
+    drawn: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def draw(table: np.ndarray, index: torch.Tensor, num_neighbors: int, generator: torch.Generator) -> np.ndarray:
+        pos = original(table, index, num_neighbors, generator)
+        drawn.append((index.numpy().copy(), np.asarray(pos).copy()))
+        return pos
+
+    return draw, drawn
+
+
+@contextlib.contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` is `value` while inside (STEGO's trainer looks its table reader and positives up there)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def positive_figures(drawn: list[tuple[np.ndarray, np.ndarray]], table: np.ndarray, num_neighbors: int,
+                     mix: np.ndarray) -> dict[str, float]:
+    """What the positives a run drew were: the share among the anchor's `num_neighbors` nearest crops of the real
+    table (100 for a plain run, chance for a broken one), and their class overlap with the anchor (Σ_c min of the
+    two images' pixel shares; 100: the same classes in the same proportions)."""
+    anchors = np.concatenate([a for a, _ in drawn])
+    pos = np.concatenate([p for _, p in drawn])
+    in_table = (table[anchors, 1:num_neighbors + 1] == pos[:, None]).any(1)
+    overlap = np.minimum(mix[anchors], mix[pos]).sum(1)
+    return {"in_table": round(100 * float(in_table.mean()), 1), "class_overlap": round(100 * float(overlap.mean()), 1),
+            "drawn": len(pos)}
+
+
+def run_seed_stego(bench: PlantedStegoBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
+    """HP's planted stores, the neighbour table by STEGO's own knn stage, STEGO trained by its own trainer (and with a
+    random neighbour table: the broken run), the cluster probe on the codes of the trainer's initial head, of the
+    trained heads, and on the raw features."""
+    t0 = time.perf_counter()
+    root = Path(workdir) / f"stego-seed-{seed}"
+    train, val, labels, raw = planted_stores(bench, seed, root)
+    out: dict[str, Any] = {"seed": seed, "raw": raw}
+    config = stego_config(bench, seed)
+    s = config["stego"]
+    manifest = neighbour_table(config, train, root)
+    table = stego_stages.read_table(manifest, len(train))
+    train_labels = train.read("label", 0, len(train))
+    mix = np.stack([np.bincount(lab.ravel(), minlength=N_CLASSES) / lab.size for lab in train_labels])
+
+    def trained(name: str) -> str:
+        ctx = StageContext(name=f"planted-stego-{name}-seed{seed}", fingerprint=f"planted-stego-{name}-{seed}",
+                           fresh=True, manifest={})
+        draw, drawn = recorded_positives()
+        with replaced(stego_training, "positives", draw):
+            result = stego_training.train(ctx, config, train, root / name, {"knn-train": manifest})
+        out[f"{name}_positives"] = positive_figures(drawn, table, s["num_neighbors"], mix)
+        out["iterations"] = result["iterations"]
+        return result["checkpoint"]
+
+    runs = {"head": trained("head")}
+    if broken:
+        read, calls = random_neighbours(seed)
+        with replaced(stego_training, "read_table", read):
+            runs["broken"] = trained("broken")
+        if not calls[0]:
+            raise RuntimeError("the random neighbour table was never read: STEGO's trainer no longer reads its table "
+                               "through pipeline.methods.stego.training.read_table, so the broken run would be a "
+                               "plain STEGO run")
+    for name, checkpoint in runs.items():
+        out[name] = cluster_probe(*_codes(checkpoint, train, val), labels, N_CLASSES, seed)
+    # the trainer's initial head: the same seed, then StegoHead (StegoTraining.build)
+    torch.manual_seed(seed)
+    start = StegoHead(bench.planted.dim, s["head_dim"], s["dropout"])
+    out["start"] = cluster_probe(*_codes({"method": "stego", "in_dim": bench.planted.dim, "head_dim": s["head_dim"],
+                                          "dropout": s["dropout"], "head": start.state_dict()}, train, val),
+                                 labels, N_CLASSES, seed)
+    ranks = table[:, 1:s["num_neighbors"] + 1]
+    others = ~np.eye(len(mix), dtype=bool)
+    out["table_class_overlap"] = round(100 * float(np.minimum(mix[:, None], mix[ranks]).sum(-1).mean()), 1)
+    out["chance_class_overlap"] = round(100 * float(np.minimum(mix[:, None], mix[None]).sum(-1)[others].mean()), 1)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def planted_stego_quality(seeds: int, workdir: Path, as_json: bool,
+                          bench: PlantedStegoBench | None = None) -> dict[str, Any]:
+    """STEGO on planted features: every seed printed as it finishes, then the figures (JSON on the last line)."""
+    bench = bench or PlantedStegoBench()
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    results = []
+    for seed in range(seeds):
+        r = run_seed_stego(bench, seed, Path(workdir) / "bench-planted")
+        log.info(f"[planted] STEGO seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  STEGO head "
+                 f"{r['head']['miou']:.2f}  broken (random neighbours) {r['broken']['miou']:.2f}  (head at the start "
+                 f"{r['start']['miou']:.2f})  | positives' class overlap with the anchor: neighbours "
+                 f"{r['table_class_overlap']:.1f}%, random {r['chance_class_overlap']:.1f}%  {r['seconds']:.0f}s")
+        results.append(r)
+    per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "start")}
+    figures = {
+        "stego_miou": _mean(per["head"]), "raw_miou": _mean(per["raw"]), "broken_miou": _mean(per["broken"]),
+        "stego_start_miou": _mean(per["start"]),
+        "stego_minus_raw_miou": round(_mean(per["head"]) - _mean(per["raw"]), 2),
+        "stego_minus_start_miou": round(_mean(per["head"]) - _mean(per["start"]), 2),
+        "broken_minus_raw_miou": round(_mean(per["broken"]) - _mean(per["raw"]), 2),
+        "broken_beats_raw": _mean(per["broken"]) > _mean(per["raw"]),
+        "seeds": [r["seed"] for r in results],
+        "stego_miou_per_seed": per["head"], "raw_miou_per_seed": per["raw"], "broken_miou_per_seed": per["broken"],
+        "stego_start_miou_per_seed": per["start"],
+        "stego_acc_per_seed": [r["head"]["acc"] for r in results],
+        "raw_acc_per_seed": [r["raw"]["acc"] for r in results],
+        "broken_acc_per_seed": [r["broken"]["acc"] for r in results],
+        "table_class_overlap_per_seed": [r["table_class_overlap"] for r in results],
+        "chance_class_overlap_per_seed": [r["chance_class_overlap"] for r in results],
+        "positives_in_table_per_seed": [r["head_positives"]["in_table"] for r in results],
+        "broken_positives_in_table_per_seed": [r["broken_positives"]["in_table"] for r in results],
+        "train_images": bench.n_train, "val_images": bench.n_val, "iterations": results[0]["iterations"],
+        "stego_settings": {k: stego_config(bench, 0)["stego"][k] for k in STEGO_TRAIN},
+        "knn_settings": {k: stego_config(bench, 0)["stego_cache"][k] for k in STEGO_KNN},
+        "planted": dataclasses.asdict(bench.planted),
+        "seconds": round(sum(r["seconds"] for r in results), 1), "threads": torch.get_num_threads(),
+    }
+    report(figures, as_json)
+    return figures
+
+
+def planted_bench(method: str) -> tuple[Any, PlantedBench | PlantedHCLBench | PlantedStegoBench]:
     """(the quality run, its bench settings) of `bench quality --planted --method M`."""
-    benches = {"hp": (planted_quality, PlantedBench()), "hcl": (planted_hcl_quality, PlantedHCLBench())}
+    benches = {"hp": (planted_quality, PlantedBench()), "hcl": (planted_hcl_quality, PlantedHCLBench()),
+               "stego": (planted_stego_quality, PlantedStegoBench())}
     if method not in benches:
         raise UserError(f"bench quality --planted has no planted bench for method '{method}' (benches: "
                         f"{', '.join(benches)})")
     return benches[method]
 
 
-def with_style(bench: PlantedBench | PlantedHCLBench, style: float | None) -> PlantedBench | PlantedHCLBench:
+def with_style(bench: PlantedBench | PlantedHCLBench | PlantedStegoBench, style: float | None
+               ) -> PlantedBench | PlantedHCLBench | PlantedStegoBench:
     """The bench, or a control run of it whose generator has another image-style strength (`--style`): the bench's
     own setting (1.1) was fixed from the raw figure alone and is never changed; a control says what the style does."""
     if style is None:
