@@ -706,11 +706,11 @@ def bench_quality(
     trust_weights: TrustWeights = False,
     set_: Sets = None,
     planted: Annotated[bool, typer.Option("--planted", help="Planted features with a known answer (no backbone): "
-                                               "HP head vs raw features vs a deliberately broken loss.")] = False,
+                                               "the head vs raw features vs a deliberately broken run.")] = False,
     seeds: Annotated[int, typer.Option(help="With --planted: seeds (planted data and training), each printed.")] = 3,
     method: Annotated[MethodName, typer.Option(
-        help="With --planted: hp (head, raw, broken loss) or hcl (raw, and HCL at the start, middle and end of "
-             "training).")] = "hp",
+        help="With --planted: the method whose planted bench runs (raw features, its head at the start and end "
+             "of training, a deliberately broken run).")] = "hp",
     style: Annotated[float | None, typer.Option(help="With --planted: a control run with another image-style "
                                                      "strength (the bench's generator keeps 1.1; 0: no style).")
                      ] = None,
