@@ -8,7 +8,9 @@ on the head's codes and on the raw features.
 A second run of the same trainer with the hidden positives shuffled across anchors (a deliberately broken
 loss) shows the bench can fail: it must not beat raw features.
 
-`--method hcl` (`run_seed_hcl`): HCL's planted multi-level stores, HCL at the start, middle and end of training.
+`--method hcl` (`run_seed_hcl`): HCL's planted multi-level stores, HCL at the start, middle and end of training, and
+a broken run whose loss gets each token's targets (MoGo's cluster assignment and the prediction target) from another
+token of its kind (targets without information).
 `--method stego` (`run_seed_stego`): HP's planted stores, STEGO's neighbour table by its own knn stage, STEGO trained
 by its own trainer (`STEGO_TRAIN`), and a broken run whose neighbour table holds random crops (positives without
 information), each probed like HP's head, with the trainer's initial head.
@@ -47,8 +49,11 @@ from pipeline.errors import UserError
 from pipeline.evaluation.codes import encode_range
 from pipeline.evaluation.encoders import encoder_of, load_encoder
 from pipeline.log import log
+from pipeline.methods.hcl import step as hcl_step
 from pipeline.methods.hcl import training as hcl_training
 from pipeline.methods.hcl.heads import build_model
+from pipeline.methods.hcl.loss import hcl_loss
+from pipeline.methods.hcl.mogo import nearest_l2
 from pipeline.methods.hp import training as hp_training
 from pipeline.methods.hp.loss import LossOutput, hp_loss, positive_masks
 from pipeline.methods.hp.pool import PoolIndex, pick_patches
@@ -279,9 +284,65 @@ def hcl_config(bench: PlantedHCLBench, seed: int, epochs: int | None = None) -> 
                                      "evaluate.protocol": "kmeans", "train.checkpoint_interval": 10**9})
 
 
-def run_seed_hcl(bench: PlantedHCLBench, seed: int, workdir: Path) -> dict[str, Any]:
+def shuffle_within_kind(k: torch.Tensor, fg_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """k (..., d) with its rows permuted over the batch's tokens, foreground among foreground and background among
+    background (fg_mask (...)): each kind's loss sees the same keys, each on another token (random, seeded)."""
+    flat, fg = k.reshape(-1, k.shape[-1]), fg_mask.reshape(-1).bool().cpu()
+    source = torch.arange(len(fg))
+    for kind in (fg, ~fg):
+        tokens = kind.nonzero().squeeze(1)
+        source[tokens] = tokens[torch.randperm(len(tokens), generator=generator)]
+    return flat[source.to(k.device)].reshape(k.shape)
+
+
+def target_agreement(k: torch.Tensor, shuffled: torch.Tensor, fg_mask: torch.Tensor,
+                     centroids: dict[str, Any]) -> tuple[int, int, float]:
+    """(tokens, tokens whose MoGo target a(i) from `shuffled` is the one from their own key, the count expected by
+    chance: Σ_kind Σ_j n_j² / n_kind for targets drawn independently with the same shares)."""
+    d = k.shape[-1]
+    with torch.no_grad(), torch.autocast(k.device.type, enabled=False):
+        k, shuffled, fg = k.reshape(-1, d).float(), shuffled.reshape(-1, d).float(), fg_mask.reshape(-1).bool()
+        same, chance = 0, 0.0
+        for kind, tokens in (("fg", fg), ("bg", ~fg)):
+            if not tokens.any():
+                continue
+            raw = centroids[kind]["raw"].float()
+            plain = nearest_l2(k[tokens], raw)
+            same += int((nearest_l2(shuffled[tokens], raw) == plain).sum())
+            counts = torch.bincount(plain).double()
+            chance += float((counts * counts).sum() / counts.sum())
+    return len(fg), same, chance
+
+
+def shuffled_targets(seed: int) -> tuple[Any, dict[str, float]]:
+    """A deliberately broken HCL loss: hcl_loss with the momentum keys k shuffled across the batch's tokens within
+    their kind (`shuffle_within_kind`), so that each token's MoGo target a(i) and its prediction target are another
+    token's (no information about the token; L_fg and L_bg keep their target shares).
+
+    Returns the loss and its record: the calls (the bench checks the trainer made them) and, over all calls, the
+    tokens, those whose target is still their own one, and the count chance gives (`target_agreement`).
+    """
+    generator = torch.Generator().manual_seed(30_000 + seed)
+    record: dict[str, float] = {"calls": 0, "tokens": 0, "same_target": 0, "chance_target": 0.0}
+
+    def loss(q: torch.Tensor, k: torch.Tensor, pred_q: torch.Tensor, fg_mask: torch.Tensor,
+             fg_centroids: dict[str, torch.Tensor], bg_centroids: dict[str, torch.Tensor],
+             tau: float = 0.07) -> dict[str, torch.Tensor]:
+        shuffled = shuffle_within_kind(k.detach(), fg_mask, generator)
+        tokens, same, chance = target_agreement(k, shuffled, fg_mask, {"fg": fg_centroids, "bg": bg_centroids})
+        record["calls"] += 1
+        record["tokens"] += tokens
+        record["same_target"] += same
+        record["chance_target"] += chance
+        return hcl_loss(q, shuffled, pred_q, fg_mask, fg_centroids, bg_centroids, tau)
+
+    return loss, record
+
+
+def run_seed_hcl(bench: PlantedHCLBench, seed: int, workdir: Path, broken: bool = True) -> dict[str, Any]:
     """Planted HCL stores, HCL trained by its own trainer, the cluster probe on HCL's segmentation features at the
-    start (the trainer's initial model), after half the epochs and at the end, and on the raw (finest) features.
+    start (the trainer's initial model), after half the epochs and at the end, on the raw (finest) features, and on
+    those of a run trained with shuffled targets (`shuffled_targets`: the broken run).
 
     The middle point is a real stop: the run is trained for half the epochs, then resumed to the end by the
     trainer's own resume (HCL's schedule depends on the epoch alone, so the run is the same as one without a stop).
@@ -311,6 +372,20 @@ def run_seed_hcl(bench: PlantedHCLBench, seed: int, workdir: Path) -> dict[str, 
         result = hcl_training.train(ctx, hcl_config(bench, seed, stop), train, root / "hcl")
         out[name] = cluster_probe(*_codes(result["checkpoint"], train, val), labels, N_CLASSES, seed)
         out[f"{name}_iteration"] = result["iterations"]
+    if broken:
+        loss, record = shuffled_targets(seed)
+        ctx = StageContext(name=f"planted-hcl-broken-seed{seed}", fingerprint=f"planted-hcl-broken-{seed}",
+                           fresh=True, manifest={})
+        with replaced(hcl_step, "hcl_loss", loss):
+            result = hcl_training.train(ctx, config, train, root / "broken")
+        if record["calls"] != result["iterations"]:
+            raise RuntimeError(f"the broken loss was called {record['calls']} times in {result['iterations']} steps: "
+                               "HCL's training step no longer calls pipeline.methods.hcl.step.hcl_loss, so the "
+                               "broken run would be (partly) a plain HCL run")
+        out["broken"] = cluster_probe(*_codes(result["checkpoint"], train, val), labels, N_CLASSES, seed)
+        out["broken_targets"] = {"calls": record["calls"], "tokens": record["tokens"],
+                                 "same_target": round(100 * record["same_target"] / record["tokens"], 1),
+                                 "chance_target": round(100 * record["chance_target"] / record["tokens"], 1)}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -326,17 +401,25 @@ def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
         r = run_seed_hcl(bench, seed, Path(workdir) / "bench-planted")
         log.info(f"[planted] HCL seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
               f"{r['start']['miou']:.2f}, iteration {r['middle_iteration']} {r['middle']['miou']:.2f}, "
-              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  {r['seconds']:.0f}s")
+              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  broken (shuffled targets) "
+              f"{r['broken']['miou']:.2f}  | tokens whose target survived the shuffle: "
+              f"{r['broken_targets']['same_target']:.1f}% (chance {r['broken_targets']['chance_target']:.1f}%)  "
+              f"{r['seconds']:.0f}s")
         results.append(r)
-    per = {name: [r[name]["miou"] for r in results] for name in ("end", "raw", "start", "middle")}
+    per = {name: [r[name]["miou"] for r in results] for name in ("end", "raw", "start", "middle", "broken")}
     figures = {
         "hcl_miou": _mean(per["end"]), "raw_miou": _mean(per["raw"]),
         "hcl_start_miou": _mean(per["start"]), "hcl_middle_miou": _mean(per["middle"]),
+        "hcl_broken_miou": _mean(per["broken"]),
         "hcl_minus_raw_miou": round(_mean(per["end"]) - _mean(per["raw"]), 2),
         "hcl_minus_start_miou": round(_mean(per["end"]) - _mean(per["start"]), 2),
+        "hcl_broken_minus_raw_miou": round(_mean(per["broken"]) - _mean(per["raw"]), 2),
         "seeds": [r["seed"] for r in results],
         "hcl_miou_per_seed": per["end"], "raw_miou_per_seed": per["raw"],
         "hcl_start_miou_per_seed": per["start"], "hcl_middle_miou_per_seed": per["middle"],
+        "hcl_broken_miou_per_seed": per["broken"],
+        "broken_same_target_per_seed": [r["broken_targets"]["same_target"] for r in results],
+        "broken_chance_target_per_seed": [r["broken_targets"]["chance_target"] for r in results],
         "iterations": results[0]["end_iteration"], "middle_iteration": results[0]["middle_iteration"],
         "train_images": bench.n_train, "crops": bench.crops, "views": bench.n_views, "val_images": bench.n_val,
         "hcl_settings": {k: hcl_config(bench, 0)["hcl"][k] for k in HCL_TRAIN},

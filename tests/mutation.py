@@ -43,7 +43,10 @@ def settings(module: str, tests: list[str]) -> str:
     # paths_to_mutate and tests_dir: mutmut 3.8 warns that they are deprecated, but with them its stats pass runs the
     # module's tests alone (the whole suite would take 20 minutes per module)
     return (f"\n[tool.mutmut]\npaths_to_mutate = {listed([module])}\ntests_dir = {listed(tests)}\n"
-            f"also_copy = {listed(['pipeline/', 'cache/', 'stages/', 'benches/', 'tests/'])}\n")
+            f"also_copy = {listed(['pipeline/', 'cache/', 'stages/', 'benches/', 'tests/'])}\n"
+            # a mutant that makes the tests run 4x longer than unmutated is caught as timed out (mutmut's default
+            # 15x spent most of a module's time waiting on such mutants)
+            "timeout_multiplier = 4.0\n")
 
 
 def _message_context(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
@@ -109,7 +112,7 @@ def mutate(module: str, tests: list[str]) -> dict[str, Any]:
         with (copy / "pyproject.toml").open("a") as f:
             f.write(settings(module, tests))
         mutmut = Path(sys.executable).with_name("mutmut")
-        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HP_PIPE_MUTATION": "1"}
         proc = subprocess.run([str(mutmut), "run"], cwd=copy, capture_output=True, text=True, env=env)
         listing = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=copy, capture_output=True,
                                  text=True, env=env).stdout

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -50,10 +50,15 @@ from pipeline.evaluation.metrics import confusion_matrix, hungarian_match, remap
 from pipeline.extraction.lhp import WINDOW_OFFSETS, lhp_weights
 from pipeline.methods.registry import names as method_names
 
+# under `make mutation` (tests/mutation.py sets it) a failing example is reported as found, not shrunk: shrinking
+# would only make the reported example smaller, and it cost a killed mutant minutes
+SHRINK = () if os.environ.get("HP_PIPE_MUTATION") else (Phase.shrink,)
+
 
 def props(max_examples: int):
     """Reproducible settings: the same examples on every run, no example database written, no deadline."""
     return settings(max_examples=max_examples, derandomize=True, database=None, deadline=None,
+                    phases=(Phase.explicit, Phase.reuse, Phase.generate, *SHRINK),
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
