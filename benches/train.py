@@ -118,7 +118,8 @@ def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, se
     loss_flop = 2.0 * total * total * (c + d + 6 * d * min(kept))  # the masks for all anchors, z terms for the kept
     mm_flop = 2.0 * total * total * d
     ratio = statistics.median((loss_flop / ls) / (mm_flop / ms) for ls, ms in pairs)  # of side-by-side pairs
-    return {"loss_gflops": round(loss_flop / loss_s / 1e9, 2), "matmul_gflops": round(mm_flop / mm_s / 1e9, 2),
+    return {"loss_gflops": float(f"{loss_flop / loss_s / 1e9:.4g}"),
+            "matmul_gflops": float(f"{mm_flop / mm_s / 1e9:.4g}"),
             "loss_matmul_ratio": round(ratio, 3),
             "loss_seconds": round(loss_s, 4), "loss_flop": int(loss_flop), "loss_kept_anchors": round(min(kept), 4),
             "loss_peak_mib": round(loss_peak_bytes(batch, n, d, seed) / 2**20, 2),

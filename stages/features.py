@@ -29,7 +29,7 @@ from pipeline.extraction.backbone import Backbone, check_resolution
 from pipeline.extraction.extract import ExtractSettings
 from pipeline.extraction.workers import extraction_attrs, feature_backbone, feature_batch_size, fill_chunks
 from pipeline.methods.hp.store import run_local, sample_order, settings_for, worker_chunk
-from pipeline.orchestration import paths
+from pipeline.orchestration import coverage, paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
 from pipeline.orchestration.stage import implement
@@ -83,7 +83,8 @@ def fill(job: Build, ctx: StageContext, group, url: str, split: str, backbone: B
         run_local(backbone, group, pending, directory, names, order, labelled, settings, progress,
                   config["features"]["workers"], feature_batch_size(config))
 
-    worker_args = (paths.for_workers(url), config, split, paths.for_workers(directory), names)  # any --workdir
+    # any --workdir; the worker gets the keys this stage may read, as plain data
+    worker_args = (paths.for_workers(url), coverage.covered_only(config), split, paths.for_workers(directory), names)
     return fill_chunks(group, url, job.options, local, worker_chunk, worker_args,
                        {"total": len(names), "desc": ctx.name, "unit": "img", "smoothing": 0.1}, ctx.log)
 

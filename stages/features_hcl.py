@@ -48,7 +48,7 @@ from pipeline.methods.hcl.store import (
     mask_preview,
     worker_chunk,
 )
-from pipeline.orchestration import paths
+from pipeline.orchestration import coverage, paths
 from pipeline.orchestration.graph import Build, Step, build
 from pipeline.orchestration.runner import StageContext
 from pipeline.orchestration.stage import implement
@@ -113,7 +113,8 @@ def fill(job: Build, ctx: StageContext, group, url: str, geo: Geometry, backbone
                    group=max(1, batch // f["chunk_size"]))
 
     return fill_chunks(group, url, job.options, local, worker_chunk,
-                       (paths.for_workers(url), config, paths.for_workers(job.workdir), geo.split),
+                       (paths.for_workers(url), coverage.covered_only(config), paths.for_workers(job.workdir),
+                        geo.split),
                        {"total": n, "desc": ctx.name, "unit": "crop" if geo.train else "img"}, ctx.log)
 
 

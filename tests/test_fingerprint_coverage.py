@@ -82,6 +82,9 @@ def test_the_view_lets_read_only_covered_and_neutral_keys():
             read()
     assert coverage.whole(view) == config and type(coverage.whole(view)["hp"]) is dict  # a record reads it all
     assert pickle.loads(pickle.dumps(view)) == config  # a worker process gets plain sections
+    # a dask worker gets the readable keys as plain data: an uncovered read there is a KeyError
+    assert coverage.covered_only(view) == {"hp": {"tau": 0.1}, "train": {"method": "hp"}, "name": "x"}
+    assert coverage.covered_only(config) == config
     assert config["hp"] == {"tau": 0.1, "lr": 1.0}  # the config itself is untouched
 
 

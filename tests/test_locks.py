@@ -250,7 +250,10 @@ def test_ctrl_c_of_a_running_stage_exits_130_and_keeps_the_checkpoint(features):
     child = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "train", "--run", "sigint", "--epochs", "400", "--workdir",
          str(features), *SETS], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # Ctrl-C's default action, as in a terminal: a test run started in the background (nohup, `&`) ignores
+        # SIGINT, and a Python started with SIGINT ignored keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not ckpt.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -110,6 +110,17 @@ def covered_view(config: Config, allowed: set[str] | frozenset[str], stage: str)
             for name, values in config.items()}
 
 
+def covered_only(config: Config) -> Config:
+    """A view's readable keys as plain dicts (what a dask worker gets: it reads there, outside this guard, and a key
+    left out fails with KeyError); a plain config is returned as it is."""
+    def held(name: str, values: Any) -> Any:
+        if not isinstance(values, CoveredSection) or values.allowed is None:
+            return values
+        return {key: value for key, value in dict.items(values) if f"{name}.{key}" in values.allowed}
+
+    return {name: held(name, values) for name, values in config.items()}
+
+
 def whole(config: Config) -> Config:
     """The config behind a view, every key readable: for records of the whole config, never for a computation."""
     return {name: dict(dict.items(values)) if isinstance(values, dict) else values for name, values in config.items()}
