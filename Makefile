@@ -9,7 +9,7 @@ METHOD  ?=
 HP      := $(BIN)/hp-pipe
 M       := $(if $(METHOD),--method $(METHOD),)
 
-.PHONY: install install-gpu run segment prepare features train evaluate report compare tensorboard status bench test mutation lint clean
+.PHONY: install install-gpu run segment prepare features train evaluate report compare tensorboard status bench test test-all mutation lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,8 +61,13 @@ status: install
 bench: install
 	$(HP) bench features --workdir $(WORKDIR) $(ARGS)
 
+# one worker per core, each test file on one worker (its module fixtures built once); the tests marked slow run
+# where CI is set (.ci/run sets it) and in test-all, and are skipped with their reason otherwise
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile tests
+
+test-all: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n auto --dist loadfile --slow tests
 
 mutation: install   ## mutation testing of the numeric and integrity core (slow, not in CI): docs/results.md; ARGS=MODULE for one
 	$(BIN)/python -m pip install -q 'mutmut>=3.3'

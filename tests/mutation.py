@@ -125,7 +125,7 @@ def mutate(module: str, tests: list[str]) -> dict[str, Any]:
         SURVIVORS.mkdir(parents=True, exist_ok=True)
         diffs = [subprocess.run([str(mutmut), "show", name], cwd=copy, capture_output=True, text=True,
                                 env=env).stdout for name in survivors]
-        (SURVIVORS / f"{Path(module).stem}.diff").write_text("\n".join(diffs))
+        (SURVIVORS / (module.removesuffix(".py").replace("/", ".") + ".diff")).write_text("\n".join(diffs))
         return {"total": sum(counts.values()), "messages": len(messages & set(status)), "counts": counts,
                 "survivors": survivors}
 

@@ -493,6 +493,7 @@ def test_an_interrupted_features_run_resumes_to_the_same_store(name, tmp_path, m
 
 
 @pytest.mark.parametrize("name", [DINO, DINOV2_REG, DINOV3])
+@pytest.mark.slow
 def test_a_training_checkpoint_round_trips_per_family(name, tmp_path):
     """Per family: an HP run killed after a checkpoint and resumed from it ends with weights bit-identical to an
     uninterrupted run's (the checkpoint saved and loaded carries every weight and RNG state)."""

@@ -42,6 +42,7 @@ def test_missing_dataset_folder(tmp_path):
     assert_clean_error(proc, str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_unreadable_image_names_the_file_and_keeps_earlier_work(tmp_path):
     root = tmp_path / "pictures"
     (root / "images").mkdir(parents=True)
@@ -71,6 +72,7 @@ def test_label_id_out_of_range_names_the_label_file(tmp_path):
     assert_clean_error(proc, "aachen_000000_000019_gtFine_labelIds.png")
 
 
+@pytest.mark.slow
 def test_store_of_another_backbone_is_refused_and_intact(tmp_path):
     store = tmp_path / "shared.zarr"
     base = ["features", "--dataset", "synthetic", "--split", "val", "--random-init", "--store", str(store), *TINY]
@@ -85,15 +87,18 @@ def test_store_of_another_backbone_is_refused_and_intact(tmp_path):
     (["--set", "train.tua=0.5"], ["train.tua", "did you mean 'hp.tau'"]),
     (["--set", "features.n_views=two"], ["features.n_views", "int"]),
 ])
+@pytest.mark.slow
 def test_unknown_or_mistyped_key(tmp_path, args, fragments):
     assert_clean_error(hp("features", "--dataset", "synthetic", *args, workdir=tmp_path), *fragments)
 
 
+@pytest.mark.slow
 def test_offline_pretrained_weights_say_what_to_do(tmp_path):
     proc = hp("features", "--dataset", "synthetic", "--weights", "pretrained", *TINY, workdir=tmp_path)
     assert_clean_error(proc, "--weights", "--random-init")
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_file(tmp_path):
     proc = hp("features", "--dataset", "synthetic", "--weights", str(tmp_path / "dino.pth"), *TINY, workdir=tmp_path)
     assert_clean_error(proc, str(tmp_path / "dino.pth"))

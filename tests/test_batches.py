@@ -102,6 +102,7 @@ def built(tmp_path_factory):
     return config, workdir, stores
 
 
+@pytest.mark.slow
 def test_train_store_holds_the_crops_in_a_permuted_order(built):
     config, workdir, stores = built
     store = FeatureStore.open(stores["train"])
@@ -137,6 +138,7 @@ def test_val_store_keeps_the_dataset_order(built):
     assert store.attrs["samples"] == names
 
 
+@pytest.mark.slow
 def test_interrupted_features_stage_resumes_to_the_identical_store(built, tmp_path, monkeypatch):
     config, _, stores = built
     reference = FeatureStore.open(stores["train"])

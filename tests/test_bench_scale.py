@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, mm_flop
 
@@ -25,6 +26,7 @@ def _expected_renewals(iterations, interval):
     return sum(renews_at(i, interval) for i in range(iterations))  # the bench's iterations are never past an epoch
 
 
+@pytest.mark.slow
 def test_tiny_scale_did_the_work_its_json_reports(tmp_path):
     sizes = [64, 1024]
     figures = bench_scale.scale(sizes, tmp_path, **TINY, isolate=False)
@@ -50,6 +52,7 @@ def test_tiny_scale_did_the_work_its_json_reports(tmp_path):
     assert not np.array_equal(store.read_chunk("feat", 5), store.read_chunk("feat", 6))
 
 
+@pytest.mark.slow
 def test_a_renewal_reading_a_share_of_the_store_fails_the_flatness_check(tmp_path):
     """The old renewal (every chunk its random crops fall in) reads all 16 chunks of the small store but about
     57 of the 256 of the large one: the figure grows with the store and its flatness check is false."""
@@ -64,6 +67,7 @@ def test_a_renewal_reading_a_share_of_the_store_fails_the_flatness_check(tmp_pat
     assert figures["renewal_mb_decoded"]["64"] == round(16 * TINY["chunk_size"] * crop_bytes / 1e6, 3)
 
 
+@pytest.mark.slow
 def test_cli_json_in_fresh_processes(tmp_path):
     args = ["--sizes", "32,64", "--iterations", "3", "--batch-size", "4", "--head-dim", "16", "--pool-size", "8",
             "--renew-interval", "2", "--chunk-size", "4", "--resolution", "32", "--dim", "8", "--unique-chunks", "4",

@@ -136,6 +136,7 @@ def test_every_preset_is_within_range_and_boundaries_are_accepted():
     assert (config["hp"]["rho"], config["hp"]["ema_m"]) == (0.0, 1.0)
 
 
+@pytest.mark.slow
 def test_cli_range_errors_exit_2_with_one_line(tmp_path):
     import subprocess
     import sys

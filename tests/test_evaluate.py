@@ -30,6 +30,7 @@ def evaluated(tmp_path_factory):
     return config, workdir, evaluate.run(config, workdir, "hp")
 
 
+@pytest.mark.slow
 def test_metrics_json_has_every_row_and_the_protocol(evaluated):
     config, workdir, manifest = evaluated
     out = paths.eval_dir(config, workdir, "hp")
@@ -147,6 +148,7 @@ def test_predict_matches_evaluation_and_keeps_image_sizes(evaluated, tmp_path):
     assert (live == np.where(cached >= 0, cached, 255)).mean() > 0.97
 
 
+@pytest.mark.slow
 def test_main_job_commands_end_to_end(tmp_path):
     """`make run`'s commands (features -> train -> evaluate) on the synthetic default, shrunk by --set."""
     import os
@@ -211,6 +213,7 @@ def naive_scores(pred: np.ndarray, labels: np.ndarray, n_classes: int, hungarian
     return 100 * float(np.mean(tp[union > 0] / union[union > 0])), 100 * float(tp.sum() / conf.sum())
 
 
+@pytest.mark.slow
 def test_paper_protocol_metrics_equal_a_recomputation_from_the_stored_probes(paper_evaluated):
     from tests.test_online_probes import bilinear_matrix
 
@@ -253,6 +256,7 @@ def test_paper_protocol_metrics_equal_a_recomputation_from_the_stored_probes(pap
         assert rows[name]["acc"] == pytest.approx(acc, abs=0.02), name
 
 
+@pytest.mark.slow
 def test_paper_protocol_stages_report_and_switching_back(paper_evaluated, capsys):
     config, workdir, metrics = paper_evaluated
     run_dir = paths.run_dir(config, workdir, "hp")
@@ -326,6 +330,7 @@ def test_kmeans_protocol_metrics_equal_a_recomputation_with_and_without_crf(eval
     assert checked == 8
 
 
+@pytest.mark.slow
 def test_a_deleted_output_makes_the_stage_incomplete_and_it_is_recomputed(evaluated, capsys):
     """A manifest alone never proves a stage done: metrics.json deleted -> `status` says incomplete and names it,
     and the next `evaluate` recomputes it instead of saying "up to date"."""
@@ -394,6 +399,7 @@ def test_metrics_json_paths_are_relative_to_its_folder(evaluated):
     assert len(links) == 3 and all((out / link).is_file() for link in links)
 
 
+@pytest.mark.slow
 def test_rows_and_protocol_say_what_ran(evaluated):
     """Raw rows named by what they are, the overclustering K as used (capped at the 48 val patches) and the
     protocol listing only the probes that ran."""
@@ -432,6 +438,7 @@ def test_capped_overclustering_is_said_once_without_faiss_warnings(evaluated, ca
     assert "not meaningful" in printed and "WARNING clustering" not in printed
 
 
+@pytest.mark.slow
 def test_a_command_says_prepare_once_and_counts_in_words(tmp_path):
     """One training image, one val image: every stage summary counts in words ("1 image", "5 crops", "1 iteration")
     and a command that reaches `prepare` several times says "[prepare] up to date" once."""

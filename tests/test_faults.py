@@ -394,6 +394,7 @@ def kill_when_paused(args: list[str], pause: str, ready: Path, timeout: float = 
 
 
 @pytest.mark.parametrize("pause", ["arrays:2", "first-chunk"])
+@pytest.mark.slow
 def test_features_killed_during_store_creation_is_rebuilt(store, capsys, tmp_path, pause):
     """Killed with the group and two arrays written, or with every array created and no chunk: the next
     `features` (without --force) rebuilds the store, byte for byte the uninterrupted run's."""
@@ -407,6 +408,7 @@ def test_features_killed_during_store_creation_is_rebuilt(store, capsys, tmp_pat
     assert tree(store["url"]) == store["reference"]
 
 
+@pytest.mark.slow
 def test_stego_neighbour_table_killed_before_its_first_chunk_is_rebuilt(tmp_path, capsys):
     """STEGO's `knn-train` killed with its store created and no chunk written: the next `train --method stego`
     builds the table again and never reads a partial one; the table equals an uninterrupted build's."""

@@ -96,6 +96,7 @@ def tree_state(root):
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(root).rglob("*"))}
 
 
+@pytest.mark.slow
 def test_status_writes_nothing(built, tmp_path):
     _, workdir, _ = built
     before = tree_state(workdir)
@@ -122,6 +123,7 @@ def test_second_run_skips_and_status_reports_complete(built, capsys):
     assert states == ["complete", "stale", "stale", "missing", "missing"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_arrays(tmp_path, built):
     _, _, manifests = built
     reference = arrays_of(manifests["train"]["outputs"]["store"])

@@ -68,6 +68,7 @@ def test_a_dozen_images_get_small_data_settings(tmp_path):
         assert small_data_settings(other, set()) == [] and other == load_config(name, overrides)
 
 
+@pytest.mark.slow
 def test_folder_without_any_set_runs_features_train_evaluate(tmp_path):
     """A tiny labelled folder (train/ and val/), `--data-root` and nothing else: every stage succeeds."""
     rng = np.random.default_rng(1)
@@ -208,6 +209,7 @@ def test_an_unlabelled_folder_gets_clusters_to_find(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["hcl", "stego"])
+@pytest.mark.slow
 def test_folder_train_with_another_method_and_no_set(tmp_path, method):
     """6 unlabelled photos, `hp-pipe train --method M --random-init` and nothing else: it trains MIN_ITERATIONS
     iterations at least on settings derived from the folder (5 clusters, a batch that fits)."""

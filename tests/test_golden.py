@@ -84,6 +84,7 @@ def train_and_evaluate(method: str, workdir: Path) -> tuple[dict[str, np.ndarray
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))
+@pytest.mark.slow
 def test_golden_run_is_unchanged(method, tmp_path):
     tensors, rows = train_and_evaluate(method, tmp_path)
     assert tensors, "the checkpoint holds no weights"

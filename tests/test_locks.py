@@ -242,6 +242,7 @@ def test_cli_refuses_a_second_runner_with_one_error_line_and_exit_1(features, sl
     stage_lock(sdir, "features-train").unlink()
 
 
+@pytest.mark.slow
 def test_ctrl_c_of_a_running_stage_exits_130_and_keeps_the_checkpoint(features):
     """SIGINT while `train` runs: exit 130 with the "interrupted" line (no traceback), the manifest says interrupted,
     the lock is gone, the checkpoint written so far is kept, and `status` says interrupted."""

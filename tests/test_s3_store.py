@@ -86,6 +86,7 @@ def test_store_written_and_read_through_s3(s3):
         np.testing.assert_array_equal(a["feat"].numpy(), data["feat"][a["index"].numpy()])
 
 
+@pytest.mark.slow
 def test_features_killed_on_s3_resume_to_the_local_stores_arrays(s3, tmp_path):
     config = load_config("synthetic", TINY)
     reference = _arrays(features.run(config, tmp_path / "local", "train")["outputs"]["store"])

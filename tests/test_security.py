@@ -86,6 +86,7 @@ class Opaque:  # any harmless Python object a third-party training script may pi
     pass
 
 
+@pytest.mark.slow
 def test_trust_weights_unpickles_only_when_asked_and_is_recorded(tmp_path):
     """--trust-weights is the one way to load a checkpoint that needs Python classes; the manifest records it."""
     import timm
@@ -106,6 +107,7 @@ def test_trust_weights_unpickles_only_when_asked_and_is_recorded(tmp_path):
 
 
 @pytest.mark.parametrize("target", ["run-checkpoint", "probe"])
+@pytest.mark.slow
 def test_crafted_run_files_are_refused_by_evaluate_and_predict(evaluated, tmp_path, target):
     config, workdir = evaluated
     rdir = paths.run_dir(config, workdir, "hp")

@@ -68,6 +68,7 @@ def segmented(tmp_path_factory):
     return photos, work, sizes, proc
 
 
+@pytest.mark.slow
 def test_segment_writes_a_label_png_and_an_overlay_per_image(segmented):
     photos, work, sizes, proc = segmented
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -123,6 +124,7 @@ def test_segment_again_resumes_and_recomputes_nothing(segmented):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.png") if not p.name.startswith("contact")} == before
 
 
+@pytest.mark.slow
 def test_predict_after_segment_and_the_record_wins(segmented, tmp_path):
     photos, work, _, proc = segmented
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -142,6 +144,7 @@ def test_predict_after_segment_and_the_record_wins(segmented, tmp_path):
     assert linear.returncode == 2 and "only the cluster probe was fitted" in linear.stderr
 
 
+@pytest.mark.slow
 def test_labels_added_give_scores_and_the_same_clusters(segmented, tmp_path):
     """The same photos with labels beside them: evaluate scores them, and its cluster maps are the unlabelled run's
     clusters through the Hungarian mapping (labels change the report, never the clusters)."""
@@ -294,6 +297,7 @@ SMALL = {  # every method small enough for seconds on this CPU (the folder's own
 
 
 @pytest.mark.parametrize("method", sorted(SMALL))
+@pytest.mark.slow
 def test_segment_works_for_every_method(tmp_path, method):
     """`segment --method M --clusters 3`: HCL (its own stores, protocol kmeans) and STEGO (the HP stores, its probes
     trained with the head under protocol paper) segment the same unlabelled folder into 3 clusters."""

@@ -172,6 +172,7 @@ def test_flip_averaging_off_is_said_and_protocol_kmeans_works(workdir):
     assert read_manifest(workdir / "synthetic", "features-val-flip")["outputs"]["store"] is None
 
 
+@pytest.mark.slow
 def test_compare_lists_every_method_on_the_dataset(workdir):
     from tests.fixtures import TINY_EVALUATE
 

@@ -51,6 +51,7 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(workdir):
     assert lambdas[5] == pytest.approx(1 / 46, abs=1e-6) and lambdas[-1] == pytest.approx(45 / 46, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_bit_identical_weights(workdir, tmp_path):
     config = tiny_config(**{"hp.epochs": "6", "train.checkpoint_interval": "3"})
     train_stage.run(config, workdir, "straight")
@@ -154,6 +155,7 @@ def test_pool_renewal_happens_at_the_spec_iterations(workdir, monkeypatch):
     assert renewals == [False, True] + [True] * 4  # Pool_ag once, Pool_sp at start, then 2 per epoch
 
 
+@pytest.mark.slow
 def test_paper_protocol_trains_the_probes_online_resumes_exactly_and_leaves_the_head_alone(workdir):
     """evaluate.protocol = paper (docs/hp.md §8): the probes' states are in the checkpoint, a killed run resumes
     to bit-identical head and probes, and the head is the one a kmeans-protocol run trains."""
