@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -394,18 +394,13 @@ def planted_hcl_quality(seeds: int, workdir: Path, as_json: bool,
                         bench: PlantedHCLBench | None = None) -> dict[str, Any]:
     """HCL on planted features: every seed printed as it finishes, then the figures (JSON on the last line)."""
     bench = bench or PlantedHCLBench()
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
-    results = []
-    for seed in range(seeds):
-        r = run_seed_hcl(bench, seed, Path(workdir) / "bench-planted")
-        log.info(f"[planted] HCL seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
-              f"{r['start']['miou']:.2f}, iteration {r['middle_iteration']} {r['middle']['miou']:.2f}, "
-              f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  broken (shuffled targets) "
-              f"{r['broken']['miou']:.2f}  | tokens whose target survived the shuffle: "
-              f"{r['broken_targets']['same_target']:.1f}% (chance {r['broken_targets']['chance_target']:.1f}%)  "
-              f"{r['seconds']:.0f}s")
-        results.append(r)
+    results = per_seed(seeds, lambda seed: run_seed_hcl(bench, seed, Path(workdir) / "bench-planted"), lambda r: (
+        f"[planted] HCL seed {r['seed']}: cluster mIoU raw {r['raw']['miou']:.2f}  HCL at the start "
+        f"{r['start']['miou']:.2f}, iteration {r['middle_iteration']} {r['middle']['miou']:.2f}, "
+        f"iteration {r['end_iteration']} {r['end']['miou']:.2f}  broken (shuffled targets) "
+        f"{r['broken']['miou']:.2f}  | tokens whose target survived the shuffle: "
+        f"{r['broken_targets']['same_target']:.1f}% (chance {r['broken_targets']['chance_target']:.1f}%)  "
+        f"{r['seconds']:.0f}s"))
     per = {name: [r[name]["miou"] for r in results] for name in ("end", "raw", "start", "middle", "broken")}
     figures = {
         "hcl_miou": _mean(per["end"]), "raw_miou": _mean(per["raw"]),
@@ -588,16 +583,11 @@ def planted_stego_quality(seeds: int, workdir: Path, as_json: bool,
                           bench: PlantedStegoBench | None = None) -> dict[str, Any]:
     """STEGO on planted features: every seed printed as it finishes, then the figures (JSON on the last line)."""
     bench = bench or PlantedStegoBench()
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
-    results = []
-    for seed in range(seeds):
-        r = run_seed_stego(bench, seed, Path(workdir) / "bench-planted")
-        log.info(f"[planted] STEGO seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  STEGO head "
-                 f"{r['head']['miou']:.2f}  broken (random neighbours) {r['broken']['miou']:.2f}  (head at the start "
-                 f"{r['start']['miou']:.2f})  | positives' class overlap with the anchor: neighbours "
-                 f"{r['table_class_overlap']:.1f}%, random {r['chance_class_overlap']:.1f}%  {r['seconds']:.0f}s")
-        results.append(r)
+    results = per_seed(seeds, lambda seed: run_seed_stego(bench, seed, Path(workdir) / "bench-planted"), lambda r: (
+        f"[planted] STEGO seed {r['seed']}: cluster mIoU raw {r['raw']['miou']:.2f}  STEGO head "
+        f"{r['head']['miou']:.2f}  broken (random neighbours) {r['broken']['miou']:.2f}  (head at the start "
+        f"{r['start']['miou']:.2f})  | positives' class overlap with the anchor: neighbours "
+        f"{r['table_class_overlap']:.1f}%, random {r['chance_class_overlap']:.1f}%  {r['seconds']:.0f}s"))
     per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "start")}
     figures = {
         "stego_miou": _mean(per["head"]), "raw_miou": _mean(per["raw"]), "broken_miou": _mean(per["broken"]),
@@ -648,6 +638,18 @@ def with_style(bench: PlantedBench | PlantedHCLBench | PlantedStegoBench, style:
     return dataclasses.replace(bench, planted=dataclasses.replace(bench.planted, style=style))
 
 
+def per_seed(seeds: int, run: Callable[[int], dict[str, Any]], line: Callable[[dict[str, Any]], str]
+             ) -> list[dict[str, Any]]:
+    """`run(seed)` for seeds 0..seeds-1, each result's `line` printed as it finishes (a bench is minutes a seed)."""
+    if seeds < 1:
+        raise UserError(f"--seeds must be at least 1, got {seeds}")
+    results = []
+    for seed in range(seeds):
+        results.append(run(seed))
+        log.info(line(results[-1]))
+    return results
+
+
 def _mean(values: list[float]) -> float:
     return round(statistics.fmean(values), 2)
 
@@ -655,20 +657,18 @@ def _mean(values: list[float]) -> float:
 def planted_quality(seeds: int, workdir: Path, as_json: bool, bench: PlantedBench | None = None) -> dict[str, Any]:
     """Every seed printed as it finishes, then the figures (means over seeds first; JSON on the last line)."""
     bench = bench or PlantedBench()
-    if seeds < 1:
-        raise UserError(f"--seeds must be at least 1, got {seeds}")
-    workdir = Path(workdir) / "bench-planted"
-    results = []
-    for seed in range(seeds):
-        r = run_seed(bench, seed, workdir)
+
+    def line(r: dict[str, Any]) -> str:
         p = r["precision"]
-        log.info(f"[planted] seed {seed}: cluster mIoU raw {r['raw']['miou']:.2f}  HP head {r['head']['miou']:.2f}  "
-              f"broken loss {r['broken']['miou']:.2f}  (head at the start {r['head_start']['miou']:.2f})  "
-              f"| positive precision G {p['ghp_precision']:.1f}% "
-              f"({p['ghp_own_image_share']:.0f}% from the anchor's image, {p['ghp_own_image_precision']:.0f}% "
-              f"precise there, {p['ghp_cross_image_precision']:.0f}% across images)  H "
-              f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s")
-        results.append(r)
+        return (f"[planted] seed {r['seed']}: cluster mIoU raw {r['raw']['miou']:.2f}  "
+                f"HP head {r['head']['miou']:.2f}  broken loss {r['broken']['miou']:.2f}  "
+                f"(head at the start {r['head_start']['miou']:.2f})  "
+                f"| positive precision G {p['ghp_precision']:.1f}% "
+                f"({p['ghp_own_image_share']:.0f}% from the anchor's image, {p['ghp_own_image_precision']:.0f}% "
+                f"precise there, {p['ghp_cross_image_precision']:.0f}% across images)  H "
+                f"{p['task_specific_precision']:.1f}%  chance {p['positives_chance']:.1f}%  {r['seconds']:.0f}s")
+
+    results = per_seed(seeds, lambda seed: run_seed(bench, seed, Path(workdir) / "bench-planted"), line)
     per = {name: [r[name]["miou"] for r in results] for name in ("head", "raw", "broken", "head_start")}
     prec = {key: [r["precision"][key] for r in results] for key in results[0]["precision"]}
     cfg = train_config(bench, 0)["hp"]
