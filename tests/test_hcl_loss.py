@@ -55,15 +55,20 @@ def _raw(k, d, seed):
     return _unit(k, d, seed=seed) * (0.2 + 0.8 * torch.rand(k, 1, generator=g, dtype=torch.float64))
 
 
-def test_hcl_loss_matches_naive():
-    d, n, tau = 6, 2 * 9, 0.07
+@pytest.mark.parametrize("tau", [0.07, 0.5, None])
+def test_hcl_loss_matches_naive(tau):
+    """τ = 0.5 checks that both kinds get the τ passed in; None, that the default is the paper's 0.07."""
+    d, n = 6, 2 * 9
     q, k = _unit(2, 9, d, seed=1), _unit(2, 9, d, seed=2)
     pred = torch.randn(2, 9, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     fg = torch.rand(2, 9, generator=torch.Generator().manual_seed(4)) > 0.5
     c_fg, c_bg = _raw(5, d, seed=5), _raw(7, d, seed=6)
     q.requires_grad_(True)
     k.requires_grad_(True)
-    out = hcl_loss(q, k, pred, fg, _forms(c_fg), _forms(c_bg), tau)
+    if tau is None:
+        out, tau = hcl_loss(q, k, pred, fg, _forms(c_fg), _forms(c_bg)), 0.07
+    else:
+        out = hcl_loss(q, k, pred, fg, _forms(c_fg), _forms(c_bg), tau)
 
     qf, kf, m = q.detach().reshape(n, d), k.detach().reshape(n, d), fg.reshape(n)
     want_fg = _naive_proto(qf[m], kf[m], c_fg.tolist(), tau)

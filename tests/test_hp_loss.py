@@ -1,5 +1,7 @@
 """L_hp (docs/hp.md §5) against a naive dense implementation written from the spec alone, plus the schedules."""
 
+import math
+import re
 import weakref
 
 import pytest
@@ -161,6 +163,7 @@ def test_autocast_does_not_lower_the_precision():
     assert float(mixed.loss) == float(plain.loss)
 
 
+@pytest.mark.filterwarnings("error")  # e.g. an `out=` block of the wrong shape, resized with a warning
 @pytest.mark.parametrize("tile", [1, 4, 6])
 def test_tiles_equal_whole_rounds(tile):
     inputs, u = make_inputs(seed=5)
@@ -247,7 +250,7 @@ def test_dropped_anchors_match_naive_and_stay_finite(rho):
     inputs, u, group_a = dropping_inputs()
     ours, ref = leaves(inputs), leaves(inputs)
     out = hp_loss(**ours, u=u, lam=LAM, tau=TAU, rho=rho)
-    loss, _, _, (g, _, _) = naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=rho)
+    loss, _, _, (g, h, _) = naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=rho)
     assert not g[group_a.reshape(-1)].any()  # the construction did drop group A
     assert g[~group_a.reshape(-1)].any(dim=1).sum() >= 3
     out.loss.backward()
@@ -257,7 +260,10 @@ def test_dropped_anchors_match_naive_and_stay_finite(rho):
     torch.testing.assert_close(out.loss, loss, rtol=0, atol=1e-10)
     torch.testing.assert_close(ours["z"].grad, ref["z"].grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(ours["z_mix"].grad, ref["z_mix"].grad, rtol=0, atol=1e-10)
-    assert out.kept_anchors == pytest.approx(float(g.any(dim=1).double().mean()))
+    kept = g.any(dim=1)
+    assert out.kept_anchors == pytest.approx(float(kept.double().mean()))
+    # image 1 keeps no anchor: its empty round adds no positives either
+    assert out.positives_per_anchor == pytest.approx(float((g | h)[kept].sum(dim=1).double().mean()))
 
 
 def test_large_logits_take_the_row_max_out(monkeypatch):
@@ -331,11 +337,223 @@ def test_graph_keeps_only_per_patch_gradients():
 
 
 def test_shape_errors():
+    """The messages name every shape, and the u one the (n, N) it wanted."""
     inputs, u = make_inputs()
-    with pytest.raises(ValueError, match="u must be"):
+    with pytest.raises(ValueError, match=re.escape(f"u must be (n, N) = {(NP, B * NP)}, got {(NP, B * NP - 1)}")):
         hp_loss(**inputs, u=u[:, :-1], lam=LAM, tau=TAU, rho=RHO)
-    with pytest.raises(ValueError, match="r="):
+    with pytest.raises(ValueError, match=re.escape(f"hp_loss: z is {(B, NP, D)} (B, n, D) but f={(B, NP)}, "
+                                                   f"s_m={(B, NP)}, z_mix={(B, NP, D)}, r={(B, NP - 1)}, r_m={(B, NP)}")):
         hp_loss(**{**inputs, "r": inputs["r"][:, :-1]}, u=u, lam=LAM, tau=TAU, rho=RHO)
+
+
+@pytest.mark.parametrize("bad", ["f 4-d", "f 2-d", "s_m 4-d", "z and z_mix 4-d", "z_mix", "r_m"])
+def test_each_wrong_shape_is_refused(bad):
+    """Each input of the wrong rank or size is refused, also when its first two sizes are (B, n) (a rank-4 f would
+    otherwise be flattened into the rows without complaint)."""
+    inputs, u = make_inputs()
+    wrong = {"f 4-d": {"f": inputs["f"][..., None]}, "f 2-d": {"f": inputs["f"][..., 0]},
+             "s_m 4-d": {"s_m": inputs["s_m"][..., None]},
+             "z and z_mix 4-d": {"z": inputs["z"][..., None], "z_mix": inputs["z_mix"][..., None]},
+             "z_mix": {"z_mix": inputs["z_mix"][..., :-1]}, "r_m": {"r_m": inputs["r_m"][:-1]}}[bad]
+    with pytest.raises(ValueError, match="hp_loss: z is"):
+        hp_loss(**{**inputs, **wrong}, u=u, lam=LAM, tau=TAU, rho=RHO)
+
+
+# ------------------------------------------------------------------ options, dtypes and devices
+@pytest.mark.parametrize("tile", [1, 4])
+def test_tiles_without_gradients_match_naive(tile):
+    """A forward-only call (evaluation) with several tiles per round, 6 = 4 + 2 included, against the naive loss."""
+    inputs, u = make_inputs(seed=5)
+    out = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO, anchor_tile=tile)
+    loss, ghp, lhp, (g, h, _) = naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.ghp_term, ghp, rtol=0, atol=1e-10)
+    torch.testing.assert_close(out.lhp_term, lhp, rtol=0, atol=1e-10)
+    kept = g.any(dim=1)
+    assert out.kept_anchors == pytest.approx(float(kept.double().mean()))
+    assert out.positives_per_anchor == pytest.approx(float((g | h)[kept].sum(dim=1).double().mean()))
+
+
+def test_anchor_tile_zero_is_whole_rounds_and_negative_is_refused():
+    """anchor_tile = 0 means whole rounds, like None (the docstring's promise); a negative one is an error."""
+    inputs, u = make_inputs(seed=5)
+    whole = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    zero = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO, anchor_tile=0)
+    assert float(zero.loss) == float(whole.loss)
+    with pytest.raises(ValueError, match="anchor_tile must be positive.*got -1"):
+        hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO, anchor_tile=-1)
+
+
+@pytest.mark.parametrize("key", ["z", "z_mix"])
+def test_gradient_when_only_one_of_z_and_z_mix_needs_it(key):
+    """A frozen z (or z_mix) still gives the other its full gradient."""
+    inputs, u = make_inputs(seed=1)
+    ours, ref = {**inputs, key: inputs[key].clone().requires_grad_(True)}, leaves(inputs)
+    hp_loss(**ours, u=u, lam=LAM, tau=TAU, rho=RHO).loss.backward()
+    naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=RHO)[0].backward()
+    assert ref[key].grad.abs().max() > 1e-3
+    torch.testing.assert_close(ours[key].grad, ref[key].grad, rtol=0, atol=1e-10)
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the tensor ops run under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_only_calls_do_no_gradient_work():
+    """Evaluation pays for no backward: without requires_grad, or under no_grad, no −m_ij (addcmul) and no
+    gradient matmuls (addmm_) are computed; with gradients wanted they are (so the op names are the right ones)."""
+    inputs, u = make_inputs(seed=5)
+    calls = {}
+    for case in ("plain", "no_grad", "grad"):
+        args = inputs if case == "plain" else leaves(inputs)
+        with OpNames() as mode, torch.set_grad_enabled(case != "no_grad"):
+            hp_loss(**args, u=u, lam=LAM, tau=TAU, rho=RHO)
+        calls[case] = mode.names
+    assert {"addcmul", "addmm_"} <= calls["grad"]
+    assert not {"addcmul", "addmm_"} & (calls["plain"] | calls["no_grad"])
+
+
+def test_u_is_drawn_from_the_global_rng_without_a_generator():
+    """Neither u nor a generator: u comes from torch's global generator, on the inputs' device."""
+    inputs, _ = make_inputs(seed=6)
+    with torch.random.fork_rng():
+        torch.manual_seed(21)
+        drawn = hp_loss(**inputs, lam=LAM, tau=TAU, rho=RHO)
+        torch.manual_seed(21)
+        u = torch.rand(NP, B * NP)
+    given = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    assert float(drawn.loss) == float(given.loss)
+
+
+def test_random_negatives_need_u_strictly_below_rho():
+    """§5: k is a random negative iff u < ρ; with u on a grid that hits ρ exactly, u = ρ must not count."""
+    inputs, u = make_inputs(seed=16)
+    u, rho = (u * 4).floor() / 4, 0.5  # u in {0, 0.25, 0.5, 0.75}
+    out = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=rho)
+    want = naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=rho)[0]
+    torch.testing.assert_close(out.loss, want, rtol=0, atol=1e-10)
+    with_ties = naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=rho + 1e-9)[0]  # u <= ρ
+    assert abs(float(with_ties) - float(want)) > 1e-3  # the ties do change the loss
+
+
+def test_row_max_is_taken_per_row_for_long_vectors():
+    """z of norm √(100τ) (logits up to 100, past float32's exp) next to unit z_mix (logits up to 1/τ): each row is
+    shifted by its own max, so both terms match the float64 naive ones; one shift for the whole block would push
+    every z_mix logit ~100 below it, into float32's underflow."""
+    inputs, u = make_inputs(seed=17)
+    gen = torch.Generator().manual_seed(17)
+    clustered = F.normalize(1 + 0.5 * torch.randn(B, NP, D, generator=gen, dtype=torch.float64), dim=-1)
+    inputs = {**inputs, "z": clustered * math.sqrt(100 * TAU)}  # cos > 0: every logit within 100 of its row max
+    ref = leaves(inputs)
+    _, ghp, lhp, _ = naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=RHO)
+    ours = leaves({k: v.float() for k, v in inputs.items()})
+    out = hp_loss(**ours, u=u.float(), lam=LAM, tau=TAU, rho=RHO)
+    assert float(out.ghp_term) == pytest.approx(float(ghp.detach()), rel=1e-5)
+    assert float(out.lhp_term) == pytest.approx(float(lhp.detach()), rel=1e-5)
+    out.loss.backward()
+    (ghp + lhp).backward()
+    for key in ("z", "z_mix"):
+        torch.testing.assert_close(ours[key].grad.double(), ref[key].grad, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    """bfloat16 inputs (autocast outputs) are computed in float32 (§5: float32 or better) and their gradients are
+    kept in bfloat16, the inputs' own dtype, in the graph."""
+    inputs, u = make_inputs(seed=18)
+    half = {k: v.to(torch.bfloat16) for k, v in inputs.items()}
+    ours, ref = leaves(half), leaves({k: v.double() for k, v in half.items()})  # the same rounded values
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = hp_loss(**ours, u=u, lam=LAM, tau=TAU, rho=RHO)
+    want = naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=RHO)[0]
+    assert out.loss.dtype == torch.float32
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.bfloat16, (B, NP, D))] * 2
+    out.loss.backward()
+    want.backward()
+    for key in ("z", "z_mix"):
+        assert ours[key].grad.dtype == torch.bfloat16
+        torch.testing.assert_close(ours[key].grad.double(), ref[key].grad, rtol=2e-2, atol=2e-3)
+
+
+def test_loss_dtype_follows_the_inputs_not_the_default_dtype():
+    """Under torch.set_default_dtype(float64), float32 inputs (with a round that keeps no anchor) still give a
+    float32 loss, equal to the one made under the usual default."""
+    inputs, u, _ = dropping_inputs()
+    single = {k: v.float() for k, v in inputs.items()}
+    plain = hp_loss(**single, u=u.float(), lam=LAM, tau=TAU, rho=RHO)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        under = hp_loss(**single, u=u.float(), lam=LAM, tau=TAU, rho=RHO)
+    finally:
+        torch.set_default_dtype(previous)
+    assert under.loss.dtype == under.ghp_term.dtype == under.lhp_term.dtype == torch.float32
+    assert float(under.loss) == float(plain.loss)
+
+
+@pytest.mark.parametrize("draw", ["u", "generator", "global"])
+@pytest.mark.parametrize("tile", [None, 4])
+def test_own_tensors_follow_the_inputs_not_the_default_device(draw, tile):
+    """Every tensor the loss makes itself (u, blocks, indices, sums) goes on the inputs' device: under a default
+    device of 'meta' (standing in for a process that defaults to cuda), a CPU batch gives the same loss, counts
+    and gradients. The inputs include a round that keeps no anchor."""
+    inputs, u, _ = dropping_inputs()
+    results = []
+    for default in (None, "meta"):
+        args = leaves(inputs)
+        extra = {"u": u} if draw == "u" else {"generator": torch.Generator().manual_seed(3)} if draw == "generator" \
+            else {}
+        with torch.random.fork_rng():
+            torch.manual_seed(4)
+            if default is None:
+                out = hp_loss(**args, lam=LAM, tau=TAU, rho=RHO, anchor_tile=tile, **extra)
+            else:
+                with torch.device(default):
+                    out = hp_loss(**args, lam=LAM, tau=TAU, rho=RHO, anchor_tile=tile, **extra)
+        out.loss.backward()
+        results.append((float(out.loss), out.kept_anchors, out.positives_per_anchor, args["z"].grad,
+                        args["z_mix"].grad))
+    (loss, kept, positives, grad_z, grad_z_mix), meta = results
+    assert meta[:3] == (loss, kept, positives)
+    assert torch.equal(meta[3], grad_z) and torch.equal(meta[4], grad_z_mix)
+
+
+class FreshBlocks(TorchDispatchMode):
+    """Counts the tensors with `columns` columns that ops make afresh: not written into an `out=` block, not
+    changed in place, not a view of another tensor."""
+
+    def __init__(self, columns):
+        super().__init__()
+        self.columns, self.count = columns, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for t in out if isinstance(out, tuple | list) else (out,):
+                self.count += isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.columns
+        return out
+
+
+def test_scratch_blocks_are_made_once_per_call():
+    """The (rows x N) blocks are made once per loss call and reused by every tile (the _Blocks docstring: a fresh
+    block costs more than the work done on it): 18 tiles of one anchor make no more of them than 3 whole rounds."""
+    inputs, u = make_inputs(seed=5)
+    counts = []
+    for tile in (None, 1):
+        with FreshBlocks(B * NP) as mode:
+            hp_loss(**leaves(inputs), u=u, lam=LAM, tau=TAU, rho=RHO, anchor_tile=tile)
+        counts.append(mode.count)
+    assert counts[0] == counts[1]
+    assert counts[0] < 3 * B  # not one set per round either
 
 
 # ------------------------------------------------------------------ schedules
