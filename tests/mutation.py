@@ -112,7 +112,10 @@ def mutate(module: str, tests: list[str]) -> dict[str, Any]:
         with (copy / "pyproject.toml").open("a") as f:
             f.write(settings(module, tests))
         mutmut = Path(sys.executable).with_name("mutmut")
-        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HP_PIPE_MUTATION": "1"}
+        # one thread: the time limit is CPU time, and idle OpenMP threads spinning on a busy machine would use up a
+        # correct mutant's allowance (it would count as timed out, i.e. caught, without any test failing)
+        env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HP_PIPE_MUTATION": "1",
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         proc = subprocess.run([str(mutmut), "run"], cwd=copy, capture_output=True, text=True, env=env)
         listing = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=copy, capture_output=True,
                                  text=True, env=env).stdout

@@ -1,5 +1,6 @@
 """HCL heads, loss, MoGoClustering and the overclustering protocol (docs/hcl.md §2-§5) vs naive computations."""
 
+import io
 import math
 
 import numpy as np
@@ -111,6 +112,31 @@ def test_positive_is_the_l2_nearest_raw_centroid_not_the_ip_nearest_unit_one():
     assert got.item() != pytest.approx(-math.log(logits[0] / logits.sum()), rel=1e-3)
 
 
+def test_prototype_loss_casts_float32_centroids_to_the_queries_and_defaults_to_tau_0_07():
+    """kmeans_centroids gives float32 centroids (torch.from_numpy) while q may be float64: they follow q's dtype.
+    Without τ, the paper's 0.07."""
+    q, k = _unit(12, 5, seed=11), _unit(12, 5, seed=12)
+    raw = _raw(4, 5, seed=13).float()
+    got = prototype_loss(q, k, raw, F.normalize(raw, dim=-1))
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(_naive_proto(q, k, raw.tolist(), 0.07), abs=1e-5)
+
+
+def test_no_tokens_of_a_kind_gives_zero_and_keeps_the_graph():
+    """An all-foreground batch has no background term: 0 (not the NaN of a mean over nothing), still differentiable,
+    and the total is then 0.5 L_fg + 0.5 L_pred."""
+    q = torch.zeros(0, 4, requires_grad=True)
+    got = prototype_loss(q, torch.zeros(0, 4), torch.eye(4)[:3], torch.eye(4)[:3])
+    assert got.item() == 0.0 and got.requires_grad
+    got.backward()
+    assert q.grad is not None and q.grad.shape == (0, 4)
+    q, k, pred = _unit(2, 3, 4, seed=14).float(), _unit(2, 3, 4, seed=15).float(), _unit(2, 3, 4, seed=16).float()
+    c = _forms(_raw(3, 4, seed=17).float())
+    out = hcl_loss(q, k, pred, torch.ones(2, 3, dtype=torch.bool), c, c)
+    assert out["bg"].item() == 0.0 and math.isfinite(out["fg"].item()) and out["fg"].item() > 0
+    assert out["loss"].item() == pytest.approx(0.5 * out["fg"].item() + 0.5 * out["pred"].item(), rel=1e-6)
+
+
 def test_many_to_one_match_hand_made():
     conf = np.array([[10, 1, 0, 5, 0],   # rows: classes, columns: clusters
                      [2, 8, 1, 0, 4],
@@ -145,6 +171,102 @@ def test_sample_tokens_fraction_of_masked():
     out = sample_tokens(tokens, mask, 0.3, torch.Generator().manual_seed(0))
     assert out.shape == (3, 3)
     assert len(set(out[:, 0].tolist())) == 3 and (out[:, 0] < 10).all()
+
+
+@pytest.mark.parametrize(("n", "fraction", "m"),
+                         [(10, 0.01, 1), (10, 0.26, 3), (10, 1.0, 10), (10, 2.0, 10), (1, 0.3, 1), (0, 0.3, 0)])
+def test_sample_tokens_count(n, fraction, m):
+    """round(fraction · n) tokens, at least one when the image has any of the kind, at most all of them."""
+    tokens = torch.arange(20.0)[:, None].repeat(1, 3)
+    out = sample_tokens(tokens, torch.arange(20) < n, fraction, torch.Generator().manual_seed(0))
+    assert out.shape == (m, 3) and (out[:, 0] < n).all() and len(set(out[:, 0].tolist())) == m
+
+
+def test_sample_tokens_grid_seeded_on_the_cpu():
+    """An (h, w, d) grid with an (h, w) mask works like its flattened tokens; the same seed draws the same tokens
+    (a resumed run resamples exactly), another seed others; the draw stays on the CPU whatever the default device
+    (the generator is a CPU one)."""
+    tokens = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(30) % 3 != 0).reshape(6, 5)
+    flat = tokens.reshape(30, 4)[mask.reshape(30)]  # 20 tokens
+    draw = lambda seed: sample_tokens(tokens, mask, 0.5, torch.Generator().manual_seed(seed))  # noqa: E731
+    a = draw(0)
+    assert a.shape == (10, 4)
+    where = (a[:, None] == flat[None]).all(-1)  # (10, 20): which masked token each sampled row is
+    assert (where.sum(1) == 1).all() and (where.sum(0) <= 1).all()  # masked tokens, none twice
+    assert torch.equal(a, draw(0)) and not torch.equal(a, draw(1))
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        assert torch.equal(sample_tokens(tokens, mask, 0.5, g), a)
+
+
+def test_memory_bank_replace_draws_distinct_slots_and_rows():
+    """round(fraction · n) distinct slots get as many distinct rows of x (all of x when it has fewer or exactly
+    that many); torch and float64 input is stored as float32."""
+    for fraction, rows, changed in ((0.5, 20, 20), (0.5, 60, 20), (0.5, 7, 7), (0.25, 60, 10)):
+        x1 = 1 + np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)  # distinct non-zero rows
+        bank = MemoryBank(seed=5, replace_fraction=fraction)
+        bank.fill(torch.zeros(40, 3, dtype=torch.float64, requires_grad=True))
+        assert bank.data.dtype == np.float32 and not bank.data.any()
+        bank.replace(torch.from_numpy(x1))
+        assert bank.data.dtype == np.float32
+        new = {tuple(r) for r in bank.data[bank.data.any(1)].tolist()}
+        assert len(new) == (bank.data.any(1)).sum() == changed
+        assert new <= {tuple(r) for r in x1.tolist()}
+        if rows <= 20:
+            assert new == {tuple(r) for r in x1.tolist()}
+
+
+def test_memory_bank_defaults_and_update_paths():
+    """Default seed 0; update fills at epoch 0 (over an existing bank too) and at a later epoch when the bank is
+    empty (a run resumed without bank state), replaces otherwise; replace before any fill is an error."""
+    x0 = np.arange(40, dtype=np.float32).reshape(10, 4)
+    x1 = -1 - np.arange(48, dtype=np.float32).reshape(12, 4)
+    a, b = MemoryBank(), MemoryBank(seed=0)
+    for bank in (a, b):
+        bank.update(x0, epoch=0)
+        bank.update(x1, epoch=1)
+    np.testing.assert_array_equal(a.data, b.data)
+    fresh = MemoryBank()
+    with pytest.raises(ValueError):
+        fresh.replace(x0)
+    assert fresh.data is None
+    out = fresh.update(x1, epoch=3)
+    assert out is fresh.data
+    np.testing.assert_array_equal(out, x1)
+    np.testing.assert_array_equal(fresh.update(x0, epoch=0), x0)
+
+
+def test_memory_bank_state_dict_round_trip_through_a_checkpoint():
+    """A resumed run continues exactly: rows and generator survive torch.save / torch.load(weights_only=True), the
+    restored bank's next updates equal the original's, and training on never alters the loaded state."""
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((30, 4)).astype(np.float32) for _ in range(4)]
+    bank = MemoryBank(seed=3)
+    bank.update(xs[0], 0)
+    bank.update(xs[1], 1)
+    buf = io.BytesIO()
+    torch.save(bank.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    assert isinstance(state["data"], torch.Tensor) and state["data"].dtype == torch.float32
+    saved = state["data"].clone()
+    restored = MemoryBank(seed=99)
+    restored.load_state_dict(state)
+    assert restored.data.dtype == np.float32
+    np.testing.assert_array_equal(restored.data, bank.data)
+    for epoch in (2, 3):
+        np.testing.assert_array_equal(restored.update(xs[epoch], epoch), bank.update(xs[epoch], epoch))
+    assert torch.equal(state["data"], saved)
+    empty = MemoryBank(seed=1).state_dict()  # before the first MoGo pass
+    assert empty["data"] is None
+    restored.load_state_dict(empty)
+    assert restored.data is None
+    np.testing.assert_array_equal(restored.update(xs[0], 5), xs[0])
+    again = MemoryBank(seed=1)
+    again.fill(xs[0])
+    for epoch in (6, 7):  # the empty bank's generator came along
+        np.testing.assert_array_equal(restored.update(xs[epoch - 5], epoch), again.update(xs[epoch - 5], epoch))
 
 
 def test_kmeans_centroids_recovers_separated_clusters():

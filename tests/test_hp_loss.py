@@ -341,8 +341,8 @@ def test_shape_errors():
     inputs, u = make_inputs()
     with pytest.raises(ValueError, match=re.escape(f"u must be (n, N) = {(NP, B * NP)}, got {(NP, B * NP - 1)}")):
         hp_loss(**inputs, u=u[:, :-1], lam=LAM, tau=TAU, rho=RHO)
-    with pytest.raises(ValueError, match=re.escape(f"hp_loss: z is {(B, NP, D)} (B, n, D) but f={(B, NP)}, "
-                                                   f"s_m={(B, NP)}, z_mix={(B, NP, D)}, r={(B, NP - 1)}, r_m={(B, NP)}")):
+    shapes = f"f={(B, NP)}, s_m={(B, NP)}, z_mix={(B, NP, D)}, r={(B, NP - 1)}, r_m={(B, NP)}"
+    with pytest.raises(ValueError, match=re.escape(f"hp_loss: z is {(B, NP, D)} (B, n, D) but {shapes}")):
         hp_loss(**{**inputs, "r": inputs["r"][:, :-1]}, u=u, lam=LAM, tau=TAU, rho=RHO)
 
 
@@ -475,7 +475,7 @@ def test_half_precision_inputs_are_computed_in_float32():
         out = hp_loss(**ours, u=u, lam=LAM, tau=TAU, rho=RHO)
     want = naive_hp_loss(**ref, u=u, lam=LAM, tau=TAU, rho=RHO)[0]
     assert out.loss.dtype == torch.float32
-    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.bfloat16, (B, NP, D))] * 2
     out.loss.backward()
     want.backward()
