@@ -201,9 +201,9 @@ def test_sample_tokens_grid_seeded_on_the_cpu():
 
 
 def test_memory_bank_replace_draws_distinct_slots_and_rows():
-    """round(fraction · n) distinct slots get as many distinct rows of x (all of x when it has fewer or exactly
-    that many); torch and float64 input is stored as float32."""
-    for fraction, rows, changed in ((0.5, 20, 20), (0.5, 60, 20), (0.5, 7, 7), (0.25, 60, 10)):
+    """round(fraction · n) distinct slots (0.49 · 40 -> 20) get as many distinct rows of x (all of x when it has
+    fewer or exactly that many); torch and float64 input is stored as float32."""
+    for fraction, rows, changed in ((0.5, 20, 20), (0.5, 60, 20), (0.5, 7, 7), (0.25, 60, 10), (0.49, 60, 20)):
         x1 = 1 + np.arange(rows * 3, dtype=np.float64).reshape(rows, 3)  # distinct non-zero rows
         bank = MemoryBank(seed=5, replace_fraction=fraction)
         bank.fill(torch.zeros(40, 3, dtype=torch.float64, requires_grad=True))
