@@ -192,15 +192,17 @@ def test_compare_lists_every_method_on_the_dataset(workdir):
             *[a for k, v in hcl.items() for a in ("--set", f"{k}={v}")])
     out = cli("compare", "--dataset", "synthetic", "--workdir", str(workdir))
     rows = [line.split()[0:2] for line in out.splitlines()[1:] if line and not line.startswith("[compare]")]
-    assert sorted(run for run, _ in rows) == ["hcl", "hp", "km", "stego"]
+    # a second STEGO run ("km", protocol kmeans) exists when the test above it in this file ran (not with -m slow)
+    km = (workdir / "synthetic" / "runs" / "km" / "eval").is_dir()
+    runs = sorted(["hcl", "hp", "stego"] + (["km"] if km else []))
+    assert sorted(run for run, _ in rows) == runs
     assert all(method.endswith("[random-init]") or "[random-init]" in line for (_, method), line in
                zip(rows, out.splitlines()[1:], strict=False))
     table = (workdir / "synthetic" / "compare.md").read_text()
-    assert table.count("\n| ") == 5 and "[random-init]" in table  # header + four runs
+    assert table.count("\n| ") == 1 + len(runs) and "[random-init]" in table  # header + a row per run
     metrics = {m: json.loads((workdir / "synthetic" / "runs" / m / "eval" / "metrics.json").read_text())
-               for m in ("hp", "hcl", "stego")}
-    metrics["km"] = json.loads((workdir / "synthetic" / "runs" / "km" / "eval" / "metrics.json").read_text())
-    for line in table.splitlines()[-4:]:
+               for m in runs}
+    for line in table.splitlines()[-len(runs):]:
         run = line.split("|")[1].strip()
         cluster = next(r for r in metrics[run]["results"] if r["features"] == "head" and r["probe"] == "cluster"
                        and not r["crf"])
