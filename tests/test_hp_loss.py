@@ -572,3 +572,28 @@ def test_renews_at_every_interval_but_not_at_zero():
     assert not renews_at(0, 1) and renews_at(1, 1)
     with pytest.raises(ValueError):
         renews_at(5, 0)
+
+
+def test_shift_is_the_max_over_the_contrast_set_not_the_whole_row():
+    """τ = 0.01, and each anchor's positives (its contrast set, ρ = 0) lie at 120° from it in z: their logits are
+    −50 against the anchor's own 1/τ = 100. Shifted by the whole row's max, every exp(s_ik − shift) of Dn_i is
+    exp(−150), below float32's smallest number: log 0, a loss of −inf. Shifted by Dn_i's max, it matches the float64
+    naive loss, value and gradients."""
+    b, n, d = 1, 6, 8
+    group, direction = torch.arange(n) // 3, torch.arange(n) % 3  # f groups of three; three z directions each
+    f = F.one_hot(group, d).double()[None]  # positives: the two others of one's f group, at 120° in z
+    s_m = F.one_hot(torch.arange(n), d).double()[None]  # H: nobody else
+    angle = 2 * math.pi * direction.double() / 3
+    z = torch.zeros(b, n, d, dtype=torch.float64)
+    z[0, :, 0], z[0, :, 1] = torch.cos(angle), torch.sin(angle)
+    r = torch.full((b, n), 0.5, dtype=torch.float64)
+    inputs, u = dict(f=f, s_m=s_m, z=z, z_mix=z.clone(), r=r, r_m=r.clone()), torch.rand(n, b * n, dtype=torch.float64)
+    ref = leaves(inputs)
+    want, _, _, _ = naive_hp_loss(**ref, u=u, lam=LAM, tau=0.01, rho=0.0)
+    ours = leaves({k: v.float() for k, v in inputs.items()})
+    got = hp_loss(**ours, u=u.float(), lam=LAM, tau=0.01, rho=0.0)
+    assert torch.isfinite(got.loss) and float(got.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    got.loss.backward()
+    want.backward()
+    for key in ("z", "z_mix"):
+        torch.testing.assert_close(ours[key].grad.double(), ref[key].grad, rtol=1e-4, atol=1e-4)

@@ -137,6 +137,14 @@ class _Tile:
     positives: int
 
 
+def _contrast_max(logits: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit over its contrast set Dn_i (0 where Dn_i is empty): the shift before exp. The row's
+    max over all N would include s_ii = 1/τ and patches outside Dn_i, and for a small τ push every exp(s_ik − shift)
+    of Dn_i below float32's smallest number (log 0 = −inf)."""
+    inside = torch.where(contrast.bool(), logits, float("-inf")).amax(dim=2, keepdim=True)
+    return torch.where(torch.isfinite(inside), inside, 0)
+
+
 def _terms(pair_anchor, pair, contrast, w, w_sum, keep, rows, out) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ_i W_i·l_i over the tile's kept anchors for z and z_mix (§5) and, when gradients are wanted, −m_ij.
 
@@ -146,8 +154,10 @@ def _terms(pair_anchor, pair, contrast, w, w_sum, keep, rows, out) -> tuple[torc
     """
     logits = torch.bmm(pair_anchor / rows.tau, pair.transpose(1, 2), out=out)  # §5: s_ij = z_i·z_j/τ
     pair_term = logits.view(2, -1) @ w.view(-1)  # §5: Σ_i Σ_j w_ij·s_ij
-    shift = logits.amax(dim=2, keepdim=True) if rows.needs_shift else None
-    exp = (logits.sub_(shift) if shift is not None else logits).exp_().mul_(contrast)  # §5: exp(s_ik), k ∈ Dn_i
+    shift = _contrast_max(logits, contrast) if rows.needs_shift else None
+    # shifted, Dn_i's logits are ≤ 0; the others (masked out next) are clamped there too, so that none overflows
+    shifted = logits.sub_(shift).clamp_(max=0) if shift is not None else logits
+    exp = shifted.exp_().mul_(contrast)  # §5: exp(s_ik), k ∈ Dn_i
     norm = exp.sum(dim=2)  # §5: Σ_{k∈Dn_i} exp(s_ik) (over exp(shift_i) when shifted)
     log_norm = torch.where(keep, norm.log() + (shift.squeeze(2) if shift is not None else 0), 0)  # 0 if dropped
     weighted = log_norm @ w_sum - pair_term  # §5: Σ_i W_i·l_i, l_i = −Σ_j w_ij·logp_ij / W_i
