@@ -99,3 +99,13 @@ def test_hungarian_matches_as_many_pixels_as_the_best_assignment():
         assert matched_pixels(confusion, mapping) == best_by_brute_force(confusion), confusion
         assert scores(remap_confusion(confusion, mapping)).acc == pytest.approx(
             best_by_brute_force(confusion) / max(confusion.sum(), 1)) or confusion.sum() == 0
+
+
+def test_mapping_is_integer_and_an_unmatched_cluster_is_minus_one():
+    """More clusters than classes: the extra cluster maps to exactly -1 (remap_confusion's "no class" column), and
+    the mapping indexes arrays, so it is an integer array; remapped counts keep the confusion matrix's dtype."""
+    confusion = np.array([[5, 0, 1], [0, 4, 2]], dtype=np.int64)  # 2 classes x 3 clusters
+    mapping = hungarian_match(confusion)
+    assert mapping.dtype == np.int64 and mapping.tolist() == [0, 1, -1]
+    remapped = remap_confusion(confusion, mapping)
+    assert remapped.dtype == np.int64 and remapped.tolist() == [[5, 0, 1], [0, 4, 2]]
