@@ -103,17 +103,22 @@ def test_inputs_exercise_every_case():
     assert (g & h).any()
 
 
-def test_loss_matches_naive():
-    inputs, u = make_inputs()
-    out = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+def assert_matches_naive(out, inputs, u):
+    """The loss, its two terms and the reported counts equal the naive float64 computation's."""
     loss, ghp, lhp, (g, h, _) = naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
-    assert out.loss.dtype == torch.float64
     torch.testing.assert_close(out.loss, loss, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.ghp_term, ghp, rtol=0, atol=1e-10)
     torch.testing.assert_close(out.lhp_term, lhp, rtol=0, atol=1e-10)
     kept = g.any(dim=1)
     assert out.kept_anchors == pytest.approx(float(kept.double().mean()))
     assert out.positives_per_anchor == pytest.approx(float((g | h)[kept].sum(dim=1).double().mean()))
+
+
+def test_loss_matches_naive():
+    inputs, u = make_inputs()
+    out = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    assert out.loss.dtype == torch.float64
+    assert_matches_naive(out, inputs, u)
 
 
 def test_gradients_match_naive():
@@ -365,13 +370,7 @@ def test_tiles_without_gradients_match_naive(tile):
     """A forward-only call (evaluation) with several tiles per round, 6 = 4 + 2 included, against the naive loss."""
     inputs, u = make_inputs(seed=5)
     out = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO, anchor_tile=tile)
-    loss, ghp, lhp, (g, h, _) = naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
-    torch.testing.assert_close(out.loss, loss, rtol=0, atol=1e-10)
-    torch.testing.assert_close(out.ghp_term, ghp, rtol=0, atol=1e-10)
-    torch.testing.assert_close(out.lhp_term, lhp, rtol=0, atol=1e-10)
-    kept = g.any(dim=1)
-    assert out.kept_anchors == pytest.approx(float(kept.double().mean()))
-    assert out.positives_per_anchor == pytest.approx(float((g | h)[kept].sum(dim=1).double().mean()))
+    assert_matches_naive(out, inputs, u)
 
 
 def test_anchor_tile_zero_is_whole_rounds_and_negative_is_refused():
