@@ -58,3 +58,15 @@ def test_tensors_decode_like_arrays():
 def test_out_of_range_refused():
     with pytest.raises(ValueError, match="non-finite"):
         quantize(np.array([[1.0, np.inf]]))
+
+
+def test_float64_input_is_quantized_as_its_float32_values():
+    """The store holds float32 features' codes: a float64 array (numpy's default) is taken at float32 first, so
+    its codes and scales are exactly those of its float32 copy (computing in float64 rounds some x / scale the
+    other way)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        x = rng.standard_normal((64, 16)) * rng.uniform(0.01, 100)
+        q64, s64 = quantize(x)
+        q32, s32 = quantize(x.astype(np.float32))
+        assert np.array_equal(q64, q32) and np.array_equal(s64, s32)
