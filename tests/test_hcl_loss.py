@@ -25,6 +25,7 @@ from pipeline.methods.hcl.mogo import (
     kmeans_seed,
     nearest_l2,
     sample_tokens,
+    unit_rows,
 )
 from pipeline.methods.hcl.step import param_groups
 
@@ -94,6 +95,12 @@ def test_nearest_l2_equals_bruteforce():
     want = torch.cdist(q.double(), c.double()).argmin(1)
     assert torch.equal(nearest_l2(q, c), want)
     assert not torch.equal(want, (q @ F.normalize(c, dim=-1).T).argmax(1))  # the raw norms matter here
+
+
+def test_nearest_l2_casts_float32_centroids_to_float64_queries():
+    """kmeans_centroids' float32 centroids meet float64 queries: nearest_l2 casts them itself, same argmin as cdist."""
+    q, c = _unit(100, 6, seed=21), _raw(9, 6, seed=22).float()
+    assert torch.equal(nearest_l2(q, c), torch.cdist(q, c.double()).argmin(1))
 
 
 def test_positive_is_the_l2_nearest_raw_centroid_not_the_ip_nearest_unit_one():
@@ -311,10 +318,48 @@ def test_kmeans_clusters_a_200k_bank_whole():
     assert MAX_POINTS_PER_CENTROID * k >= 10 * len(x)
 
 
+def test_unit_rows_small_norms_and_zero_rows():
+    """Every nonzero row, however short, is divided by its own norm; a zero row stays zero (no NaN)."""
+    c = np.array([[0.0, 0.0, 0.0], [3e-4, 0.0, 4e-4], [0.3, 0.4, 0.0], [1.0, 2.0, 2.0]])
+    want = [[0.0, 0.0, 0.0], [0.6, 0.0, 0.8], [0.6, 0.8, 0.0], [1 / 3, 2 / 3, 2 / 3]]
+    np.testing.assert_allclose(unit_rows(c), want, rtol=1e-12, atol=0)
+
+
+def test_kmeans_centroids_defaults_and_float32_outputs():
+    """Defaults (docs/hcl.md §3): k = 500, 20 iterations from seed 0's initial centroids (checked against
+    float64 Lloyd's: 19 or 21 iterations land elsewhere), min_points 100; both outputs float32."""
+    x = np.random.default_rng(0).standard_normal((600, 2)).astype(np.float32)
+    assert kmeans_centroids(x, iterations=0, min_points=1)[0].shape == (500, 2)
+    x = np.random.default_rng(2).uniform(size=(3000, 2)).astype(np.float32) * 0.1  # raw norms < 1
+    init, _ = kmeans_centroids(x, 12, iterations=0, min_points=1, seed=0)
+    raw, unit = kmeans_centroids(x, 12)
+    assert raw.dtype == np.float32 and unit.dtype == np.float32
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(raw, _lloyd(x64, init, 20), atol=1e-6)
+    assert all(np.abs(raw - _lloyd(x64, init, n)).max() > 1e-4 for n in (19, 21))
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+
+
+def test_kmeans_centroids_min_points_warning(capfd):
+    """min_points is faiss's min_points_per_centroid: below k·min_points points faiss warns (on stderr).
+    Default 100, so 200 points for k = 2 pass and 199 warn; an explicit 60 silences 150 points, and 80 does not
+    (faiss's own default, 39, would silence both)."""
+    x = np.random.default_rng(3).standard_normal((200, 3)).astype(np.float32)
+    cases = [(x, {}, False), (x[:199], {}, True), (x[:150], {"min_points": 60}, False),
+             (x[:150], {"min_points": 80}, True)]
+    for data, kw, warns in cases:
+        capfd.readouterr()
+        kmeans_centroids(data, 2, iterations=1, **kw)
+        assert ("please provide at least" in capfd.readouterr().err) == warns, (len(data), kw)
+
+
 def test_kmeans_seed_changes_per_epoch_and_reproduces():
     seeds = [kmeans_seed(7, epoch) for epoch in range(10)]
     assert len(set(seeds)) == 10 and seeds == [kmeans_seed(7, epoch) for epoch in range(10)]
     assert kmeans_seed(8, 0) not in seeds and all(0 <= s < 2**31 for s in seeds)
+    spread = [kmeans_seed(0, epoch) for epoch in range(64)]  # the whole C-int range: some in its top half
+    assert max(spread) >= 2**30 and min(spread) < 2**30
     x = np.random.default_rng(1).standard_normal((3000, 4)).astype(np.float32)
     run = lambda epoch: kmeans_centroids(x, 5, iterations=3, min_points=1, seed=kmeans_seed(7, epoch))[0]  # noqa: E731
     np.testing.assert_array_equal(run(1), run(1))  # a resumed epoch clusters exactly as before
