@@ -250,3 +250,144 @@ def test_cluster_probe_loss_is_stegos_hard_cluster_lookup():
     theirs = -(hard * inner).sum(1).mean()
     theirs.backward()
     assert torch.allclose(ours, theirs) and torch.allclose(grad_ours, centroids.grad, atol=1e-7)
+
+
+def test_sample_pads_with_the_border_outside_the_grid():
+    """Coordinates past ±1 read the border patches (border padding), not zeros; float64 maps take float32 coords."""
+    t = torch.randn(1, 2, 3, 4, generator=gen(0), dtype=torch.float64) + 5.0  # far from zero: zero padding shows
+    coords = torch.tensor([[[[1.5, 0.2], [-1.4, -1.3]], [[0.3, 1.7], [-2.0, 0.9]]]])
+    out = sample(t, coords)
+    assert out.dtype == torch.float64
+    assert torch.allclose(out, naive_sample(t, coords.clamp(-1, 1)), atol=1e-12)
+
+
+def test_correlation_normalises_with_eps_1e_10():
+    """A point with norm below the eps is divided by 1e-10 (§3.4), not scaled up to a unit vector."""
+    a = torch.zeros(1, 3, 1, 1)
+    a[0, 0, 0, 0] = 1e-11  # norm 1e-11 < eps: becomes 0.1 * e0
+    b = torch.zeros(1, 3, 1, 1)
+    b[0, 0, 0, 0] = 3.0
+    got = correlation(a, b)
+    assert torch.allclose(got.double(), naive_corr(a, b), atol=1e-6)
+    assert abs(got.item() - 0.1) < 1e-6
+
+
+def test_correlation_term_stabilize_keeps_the_zero_clamp():
+    """With zero_clamp and stabilize both on, Cd is clamped to [0, 0.8], not just from above."""
+    f1, f2 = torch.randn(2, 5, 3, 3, generator=gen(0)), torch.randn(2, 5, 3, 3, generator=gen(1))
+    c1 = torch.randn(2, 4, 3, 3, generator=gen(2))
+    c2 = c1 + 0.7 * torch.randn(2, 4, 3, 3, generator=gen(3))
+    loss, cd = correlation_term(f1, f2, c1, c2, 0.3, True, True, True)
+    assert (cd < 0).any() and (cd > 0.8).any()
+    assert torch.allclose(loss.double(), naive_term(f1, f2, c1, c2, 0.3, True, True, True), atol=1e-6)
+
+
+def naive_cd_means(f, c, f_pos, c_pos, s: StegoLossSettings, seed: int) -> dict[str, float]:
+    """Means of the unclamped code correlations of the three terms, from the same draws as naive_stego."""
+    g = gen(seed)
+    b_, n = f.shape[0], s.feature_samples
+    p1 = torch.rand(b_, n, n, 2, generator=g) * 2 - 1
+    p2 = torch.rand(b_, n, n, 2, generator=g) * 2 - 1
+    cs, cs_pos = naive_sample(c, p1), naive_sample(c_pos, p2)
+    negs = []
+    for _ in range(s.neg_samples):
+        base = torch.randperm(b_, generator=g).tolist()
+        partner = [((v + 1) if v == i else v) % b_ for i, v in enumerate(base)]
+        negs.append(naive_corr(cs, naive_sample(torch.stack([c[k] for k in partner]), p2)))
+    return {"cd_intra": naive_corr(cs, cs).mean().item(), "cd_inter": naive_corr(cs, cs_pos).mean().item(),
+            "cd_neg": torch.stack(negs).mean().item() if negs else 0.0}
+
+
+@pytest.mark.parametrize("neg_samples", [0, 3])
+def test_stego_loss_logs_the_code_correlation_means(neg_samples):
+    """cd_intra, cd_inter and cd_neg are the detached means of the unclamped Cd of each term (0 without negatives)."""
+    f, c, f_pos, c_pos = tiny_batch(3, seed=4)
+    s = settings(neg_samples=neg_samples)
+    out = stego_loss(f, c, f_pos, c_pos, s, gen(5))
+    ref = naive_cd_means(f, c, f_pos, c_pos, s, 5)
+    for key in ("cd_intra", "cd_inter", "cd_neg"):
+        value = getattr(out, key)
+        assert isinstance(value, torch.Tensor) and value.ndim == 0 and not value.requires_grad, key
+        assert abs(value.item() - ref[key]) < 1e-5, key
+    if neg_samples:
+        assert ref["cd_neg"] != 0.0
+
+
+def test_stego_loss_computes_features_at_the_codes_precision():
+    """float32 features with float64 codes: the features are cast to float64, so the result matches the naive float64
+    computation to far below float32 rounding."""
+    f, c, f_pos, c_pos = tiny_batch(2, seed=6)
+    c, c_pos = c.double(), c_pos.double()
+    s = settings()
+    out = stego_loss(f, c, f_pos, c_pos, s, gen(8))
+    ref = naive_stego(f, c, f_pos, c_pos, s, 8)
+    assert out.loss.dtype == torch.float64
+    for key in ("loss", "intra", "inter", "neg"):
+        assert abs(getattr(out, key).item() - ref[key]) < 1e-12, key
+
+
+def test_stego_loss_coords_follow_the_data_device():
+    """Data on another device than the generator (CUDA data, CPU generator; here 'meta'): the coordinates are moved
+    to the data's device, so sampling works."""
+    f, c, f_pos, c_pos = (t.to("meta") for t in tiny_batch(2))
+    out = stego_loss(f, c, f_pos, c_pos, settings(neg_samples=2), gen(0))
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+
+
+def test_stego_loss_draws_on_the_generators_device():
+    """The draws use the generator's device, not the default device: a different default device (here 'meta')
+    changes nothing."""
+    f, c, f_pos, c_pos = tiny_batch(3, seed=3)
+    s = settings(neg_samples=3)
+    expected = stego_loss(f, c, f_pos, c_pos, s, gen(9))
+    with torch.device("meta"):
+        got = stego_loss(f, c, f_pos, c_pos, s, gen(9))
+        perm = super_perm(5, gen(1))
+    assert torch.equal(got.loss, expected.loss) and torch.equal(got.neg, expected.neg)
+    assert perm.tolist() == super_perm(5, gen(1)).tolist()
+
+
+def test_settings_refuse_each_bad_value_with_its_name():
+    """feature_samples >= 1 and neg_samples >= 0 are accepted at the boundary; below it each is refused by name."""
+    assert settings(feature_samples=1, neg_samples=0).feature_samples == 1
+    with pytest.raises(ValueError, match=r"stego\.feature_samples must be >= 1, got 0"):
+        settings(feature_samples=0)
+    with pytest.raises(ValueError, match=r"stego\.neg_samples must be >= 0, got -1"):
+        settings(neg_samples=-1)
+
+
+def test_stego_loss_with_one_feature_sample():
+    """S = 1 (allowed by the settings) still matches the naive computation."""
+    f, c, f_pos, c_pos = tiny_batch(2, seed=5)
+    s = settings(feature_samples=1, neg_samples=2)
+    out = stego_loss(f, c, f_pos, c_pos, s, gen(2))
+    assert abs(out.loss.item() - naive_stego(f, c, f_pos, c_pos, s, 2)["loss"]) < 1e-5
+
+
+def test_linear_probe_loss_with_one_labelled_pixel_is_its_cross_entropy():
+    """One valid pixel: the mean is over that one pixel (the clamp to 1 only guards the empty case)."""
+    logits = torch.randn(1, 3, 2, 2, generator=gen(0))
+    labels = torch.full((1, 2, 2), -1)
+    labels[0, 1, 0] = 2
+    got = linear_probe_loss(logits, labels, 3)
+    row = logits[0, :, 1, 0].double()
+    assert abs(got.item() - (torch.logsumexp(row, 0) - row[2]).item()) < 1e-6
+
+
+def test_linear_probe_loss_uses_same_size_logits_as_they_are(monkeypatch):
+    """Logits already at the labels' size are not resampled (no needless interpolation pass); other sizes are."""
+    calls = []
+    interpolate = F.interpolate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("size"))
+        return interpolate(*args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    logits = torch.randn(2, 3, 4, 5, generator=gen(0))
+    labels = torch.randint(0, 3, (2, 4, 5), generator=gen(1))
+    got = linear_probe_loss(logits, labels, 3)
+    assert calls == []
+    assert abs(got.item() - F.cross_entropy(logits, labels).item()) < 1e-6
+    linear_probe_loss(logits, torch.randint(0, 3, (2, 8, 10), generator=gen(2)), 3)
+    assert [tuple(size) for size in calls] == [(8, 10)]
