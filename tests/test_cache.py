@@ -7,7 +7,17 @@ import pytest
 import zarr
 
 from cache import writer
-from cache.integrity import CorruptChunk, chunk_key, mark_bad, quick_check, verify_chunks
+from cache.integrity import (
+    BadChunk,
+    CorruptChunk,
+    StoreCheck,
+    chunk_key,
+    finished_chunks,
+    mark_bad,
+    quick_check,
+    summarize,
+    verify_chunks,
+)
 from cache.reader import FeatureStore, batch_plan
 from cache.schema import DONE, RECORDS, CodesLayout, HCLLayout, Layout
 from pipeline.errors import UserError
@@ -308,3 +318,123 @@ def test_a_folder_of_other_files_at_the_store_url_is_refused_and_left_intact(tmp
     (remains / DONE).mkdir()
     writer.mark_complete(_write_all(str(remains)))
     assert len(FeatureStore.open(str(remains))) == 11
+
+
+# ------------------------------------------------------- integrity: each outcome pinned to hand-computed values
+def test_a_torn_done_flag_reads_as_unfinished_and_every_other_flag_as_written(tmp_path):
+    """A kill mid-write tears one flag object: the fallback reads flags one by one, as booleans, and only the torn
+    one counts as unfinished (a fallback that lost the others would recompute the whole store)."""
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url)
+    _flip(_chunk_file(url, DONE, 1), offset=0)
+    with pytest.raises(Exception):  # noqa: B017 - the premise: the whole-array read fails on the torn flag
+        group[DONE][:]
+    flags = finished_chunks(group)
+    assert flags.dtype == np.bool_ and flags.tolist() == [True, False, True]
+    check = quick_check(group, url)
+    assert (check.chunks, check.unfinished, check.bad) == (3, [1], [])
+
+
+def test_quick_check_names_a_missing_record_and_the_unwritten_chunks(tmp_path):
+    """A finished chunk whose record is zeros is "no record" (not a size mismatch against 0 B), named by array and
+    chunk; the unwritten chunk is listed; the check carries the store's URL."""
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url, chunks=[0, 2])
+    lhp = list(group.attrs["record_arrays"]).index("lhp")
+    group[RECORDS][2, lhp, :] = 0
+    check = quick_check(group, url)
+    assert check.url == url and check.chunks == 3 and check.unfinished == [1]
+    assert check.bad == [BadChunk("lhp", 2, "no record")]
+    assert check.problems() == ["1 bad chunk(s): lhp chunk 2 (no record)", "1 of 3 chunks not written"]
+
+
+def test_a_store_without_its_records_array_is_reported_not_read(tmp_path):
+    """Without `_records` nothing per chunk can be checked: both checks report the missing array and stop, rather
+    than fail reading it."""
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url)
+    shutil.rmtree(Path(url) / RECORDS)
+    group = writer.open_group(url, "r")
+    for check in (quick_check(group, url), verify_chunks(group, url, threads=1)):
+        assert (check.url, check.missing_arrays, check.chunks, check.bad) == (url, [RECORDS], 0, [])
+
+
+def test_a_missing_array_is_skipped_and_every_later_array_still_checked(tmp_path):
+    """An array missing (second in record order) must not stop the checks of the arrays after it, in the same
+    chunk or other chunks; a chunk quick_check already found bad is reported once, not again by verify."""
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url)
+    names = list(group.attrs["record_arrays"])
+    assert names.index("cls_attn") < names.index("lhp") < names.index("label")
+    shutil.rmtree(Path(url) / "cls_attn")
+    path = _chunk_file(url, "lhp", 0)
+    recorded = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:-3])
+    _flip(_chunk_file(url, "label", 0))
+    group = writer.open_group(url, "r")
+    truncated = BadChunk("lhp", 0, f"{recorded - 3} B stored, {recorded} B recorded")
+    quick = quick_check(group, url)
+    assert quick.missing_arrays == ["cls_attn"] and quick.bad == [truncated]
+    full = verify_chunks(group, url, threads=1)
+    assert full.url == url
+    assert full.bad == [BadChunk("label", 0, "checksum mismatch: the chunk object is damaged"), truncated]
+    assert full.problems() == ["array cls_attn missing", f"1 bad chunk(s): {summarize(full.bad)}"]  # one chunk
+
+
+def test_mark_bad_adds_to_what_verify_recorded_before_and_clears_complete(tmp_path):
+    """Two verify runs: the second's chunks are added to the first's (not replacing them), their flags cleared,
+    and the store no longer complete."""
+    url = str(tmp_path / "s.zarr")
+    writer.mark_complete(_write_all(url))
+    mark_bad(writer.open_group(url, "r+"), [BadChunk("feat", 1, "x")])
+    mark_bad(writer.open_group(url, "r+"), [BadChunk("lhp", 2, "y"), BadChunk("image", 2, "z")])
+    group = writer.open_group(url, "r")
+    expected = sorted(["feat chunk 1 (x)", "lhp chunk 2 (y)", "image chunk 2 (z)"])
+    assert group.attrs["bad_chunks"] == expected and group.attrs["complete"] is False
+    flags = finished_chunks(group)
+    assert flags.dtype == np.bool_ and flags.tolist() == [True, False, False]
+    assert np.asarray(group[DONE][:]).tolist() == [True, False, False]
+    assert quick_check(group, url).recorded_bad == expected
+
+
+def test_summarize_lists_six_and_counts_the_rest():
+    """At most `limit` (6) chunks by name, then "and N more" with N the exact remainder; none at exactly six."""
+    bad = [BadChunk("feat", c, "r") for c in range(9)]
+    named = ", ".join(f"feat chunk {c} (r)" for c in range(6))
+    assert summarize(bad[:6]) == named
+    assert summarize(bad[:7]) == named + " and 1 more"
+    assert summarize(bad) == named + " and 3 more"
+    assert summarize(bad, limit=2) == "feat chunk 0 (r), feat chunk 1 (r) and 7 more"
+
+
+def test_problems_phrases_name_the_arrays_and_the_recorded_chunks():
+    """Exact phrases: every missing array by name, verify's recorded chunks (six, then "..."; recorded chunks
+    take the place of the unwritten count), the unwritten count out of all chunks."""
+    assert StoreCheck("u", missing_arrays=["lhp", "label"]).problems() == ["array lhp, label missing"]
+    recorded = [f"feat chunk {c} (r)" for c in range(7)]
+    prefix = "`hp-pipe verify` recorded bad chunk(s): "
+    six = StoreCheck("u", chunks=3, recorded_bad=recorded[:6], unfinished=[1])
+    assert six.problems() == [prefix + ", ".join(recorded[:6])]
+    seven = StoreCheck("u", chunks=3, recorded_bad=recorded)
+    assert seven.problems() == [prefix + ", ".join(recorded[:6]) + " ..."]
+    assert StoreCheck("u", chunks=3, unfinished=[1, 2]).problems() == ["2 of 3 chunks not written"]
+    assert StoreCheck("u", chunks=3).problems() == []
+
+
+def test_intact_done_flags_are_read_in_one_request(tmp_path):
+    """The one-by-one read is only the fallback for a torn flag: an intact `_done` is read whole (one request, not
+    one per chunk; a COCO-scale store has thousands of chunks)."""
+    url = str(tmp_path / "s.zarr")
+    group = _write_all(url, chunks=[0, 2])
+    reads = []
+
+    class Counted:
+        def __init__(self, array):
+            self.array, self.shape = array, array.shape
+
+        def __getitem__(self, key):
+            reads.append(key)
+            return self.array[key]
+
+    assert finished_chunks({DONE: Counted(group[DONE])}).tolist() == [True, False, True]
+    assert reads == [slice(None)]
