@@ -1,4 +1,7 @@
+
 """int8 feature vectors (cache/quant.py) against the bound their docstring states, computed naively."""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -70,3 +73,25 @@ def test_float64_input_is_quantized_as_its_float32_values():
         q64, s64 = quantize(x)
         q32, s32 = quantize(x.astype(np.float32))
         assert np.array_equal(q64, q32) and np.array_equal(s64, s32)
+
+
+def test_dequantize_is_float32_codes_times_float32_scales():
+    """The reader's features are float32: codes times scales in float32 (a float16 product would round the feature
+    to 11 bits)."""
+    rng = np.random.default_rng(1)
+    q, scale = quantize((rng.standard_normal((32, 64)) * 3).astype(np.float32))
+    out = dequantize(torch.from_numpy(q), torch.from_numpy(scale))
+    assert out.dtype == torch.float32
+    expected = q.astype(np.float32) * scale.astype(np.float32)[:, None]
+    assert np.array_equal(out.numpy(), expected)
+
+
+def test_a_zero_vector_quantizes_to_zero_codes_without_dividing_by_zero():
+    """A zero feature vector (e.g. padding) has scale 0: its codes are 0, computed without a 0/0 (numpy's invalid
+    value warning is an error here)."""
+    x = np.zeros((3, 8), dtype=np.float32)
+    x[1] = np.linspace(-1, 1, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q, scale = quantize(x)
+    assert scale[0] == 0 and scale[2] == 0 and not q[0].any() and not q[2].any() and q[1].any()
