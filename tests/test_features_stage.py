@@ -109,6 +109,7 @@ def test_status_writes_nothing(built, tmp_path):
     assert [line.split()[1] for line in out.splitlines()[1:]] == ["missing"] * 5
 
 
+@pytest.mark.slow
 def test_second_run_skips_and_status_reports_complete(built, capsys):
     config, workdir, manifests = built
     again = features.run(config, workdir, "train")

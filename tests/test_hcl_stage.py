@@ -396,6 +396,7 @@ def test_predict_with_live_branches_agrees_with_the_cached_evaluation(workdir, t
 
 
 @pytest.mark.parametrize("kill_at", ["right-after-clustering", "mid-epoch"])
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_identical_weights(workdir, kill_at):
     """A real SIGKILL of `hp-pipe train --method hcl`: right after an epoch's MoGoClustering was checkpointed (the
     only checkpoints are the post-clustering ones) or between two steps; the resumed run equals a straight one."""

@@ -133,6 +133,7 @@ def test_crafted_run_files_are_refused_by_evaluate_and_predict(evaluated, tmp_pa
         mpath.write_text(manifest)
 
 
+@pytest.mark.slow
 def test_crafted_checkpoint_is_refused_on_resume(evaluated, tmp_path):
     config, workdir = evaluated
     sdir = paths.stage_dir(config, workdir)

@@ -141,6 +141,7 @@ def test_val_codes_average_each_image_with_its_mirror(workdir):
     np.testing.assert_allclose(codes.read("feat", 0, len(codes)).astype(np.float32), expected, rtol=1e-2, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_a_killed_stego_run_resumes_to_the_same_weights(tmp_path):
     extra = {"train.method": "stego"}
     cli("train", "--dataset", "synthetic", "--workdir", str(tmp_path), "--run", "straight", *sets(extra))

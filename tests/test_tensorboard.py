@@ -126,6 +126,7 @@ def test_a_resume_reads_no_step_twice(workdir, monkeypatch):
     assert [e.step for e in events.Images("val/overlays")] == CHECKPOINTS
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_events(workdir):
     """The real thing: `hp-pipe train` SIGKILLed after a checkpoint, then resumed."""
     config = tiny_config()

@@ -73,6 +73,7 @@ def test_the_snapped_resolution_is_in_the_fingerprints(tmp_path):
     ("features", "vit_tiny_nonexistent_patch16_224", "timm has no model"),
     ("train", "resnet50.a1_in1k", "is not a ViT"),
     ("status", "vit_tiny_nonexistent_patch16_224", "timm has no model")])
+@pytest.mark.slow
 def test_a_bad_backbone_is_refused_before_any_stage(tmp_path, command, backbone, fragment):
     work = tmp_path / "work"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
