@@ -31,7 +31,7 @@ from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
-from pipeline.orchestration import coverage, paths, runs
+from pipeline.orchestration import paths, runs
 from pipeline.orchestration.runner import StageContext
 from pipeline.reporting.plots import CURVES, training_curves
 from pipeline.reporting.tensorboard import open_training_board
@@ -92,7 +92,7 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, met
         save_checkpoint(plan.ckpt, {
             "iteration": t, **method.state_dict(),
             "rng": {**rng_states(generator, plan.device), **method.rng_states()},
-            "config": coverage.whole(config), "store": store.url, "random_init": store.random_init,
+            "config": config, "store": store.url, "random_init": store.random_init,
             "backbone": backbone_identity(store), "fingerprint": ctx.fingerprint, "threads": torch.get_num_threads(),
         })
         log.checkpointed(t, plan.ckpt)  # TensorBoard: overlay images of this checkpoint
