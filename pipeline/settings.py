@@ -169,7 +169,7 @@ def number(low: float, high: float = math.inf, low_open: bool = False, high_open
 
 
 def auto_or_boolean(v: Any) -> str | None:
-    """features.amp: read as given (pipeline/extraction/workers.py amp_setting), so only these exact spellings."""
+    """features.amp, train.amp: read as given (pipeline/precision.py amp_setting), so only these exact spellings."""
     return None if isinstance(v, bool) or v in ("auto", "true", "false") else "true, false or auto"
 
 
@@ -286,7 +286,7 @@ class TrainSection:
 
     method: str = within(registered_method)  # a name in pipeline/methods/registry.py
     device: TrainDevice
-    amp: bool
+    amp: Switch = within(auto_or_boolean)  # pipeline/precision.py
     log_interval: int = within(POSITIVE)
     checkpoint_interval: int = within(POSITIVE)
     buffer_chunks: int = within(POSITIVE)  # store chunks read and shuffled together

@@ -121,6 +121,7 @@ def body(job: Build, step: Step, ctx: StageContext) -> dict[str, Any]:
         "array_bytes": array_bytes,
         "raw_fp16_feature_bytes": layout.raw_fp16_bytes_per_sample() * len(names), "preview": str(preview),
         "random_init": backbone.random_init, "weights": backbone.weights,
+        "precision": {"forward": attrs["extraction"]["dtype"], "amp": f["amp"], "store_dtype": f["dtype"]},
         "timings": {"extract_seconds": round(seconds, 3)},
         "summary": f"{plural(len(names), 'sample')} ({len(names) - finished} computed, {rate:.1f} img/s, "
                    f"{plural(1 + settings.n_views, 'backbone pass', 'backbone passes')} each), "

@@ -154,6 +154,8 @@ def outputs_of(job: Build, url: str, geo: Geometry, backbone: Backbone, layout: 
         "store_bytes": stored, "random_init": backbone.random_init,
         "native_fp16_bytes_per_sample": native, "concatenated_fp16_bytes_per_sample": concatenated,
         "native_over_concatenated": round(native / concatenated, 3),
+        "precision": {"forward": extraction_attrs(backbone, job.config)["dtype"], "amp": job.config["features"]["amp"],
+                      "store_dtype": "float16"},
         "timings": {"extract_seconds": round(seconds, 3)},
     }
     what = (f"{plural(n_images, 'image')} x {plural(geo.crops, 'crop')} ({plural(geo.views, 'variant')} each, "

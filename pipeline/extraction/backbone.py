@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import UserError
+from pipeline.precision import extraction_autocast
 from pipeline.training.checkpoints import BACKBONE_GLOBALS, load_torch_file
 
 # The DINO presets (the papers' backbones); any other timm ViT name (with its pretrained tag) works as well.
@@ -256,11 +257,7 @@ class Backbone:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """bf16 under amp (fp16 on a GPU without bf16), on the CPU as on CUDA: the CPU runs the GPU's path."""
-        if not self.amp:
-            return None
-        if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        return extraction_autocast(bool(self.amp), self.device.type)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.autocast_dtype

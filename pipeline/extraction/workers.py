@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from pipeline import precision
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.extraction.backbone import Backbone, load_backbone
@@ -55,42 +56,21 @@ def feature_device(config: Config) -> torch.device:
 
 
 def feature_amp(config: Config, device: torch.device | None = None) -> bool:
-    """`features.amp`: true | false | auto (on for CUDA, off for the CPU, so that CPU stores stay exact fp32
-    unless autocast is asked for explicitly)."""
-    amp = amp_setting(config)
-    if amp is None:
-        return (device if device is not None else feature_device(config)).type == "cuda"
-    return amp
-
-
-def amp_setting(config: Config) -> bool | None:
-    """`features.amp` as given (true/false from TOML or `--set` alike); None: auto."""
-    amp = config["features"].get("amp", "auto")
-    return None if amp == "auto" else amp in (True, "true")
-
-
-def autocast_dtype(device_type: str, amp: bool) -> torch.dtype | None:
-    """The autocast dtype of the feature forward: bf16 (fp16 on a GPU without bf16), None without amp."""
-    if not amp:
-        return None
-    if device_type == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """`features.amp`: true | false | auto (on for CUDA and for CPUs with native bf16, pipeline/precision.py; off on
+    other CPUs, where emulated bf16 is slower than fp32 and the store stays exact fp32)."""
+    device = device if device is not None else feature_device(config)
+    return precision.extraction_autocast(config["features"].get("amp", "auto"), device.type) is not None
 
 
 def extraction_numerics(config: Config) -> str:
     """What the stored values depend on beyond the weights: the forward's autocast dtype ("float32" without amp).
 
     Read by the stage fingerprint (pipeline/orchestration/graph.py) instead of the literal `features.amp`, so that
-    `amp = "auto"`
-    run on a GPU (bf16) and on the CPU (fp32) are told apart. Never raises: a CUDA device this machine lacks is
-    assumed to have bf16 (the stage itself then refuses the device)."""
+    `amp = "auto"` run on a GPU or a bf16 CPU (bf16) and on another CPU (fp32) are told apart. Never raises: a CUDA
+    device this machine lacks is assumed to have bf16 (the stage itself then refuses the device)."""
     name = str(config["features"].get("device", "auto"))
     device_type = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.split(":")[0]
-    amp = amp_setting(config)
-    on = device_type == "cuda" if amp is None else amp
-    dtype = autocast_dtype(device_type, on)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+    return precision.dtype_name(precision.extraction_autocast(config["features"].get("amp", "auto"), device_type))
 
 
 def feature_backbone(config: Config) -> Backbone:

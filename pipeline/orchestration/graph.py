@@ -117,6 +117,8 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
     stores: their split's source files, store URL, backbone keys and store version); when the method trains its
     evaluation probes with the head (protocol paper), `train` also on their settings (docs/hp.md §8).
     """
+    from pipeline.precision import training_numerics
+
     listing = source_lists(config, workdir, memo)
     extras: dict[str, dict[str, Any]] = {
         "prepare": {"sources": fingerprint(listing) if listing is not None else "unreadable"}}
@@ -135,6 +137,8 @@ def stage_plan(config: Config, workdir: Path, stores: dict[str, str] | None = No
         stage_config = {**sections(config, *stage.sections), **extras.get(name, {}), **own}
         if "features" in stage.sections:
             stage_config["features"] = features_key
+        if "train" in stage.sections:  # the resolved autocast dtype, as for [features] (pipeline/precision.py)
+            stage_config["train"] = {**stage_config["train"], "amp": training_numerics(config["train"])}
         inputs = {up: fingerprint(*plan[up]) for up in stage.inputs}
         plan[name] = (stage_config, inputs)
     return plan

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from cache.reader import FeatureStore
+from pipeline import precision
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.files import atomic_write_text
@@ -107,7 +108,8 @@ def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path, met
                                     keep=keep)
             for i, batch in enumerate(batches, start=first):
                 inputs = method.inputs(t, i, batch)
-                with torch.autocast(plan.device.type, dtype=torch.float16, enabled=plan.amp):
+                with torch.autocast(plan.device.type, dtype=plan.autocast or torch.float32,
+                                    enabled=plan.autocast is not None):
                     step = method.forward(inputs)
                 if not torch.isfinite(step.loss):  # the NaN guard: the bad step reaches no weight, no checkpoint
                     raise UserError(f"training diverged: the loss is {step.loss.item()} at iteration {t} "
@@ -231,10 +233,15 @@ class RunPlan:
     """What every trainer settles before its first step."""
 
     device: torch.device
-    amp: bool
+    autocast: torch.dtype | None  # the step's autocast dtype under train.amp (pipeline/precision.py), None: fp32
     iters_per_epoch: int
     total: int
     ckpt: Path
+
+    @property
+    def loss_scaling(self) -> bool:
+        """fp16 needs its loss scaled (a GradScaler, as the references on their GPUs); bf16 and fp32 do not."""
+        return self.autocast == torch.float16
 
 
 def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStore, out: Path,
@@ -257,8 +264,15 @@ def plan_run(ctx: StageContext, config: Config, section: str, store: FeatureStor
     out.mkdir(parents=True, exist_ok=True)
     # a method that counts batches (its section's `max_steps`, STEGO) runs that many, epochs following on
     total = config[section].get("max_steps") or iters_per_epoch * config[section]["epochs"]
-    return RunPlan(device, bool(config["train"]["amp"]) and device.type == "cuda", iters_per_epoch, total,
+    return RunPlan(device, precision.training_autocast(config["train"]["amp"], device.type), iters_per_epoch, total,
                    paths.checkpoint_path(out))
+
+
+def run_precision(plan: RunPlan, store: FeatureStore) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its settings: the step's autocast dtype ("float32": none), the dtype
+    the store holds its features in, and the dtype its backbone forward ran in (train manifests, reports)."""
+    return {"train_autocast": precision.dtype_name(plan.autocast), "store_dtype": str(store.array("feat").dtype),
+            "store_forward": store.attrs.get("extraction", {}).get("dtype", "float32")}
 
 
 def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: FeatureStore, out: Path, steps: int,
@@ -272,9 +286,10 @@ def run_outputs(ctx: StageContext, plan: RunPlan, log: MetricsLog, store: Featur
     return {
         "method": label.lower(), "run_dir": str(out), "checkpoint": str(plan.ckpt), "iterations": plan.total,
         "iterations_per_epoch": plan.iters_per_epoch, "final": last, "store": store.url,
-        "random_init": store.random_init, "device": str(plan.device),
+        "random_init": store.random_init, "device": str(plan.device), "precision": run_precision(plan, store),
         "timings": {"train_seconds": round(seconds, 3), **timings},
-        "summary": f"{label}: {plural(plan.total, 'iteration')} ({rate:.2f} it/s), final loss "
-                   f"{last.get('loss', float('nan')):.4f} -> {out}"
+        "summary": f"{label}: {plural(plan.total, 'iteration')} ({rate:.2f} it/s"
+                   + (f", {precision.dtype_name(plan.autocast)} autocast" if plan.autocast is not None else "")
+                   + f"), final loss {last.get('loss', float('nan')):.4f} -> {out}"
                    + (" [RANDOM-INIT backbone features]" if store.random_init else ""),
     }

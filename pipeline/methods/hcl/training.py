@@ -133,7 +133,7 @@ class HCLTraining:
         self.width = (len(self.patch_sizes) + 1) * self.store.array("feat").shape[-1]
         self.model = build_model(self.width, h_cfg).to(plan.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, h_cfg["weight_decay"]), lr=h_cfg["lr"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=plan.amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=plan.loss_scaling)
         self.banks = {"fg": MemoryBank(seed, h_cfg["bank_replace"]), "bg": MemoryBank(seed + 1, h_cfg["bank_replace"])}
         self.centroids: dict[str, dict[str, torch.Tensor]] = {}  # §3: {"fg", "bg"} -> {"raw", "unit"}, per epoch
         self.clustered_epoch, self.mogo_seconds = -1, []

@@ -40,8 +40,8 @@ class ProjectionHead(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, D, h, w) with unit L2 norm at every position."""
-        return F.normalize(self.proj(s), dim=1)
+        """(B, D, h, w) -> (B, D, h, w) with unit L2 norm at every position, normalized in fp32 under autocast."""
+        return F.normalize(self.proj(s).float(), dim=1)
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ def training_step(
     s = heads.S(f, heads.drop)  # §3: s = S(f), one dropout mask per branch of S (§2)
     s_aug = heads.S(f_aug, heads.drop)  # §3: s_aug = S(f_aug)
     with torch.no_grad():
-        s_m = F.normalize(heads.drop(heads.S_m(f, heads.drop)), dim=1)  # §2-§3: s_m = normalize(S_m(f))
+        s_m = F.normalize(heads.drop(heads.S_m(f, heads.drop)).float(), dim=1)  # §2-§3: s_m = normalize(S_m(f))
     s_mix = heads.drop(lhp_mix(s, lhp))  # §3: LHP mix (gradients into every neighbour), dropped out
     z, z_aug, z_mix = heads.P(s), heads.P(s_aug), heads.P(s_mix)  # §3: unit-norm projections
     with torch.no_grad():

@@ -113,7 +113,7 @@ class HPTraining:
         self.heads = HPHeads(self.in_dim, t_cfg["head_dim"], t_cfg["dropout"]).to(device)
         self.opt_s, self.opt_p = make_optimizers(self.heads, t_cfg)
         self.scaler = torch.amp.GradScaler("cuda", init_scale=2048, growth_interval=1000,  # the reference's
-                                           enabled=plan.amp)
+                                           enabled=plan.loss_scaling)
         self.settings = StepSettings(t_cfg["tau"], t_cfg["rho"], t_cfg["alpha"], t_cfg["anchor_tile"] or None)
         self.probes = online_probes(self.ctx, self.config, self.store, device)
         self.names = ["feat", "feat_aug", "lhp"] + (["label"] if self.probes is not None

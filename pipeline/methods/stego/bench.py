@@ -71,7 +71,7 @@ class _Sides:
         self.store, self.table, self.model, self.decoded, self.iterations = store, table, model, decoded, iterations
         self.hooks = StegoTraining(SimpleNamespace(log=lambda line: None), config, store, table)
         torch.manual_seed(0)
-        self.hooks.build(RunPlan(torch.device("cpu"), False, 1, iterations, Path("unused")),
+        self.hooks.build(RunPlan(torch.device("cpu"), None, 1, iterations, Path("unused")),
                          torch.Generator().manual_seed(0))
         self.hooks.start()
         self.s, self.done = config["stego"], {"cache": 0, "reference": 0}
