@@ -15,10 +15,25 @@ from pipeline.errors import UserError
 from pipeline.methods.registry import REGISTERED, names
 
 
-def train_bench(method: str) -> Callable[..., None]:
-    """`bench train --method M`: cache vs live training of a registered method, one signature for all:
+def train_bench(method: str, amp: str = "off") -> Callable[..., None]:
+    """`bench train --method M --amp A`: cache vs live training of a registered method, one signature for all:
     (images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval, repeats, workdir,
-    as_json); a method reads the options it has."""
+    as_json); a method reads the options it has. A bench whose `train` takes `amp` gets it; one that does not runs
+    fp32, and asking it for autocast where it would apply is refused rather than ignored."""
+    import functools
+    import inspect
+
+    from pipeline.precision import training_autocast
+
+    bench = _train_bench(method)
+    if "amp" in inspect.signature(bench).parameters:
+        return functools.partial(bench, amp=amp)
+    if training_autocast({"on": True, "off": False}.get(amp, amp), "cpu") is not None:
+        raise UserError(f"bench train --method {method} times its cache side in fp32 only; use --amp off")
+    return bench
+
+
+def _train_bench(method: str) -> Callable[..., None]:
     from benches import hcl, train
 
     def hcl_bench(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benches.features import bench_config, report
+from benches.machine import machine
 from cache.reader import FeatureStore
 from pipeline.config import Config
 from pipeline.evaluation.metrics import confusion_matrix, hungarian_match, remap_confusion, scores
@@ -28,6 +29,7 @@ from pipeline.methods.hp.step import HPHeads, Pools, StepSettings, pool_entries,
 from pipeline.methods.hp.training import make_optimizers, optimize, sample_pool, step_inputs
 from pipeline.orchestration import paths
 from pipeline.orchestration.graph import build
+from pipeline.precision import dtype_name, training_autocast
 from pipeline.training.checkpoints import load_checkpoint
 
 
@@ -84,8 +86,10 @@ def loss_peak_bytes(batch: int, n: int, dim: int, seed: int = 0) -> int:
     return mode.peak
 
 
-def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, seed: int = 0) -> dict[str, float]:
-    """hp_loss forward + backward in GFLOP/s against plain float32 matmuls of its own shape, same process and threads.
+def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, seed: int = 0,
+                        autocast: torch.dtype | None = None) -> dict[str, float]:
+    """hp_loss forward + backward in GFLOP/s against plain matmuls of its own shape in the same precision (fp32, or
+    the `autocast` dtype, under which the loss runs too), same process and threads.
 
     The loss's products, per round (n anchors x N = batch·n patches): f (C) and s_m (D) similarities, z and z_mix
     logits (D each), and the backward of both logits (2 products of D each): N²·(C + 7D) multiply-adds in all when
@@ -101,11 +105,12 @@ def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, se
 
     def loss_once() -> None:
         z, z_mix = z0.clone().requires_grad_(), zm0.clone().requires_grad_()
-        out = hp_loss(f, s_m, z, z_mix, r, r, lam=0.5, tau=0.6, rho=0.02, generator=g)
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = hp_loss(f, s_m, z, z_mix, r, r, lam=0.5, tau=0.6, rho=0.02, generator=g)
         out.loss.backward()
         kept.append(out.kept_anchors)
 
-    a, b = unit(batch, n, d).reshape(total, d), unit(total, d)
+    a, b = (x.to(autocast or torch.float32) for x in (unit(batch, n, d).reshape(total, d), unit(total, d)))
 
     def matmuls_once() -> None:
         for i in range(batch):
@@ -121,6 +126,7 @@ def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, se
     return {"loss_gflops": float(f"{loss_flop / loss_s / 1e9:.4g}"),
             "matmul_gflops": float(f"{mm_flop / mm_s / 1e9:.4g}"),
             "loss_matmul_ratio": round(ratio, 3),
+            "loss_matmul_dtype": dtype_name(autocast),
             "loss_seconds": round(loss_s, 4), "loss_flop": int(loss_flop), "loss_kept_anchors": round(min(kept), 4),
             "loss_peak_mib": round(loss_peak_bytes(batch, n, d, seed) / 2**20, 2),
             "loss_shape": {"batch": batch, "n": n, "C": c, "D": d}}
@@ -149,8 +155,10 @@ class TrainSides:
     from cached features) and the reference's way (the backbone on the image and its view every step, Pool_sp renewed
     by a backbone pass over fresh images). `done` counts the iterations and renewals each side actually did."""
 
-    def __init__(self, config, store: FeatureStore, model, decoded: np.ndarray, iterations: int):
+    def __init__(self, config, store: FeatureStore, model, decoded: np.ndarray, iterations: int,
+                 autocast: torch.dtype | None = None):
         t_cfg = config["hp"]
+        self.autocast = autocast  # the cache side's step (train.amp); the reference's side runs fp32 on a CPU
         self.t_cfg, self.store, self.model, self.decoded, self.iterations = t_cfg, store, model, decoded, iterations
         self.batch_size, self.pool_size, self.renew_interval = t_cfg["batch_size"], t_cfg["pool_size"], \
             t_cfg["renew_interval"]
@@ -168,9 +176,10 @@ class TrainSides:
         return sample_pool(self.store, self.heads, self.pool_size, specific, self.rng, self.generator,
                            torch.device("cpu"))
 
-    def head_step(self, i: int, f, f_aug, lhp) -> None:
-        out = training_step(self.heads, f, f_aug, lhp, self.pools, lambda_at(i, 0, self.iterations), self.settings,
-                            self.generator)
+    def head_step(self, i: int, f, f_aug, lhp, autocast: torch.dtype | None = None) -> None:
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = training_step(self.heads, f, f_aug, lhp, self.pools, lambda_at(i, 0, self.iterations),
+                                self.settings, self.generator)
         optimize(self.heads, out.loss, self.opt_s, self.opt_p, self.scaler, self.t_cfg["grad_clip"],
                  self.t_cfg["ema_m"])
 
@@ -181,7 +190,7 @@ class TrainSides:
             if renews_at(i, self.renew_interval):
                 self.pools.specific = PoolIndex(self.sample(True))
                 self.done["cache"][1] += 1
-            self.head_step(i, *step_inputs(batch, self.generator, torch.device("cpu")))
+            self.head_step(i, *step_inputs(batch, self.generator, torch.device("cpu")), self.autocast)
             self.done["cache"][0] += 1
 
     def backbone_renewal(self) -> None:
@@ -211,6 +220,77 @@ class TrainSides:
             self.head_step(i, out.feat.permute(0, 3, 1, 2).clone(), model(v).feat.permute(0, 3, 1, 2).clone(), lhp)
 
 
+class _Clock:
+    """Seconds spent inside patched callables, by name (nested calls count in both: `iteration_parts` subtracts)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return timed
+
+
+def iteration_parts(sides: TrainSides) -> dict[str, Any]:
+    """Where one cache-side iteration's time goes, from one pass of `from_cache` with its parts timed: batch read,
+    step inputs, head forward (S, S_m, P, the LHP mix), positives (the two faiss lookups), the loss forward with its
+    written-out gradient, the heads' backward, the optimizer steps (clipping included), the EMA update and the
+    amortised Pool_sp renewal; seconds per iteration and each part's share of the whole."""
+    from unittest import mock
+
+    import benches.train as this
+    import pipeline.methods.hp.step as hp_step
+    import pipeline.methods.hp.training as hp_training
+
+    clock = _Clock()
+    batches = sides.store.batches
+
+    def timed_batches(*args, **kwargs):
+        it = iter(batches(*args, **kwargs))
+        next_batch = clock.wrap("batch_read", lambda: next(it))
+        while True:
+            try:
+                yield next_batch()
+            except StopIteration:
+                return
+
+    patches = [mock.patch.object(this, name, clock.wrap(name, getattr(this, name)))
+               for name in ("step_inputs", "training_step", "optimize")]
+    patches += [mock.patch.object(hp_step, "hp_loss", clock.wrap("loss", hp_step.hp_loss)),
+                mock.patch.object(PoolIndex, "max_similarity", clock.wrap("positives", PoolIndex.max_similarity)),
+                mock.patch.object(hp_training, "ema_update", clock.wrap("ema", hp_training.ema_update)),
+                mock.patch.object(torch.autograd, "backward", clock.wrap("backward", torch.autograd.backward)),
+                mock.patch.object(sides.store, "batches", timed_batches),
+                mock.patch.object(sides, "sample", clock.wrap("renewal", sides.sample))]
+    for patch in patches:
+        patch.start()
+    try:
+        t0 = time.perf_counter()
+        sides.from_cache()
+        total = time.perf_counter() - t0
+    finally:
+        for patch in reversed(patches):
+            patch.stop()
+    t = clock.seconds
+    parts = {
+        "batch_read": t.get("batch_read", 0.0), "step_inputs": t.get("step_inputs", 0.0),
+        "head_forward": t["training_step"] - t["loss"] - t["positives"], "positives_faiss": t["positives"],
+        "loss_forward_backward": t["loss"], "head_backward": t["backward"],
+        "optimizer": t["optimize"] - t["ema"] - t["backward"], "ema": t["ema"], "renewal": t.get("renewal", 0.0),
+    }
+    parts["other"] = total - sum(parts.values())
+    n = sides.iterations
+    return {"iteration_ms": round(1000 * total / n, 2),
+            "iteration_parts_ms": {k: round(1000 * v / n, 2) for k, v in parts.items()},
+            "iteration_parts_share": {k: round(v / total, 3) for k, v in parts.items()},
+            "non_loss_share": round(1 - parts["loss_forward_backward"] / total, 3)}
+
+
 def lookup_figures(repeats: int) -> dict[str, Any]:
     """(c) faiss against the exact torch path, at the reference's sizes."""
     g = torch.Generator().manual_seed(1)
@@ -233,7 +313,9 @@ def loss_memory_figures(n: int = 196) -> dict[str, Any]:
 
 
 def train(images: int, resolution: int, backbone: str, weights: str, batch_size: int, iterations: int,
-          pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool) -> None:
+          pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool, amp: str = "auto") -> None:
+    """`amp` (auto | on | off, as train.amp): the cache side's autocast; the reference's side runs as the reference's
+    code runs on a CPU, in fp32 (its autocast is CUDA-only)."""
     config = bench_config(images, resolution, backbone, weights, 1, 8, **{
         "hp.batch_size": batch_size, "hp.pool_size": pool_size, "hp.renew_interval": renew_interval,
         "hp.head_dim": 256, "hp.warmup": 0})
@@ -245,7 +327,8 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     directory = paths.prepared_dir(config, workdir, "train")
     names, _ = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, False)
-    sides = TrainSides(config, store, model, decoded, iterations)
+    autocast = training_autocast({"on": True, "off": False}.get(amp, amp), "cpu")
+    sides = TrainSides(config, store, model, decoded, iterations, autocast)
     cache_s, reference_s = [], []
     for _ in range(repeats):  # side by side, alternating
         cache_s.append(_median_seconds(sides.from_cache, 1))
@@ -253,12 +336,14 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     done = sides.done
     if done["cache"] != done["reference"]:
         raise RuntimeError(f"bench train: the sides did different work (iterations, renewals): {done}")
+    parts = iteration_parts(sides)  # after the check: this pass is one more of the cache side's
     renew_cache = _median_seconds(lambda: sides.sample(True), repeats)
     renew_backbone = _median_seconds(sides.backbone_renewal, repeats)
     figures = {
         "backbone": backbone + (" [random-init]" if model.random_init else ""),
         "resolution": resolution, "batch_size": batch_size, "iterations": iterations,
-        "pool_size": pool_size, "renew_interval": renew_interval,
+        "pool_size": pool_size, "renew_interval": renew_interval, "machine": machine(),
+        "amp": amp, "cache_autocast": dtype_name(autocast), "reference_autocast": "float32",
         # the work each side did over all repeats: equal by construction, reported so that a script can check it
         "iterations_cache": done["cache"][0], "iterations_reference": done["reference"][0],
         "renewals_cache": done["cache"][1], "renewals_reference": done["reference"][1],
@@ -267,14 +352,14 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "ratio": round(statistics.median(r / c for c, r in zip(cache_s, reference_s, strict=True)), 2),
         "renewal_cache_s": round(renew_cache, 4),
         "renewal_backbone_s": round(renew_backbone, 4),
-        "renewal_ratio": round(renew_backbone / renew_cache, 2),
+        "renewal_ratio": round(renew_backbone / renew_cache, 2), **parts,
         **lookup_figures(repeats), **loss_memory_figures(),
         "threads": torch.get_num_threads(),
     }
     # (f) the loss's arithmetic rate against plain matmuls of its shape (this run's batch, grid and head width)
     grid = store.array("feat").shape[1:3]
     figures.update(loss_matmul_figures(batch_size, int(grid[0] * grid[1]), model.embed_dim, t_cfg["head_dim"],
-                                       repeats))
+                                       repeats, autocast=autocast))
     # (e) data order (docs/hp.md §7): distinct images per batch at the real crop counts, reader speed before/after
     from benches.order import distinct_images_figures, reader_figures
 

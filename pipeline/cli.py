@@ -80,6 +80,7 @@ Weights = Annotated[
 ]
 # the registered methods as a choice (pipeline/methods/registry.py): --help lists them, a typo is refused listing them
 MethodName = StrEnum("MethodName", {name: name for name in method_names()})
+BenchAmp = StrEnum("BenchAmp", {name: name for name in ("auto", "on", "off")})  # `bench train --amp`
 Method = Annotated[MethodName | None, typer.Option(help=f"The method (train.method): {', '.join(method_names())}.")]
 RunName = Annotated[str | None, typer.Option("--run", help="Run name (default: the method's name): the run directory "
                                              "is <workdir>/<dataset>/runs/<run>.")]
@@ -650,15 +651,19 @@ def bench_train(
     renew_interval: Annotated[int, typer.Option(help="Iterations between Pool_sp renewals.")] = 5,
     repeats: Annotated[int, typer.Option(help="Side-by-side repetitions (median reported).")] = 3,
     method: Annotated[MethodName, typer.Option(help="The method whose training is timed.")] = "hp",
+    amp: Annotated[BenchAmp, typer.Option(help="The cache side's autocast: auto (bf16 where the CPU has native "
+                                               "bf16), on, off. The reference's side runs fp32, as on a CPU.")
+                   ] = BenchAmp.auto,
     workdir: Workdir = Path("work"),
     json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
 ) -> None:
     """Training from the cache vs the reference's backbone-every-step iteration (HP: also renewal, lookup, loss
-    memory; HCL: also the MoGoClustering pass)."""
+    memory, the iteration's parts; HCL: also the MoGoClustering pass)."""
     from benches import train_bench
 
-    train_bench(str(getattr(method, "value", method)))(images, resolution, backbone, weights, batch_size, iterations,
-                                                       pool_size, renew_interval, repeats, workdir, json_)
+    train_bench(str(getattr(method, "value", method)), amp.value)(
+        images, resolution, backbone, weights, batch_size, iterations, pool_size, renew_interval, repeats, workdir,
+        json_)
 
 
 @bench_app.command("scale")

@@ -157,15 +157,28 @@ def test_float32_matches_float64_naive():
     assert float(out.loss) == pytest.approx(float(naive_hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)[0]), rel=1e-5)
 
 
-def test_autocast_does_not_lower_the_precision():
-    """Under mixed precision the loss still runs in float32 (§5: the reference's float16 is not copied)."""
+def test_autocast_rounds_the_products_only():
+    """Under autocast (train.amp) the products take bf16 operands, as autocast runs a matmul, and the rest stays in
+    float32 (§5: the weights, the log-sum-exp and the sums; the reference's float16 `w` is not copied): the loss and
+    its gradients come back in float32, near the float64 loss of the same inputs rounded to bf16, and not equal to
+    the float32 loss (the products really were rounded)."""
     inputs, u = make_inputs(seed=14)
     inputs = {k: v.float() for k, v in inputs.items()}
-    plain = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
+    plain, mixed = leaves(inputs), leaves(inputs)
+    fp32 = hp_loss(**plain, u=u, lam=LAM, tau=TAU, rho=RHO)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = hp_loss(**inputs, u=u, lam=LAM, tau=TAU, rho=RHO)
-    assert mixed.loss.dtype == torch.float32
-    assert float(mixed.loss) == float(plain.loss)
+        bf16 = hp_loss(**mixed, u=u, lam=LAM, tau=TAU, rho=RHO)
+    assert bf16.loss.dtype == torch.float32 and float(bf16.loss.detach()) != float(fp32.loss.detach()) != 0
+    rounded = {k: v.bfloat16().double() for k, v in inputs.items()}
+    naive = float(naive_hp_loss(**rounded, u=u.double(), lam=LAM, tau=TAU, rho=RHO)[0])
+    assert float(bf16.loss.detach()) == pytest.approx(naive, rel=2e-3)
+    assert float(fp32.loss.detach()) == pytest.approx(naive, rel=2e-3)
+    fp32.loss.backward()
+    bf16.loss.backward()
+    for key in ("z", "z_mix"):
+        assert mixed[key].grad.dtype == torch.float32
+        cosine = F.cosine_similarity(mixed[key].grad.flatten(), plain[key].grad.flatten(), dim=0)
+        assert float(cosine) > 0.98, key
 
 
 @pytest.mark.filterwarnings("error")  # e.g. an `out=` block of the wrong shape, resized with a warning

@@ -17,6 +17,10 @@ with p_i the softmax of s_i over Dn_i (0 outside). Then ∂/∂z_i = Σ_j m_ij·
 ∂/∂z_j = Σ_i m_ij·z_i/τ (j as a contrasted patch): two matmuls, and the loss backpropagates through the
 (N, D) results. Masks are float 0/1 blocks: comparisons written straight into float, and products with
 0/1, are the cheapest elementwise passes on a CPU.
+
+Under autocast (train.amp, pipeline/precision.py) the products alone run in its dtype, as autocast runs a matmul:
+the similarities, the logits and the two gradient products take bf16 (fp16 on CUDA) operands, and everything after
+them (thresholds, exp, log, the sums, the gradient accumulation) stays in float32.
 """
 
 from __future__ import annotations
@@ -49,9 +53,24 @@ def positive_masks(
     return _positives(x_anchor, x_all, r_anchor, r_all, anchors)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a @ b written into `out`, whose dtype may be wider than the operands' (reduced-precision products)."""
+    if out is None or out.dtype == a.dtype:
+        return torch.matmul(a, b, out=out)
+    return out.copy_(torch.matmul(a, b))
+
+
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """acc += alpha·(a @ b), the product in b's dtype (a float32 block is rounded to it first), acc float32."""
+    if a.dtype == b.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    else:
+        acc.add_(torch.mm(a.to(b.dtype), b), alpha=alpha)
+
+
 def _positives(x_anchor, x_all, r_anchor, r_all, anchors, sim=None, threshold=None, out=None) -> torch.Tensor:
     """positive_masks, written into `out` (bool when None; a float 0/1 block in the loss) with scratch blocks."""
-    sim = torch.mm(x_anchor, x_all.T, out=sim)  # §5: cos(f_i, f_j) (or cos(s_m_i, s_m_j))
+    sim = _mm(x_anchor, x_all.T, sim)  # §5: cos(f_i, f_j) (or cos(s_m_i, s_m_j))
     threshold = torch.minimum(r_anchor[:, None], r_all[None, :], out=threshold)  # §5: > r_i or > r_j,
     mask = torch.gt(sim, threshold, out=out)  # i.e. > min(r_i, r_j)
     mask[torch.arange(len(anchors), device=mask.device), anchors] = 0  # §5: j ≠ i
@@ -107,7 +126,8 @@ def _check_shapes(f, s_m, z, z_mix, r, r_m, u) -> None:
 
 @dataclass
 class _Rows:
-    """One batch's patches as rows (N = B·n), in the loss's dtype, and the settings every tile reads."""
+    """One batch's patches as rows (N = B·n), and the settings every tile reads. f, s_m and pair are only ever
+    operands of products: in the products' dtype (autocast's, else the loss's); everything else in the loss's."""
 
     f: torch.Tensor  # (N, C) unit backbone features
     s_m: torch.Tensor  # (N, D) unit EMA codes
@@ -152,7 +172,7 @@ def _terms(pair_anchor, pair, contrast, w, w_sum, keep, rows, out) -> tuple[torc
     own s_ij in the numerator, as the spec has it. A dropped anchor's row of w is 0, so its −m_ij are 0.
     The logits, then the exponentials, then −m are written into the (2, t, N) block `out`.
     """
-    logits = torch.bmm(pair_anchor / rows.tau, pair.transpose(1, 2), out=out)  # §5: s_ij = z_i·z_j/τ
+    logits = _mm(pair_anchor / rows.tau, pair.transpose(1, 2), out)  # §5: s_ij = z_i·z_j/τ
     pair_term = logits.view(2, -1) @ w.view(-1)  # §5: Σ_i Σ_j w_ij·s_ij
     shift = _contrast_max(logits, contrast) if rows.needs_shift else None
     # shifted, Dn_i's logits are ≤ 0; the others (masked out next) are clamped there too, so that none overflows
@@ -199,8 +219,8 @@ def _tile(rows: _Rows, rnd: int, start: int, stop: int) -> _Tile | None:
 def _add_gradients(rows: _Rows, tile: _Tile, into: torch.Tensor, alpha: float) -> None:
     """into += alpha·∂ Σ_i W_i·l_i / ∂(z, z_mix) for one tile: its anchors' rows and every patch's (docstring)."""
     for minus_m, z, acc in zip(tile.minus_m, rows.pair, into, strict=True):  # z, then z_mix
-        acc[tile.first:tile.last].addmm_(minus_m, z, alpha=-alpha / rows.tau)  # Σ_j m_ij·z_j/τ, i as anchor
-        acc.addmm_(minus_m.T, z[tile.first:tile.last], alpha=-alpha / rows.tau)  # Σ_i m_ij·z_i/τ, j contrasted
+        _addmm_(acc[tile.first:tile.last], minus_m, z, -alpha / rows.tau)  # Σ_j m_ij·z_j/τ, i as anchor
+        _addmm_(acc, minus_m.T, z[tile.first:tile.last], -alpha / rows.tau)  # Σ_i m_ij·z_i/τ, j contrasted
     tile.minus_m = None  # its block is the next tile's
 
 
@@ -220,7 +240,7 @@ def _round(rows: _Rows, rnd: int, tile_size: int, grads: torch.Tensor | None, sc
             _add_gradients(rows, tile, buffer, 1.0)
         tiles += [tile] if tile is not None else []
     if not tiles:  # no kept anchor in this round: it contributes 0
-        return torch.zeros(2, dtype=rows.pair.dtype, device=rows.pair.device), 0, 0
+        return torch.zeros(2, dtype=rows.r.dtype, device=rows.pair.device), 0, 0
     w_total = sum(t.w_total for t in tiles)  # §5: Σ_k W_k over the round's kept anchors
     terms = scale * sum(t.weighted for t in tiles) / w_total  # §5: mean_i((τ/0.07)·l_i·ω_i), GHP and LHP
     per_w = scale / float(w_total)  # ∂ round loss = (τ/0.07)/Σ_k W_k · ∂ Σ_i W_i·l_i
@@ -231,9 +251,9 @@ def _round(rows: _Rows, rnd: int, tile_size: int, grads: torch.Tensor | None, sc
     return terms, sum(t.kept for t in tiles), sum(t.positives for t in tiles)
 
 
-def _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator) -> _Rows:
-    """The inputs as rows in float32 or better (§5); u drawn here when not given: one uniform (n x N) matrix per
-    loss call, shared by all B rounds (§5)."""
+def _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator, products=None) -> _Rows:
+    """The inputs as rows in float32 or better (§5), the products' operands in `products` when given (autocast's
+    dtype); u drawn here when not given: one uniform (n x N) matrix per loss call, shared by all B rounds (§5)."""
     b, n = z.shape[:2]
     total, device = b * n, z.device
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32  # §5: float32 or better
@@ -245,7 +265,9 @@ def _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator) -> _Rows:
     pair = torch.stack([as_rows(z), as_rows(z_mix)])
     largest = float(pair.norm(dim=2).max()) if total else 0.0
     needs_shift = largest * largest / tau > SAFE_EXP  # |z_i·z_j|/τ ≤ max‖z‖²/τ (Cauchy-Schwarz)
-    return _Rows(as_rows(f), as_rows(s_m), as_rows(r).reshape(total), as_rows(r_m).reshape(total), pair,
+    operand = (lambda x: x.to(products)) if products is not None and dtype == torch.float32 else (lambda x: x)
+    return _Rows(operand(as_rows(f)), operand(as_rows(s_m)), as_rows(r).reshape(total), as_rows(r_m).reshape(total),
+                 operand(pair),
                  (u.to(device) < rho).to(dtype), n, lam, tau, need_grad, needs_shift, _Blocks(total, dtype, device))
 
 
@@ -275,9 +297,11 @@ def hp_loss(
     if anchor_tile is not None and anchor_tile < 0:
         raise ValueError(f"hp_loss: anchor_tile must be positive (or 0/None for whole rounds), got {anchor_tile}")
     b, n = z.shape[:2]
-    rows = _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator)
-    grads = torch.zeros_like(rows.pair) if rows.need_grad else None
-    terms, kept, positives = torch.zeros(2, dtype=rows.pair.dtype, device=z.device), 0, 0
+    device_type = z.device.type
+    products = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    rows = _rows(f, s_m, z, z_mix, r, r_m, u, lam, tau, rho, generator, products)
+    grads = torch.zeros(rows.pair.shape, dtype=rows.r.dtype, device=z.device) if rows.need_grad else None
+    terms, kept, positives = torch.zeros(2, dtype=rows.r.dtype, device=z.device), 0, 0
     with torch.autocast(z.device.type, enabled=False), torch.no_grad():
         for rnd in range(b):  # §5: round b = the n anchors of image b against all N patches
             round_terms, round_kept, round_positives = _round(rows, rnd, anchor_tile or n, grads, tau / TAU_BASE)
