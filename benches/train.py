@@ -333,7 +333,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
     for _ in range(repeats):  # side by side, alternating
         cache_s.append(_median_seconds(sides.from_cache, 1))
         reference_s.append(_median_seconds(sides.reference_way, 1))
-    done = sides.done
+    done = {side: list(counts) for side, counts in sides.done.items()}  # before the parts pass below
     if done["cache"] != done["reference"]:
         raise RuntimeError(f"bench train: the sides did different work (iterations, renewals): {done}")
     parts = iteration_parts(sides)  # after the check: this pass is one more of the cache side's
@@ -350,6 +350,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "cache_iterations_per_s": round(iterations / statistics.median(cache_s), 3),
         "reference_iterations_per_s": round(iterations / statistics.median(reference_s), 3),
         "ratio": round(statistics.median(r / c for c, r in zip(cache_s, reference_s, strict=True)), 2),
+        "ratio_spread": [round(f(r / c for c, r in zip(cache_s, reference_s, strict=True)), 2) for f in (min, max)],
         "renewal_cache_s": round(renew_cache, 4),
         "renewal_backbone_s": round(renew_backbone, 4),
         "renewal_ratio": round(renew_backbone / renew_cache, 2), **parts,

@@ -666,6 +666,23 @@ def bench_train(
         json_)
 
 
+@bench_app.command("all")
+def bench_all(
+    workdir: Workdir = Path("work"),
+    only: Annotated[str | None, typer.Option(help="Comma-separated benches to run (default all): features, train-hp, "
+                                                  "train-hp-preset, train-hp-preset-fp32, train-hcl, train-stego, "
+                                                  "scale, evaluate.")] = None,
+    write: Annotated[Path | None, typer.Option(help="Also write the table into this Markdown file (its generated "
+                                                    "section), e.g. docs/results.md.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on the last line.")] = False,
+) -> None:
+    """Every speed bench at its defaults, each in a fresh process, then one table: figure, value, spread, floor,
+    whether it is met, what it was measured against, and the machine."""
+    from benches.all import bench_all as run_all
+
+    run_all(workdir, [n.strip() for n in only.split(",") if n.strip()] if only else None, write, json_)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: Annotated[str, typer.Option(help="Store sizes in crops, comma-separated.")] = "2000,20000,50000",
