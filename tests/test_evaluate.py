@@ -42,6 +42,10 @@ def test_metrics_json_has_every_row_and_the_protocol(evaluated):
     for row in metrics["results"]:
         assert 0 <= row["miou"] <= 100 and 0 <= row["acc"] <= 100 and len(row["iou"]) == 8
     assert "last one" in metrics["protocol"]["checkpoint"] and metrics["random_init"] is True
+    # the precision every number was computed in (the suite pins a CPU without native bf16: auto is fp32)
+    assert metrics["protocol"]["precision"] == ("training autocast float32 (train.amp = auto); features: float32 "
+                                                "forward (features.amp = auto), stored as float16")
+    assert "training autocast float32" in (out / "report.md").read_text()
     for picture in ("overlays", "confusion", "iou"):
         assert (out / f"{picture}.png").stat().st_size > 0
     assert "Random-initialized backbone" in (out / "report.md").read_text()

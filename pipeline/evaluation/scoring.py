@@ -406,12 +406,24 @@ def protocol_lines(config: Config, settings: dict[str, Any], checkpoint: str, tr
         + (f" ({val_store.attrs['geometry']['resize']})" if "resize" in val_store.attrs.get("geometry", {})
            else ""),  # HCL's store: the whole image, docs/hcl.md §5
         "val_images": len(val_store),
+        "precision": precision_line(config, train_store),
         **probe_lines(settings),
         "crf": ("on and off (both reported): " + ", ".join(f"{k} {v}" for k, v in settings["crf"].items()
                                                            if k != "enabled")) if crf else "off",
         "overcluster": overcluster,
         "ignore": f"labels outside 0..{config['dataset']['n_classes'] - 1}",
     }
+
+
+def precision_line(config: Config, train_store: FeatureStore) -> str:
+    """What the numbers were computed in: the training step's autocast (train.amp resolved, pipeline/precision.py),
+    the feature forward's dtype and the dtype the store holds."""
+    from pipeline.precision import training_numerics
+
+    forward = train_store.attrs.get("extraction", {}).get("dtype", "float32")
+    return (f"training autocast {training_numerics(config['train'])} (train.amp = {config['train']['amp']}); "
+            f"features: {forward} forward (features.amp = {config['features'].get('amp', 'auto')}), stored as "
+            f"{train_store.array('feat').dtype}")
 
 
 def result_rows(config: Config, log: Callable[[str], None], kinds: dict[str, str], val_store: FeatureStore,
