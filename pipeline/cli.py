@@ -683,6 +683,23 @@ def bench_all(
     run_all(workdir, [n.strip() for n in only.split(",") if n.strip()] if only else None, write, json_)
 
 
+@bench_app.command("precision")
+def bench_precision(
+    iterations: Annotated[int, typer.Option(help="Iterations of the synthetic run.")] = 200,
+    planted_seeds: Annotated[int, typer.Option(help="Seeds of the planted HP bench run in each precision "
+                                                    "(0: none).")] = 1,
+    workdir: Workdir = Path("work"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the figures as JSON on the last line.")] = False,
+) -> None:
+    """The same HP runs in bf16 autocast and in fp32: loss curves (and their picture), cluster mIoU, the planted
+    bench's head mIoU."""
+    from benches.precision import precision
+
+    if iterations < 1 or planted_seeds < 0:
+        raise UserError("--iterations must be at least 1 and --planted-seeds at least 0")
+    precision(workdir, iterations, planted_seeds, json_)
+
+
 @bench_app.command("scale")
 def bench_scale(
     sizes: Annotated[str, typer.Option(help="Store sizes in crops, comma-separated.")] = "2000,20000,50000",
