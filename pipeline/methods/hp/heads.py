@@ -50,8 +50,10 @@ def ema_update(ema: nn.Module, online: nn.Module, m: float) -> None:
     ema_params, online_params = dict(ema.named_parameters()), dict(online.named_parameters())
     if ema_params.keys() != online_params.keys():
         raise ValueError("ema_update: the EMA module and the online module have different parameters")
-    for name, p_m in ema_params.items():
-        p_m.mul_(m).add_(online_params[name].detach(), alpha=1.0 - m)
+    mine = list(ema_params.values())
+    theirs = [online_params[name].detach() for name in ema_params]
+    torch._foreach_mul_(mine, m)  # one fused pass per op over all parameters: the same arithmetic, element by element
+    torch._foreach_add_(mine, theirs, alpha=1.0 - m)
     online_buffers = dict(online.named_buffers())
     for name, b_m in ema.named_buffers():
         b_m.copy_(online_buffers[name])
