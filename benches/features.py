@@ -16,7 +16,7 @@ from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import QUANTIZED, scale_array
 from pipeline.config import load_config
-from pipeline.extraction import prepared
+from pipeline.extraction import prepared, timing
 from pipeline.extraction.backbone import normalize
 from pipeline.extraction.workers import feature_backbone
 from pipeline.methods.hp import store as hp_store
@@ -134,13 +134,15 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     names, labelled = prepared.read_prepared(directory)
     decoded, _ = prepared.load_prepared(directory, names, labelled)
     model = feature_backbone(config)  # the stage's device and amp: both sides run the same forward
-    bare, stage, passes = [], [], {"bare": 0, "stage": 0}
+    bare, stage, passes, parts = [], [], {"bare": 0, "stage": 0}, []
     manifest = {}
     for _ in range(repeats):
         seconds, done = bare_forward_seconds(model, decoded, n_views, chunk_size)
         bare.append(seconds)
         passes["bare"] += done
+        timing.reset()
         manifest = build(config, workdir, "features-train", force=True)
+        parts.append(timing.snapshot())
         stage.append(manifest["timings"]["extract_seconds"])
         passes["stage"] += manifest["outputs"]["computed"] * (1 + n_views)
     n = len(names)
@@ -160,6 +162,7 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
         "bare_images_per_s": round(n / statistics.median(bare), 2),
         "stage_images_per_s": round(n / statistics.median(stage), 2),
         "ratio": round(statistics.median(b / s for b, s in zip(bare, stage, strict=True)), 3),
+        **stage_breakdown(parts, stage, bare),
         "store_feature_bytes_per_image": round(per_image),
         "store_total_bytes_per_image": round(manifest["outputs"]["store_bytes"] / n),
         "raw_fp16_feature_bytes_per_image": round(raw),
@@ -171,6 +174,35 @@ def features(images: int, resolution: int, backbone: str, weights: str, n_views:
     int8_config = bench_config(images, resolution, backbone, weights, n_views, chunk_size, **{"features.dtype": "int8"})
     figures.update(int8_figures(int8_config, workdir, manifest, chunk_size, repeats))
     report(figures, as_json)
+
+
+# The parts of the features stage (pipeline/extraction/timing.py), in pipeline order: decode and augment run in the
+# loader thread, forward and lhp on the stage's own thread, write in the writer thread; the waits are the stage's
+# thread idle on the other two.
+STAGE_PARTS = ("decode", "augment", "forward", "lhp", "write", "wait_decode", "wait_write")
+
+
+def stage_breakdown(parts: list[dict], stage: list[float], bare: list[float]) -> dict:
+    """Where the stage's time goes, medians over the repeats: per part its wall seconds, its share of the stage's
+    wall time and its CPU seconds (the part's own thread: for write, without the compression zarr runs in its own
+    threads). The parts overlap (three threads), so the shares do not
+    add up to 1; what the stage loses to the bare forward shows as `stage_other_s` (the stage's thread neither
+    computing nor waiting: queues, chunk merging, Python) and `forward_slowdown` (the stage's forward over the bare
+    one: the cores the loader and writer threads take from it)."""
+    run = statistics.median(stage)
+    figures: dict[str, float] = {}
+    for part in STAGE_PARTS:
+        wall = statistics.median(p.get(part, {}).get("wall_s", 0.0) for p in parts)
+        figures[f"{part}_s"] = round(wall, 3)
+        figures[f"{part}_share"] = round(wall / run, 3)
+        figures[f"{part}_cpu_s"] = round(statistics.median(p.get(part, {}).get("cpu_s", 0.0) for p in parts), 3)
+    main = ("forward", "lhp", "wait_decode", "wait_write")
+    other = [s - sum(p.get(n, {}).get("wall_s", 0.0) for n in main) for s, p in zip(stage, parts, strict=True)]
+    figures["stage_other_s"] = round(statistics.median(other), 3)
+    figures["stage_other_share"] = round(statistics.median(other) / run, 3)
+    figures["forward_slowdown"] = round(statistics.median(
+        p.get("forward", {}).get("wall_s", 0.0) / b for p, b in zip(parts, bare, strict=True)), 3)
+    return figures
 
 
 def float_array_bytes(manifest: dict) -> int:

@@ -219,3 +219,22 @@ def test_forward_flops_of_the_bench_estimate_count_what_the_backbone_runs(name, 
     assert backbone.facts.num_prefix_tokens == prefix
     assert counter.get_total_flops() == 2 * vit_forward_flops(patch, 384, height, width=width, prefix_tokens=prefix)
     assert round(vit_forward_flops(8, 384, 224) / 2e9, 2) == 22.64  # timm lists 22.44 GMACs without LHP's logits
+
+
+def test_bench_breakdown_says_where_the_stage_time_goes():
+    """`hp-pipe bench features`' per-part figures: medians over repeats, shares of the stage's median wall time,
+    the stage's thread's unaccounted rest and its forward against the bare one."""
+    from benches.features import STAGE_PARTS, stage_breakdown
+
+    def run(forward, lhp, wait, write):
+        return {"forward": {"wall_s": forward, "cpu_s": forward / 2}, "lhp": {"wall_s": lhp, "cpu_s": lhp},
+                "wait_decode": {"wall_s": wait, "cpu_s": 0.0}, "write": {"wall_s": write, "cpu_s": write}}
+
+    parts = [run(9.0, 0.2, 0.3, 1.0), run(9.5, 0.3, 0.1, 2.0), run(8.0, 0.1, 0.2, 3.0)]
+    figures = stage_breakdown(parts, stage=[10.0, 10.0, 9.0], bare=[9.0, 9.5, 8.0])
+    assert figures["forward_s"] == 9.0 and figures["forward_share"] == 0.9 and figures["forward_cpu_s"] == 4.5
+    assert figures["write_s"] == 2.0 and figures["write_share"] == 0.2
+    assert figures["decode_s"] == 0.0 and figures["wait_write_share"] == 0.0  # parts a run never timed
+    assert figures["stage_other_s"] == 0.5  # median of 0.5, 0.1, 0.7: the stage's thread neither busy nor waiting
+    assert figures["forward_slowdown"] == 1.0
+    assert {f"{p}_{k}" for p in STAGE_PARTS for k in ("s", "share", "cpu_s")} <= set(figures)

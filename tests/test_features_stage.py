@@ -234,3 +234,68 @@ def test_cached_views_are_the_backbone_on_the_seeded_photometric_transform(built
         expected = backbone(view[None]).feat[0].numpy()
         np.testing.assert_allclose(data["feat_aug"][i, 0].astype(np.float32), expected, atol=2e-2, rtol=1e-2)
         assert np.abs(data["feat_aug"][i, 0].astype(np.float32) - data["feat"][i]).max() > 0.1  # not the plain crop
+
+
+def _naive_store(config, workdir) -> dict[str, np.ndarray]:
+    """The train store computed the plainest way, chunk after chunk in this thread, from the prepared PNGs and the
+    reference's own torchvision views: what the stage's overlapped path (loader and writer threads, the fast hue
+    shift) must store, bit for bit. Forwards cover one chunk each, as the stage's (batch_size = chunk_size)."""
+    import torchvision.transforms as T
+
+    f = config["features"]
+    directory = paths.prepared_dir(config, workdir, "train")
+    names = (directory / "samples.txt").read_text().split()
+    crop_order, source_image = hp_store.sample_order(config, "train", len(names))
+    backbone = load_backbone(f["backbone"], "random")
+    parts: dict[str, list[np.ndarray]] = {}
+    for start in range(0, len(names), f["chunk_size"]):
+        picked = crop_order[start : start + f["chunk_size"]]
+        images = np.stack([np.asarray(Image.open(directory / "images" / f"{names[i]}.png").convert("RGB"))
+                           for i in picked])
+        x = normalize(torch.from_numpy(images))
+        views = []
+        for i in range(len(x)):
+            for k in range(f["n_views"]):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed((f["seed"] * 1_000_003 + start + i) * 97 + k)
+                    views.append(T.Compose([T.ColorJitter(0.3, 0.3, 0.3, 0.1), T.RandomGrayscale(0.2),
+                                            T.RandomApply([T.GaussianBlur((5, 5))], p=0.5)])(x[i]))
+        out, aug = backbone(x), backbone(torch.stack(views)).feat
+        g = out.feat.shape[1]
+        chunk = {
+            "feat": out.feat.half().numpy(), "cls_attn": out.cls_attn.half().numpy(),
+            "lhp": lhp_weights(out.attn_logits.float(), g, g, f["lhp_sigma"]).half().numpy(),
+            "feat_aug": aug.half().numpy().reshape(len(x), f["n_views"], *aug.shape[1:]),
+            "image": images, "crop_order": picked, "source_image": source_image[start : start + len(picked)],
+            "label": np.stack([np.asarray(Image.open(directory / "labels" / f"{names[i]}.png")) for i in picked]),
+        }
+        for name, values in chunk.items():
+            parts.setdefault(name, []).append(values)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+def test_stored_arrays_are_a_naive_sequential_computation_bit_for_bit(built):
+    config, workdir, manifests = built
+    stored = arrays_of(manifests["train"]["outputs"]["store"])
+    expected = _naive_store(config, workdir)
+    assert set(expected) <= set(stored)
+    for name, values in expected.items():
+        got = stored[name]
+        assert got.dtype == values.dtype and got.shape == values.shape, name
+        assert got.tobytes() == values.tobytes(), name  # the bytes: float16 signed zeros and NaNs count
+
+
+def test_the_stage_records_where_its_time_goes(tmp_path):
+    """Every part of a local run is timed (pipeline/extraction/timing.py): once per chunk, or per forward."""
+    from pipeline.extraction import timing
+
+    config = tiny_config()
+    prepare.run(config, tmp_path)
+    timing.reset()
+    manifest = features.run(config, tmp_path, "train")
+    parts = timing.snapshot()
+    chunks = -(-manifest["outputs"]["samples"] // int(TINY["features.chunk_size"]))
+    for part in ("decode", "augment", "write", "wait_decode"):
+        assert parts[part]["calls"] == chunks + (part == "wait_decode"), part  # the last wait meets the end
+    assert parts["forward"]["calls"] == parts["lhp"]["calls"] == 2 * chunks  # the crops, then their views
+    assert all(p["wall_s"] >= 0 and p["cpu_s"] >= 0 for p in parts.values())

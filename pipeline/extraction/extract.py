@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.extraction import timing
 from pipeline.extraction.augment import photometric_view
 from pipeline.extraction.backbone import Backbone, normalize
 from pipeline.extraction.lhp import lhp_weights
@@ -37,33 +38,42 @@ def model_inputs(
     """Normalized images and their photometric views (B*K, in sample-major order), ready for the backbone.
 
     Kept apart from the forward pass so a loader thread can build the next batch's views
-    while the backbone runs on the current one.
+    while the backbone runs on the current one (timed as the features run's "augment").
     """
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
-    if not settings.n_views:
-        return x, None
-    views = torch.stack([
-        photometric_view(x[i], view_seed(settings.seed, int(indices[i]), k), settings.photometric_on_normalized)
-        for i in range(len(x))
-        for k in range(settings.n_views)
-    ])
+    with timing.timed("augment"):
+        x = normalize(torch.from_numpy(np.ascontiguousarray(images)))
+        if not settings.n_views:
+            return x, None
+        views = torch.stack([
+            photometric_view(x[i], view_seed(settings.seed, int(indices[i]), k), settings.photometric_on_normalized)
+            for i in range(len(x))
+            for k in range(settings.n_views)
+        ])
     return x, views
 
 
 def extract_chunk(
     backbone: Backbone, x: torch.Tensor, views: torch.Tensor | None, settings: ExtractSettings
 ) -> dict[str, np.ndarray]:
-    """Backbone outputs for one chunk -> feat, cls_attn, [lhp], [feat_aug] as float16 numpy arrays."""
-    out = backbone(x)
-    b, h, w, _ = out.feat.shape
-    result = {
-        "feat": out.feat.to(torch.float16).cpu().numpy(),
-        "cls_attn": out.cls_attn.to(torch.float16).cpu().numpy(),
-    }
-    if settings.with_lhp:
-        lhp = lhp_weights(out.attn_logits.float(), h, w, settings.lhp_sigma)
-        result["lhp"] = lhp.to(torch.float16).cpu().numpy()
+    """Backbone outputs for one chunk -> feat, cls_attn, [lhp], [feat_aug] as float16 numpy arrays.
+
+    Timed in two parts: "forward" (the backbone passes, attention logits included, as the bare forward of
+    `hp-pipe bench features` runs them) and "lhp" (LHP weights and the float16 copies to host memory)."""
+    with timing.timed("forward"):
+        out = backbone(x)
+    with timing.timed("lhp"):
+        b, h, w, _ = out.feat.shape
+        result = {
+            "feat": out.feat.to(torch.float16).cpu().numpy(),
+            "cls_attn": out.cls_attn.to(torch.float16).cpu().numpy(),
+        }
+        if settings.with_lhp:
+            lhp = lhp_weights(out.attn_logits.float(), h, w, settings.lhp_sigma)
+            result["lhp"] = lhp.to(torch.float16).cpu().numpy()
     if views is not None:
-        feat_aug = backbone(views).feat.to(torch.float16).cpu().numpy()
-        result["feat_aug"] = feat_aug.reshape(b, settings.n_views, *feat_aug.shape[1:])
+        with timing.timed("forward"):
+            aug = backbone(views).feat
+        with timing.timed("lhp"):
+            feat_aug = aug.to(torch.float16).cpu().numpy()
+            result["feat_aug"] = feat_aug.reshape(b, settings.n_views, *feat_aug.shape[1:])
     return result

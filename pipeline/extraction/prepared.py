@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import Config
+from pipeline.extraction import timing
 
 
 def crops_per_image(config: Config, split: str) -> int:
@@ -27,10 +28,11 @@ def read_prepared(directory: str | Path) -> tuple[list[str], bool]:
 
 
 def load_prepared(directory: str | Path, names: list[str], labelled: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stack the prepared images (and labels) of `names`."""
+    """Stack the prepared images (and labels) of `names` (timed as the features run's "decode")."""
     directory = Path(directory)
-    images = np.stack([np.asarray(Image.open(directory / "images" / f"{n}.png").convert("RGB")) for n in names])
-    labels = None
-    if labelled:
-        labels = np.stack([np.asarray(Image.open(directory / "labels" / f"{n}.png")) for n in names])
+    with timing.timed("decode"):
+        images = np.stack([np.asarray(Image.open(directory / "images" / f"{n}.png").convert("RGB")) for n in names])
+        labels = None
+        if labelled:
+            labels = np.stack([np.asarray(Image.open(directory / "labels" / f"{n}.png")) for n in names])
     return images, labels

@@ -21,6 +21,7 @@ import torch.utils.data
 from pipeline import precision
 from pipeline.config import Config
 from pipeline.errors import UserError
+from pipeline.extraction import timing
 from pipeline.extraction.backbone import Backbone, load_backbone
 from pipeline.log import log
 from pipeline.orchestration.dask_client import dask_client
@@ -196,7 +197,8 @@ def overlapped(pending: list[int], load: Callable[[int], Any],
                 continue  # after a failure keep draining (unwritten): the producer must never block on a full queue
             try:
                 for item in items:
-                    write(*item)
+                    with timing.timed("write"):  # encode (compression, digests) and store
+                        write(*item)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -207,11 +209,14 @@ def overlapped(pending: list[int], load: Callable[[int], Any],
     loader_done = False  # the loader's final None has been taken off the queue
     try:
         while not errors:
-            inputs = loads.get()
+            with timing.timed("wait_decode"):  # the loader is behind: the compute waits for inputs
+                inputs = loads.get()
             if inputs is None:
                 loader_done = True
                 break
-            writes.put(compute(inputs))
+            outputs = compute(inputs)
+            with timing.timed("wait_write"):  # the writer is behind: its queue is full
+                writes.put(outputs)
     except BaseException as exc:  # the computation failed (or Ctrl-C): stop both threads, then raise it
         errors.insert(0, exc)
     writes.put(None)
