@@ -6,11 +6,17 @@ every step; so does its MoGoClustering pass over the training set (view 2 only).
 loss and optimizer, side by side in one process: the cache side reads HCL's store (one cached crop per image and
 epoch, docs/hcl.md §4), the live side makes the views with the same code the store was written with
 (pipeline/methods/hcl/views.py) from the decoded source images.
+
+Each side's iteration is also timed part by part (`cache_<part>_s` and `_share`, `live_<part>_s` and `_share`), and
+`ratio_ceiling` is the ratio the cache side would reach if reading and assembling its inputs cost nothing: the live
+iteration over the step both sides share. The live side's extra work is its views and backbone passes only, so the
+ratio can never exceed 1 + (views + backbone) / step.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,13 +40,57 @@ from pipeline.methods.hcl.step import (
     param_groups,
     training_step,
     two_variants,
-    variant_levels,
+    view_inputs,
 )
 from pipeline.methods.hcl.store import hcl_arrays
 from pipeline.methods.hcl.views import crop_box, draw_photometric, train_views
 from pipeline.orchestration.graph import build
 
 _LIVE_CROPS = 1_000  # live crops are numbered from here on, so that they never repeat a cached one
+
+# the cache side's iteration, part by part (`HCLSides.from_cache`): figure name -> what it times
+CACHE_PARTS = {
+    "read": "waiting for the next batch from the store's prefetching reader",
+    "assemble": "two variants drawn, both views' head inputs (upsampled, concatenated branches) and the mask",
+    "forward_backward": "online and momentum heads, the loss, its backward",
+    "optimizer": "the AdamW step",
+    "ema": "the momentum update",
+}
+
+# the live side's iteration (`HCLSides.live`)
+LIVE_PARTS = {
+    "views": "new crops and photometric views (PIL, 448 px, then 224)",
+    "backbone": "every branch on both views, the foreground mask, the head inputs",
+    "step": "the step both sides share: forward, loss, backward, AdamW, momentum update",
+}
+
+
+class PartClock:
+    """Seconds spent in each part of a loop, summed over every lap: `lap(part)` charges the time since the previous
+    lap (or `start`) to `part`."""
+
+    def __init__(self, parts):
+        self.seconds = dict.fromkeys(parts, 0.0)
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] += now - self.last
+        self.last = now
+
+
+def part_figures(side: str, seconds: dict[str, float], iterations: int) -> dict[str, float]:
+    """Per-part seconds per iteration and each part's share of their sum, as `<side>_<part>_s` and
+    `<side>_<part>_share`."""
+    total = sum(seconds.values()) or 1.0
+    out = {}
+    for part, s in seconds.items():
+        out[f"{side}_{part}_s"] = round(s / max(1, iterations), 4)
+        out[f"{side}_{part}_share"] = round(s / total, 3)
+    return out
 
 
 def bench_config(images: int, resolution: int, backbone: str, weights: str, batch_size: int):
@@ -92,7 +142,10 @@ class HCLSides:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, h_cfg["weight_decay"]), lr=h_cfg["lr"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.banks = {"fg": MemoryBank(0), "bg": MemoryBank(1)}
+        self.n_variants = int(store.attrs["views"])
         self.first_epoch = hcl_training.epoch_crops(store, h_cfg["seed"], 0)
+        self.clock, self.cache_iterations = PartClock(CACHE_PARTS), 0
+        self.live_clock, self.live_iterations = PartClock(LIVE_PARTS), 0
         self.centroids = self.mogo()
         self.live_crop = iter(range(_LIVE_CROPS, 10**9))
 
@@ -111,18 +164,39 @@ class HCLSides:
                                   drop_last=True, keep=keep)
 
     def from_cache(self) -> None:
-        sizes, cpu = self.sizes, torch.device("cpu")
+        """What HCLTraining does per batch (inputs, forward, update), each part timed on `self.clock`: the same
+        calls as `step`, with `optimize` in its three parts."""
+        clock, h_cfg = self.clock, self.h_cfg
+        clock.start()
         for _, batch in cycle_epochs(self.epoch_batches, self.iterations):
-            v1, v2 = two_variants(len(batch["index"]), 2, self.generator)
-            self.step(head_input(variant_levels(batch, sizes, v1), sizes, cpu),
-                      head_input(variant_levels(batch, sizes, v2), sizes, cpu), batch["fg_mask"].flatten(1))
+            clock.lap("read")
+            views = two_variants(len(batch["index"]), self.n_variants, self.generator)
+            x1, x2 = view_inputs(batch, self.sizes, views, torch.device("cpu"))
+            fg = batch["fg_mask"].flatten(1)
+            clock.lap("assemble")
+            out = training_step(self.model, x1, x2, fg, self.centroids["fg"], self.centroids["bg"], h_cfg["tau"])
+            hcl_training.backward(out.loss, self.optimizer, self.scaler)
+            clock.lap("forward_backward")
+            hcl_training.optimizer_step(self.optimizer, self.scaler)
+            clock.lap("optimizer")
+            self.model.momentum_update(h_cfg["ema_m"])
+            clock.lap("ema")
+            self.cache_iterations += 1
 
     def live(self) -> None:
+        """The reference's iteration; `self.live_clock` charges its views, its backbone passes (with the mask and
+        the head inputs) and the step both sides share."""
+        clock = self.live_clock
+        clock.start()
         for _ in range(self.iterations):
             idx = self.rng.choice(self.n_images, self.batch_size, replace=False)
             views = live_views(self.sources, idx, next(self.live_crop), self.config)
+            clock.lap("views")
             (x1, x2), fg = _live_inputs(self.model_bb, views, (0, 1))
+            clock.lap("backbone")
             self.step(x1, x2, fg)
+            clock.lap("step")
+            self.live_iterations += 1
 
     def mogo_live(self) -> None:
         """The reference's pass: a new crop, every branch of view 2 and its mask, live, then the same sampling and
@@ -159,6 +233,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         cache_s.append(_median_seconds(sides.from_cache, 1))
         live_s.append(_median_seconds(sides.live, 1))
     mogo_cache, mogo_ref = _median_seconds(sides.mogo, repeats), _median_seconds(sides.mogo_live, repeats)
+    shared_s = sum(sides.clock.seconds[p] for p in ("forward_backward", "optimizer", "ema")) / sides.cache_iterations
     figures = {
         "method": "hcl", "backbone": backbone + (" [random-init]" if model_bb.random_init else ""),
         "patch_sizes": list(sides.sizes), "resolution": resolution, "crop_resolution": 2 * resolution,
@@ -169,6 +244,10 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
         "cache_iterations_per_s": round(iterations / statistics.median(cache_s), 3),
         "live_iterations_per_s": round(iterations / statistics.median(live_s), 3),
         "ratio": round(statistics.median(r / c for c, r in zip(cache_s, live_s, strict=True)), 2),
+        **part_figures("cache", sides.clock.seconds, sides.cache_iterations),
+        **part_figures("live", sides.live_clock.seconds, sides.live_iterations),
+        # the ratio if reading and assembling cost nothing: the live iteration over the work both sides share
+        "ratio_ceiling": round(statistics.median(live_s) / iterations / shared_s, 2),
         "mogo_cache_s": round(mogo_cache, 3), "mogo_live_s": round(mogo_ref, 3),
         "mogo_ratio": round(mogo_ref / mogo_cache, 2),
         "threads": torch.get_num_threads(),

@@ -101,16 +101,20 @@ def multilevel_features(backbone: Backbone, images: Tensor) -> dict[str, Tensor]
 
 def concat_levels(levels: dict[str, Tensor], finest: str) -> Tensor:
     """Cached branches -> head input (B,h,w,(levels+1)*C): finest grid, coarser grids upsampled bilinearly to it
-    (finest patch first, then coarser), then the CLS token copied to every position."""
+    (finest patch first, then coarser), then the CLS token copied to every position.
+
+    Each part is written once, straight into its slice of the float32 output: no float copy of each part and no
+    second copy by a concatenation (the same values as `torch.cat` of the float32 parts)."""
     if finest not in levels:
         raise KeyError(f"finest level {finest!r} not among {sorted(levels)}")
     names = sorted((k for k in levels if k.startswith("p") and k[1:].isdigit()), key=lambda k: int(k[1:]))
     b, h, w, c = levels[finest].shape
-    parts = [levels[finest]]
-    for name in names:
-        if name == finest:
-            continue
+    coarser = [name for name in names if name != finest]
+    out = torch.empty((b, h, w, (len(coarser) + 2) * c), dtype=torch.float32, device=levels[finest].device)
+    out[..., :c] = levels[finest]
+    for i, name in enumerate(coarser, start=1):
         grid = levels[name].permute(0, 3, 1, 2).float()
-        parts.append(F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1))
-    parts.append(levels["cls"].float()[:, None, None, :].expand(b, h, w, c))
-    return torch.cat([p.float() for p in parts], dim=-1)
+        up = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+        out[..., i * c:(i + 1) * c] = up.permute(0, 2, 3, 1)
+    out[..., -c:] = levels["cls"][:, None, None, :]
+    return out

@@ -6,7 +6,7 @@ from the `generator` passed in, so a run is reproducible from its saved RNG stat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,22 @@ def head_input(levels: dict[str, Tensor], patch_sizes: tuple[int, ...], device: 
     """Branches -> (B, h*w, (levels + 1)·C) tokens: upsampled and concatenated on loading (§1)."""
     x = concat_levels({k: v.to(device) for k, v in levels.items()}, f"p{patch_sizes[0]}")
     return x.flatten(1, 2)
+
+
+def view_inputs(arrays: dict[str, Tensor], patch_sizes: tuple[int, ...], views: Sequence[Tensor],
+                device: torch.device) -> list[Tensor]:
+    """Head inputs of several views of each image in one pass: `views[j][i]` is the cached variant image i shows as
+    view j; returns one (B, h*w, width) tensor per view, equal to `head_input(variant_levels(arrays, patch_sizes,
+    views[j]), ...)`.
+
+    Why: a step needs two views of the same crops. Gathering both views' rows at once moves each branch to the
+    device once and upsamples it in one call, instead of once per view (the per-image arithmetic is the same)."""
+    batch = len(views[0])
+    rows = torch.arange(batch).repeat(len(views))
+    variant = torch.cat(list(views))
+    levels = {f"p{p}": arrays[f"hcl_aug_p{p}"][rows, variant] for p in patch_sizes}
+    levels["cls"] = arrays["hcl_aug_cls"][rows, variant]
+    return list(head_input(levels, patch_sizes, device).split(batch))
 
 
 def two_variants(batch: int, n_variants: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ from pipeline.methods.hcl.step import (
     training_step,
     two_variants,
     variant_levels,
+    view_inputs,
 )
 from pipeline.methods.hcl.views import epoch_keep
 from pipeline.orchestration.runner import StageContext
@@ -101,13 +102,24 @@ def mogo_centroids(sampled: dict[str, list[torch.Tensor]], banks: dict[str, Memo
 
 
 # ---------------------------------------------------------------- the step (§2, §4)
-def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-             ema_m: float) -> None:
-    """One AdamW step, then the momentum update (§2: EMA every iteration)."""
+def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """The loss's gradients, fresh (the previous step's are dropped first)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """One AdamW step on the gradients `backward` left (skipped by the scaler when they are not finite)."""
     scaler.step(optimizer)
     scaler.update()
+
+
+def optimize(model: HCLModel, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+             ema_m: float) -> None:
+    """One AdamW step, then the momentum update (§2: EMA every iteration). In three parts so that a bench can time
+    each: `backward`, `optimizer_step`, `HCLModel.momentum_update`."""
+    backward(loss, optimizer, scaler)
+    optimizer_step(optimizer, scaler)
     model.momentum_update(ema_m)
 
 
@@ -182,9 +194,8 @@ class HCLTraining:
 
     def inputs(self, t: int, i: int, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Two of the crop's cached variants, as views 1 and 2 (§4), and its foreground mask."""
-        view1, view2 = two_variants(len(batch["index"]), self.n_variants, self.generator)
-        x1 = head_input(variant_levels(batch, self.patch_sizes, view1), self.patch_sizes, self.device)
-        x2 = head_input(variant_levels(batch, self.patch_sizes, view2), self.patch_sizes, self.device)
+        views = two_variants(len(batch["index"]), self.n_variants, self.generator)
+        x1, x2 = view_inputs(batch, self.patch_sizes, views, self.device)  # both views assembled in one pass
         return x1, x2, batch["fg_mask"].flatten(1).to(self.device)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> HCLStepOutput:
