@@ -192,8 +192,8 @@ class FeatureStore:
             if n in self.quantized:
                 self.array(scale_array(n))
         self.digests()
-        plan = batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last, keep)
-        plan = skip_batches(plan, start_batch)  # also with 0: buffers without a batch travel with the next one
+        plan = iter_batch_plan(len(self), self.chunk_size, batch_size, shuffle_seed, buffer_chunks, drop_last, keep)
+        plan = iter_skip_batches(plan, start_batch)  # also with 0: buffers without a batch travel with the next one
         threads = DEFAULT_READ_THREADS if threads is None else max(1, int(threads))
         return _prefetched(_read_batches(self.read_chunk, self.chunk_size, names, plan, threads), prefetch)
 
@@ -258,44 +258,70 @@ def dequantize_f16(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return out
 
 
-def skip_batches(plan: list[tuple[list[int], list[np.ndarray]]], n: int) -> list[tuple[list[int], list[np.ndarray]]]:
+Plan = Iterable[tuple[list[int], list[np.ndarray]]]  # (chunks to read, sample indices of each batch), per buffer
+
+
+def skip_batches(plan: Plan, n: int) -> list[tuple[list[int], list[np.ndarray]]]:
     """The plan without its first `n` batches; buffers left with no batch are not read at all.
 
     A batch may start with the previous buffer's leftovers, so the chunks of a buffer dropped
     whole travel with the next buffer that is kept.
     """
-    out, dropped_chunks = [], []
+    return list(iter_skip_batches(plan, n))
+
+
+def iter_skip_batches(plan: Plan, n: int) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """`skip_batches`, one buffer at a time: what `batches` reads, so that an epoch starts without walking the
+    whole plan (a 500k-crop store has 4k buffers)."""
+    dropped_chunks: list[int] = []
     for chunks, batches in plan:
         k = min(n, len(batches))
         n -= k
         if batches[k:]:
-            out.append((sorted(set(dropped_chunks) | set(chunks)), batches[k:]))
+            yield sorted(set(dropped_chunks) | set(chunks)), batches[k:]
             dropped_chunks = []
         elif batches:  # its batches took the leftovers before it: only its own samples can be left over
             dropped_chunks = chunks
         else:  # a buffer without a batch passes all leftovers on, its own and those before it
             dropped_chunks = sorted(set(dropped_chunks) | set(chunks))
-    return out
 
 
 def batch_plan(
     n: int, chunk_size: int, batch_size: int, seed: int | None, buffer_chunks: int, drop_last: bool,
     keep: np.ndarray | None = None,
-) -> list[tuple[list[int], np.ndarray]]:
+) -> list[tuple[list[int], list[np.ndarray]]]:
     """[(chunks to read, sample indices of each batch within them)] — the data order, as plain data.
 
     `keep` (bool per sample): only those samples are batched; a chunk without one is not read. Without it the
     plan is exactly the one it always was (resumed runs depend on that).
     """
+    return list(iter_batch_plan(n, chunk_size, batch_size, seed, buffer_chunks, drop_last, keep))
+
+
+def iter_batch_plan(
+    n: int, chunk_size: int, batch_size: int, seed: int | None, buffer_chunks: int, drop_last: bool,
+    keep: np.ndarray | None = None,
+) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """`batch_plan`, one buffer at a time, each made when it is asked for: the same random draws in the same
+    order, so the same plan, but an epoch's first batch no longer waits for the whole plan (O(store): a second
+    at 500k crops here). Only the chunk order, one int per chunk, is drawn up front, with the arguments checked
+    at the call, not at the first batch."""
     if keep is not None:
-        keep = np.asarray(keep, dtype=bool)
+        keep = np.array(keep, dtype=bool)  # a copy: the caller may change its array while this plan is read
         if keep.shape != (n,):
             raise ValueError(f"keep has shape {keep.shape}, expected ({n},)")
     n_chunks = -(-n // chunk_size)
     buffer_chunks = max(buffer_chunks, -(-batch_size // chunk_size))  # a buffer holds >= one batch
     rng = np.random.default_rng(seed) if seed is not None else None
     chunk_order = rng.permutation(n_chunks) if rng is not None else np.arange(n_chunks)
-    plan = []
+    return _buffers(n, chunk_size, batch_size, rng, chunk_order, buffer_chunks, drop_last, keep)
+
+
+def _buffers(n: int, chunk_size: int, batch_size: int, rng: np.random.Generator | None, chunk_order: np.ndarray,
+             buffer_chunks: int, drop_last: bool, keep: np.ndarray | None,
+             ) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """The buffers of `iter_batch_plan`, the rest of its draws from `rng` made as each buffer is made."""
+    n_chunks = len(chunk_order)
     carry = np.empty(0, dtype=np.int64)
     for b in range(0, n_chunks, buffer_chunks):
         chunks = sorted(int(c) for c in chunk_order[b : b + buffer_chunks])
@@ -309,10 +335,9 @@ def batch_plan(
         full = len(idx) // batch_size * batch_size
         batches = [idx[i : i + batch_size] for i in range(0, full, batch_size)]
         carry = idx[full:]
-        plan.append((chunks, batches))
-    if len(carry) and not drop_last:
-        plan[-1][1].append(carry)
-    return plan
+        if b + buffer_chunks >= n_chunks and len(carry) and not drop_last:  # the last buffer
+            batches.append(carry)
+        yield chunks, batches
 
 
 def _decode_map(read_chunk: Callable[[str, int], np.ndarray], jobs: list[tuple[str, int]], threads: int,

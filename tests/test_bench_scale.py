@@ -43,6 +43,9 @@ def test_tiny_scale_did_the_work_its_json_reports(tmp_path):
     crop_bytes = 3 * 3 * TINY["dim"] * 2  # a 3 x 3 grid of 16 float16 channels
     assert figures["renewal_mb_decoded"] == {k: round(bound * TINY["chunk_size"] * crop_bytes / 1e6, 3) for k in keys}
     assert figures["renewals_timed"] == {k: TINY["repeats"] for k in keys}  # each size's median is of as many
+    assert figures["rounds"] == bench_scale.ROUNDS  # iterations/s: the median of as many fresh runs per size
+    assert all(figures["iterations_per_s_min"][k] <= figures["iterations_per_s"][k]
+               <= figures["iterations_per_s_max"][k] for k in keys)
     assert all(figures["renewal_s_min"][k] <= figures["renewal_s"][k] <= figures["renewal_s_max"][k] for k in keys)
     assert set(figures["reader_crops_per_s_by_threads"]) == {"1", "2"} and figures["reader_crops"] == 64
     # the stores hold what they say: n crops, chunks past the unique ones equal to their template (links), checked

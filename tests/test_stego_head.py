@@ -99,3 +99,17 @@ def test_head_gradient_reaches_all_layers():
     code.square().sum().backward()
     for p in head.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_channel_dropout_is_bit_for_bit_mask_then_scale():
+    """The scale applied to the mask (one pass over x) gives the bits of x·mask, then ·1/(1-p) (two passes), signed
+    zeros, infinities and NaNs included."""
+    x = torch.randn(5, 64, 3, 3, generator=gen(3)) * 1e3
+    x[0, 0, 0, 0], x[1, 1, 0, 0], x[2, 2, 0, 0] = float("inf"), float("nan"), -0.0
+    u = torch.rand(5, 64, 1, 1, generator=gen(4))
+    keep = (u >= 0.1).float()
+    naive = x * keep * (1.0 / (1.0 - 0.1))
+    out = channel_dropout(x, 0.1, gen(4))
+    assert torch.equal(out.isnan(), naive.isnan())
+    same = out.isnan() | ((out == naive) & (torch.signbit(out) == torch.signbit(naive)))
+    assert bool(same.all())

@@ -391,3 +391,37 @@ def test_linear_probe_loss_uses_same_size_logits_as_they_are(monkeypatch):
     assert abs(got.item() - F.cross_entropy(logits, labels).item()) < 1e-6
     linear_probe_loss(logits, torch.randint(0, 3, (2, 8, 10), generator=gen(2)), 3)
     assert [tuple(size) for size in calls] == [(8, 10)]
+
+
+def stego_loss_term_by_term(f, c, f_pos, c_pos, s: StegoLossSettings, generator: torch.Generator):
+    """The loss as it was written before each feature sample was normalised once: every term through the public
+    `correlation_term`, which normalises its own inputs. Returns (loss, cd means) with the draws in the same order."""
+    shape = (c.shape[0], s.feature_samples, s.feature_samples, 2)
+    p1 = torch.rand(shape, generator=generator) * 2 - 1
+    p2 = torch.rand(shape, generator=generator) * 2 - 1
+    fs, fs_pos, cs, cs_pos = sample(f, p1), sample(f_pos, p2), sample(c, p1), sample(c_pos, p2)
+    flags = {"pointwise": s.pointwise, "zero_clamp": s.zero_clamp, "stabilize": s.stabilize}
+    intra, cd_intra = correlation_term(fs, fs, cs, cs, s.b_intra, **flags)
+    inter, cd_inter = correlation_term(fs, fs_pos, cs, cs_pos, s.b_inter, **flags)
+    negs = []
+    for _ in range(s.neg_samples):
+        partner = super_perm(c.shape[0], generator)
+        negs.append(correlation_term(fs, sample(f[partner], p2), cs, sample(c[partner], p2), s.b_neg, **flags)[0])
+    neg = torch.stack(negs).mean()
+    loss = s.correspondence_weight * (s.w_intra * intra.mean() + s.w_inter * inter.mean() + s.w_neg * neg)
+    return loss, cd_intra.mean(), cd_inter.mean()
+
+
+@pytest.mark.parametrize("pointwise", [True, False])
+def test_stego_loss_is_bit_for_bit_the_term_by_term_loss_with_its_gradient(pointwise):
+    """Normalising each feature sample once (stego_loss) changes no bit of the loss or of the codes' gradient."""
+    f, c, f_pos, c_pos = tiny_batch(4, seed=5)
+    s = settings(pointwise=pointwise, feature_samples=4)
+    c1, c_pos1 = c.clone().requires_grad_(True), c_pos.clone().requires_grad_(True)
+    out = stego_loss(f, c1, f_pos, c_pos1, s, gen(9))
+    out.loss.backward()
+    c2, c_pos2 = c.clone().requires_grad_(True), c_pos.clone().requires_grad_(True)
+    loss, cd_intra, cd_inter = stego_loss_term_by_term(f, c2, f_pos, c_pos2, s, gen(9))
+    loss.backward()
+    assert torch.equal(out.loss, loss) and torch.equal(out.cd_intra, cd_intra) and torch.equal(out.cd_inter, cd_inter)
+    assert torch.equal(c1.grad, c2.grad) and torch.equal(c_pos1.grad, c_pos2.grad)

@@ -58,7 +58,17 @@ def correlation_term(f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: floa
 
     The feature correlation `F` carries no gradient (the backbone is frozen); only the code correlation `Cd` does."""
     with torch.no_grad():
-        fd = correlation(f1.detach(), f2.detach())  # §3.4 F
+        u1, u2 = _unit(f1.detach()), _unit(f2.detach())
+    return _term(u1, u2, c1, c2, shift, pointwise, zero_clamp, stabilize)
+
+
+def _term(u1: Tensor, u2: Tensor, c1: Tensor, c2: Tensor, shift: float, pointwise: bool, zero_clamp: bool,
+          stabilize: bool) -> tuple[Tensor, Tensor]:
+    """`correlation_term` with the feature samples already normalised (`_unit`): `stego_loss` normalises each
+    feature sample once, not once per term it enters (the anchors' enter all 2 + neg_samples terms, twice in the
+    intra one). The same numbers: `_unit` of the same tensor is the same tensor."""
+    with torch.no_grad():
+        fd = torch.einsum("nchw,ncij->nhwij", u1, u2)  # §3.4 F, as `correlation`
         if pointwise:
             global_mean = fd.mean()
             fd = fd - fd.mean(dim=(3, 4), keepdim=True)  # §3.4 centre each anchor point over its partners
@@ -128,19 +138,20 @@ def stego_loss(f: Tensor, c: Tensor, f_pos: Tensor, c_pos: Tensor, settings: Ste
         f_pos = f_pos.detach().to(c.dtype)
         fs = sample(f, p1)  # §3.3 fs
         fs_pos = sample(f_pos, p2)  # §3.3 fs+
+        us, us_pos = _unit(fs), _unit(fs_pos)  # the feature samples normalised once (`_term`)
     cs = sample(c, p1)  # §3.3 cs
     cs_pos = sample(c_pos, p2)  # §3.3 cs+
     flags = {"pointwise": s.pointwise, "zero_clamp": s.zero_clamp, "stabilize": s.stabilize}
 
-    intra, cd_intra = correlation_term(fs, fs, cs, cs, s.b_intra, **flags)  # §3.5 intra, same points both sides
-    inter, cd_inter = correlation_term(fs, fs_pos, cs, cs_pos, s.b_inter, **flags)  # §3.5 inter
+    intra, cd_intra = _term(us, us, cs, cs, s.b_intra, **flags)  # §3.5 intra, same points both sides
+    inter, cd_inter = _term(us, us_pos, cs, cs_pos, s.b_inter, **flags)  # §3.5 inter
     neg_terms, neg_cds = [], []
     for _ in range(s.neg_samples):
         partner = super_perm(batch, generator).to(device)  # §3.6 another anchor of the batch
         with torch.no_grad():
-            fs_neg = sample(f[partner], p2)  # §3.6 at the reused P2
+            us_neg = _unit(sample(f[partner], p2))  # §3.6 at the reused P2
         cs_neg = sample(c[partner], p2)
-        term, cd = correlation_term(fs, fs_neg, cs, cs_neg, s.b_neg, **flags)  # §3.6 negative term
+        term, cd = _term(us, us_neg, cs, cs_neg, s.b_neg, **flags)  # §3.6 negative term
         neg_terms.append(term)
         neg_cds.append(cd.detach())
 

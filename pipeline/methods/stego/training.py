@@ -8,7 +8,8 @@ checkpoints, logs) is the shared one; `train` runs it with `StegoTraining`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pipeline.orchestration.runner import StageContext
 from pipeline.training import trainer
 
 CURVES = (("loss", "intra", "inter", "neg"), ("cd_intra", "cd_inter", "cd_neg"))  # curves.png, a panel each
+POSITIVE_CHUNKS_BYTES = 512 * 2**20  # decoded chunks kept for the positives' reads (`ChunkCache`)
 
 
 def train(ctx: StageContext, config: Config, store: FeatureStore, out: Path,
@@ -48,6 +50,42 @@ def positives(table: np.ndarray, index: torch.Tensor, num_neighbors: int, genera
     rank 0 is skipped as "self" without checking, as the reference does."""
     rank = torch.randint(1, num_neighbors + 1, (len(index),), generator=generator)
     return table[index.numpy(), rank.numpy()]
+
+
+class ChunkCache:
+    """Samples of one store array by index, keeping up to `budget` bytes of decoded chunks (least recently used
+    dropped first).
+
+    Each positive sits in a random chunk of the store, and a chunk is decoded (and checked) whole: without this a
+    step decoded one chunk per positive, chunk_size crops for one. A store that fits in `budget` is decoded once;
+    a larger one hits in proportion (budget / store size), so at COCO scale most positives still cost a decode.
+    The values are the store's own (`FeatureStore.read_chunk`, checked when decoded)."""
+
+    def __init__(self, store: FeatureStore, name: str, budget: int = POSITIVE_CHUNKS_BYTES):
+        self.store, self.name, self.budget = store, name, budget
+        self.chunks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bytes = 0
+
+    def gather(self, indices: Sequence[int]) -> np.ndarray:
+        """Samples `indices` (any order, repeats allowed), as `FeatureStore.gather` returns them."""
+        indices = np.asarray(indices, dtype=np.int64)
+        size = self.store.chunk_size
+        wanted = [int(c) for c in np.unique(indices // size)]
+        missing = [c for c in wanted if c not in self.chunks]
+        decoded = dict(zip(missing, self.store.read_chunks([(self.name, c) for c in missing]), strict=True))
+        blocks = {c: decoded[c] if c in decoded else self.chunks[c] for c in wanted}
+        out = np.empty((len(indices), *self.store.array(self.name).shape[1:]), self.store.dtype(self.name))
+        for k, i in enumerate(indices):
+            out[k] = blocks[int(i) // size][int(i) % size]
+        for c in wanted:  # most recently used last
+            if c in decoded:
+                self.chunks[c] = decoded[c]
+                self.bytes += decoded[c].nbytes
+            else:
+                self.chunks.move_to_end(c)
+        while self.bytes > self.budget and self.chunks:
+            self.bytes -= self.chunks.popitem(last=False)[1].nbytes
+        return out
 
 
 @dataclass
@@ -83,6 +121,7 @@ class StegoTraining:
         if self.probes is not None and "linear" in probes["probes"] and not labelled:
             self.ctx.log(f"the training split has no labels ({self.store.url}): the linear probe is not trained")
         self.names = ["feat"] + (["label"] if self.probes is not None and self.probes.trains_linear else [])
+        self.positive_features = ChunkCache(self.store, "feat")
 
     def start(self) -> None:
         self.head.train()
@@ -108,7 +147,7 @@ class StegoTraining:
         """Anchors and their positives, channels first (§1: the positive read from the store by index)."""
         pos = positives(self.table, batch["index"], self.s["num_neighbors"], self.generator)
         as_input = lambda x: x.to(self.device).float().permute(0, 3, 1, 2).contiguous()  # noqa: E731
-        return as_input(batch["feat"]), as_input(torch.from_numpy(self.store.gather("feat", pos)))
+        return as_input(batch["feat"]), as_input(torch.from_numpy(self.positive_features.gather(pos)))
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> StegoStep:
         f, f_pos = inputs
