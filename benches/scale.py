@@ -43,7 +43,7 @@ from cache.integrity import chunk_key
 from cache.reader import FeatureStore
 from cache.schema import DONE, RECORDS, Layout
 
-SIZES = (2_000, 20_000, 50_000)
+SIZES = (2_000, 20_000, 50_000, 500_000)  # up to COCO scale (118k images x 5 crops: ~600k)
 ROUNDS = 3  # fresh processes per size for iterations/s, the sizes taking turns (module docstring)
 READ_NAMES = ("feat", "feat_aug", "lhp")  # what the HP trainer reads per step
 FLAT = 1.10  # the targets: largest / smallest within 10 %
