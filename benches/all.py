@@ -92,8 +92,10 @@ def run_bench(args: list[str], workdir: Path) -> dict[str, Any]:
 
 
 def measure(workdir: Path, only: list[str] | None = None,
-            run: Callable[[list[str], Path], dict[str, Any]] = run_bench, log=print) -> dict[str, dict[str, Any]]:
-    """Every bench of `only` (default all) run once; the fp32 preset run is the `auto` one's when auto is fp32 here."""
+            run: Callable[[list[str], Path], dict[str, Any]] = run_bench, log=print, save: bool = True
+            ) -> dict[str, dict[str, Any]]:
+    """Every bench of `only` (default all) run once, its figures saved in <workdir>/bench-all/<bench>.json; the fp32
+    preset run is the `auto` one's when auto is fp32 here."""
     results: dict[str, dict[str, Any]] = {}
     for name, args in BENCHES.items():
         if only and name not in only:
@@ -103,6 +105,10 @@ def measure(workdir: Path, only: list[str] | None = None,
             continue
         log(f"[bench all] hp-pipe bench {' '.join(args)}")
         results[name] = run(args, workdir)
+        if save:  # each bench's figures as soon as it ends: a long run is readable while it goes on
+            out = Path(workdir) / "bench-all" / f"{name}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results[name], indent=1) + "\n")
     return results
 
 

@@ -72,7 +72,9 @@ def fake_results(auto_dtype="float32"):
     }
 
 
-def test_bench_all_runs_each_bench_once_and_reuses_the_auto_run_where_auto_is_fp32():
+def test_bench_all_runs_each_bench_once_and_reuses_the_auto_run_where_auto_is_fp32(tmp_path):
+    import json
+
     from benches import all as bench_all
 
     canned, ran = fake_results("float32"), []
@@ -82,16 +84,17 @@ def test_bench_all_runs_each_bench_once_and_reuses_the_auto_run_where_auto_is_fp
         ran.append(name)
         return canned[name]
 
-    results = bench_all.measure("unused", run=run, log=lambda *_: None)
+    results = bench_all.measure(tmp_path, run=run, log=lambda *_: None)
     assert ran == [n for n in bench_all.BENCHES if n != "train-hp-preset-fp32"]  # auto was fp32: no second run
     assert results["train-hp-preset-fp32"] is results["train-hp-preset"]
     ran.clear()
     canned = fake_results("bfloat16")
-    bench_all.measure("unused", run=run, log=lambda *_: None)
+    bench_all.measure(tmp_path, run=run, log=lambda *_: None, save=False)
     assert "train-hp-preset-fp32" in ran  # auto was bf16: fp32 is a run of its own
     ran.clear()
-    bench_all.measure("unused", only=["features", "scale"], run=run, log=lambda *_: None)
+    bench_all.measure(tmp_path, only=["features", "scale"], run=run, log=lambda *_: None, save=False)
     assert ran == ["features", "scale"]
+    assert json.loads((tmp_path / "bench-all" / "train-hcl.json").read_text()) == {"ratio": 3.2}  # saved as it ended
 
 
 def test_bench_all_table_judges_each_figure_against_its_floor(tmp_path):
