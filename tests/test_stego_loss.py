@@ -425,3 +425,21 @@ def test_stego_loss_is_bit_for_bit_the_term_by_term_loss_with_its_gradient(point
     loss.backward()
     assert torch.equal(out.loss, loss) and torch.equal(out.cd_intra, cd_intra) and torch.equal(out.cd_inter, cd_inter)
     assert torch.equal(c1.grad, c2.grad) and torch.equal(c_pos1.grad, c_pos2.grad)
+
+
+def test_under_autocast_the_products_round_and_the_loss_stays_fp32():
+    """train.amp: a bf16 head's codes enter the loss; the correlations' products run in bf16 (autocast's), the
+    normalisation, clamps and sums in fp32: the loss comes back fp32, near the float64 spec on the same codes (rounded
+    to bf16 as the head gave them), and not equal to the fp32 loss (the products really were rounded)."""
+    f, c, f_pos, c_pos = tiny_batch(3, seed=4)
+    c, c_pos = c.bfloat16(), c_pos.bfloat16()  # what a bf16 head hands over
+    s = settings(feature_samples=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = stego_loss(f, c, f_pos, c_pos, s, gen(5))
+    plain = stego_loss(f, c.float(), f_pos, c_pos.float(), s, gen(5))
+    ref = naive_stego(f, c.float(), f_pos, c_pos.float(), s, 5)
+    assert mixed.loss.dtype == torch.float32 and mixed.intra.dtype == torch.float32
+    assert mixed.loss.item() != plain.loss.item()
+    for key in ("loss", "intra", "inter", "neg"):
+        assert abs(getattr(mixed, key).item() - ref[key]) < 2e-2 * max(1.0, abs(ref[key])), key
+        assert abs(getattr(plain, key).item() - ref[key]) < 1e-5, key

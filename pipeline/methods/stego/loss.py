@@ -42,14 +42,21 @@ def super_perm(size: int, generator: torch.Generator) -> Tensor:
     return (perm + fixed.long()) % size
 
 
+def _wide(t: Tensor) -> Tensor:
+    """`t` in float32 or better: a bf16/fp16 tensor (autocast's, train.amp) is widened, float64 kept."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _unit(t: Tensor) -> Tensor:
-    return F.normalize(t, dim=1, eps=NORM_EPS)
+    """Unit vectors along channels, normalised in fp32 or better also under autocast: a bf16 head's codes too."""
+    return F.normalize(_wide(t), dim=1, eps=NORM_EPS)
 
 
 def correlation(a: Tensor, b: Tensor) -> Tensor:
     """Cosine similarity of every point of `a` (B, C, S, S) with every point of `b` of the same image:
-    (B, S, S, S, S), indexed [n, h, w, i, j] (§3.4)."""
-    return torch.einsum("nchw,ncij->nhwij", _unit(a), _unit(b))
+    (B, S, S, S, S), indexed [n, h, w, i, j] (§3.4). Under autocast the product runs in its dtype (as autocast runs
+    a matmul) and the result comes back in fp32, so that the loss's clamps and sums stay fp32."""
+    return _wide(torch.einsum("nchw,ncij->nhwij", _unit(a), _unit(b)))
 
 
 def correlation_term(f1: Tensor, f2: Tensor, c1: Tensor, c2: Tensor, shift: float, pointwise: bool,
@@ -68,7 +75,7 @@ def _term(u1: Tensor, u2: Tensor, c1: Tensor, c2: Tensor, shift: float, pointwis
     feature sample once, not once per term it enters (the anchors' enter all 2 + neg_samples terms, twice in the
     intra one). The same numbers: `_unit` of the same tensor is the same tensor."""
     with torch.no_grad():
-        fd = torch.einsum("nchw,ncij->nhwij", u1, u2)  # §3.4 F, as `correlation`
+        fd = _wide(torch.einsum("nchw,ncij->nhwij", u1, u2))  # §3.4 F, as `correlation`
         if pointwise:
             global_mean = fd.mean()
             fd = fd - fd.mean(dim=(3, 4), keepdim=True)  # §3.4 centre each anchor point over its partners
