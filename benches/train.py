@@ -132,6 +132,18 @@ def loss_matmul_figures(batch: int, n: int, c: int, d: int, repeats: int = 3, se
             "loss_shape": {"batch": batch, "n": n, "C": c, "D": d}}
 
 
+def renews_after(i: int, renew_interval: int) -> bool:
+    """The bench renews Pool_sp once at the end of every `renew_interval` iterations (i = interval − 1, 2·interval
+    − 1, ...): timed over a whole number of intervals (`timed_iterations`), each side pays exactly its amortised
+    renewal cost, the reference's largest (a backbone pass over pool_size images), never none of it."""
+    return renews_at(i + 1, renew_interval)
+
+
+def timed_iterations(iterations: int, renew_interval: int) -> int:
+    """`iterations` rounded up to whole renewal intervals."""
+    return -(-iterations // renew_interval) * renew_interval
+
+
 def cycle_epochs(epoch_batches, iterations: int):
     """(iteration, batch) for exactly `iterations` iterations, starting a new epoch (`epoch_batches(epoch)`)
     whenever one runs out: the cache side of a bench does as many steps as the reference side, whatever the
@@ -187,7 +199,7 @@ class TrainSides:
         epochs = lambda e: self.store.batches(["feat", "feat_aug", "lhp"], self.batch_size,  # noqa: E731
                                               shuffle_seed=e, drop_last=True)
         for i, batch in cycle_epochs(epochs, self.iterations):
-            if renews_at(i, self.renew_interval):
+            if renews_after(i, self.renew_interval):
                 self.pools.specific = PoolIndex(self.sample(True))
                 self.done["cache"][1] += 1
             self.head_step(i, *step_inputs(batch, self.generator, torch.device("cpu")), self.autocast)
@@ -208,7 +220,7 @@ class TrainSides:
         """The reference's step: backbone on the image and on its augmented view, every step."""
         model = self.model
         for i in range(self.iterations):
-            if renews_at(i, self.renew_interval):
+            if renews_after(i, self.renew_interval):
                 self.backbone_renewal()
                 self.done["reference"][1] += 1
             self.done["reference"][0] += 1
@@ -316,6 +328,7 @@ def train(images: int, resolution: int, backbone: str, weights: str, batch_size:
           pool_size: int, renew_interval: int, repeats: int, workdir: Path, as_json: bool, amp: str = "auto") -> None:
     """`amp` (auto | on | off, as train.amp): the cache side's autocast; the reference's side runs as the reference's
     code runs on a CPU, in fp32 (its autocast is CUDA-only)."""
+    iterations = timed_iterations(iterations, renew_interval)
     config = bench_config(images, resolution, backbone, weights, 1, 8, **{
         "hp.batch_size": batch_size, "hp.pool_size": pool_size, "hp.renew_interval": renew_interval,
         "hp.head_dim": 256, "hp.warmup": 0})

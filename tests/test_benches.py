@@ -142,6 +142,7 @@ def test_bench_train_splits_the_iteration_into_its_parts(tmp_path, amp):
                            "--json"], capture_output=True, text=True, check=True)
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["iterations_cache"] == figures["iterations_reference"] == 4
+    assert figures["renewals_cache"] == figures["renewals_reference"] == 2  # every 2 of 4 iterations, on each side
     assert figures["cache_autocast"] == {"off": "float32", "on": "bfloat16"}[amp]
     assert figures["reference_autocast"] == "float32" and figures["loss_matmul_dtype"] == figures["cache_autocast"]
     parts = figures["iteration_parts_ms"]
@@ -154,3 +155,15 @@ def test_bench_train_splits_the_iteration_into_its_parts(tmp_path, amp):
                                                       abs=0.01)
     assert figures["ratio_spread"][0] <= figures["ratio"] <= figures["ratio_spread"][1]
     assert "cores" in figures["machine"]
+
+
+@pytest.mark.parametrize(("iterations", "interval"), [(10, 20), (20, 20), (21, 20), (10, 5), (1, 1), (7, 3)])
+def test_bench_train_times_whole_renewal_intervals(iterations, interval):
+    """Each side pays its amortised Pool_sp renewal exactly: the timed iterations are whole intervals with one
+    renewal each (10 iterations at interval 20 once timed none, leaving out the reference's largest cost)."""
+    from benches.train import renews_after, timed_iterations
+
+    timed = timed_iterations(iterations, interval)
+    assert timed >= iterations and timed % interval == 0 and timed - iterations < interval
+    renewals = [i for i in range(timed) if renews_after(i, interval)]
+    assert len(renewals) == timed // interval and renewals[-1] == timed - 1
