@@ -83,6 +83,10 @@ def dtype_name(dtype: torch.dtype | None) -> str:
 def training_numerics(train: dict[str, Any]) -> str:
     """The dtype a run's steps autocast to, from [train] (`amp`, `device`): what the train stage's fingerprint holds
     instead of the literal `amp`, so that `auto` on a bf16 CPU and on another CPU are told apart."""
-    name = str(train.get("device", "auto"))
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.split(":")[0]
-    return dtype_name(training_autocast(train.get("amp", "auto"), device_type))
+    return dtype_name(training_autocast(train.get("amp", "auto"), device_type(train.get("device", "auto"))))
+
+
+def device_type(name: Any) -> str:
+    """"cuda" or "cpu" of a device setting (auto: CUDA where there is one), without touching the device."""
+    name = str(name)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.split(":")[0]

@@ -69,9 +69,9 @@ def extraction_numerics(config: Config) -> str:
     Read by the stage fingerprint (pipeline/orchestration/graph.py) instead of the literal `features.amp`, so that
     `amp = "auto"` run on a GPU or a bf16 CPU (bf16) and on another CPU (fp32) are told apart. Never raises: a CUDA
     device this machine lacks is assumed to have bf16 (the stage itself then refuses the device)."""
-    name = str(config["features"].get("device", "auto"))
-    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name.split(":")[0]
-    return precision.dtype_name(precision.extraction_autocast(config["features"].get("amp", "auto"), device_type))
+    f = config["features"]
+    return precision.dtype_name(precision.extraction_autocast(f.get("amp", "auto"),
+                                                              precision.device_type(f.get("device", "auto"))))
 
 
 def feature_backbone(config: Config) -> Backbone:
