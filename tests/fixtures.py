@@ -164,3 +164,18 @@ TINY_EVALUATE = {  # a run small enough to evaluate in seconds, CRF on (tests/te
     "evaluate.linear_epochs": "2", "evaluate.cluster_patches": "2000", "evaluate.crf": "true",
     "evaluate.crf_workers": "1", "evaluate.pictures": "2",
 }
+
+
+def random_store(url: str, layout, chunk_size: int, attrs: dict):
+    """A complete feature store of `layout` whose chunk c holds standard-normal values seeded by c."""
+    from cache import writer
+    from cache.reader import FeatureStore
+
+    group = writer.create_store(url, layout, chunk_size, attrs, False)
+    for c in range(-(-layout.n_samples // chunk_size)):
+        start, stop = writer.chunk_range(group, c)
+        rng = np.random.default_rng(c)
+        writer.write_chunk(group, c, {name: rng.standard_normal((stop - start, *shape)).astype(dtype)
+                                      for name, (shape, dtype) in layout.arrays().items()})
+    writer.mark_complete(group)
+    return FeatureStore.open(url)

@@ -6,9 +6,9 @@ import itertools
 import numpy as np
 import pytest
 
-from cache import writer
 from cache.reader import FeatureStore, batch_plan, iter_batch_plan, iter_skip_batches, skip_batches
 from cache.schema import Layout
+from tests.fixtures import random_store
 
 
 def eager_plan(n, chunk_size, batch_size, seed, buffer_chunks, drop_last, keep=None):
@@ -102,15 +102,7 @@ ATTRS = {"dataset": "synthetic", "split": "train", "backbone": "vit_small_patch1
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> FeatureStore:
-    url = str(tmp_path_factory.mktemp("plan") / "s.zarr")
-    group = writer.create_store(url, LAYOUT, 4, ATTRS, False)
-    for c in range(-(-LAYOUT.n_samples // 4)):
-        start, stop = writer.chunk_range(group, c)
-        rng = np.random.default_rng(c)
-        writer.write_chunk(group, c, {name: rng.standard_normal((stop - start, *shape)).astype(dtype)
-                                      for name, (shape, dtype) in LAYOUT.arrays().items()})
-    writer.mark_complete(group)
-    return FeatureStore.open(url)
+    return random_store(str(tmp_path_factory.mktemp("plan") / "s.zarr"), LAYOUT, 4, ATTRS)
 
 
 @pytest.mark.parametrize("seed,drop_last", [(None, False), (3, False), (3, True)])

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from cache import writer
 from cache.reader import FeatureStore
 from cache.schema import Layout
 from pipeline.methods.stego.training import ChunkCache
+from tests.fixtures import random_store
 
 LAYOUT = Layout(n_samples=11, resolution=32, patch_size=16, embed_dim=8, num_heads=2, n_views=0, with_lhp=False,
                 labelled=False)
@@ -16,15 +16,7 @@ ATTRS = {"dataset": "synthetic", "split": "train", "backbone": "vit_small_patch1
 
 @pytest.fixture
 def store(tmp_path) -> FeatureStore:
-    url = str(tmp_path / "s.zarr")
-    group = writer.create_store(url, LAYOUT, 4, ATTRS, False)
-    for c in range(3):  # chunks of 4, 4 and 3 samples
-        start, stop = writer.chunk_range(group, c)
-        rng = np.random.default_rng(c)
-        writer.write_chunk(group, c, {name: rng.standard_normal((stop - start, *shape)).astype(dtype)
-                                      for name, (shape, dtype) in LAYOUT.arrays().items()})
-    writer.mark_complete(group)
-    return FeatureStore.open(url)
+    return random_store(str(tmp_path / "s.zarr"), LAYOUT, 4, ATTRS)  # chunks of 4, 4 and 3 samples
 
 
 def one_by_one(store: FeatureStore, indices) -> np.ndarray:
